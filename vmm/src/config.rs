@@ -1,0 +1,167 @@
+//! `VmConfig`: the one description of a VM that the command line, a
+//! `--config-file` and the API all produce, in Firecracker's JSON shape so
+//! the same files and requests work with both.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::arch::x86_64::cpuid::CpuTemplate;
+
+/// Default kernel command line when the user gives none: the console on
+/// COM1, reboot through the i8042 (which ends ringvm), reboot one second
+/// after a panic, and no probing of i8042 ports that are not there.
+pub const DEFAULT_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=1 i8042.noaux i8042.nomux i8042.dumbkbd";
+
+/// Guest vCPU limit: the MP table gives each CPU an 8-bit APIC id and the
+/// IOAPIC takes the next one.
+pub const MAX_VCPUS: u8 = 254;
+
+/// The kernel and how to start it (Firecracker's `boot-source`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootSource {
+    /// ELF vmlinux or bzImage.
+    pub kernel_image_path: PathBuf,
+    /// Kernel command line; [`DEFAULT_CMDLINE`] when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_args: Option<String>,
+    /// Optional initramfs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd_path: Option<PathBuf>,
+}
+
+/// vCPUs, memory and CPU model (Firecracker's `machine-config`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfig {
+    /// Number of vCPUs, 1..=[`MAX_VCPUS`].
+    pub vcpu_count: u8,
+    /// Guest RAM in MiB.
+    pub mem_size_mib: u64,
+    /// CPU template name; `None` picks `pvm-safe` on PVM-native KVM and
+    /// `host` elsewhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_template: Option<String>,
+}
+
+impl Default for MachineConfig {
+    fn default() -> Self {
+        Self {
+            vcpu_count: 1,
+            mem_size_mib: 128,
+            cpu_template: None,
+        }
+    }
+}
+
+/// Errors in a VM description, found before any KVM work starts.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// vCPU count outside the supported range.
+    #[error("vcpu_count must be between 1 and {MAX_VCPUS}, got {0}")]
+    VcpuCount(u8),
+    /// Memory too small to boot anything, or too large to address.
+    #[error("mem_size_mib must be between 16 and 16777216 (16 TiB), got {0}")]
+    MemSize(u64),
+    /// The CPU template name is unknown.
+    #[error("{0}")]
+    CpuTemplate(#[from] crate::arch::x86_64::cpuid::CpuidError),
+    /// No kernel was given.
+    #[error("no kernel: give --kernel PATH (or boot-source.kernel_image_path)")]
+    NoKernel,
+}
+
+/// Everything needed to build and boot one VM.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// The kernel, initrd and command line.
+    #[serde(rename = "boot-source")]
+    pub boot_source: BootSource,
+    /// vCPUs, memory, CPU template.
+    #[serde(rename = "machine-config", default)]
+    pub machine_config: MachineConfig,
+    /// Log the time from process start to the guest's boot-timer write.
+    #[serde(skip)]
+    pub boot_timer: bool,
+}
+
+impl VmConfig {
+    /// Checks what can be checked without touching the host.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let m = &self.machine_config;
+        if m.vcpu_count == 0 || m.vcpu_count > MAX_VCPUS {
+            return Err(ConfigError::VcpuCount(m.vcpu_count));
+        }
+        if !(16..=(16 << 20)).contains(&m.mem_size_mib) {
+            return Err(ConfigError::MemSize(m.mem_size_mib));
+        }
+        if let Some(t) = &m.cpu_template {
+            t.parse::<CpuTemplate>()?;
+        }
+        if self.boot_source.kernel_image_path.as_os_str().is_empty() {
+            return Err(ConfigError::NoKernel);
+        }
+        Ok(())
+    }
+
+    /// The kernel command line the user asked for, before ringvm adds its
+    /// own parameters.
+    pub fn base_cmdline(&self) -> &str {
+        self.boot_source
+            .boot_args
+            .as_deref()
+            .unwrap_or(DEFAULT_CMDLINE)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn good() -> VmConfig {
+        VmConfig {
+            boot_source: BootSource {
+                kernel_image_path: "/k".into(),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn defaults_validate() {
+        assert_eq!(good().validate(), Ok(()));
+        assert_eq!(good().base_cmdline(), DEFAULT_CMDLINE);
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let mut c = good();
+        c.machine_config.vcpu_count = 0;
+        assert_eq!(c.validate(), Err(ConfigError::VcpuCount(0)));
+        let mut c = good();
+        c.machine_config.vcpu_count = 255;
+        assert_eq!(c.validate(), Err(ConfigError::VcpuCount(255)));
+        let mut c = good();
+        c.machine_config.mem_size_mib = 1;
+        assert_eq!(c.validate(), Err(ConfigError::MemSize(1)));
+        let mut c = good();
+        c.machine_config.cpu_template = Some("C3".into());
+        assert!(c.validate().unwrap_err().to_string().contains("C3"));
+        assert_eq!(VmConfig::default().validate(), Err(ConfigError::NoKernel));
+    }
+
+    #[test]
+    fn firecracker_shaped_json_parses_and_unknown_fields_fail() {
+        let json = r#"{"boot-source":{"kernel_image_path":"/vmlinux","boot_args":"console=ttyS0"},
+                       "machine-config":{"vcpu_count":2,"mem_size_mib":256}}"#;
+        let c: VmConfig = serde_json::from_str(json).unwrap();
+        assert_eq!(c.machine_config.vcpu_count, 2);
+        assert_eq!(c.base_cmdline(), "console=ttyS0");
+        let bad = r#"{"boot-source":{"kernel_image_path":"/k","bogus":1}}"#;
+        assert!(serde_json::from_str::<VmConfig>(bad).is_err());
+    }
+}

@@ -1,0 +1,269 @@
+//! The VMM thread's one io_uring ring.
+//!
+//! Every event source the VMM thread owns (eventfds from vCPUs and devices,
+//! ioeventfd kicks, stdin, signals, timers) and every device I/O request is
+//! an operation on this ring, tagged with a [`Token`]. One turn of the loop
+//! is one `io_uring_enter`: it submits what the last turn queued and waits
+//! for at least one completion. The ring is created `SINGLE_ISSUER |
+//! DEFER_TASKRUN` where the kernel has them, so completions are only run
+//! when this thread asks for them, in one batch.
+
+use std::io;
+
+use io_uring::{squeue, IoUring};
+
+/// Ring size; completions get twice as many slots so a burst of I/O never
+/// overflows the completion queue.
+pub const RING_ENTRIES: u32 = 256;
+
+/// What a completion belongs to: a source kind, an index within that kind
+/// (e.g. the device number), and a 48-bit tag the owner chose.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Token {
+    /// Which kind of source.
+    pub kind: u8,
+    /// Which one of that kind.
+    pub index: u8,
+    /// The owner's own value (a request slot, a queue number, ...).
+    pub tag: u64,
+}
+
+/// Largest tag a [`Token`] can carry.
+pub const TAG_MAX: u64 = (1 << 48) - 1;
+
+impl Token {
+    /// Makes a token; `tag` is truncated to 48 bits.
+    pub const fn new(kind: u8, index: u8, tag: u64) -> Self {
+        Self {
+            kind,
+            index,
+            tag: tag & TAG_MAX,
+        }
+    }
+
+    /// The `user_data` carried through the ring.
+    pub const fn to_u64(self) -> u64 {
+        ((self.kind as u64) << 56) | ((self.index as u64) << 48) | self.tag
+    }
+
+    /// Recovers a token from a completion's `user_data`.
+    pub const fn from_u64(v: u64) -> Self {
+        Self {
+            kind: (v >> 56) as u8,
+            index: (v >> 48) as u8,
+            tag: v & TAG_MAX,
+        }
+    }
+}
+
+/// One completed operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Completion {
+    /// Whose operation it was.
+    pub token: Token,
+    /// The CQE result: bytes transferred, or a negative errno.
+    pub result: i32,
+}
+
+/// The ring and the count of operations the kernel still holds.
+pub struct EventLoop {
+    ring: IoUring,
+    in_flight: usize,
+    deferred_taskrun: bool,
+}
+
+impl std::fmt::Debug for EventLoop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventLoop")
+            .field("in_flight", &self.in_flight)
+            .field("deferred_taskrun", &self.deferred_taskrun)
+            .finish()
+    }
+}
+
+impl EventLoop {
+    /// Creates the ring, with `SINGLE_ISSUER | DEFER_TASKRUN` when the
+    /// kernel supports them (6.1+), plain otherwise.
+    pub fn new() -> io::Result<Self> {
+        let tuned = IoUring::builder()
+            .setup_cqsize(RING_ENTRIES * 2)
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .build(RING_ENTRIES);
+        let (ring, deferred_taskrun) = match tuned {
+            Ok(ring) => (ring, true),
+            Err(e) => {
+                log::debug!("io_uring without DEFER_TASKRUN ({e})");
+                (
+                    IoUring::builder()
+                        .setup_cqsize(RING_ENTRIES * 2)
+                        .build(RING_ENTRIES)?,
+                    false,
+                )
+            }
+        };
+        Ok(Self {
+            ring,
+            in_flight: 0,
+            deferred_taskrun,
+        })
+    }
+
+    /// Whether completions run only when this thread waits (DEFER_TASKRUN).
+    pub fn deferred_taskrun(&self) -> bool {
+        self.deferred_taskrun
+    }
+
+    /// How many operations the kernel still holds.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Queues `entry` tagged with `token`; it is submitted on the next turn
+    /// (or now, if the submission queue is full).
+    ///
+    /// # Safety
+    ///
+    /// Every buffer and iovec array `entry` points at must stay valid and
+    /// unmoved until its completion is returned by [`EventLoop::turn`] (or
+    /// the ring is dropped, which waits for all of them).
+    pub unsafe fn push(&mut self, entry: squeue::Entry, token: Token) -> io::Result<()> {
+        let entry = entry.user_data(token.to_u64());
+        loop {
+            // SAFETY: the caller guarantees the entry's buffers outlive it.
+            let pushed = unsafe { self.ring.submission().push(&entry) };
+            if pushed.is_ok() {
+                self.in_flight += 1;
+                return Ok(());
+            }
+            // Full: hand what is queued to the kernel and try again.
+            match self.ring.submit() {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    // The completion queue is full: drain it into the
+                    // caller's next turn by waiting is not possible here,
+                    // so report back-pressure.
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// One loop turn: submits everything queued, waits for at least one
+    /// completion, and appends all available completions to `out`.
+    pub fn turn(&mut self, out: &mut Vec<Completion>) -> io::Result<()> {
+        loop {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => break,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {
+                    // A signal (e.g. SIGWINCH) interrupted the wait; any
+                    // completions that did arrive are collected below.
+                    break;
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => break,
+                Err(e) => return Err(e),
+            }
+        }
+        for cqe in self.ring.completion() {
+            if io_uring::cqueue::more(cqe.flags()) {
+                // Multishot: the operation stays armed.
+            } else {
+                self.in_flight = self.in_flight.saturating_sub(1);
+            }
+            out.push(Completion {
+                token: Token::from_u64(cqe.user_data()),
+                result: cqe.result(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Drop for EventLoop {
+    /// Cancels everything still in the kernel and waits for it, so no
+    /// operation can write into a buffer after its owner freed it.
+    fn drop(&mut self) {
+        if self.in_flight == 0 {
+            return;
+        }
+        let cancel = io_uring::opcode::AsyncCancel2::new(io_uring::types::CancelBuilder::any())
+            .build()
+            .user_data(u64::MAX);
+        // SAFETY: the cancel operation points at no buffer.
+        if unsafe { self.ring.submission().push(&cancel) }.is_err() {
+            let _ = self.ring.submit();
+            // SAFETY: as above.
+            let _ = unsafe { self.ring.submission().push(&cancel) };
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while self.in_flight > 0 && std::time::Instant::now() < deadline {
+            let ts = io_uring::types::Timespec::new().nsec(50_000_000);
+            let args = io_uring::types::SubmitArgs::new().timespec(&ts);
+            let _ = self.ring.submitter().submit_with_args(1, &args);
+            for cqe in self.ring.completion() {
+                if cqe.user_data() != u64::MAX && !io_uring::cqueue::more(cqe.flags()) {
+                    self.in_flight = self.in_flight.saturating_sub(1);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use io_uring::{opcode, types};
+    use vmm_sys_util::eventfd::EventFd;
+
+    #[test]
+    fn tokens_round_trip() {
+        let t = Token::new(3, 200, 0xdead_beef_cafe);
+        assert_eq!(Token::from_u64(t.to_u64()), t);
+        assert_eq!(Token::new(1, 1, u64::MAX).tag, TAG_MAX);
+    }
+
+    #[test]
+    fn an_eventfd_read_completes_with_its_token() {
+        let mut ring = EventLoop::new().unwrap();
+        let evt = EventFd::new(0).unwrap();
+        let mut buf = [0u8; 8];
+        let read = opcode::Read::new(types::Fd(evt_fd(&evt)), buf.as_mut_ptr(), 8).build();
+        // SAFETY: `buf` outlives the operation: we wait for its completion below.
+        unsafe { ring.push(read, Token::new(1, 2, 3)) }.unwrap();
+        evt.write(5).unwrap();
+        let mut out = Vec::new();
+        while out.is_empty() {
+            ring.turn(&mut out).unwrap();
+        }
+        assert_eq!(out[0].token, Token::new(1, 2, 3));
+        assert_eq!(out[0].result, 8);
+        assert_eq!(u64::from_ne_bytes(buf), 5);
+        assert_eq!(ring.in_flight(), 0);
+    }
+
+    #[test]
+    fn dropping_the_ring_cancels_pending_reads() {
+        let mut ring = EventLoop::new().unwrap();
+        let evt = EventFd::new(0).unwrap();
+        let mut buf = [0u8; 8];
+        let read = opcode::Read::new(types::Fd(evt_fd(&evt)), buf.as_mut_ptr(), 8).build();
+        // SAFETY: the ring is dropped (and waits for the cancel) before `buf`.
+        unsafe { ring.push(read, Token::new(1, 0, 0)) }.unwrap();
+        let mut out = Vec::new();
+        // Submit without blocking forever: a timeout completes the turn.
+        let ts = types::Timespec::new().nsec(1_000_000);
+        let timeout = opcode::Timeout::new(&ts).build();
+        // SAFETY: `ts` outlives the turn below, which completes the timeout.
+        unsafe { ring.push(timeout, Token::new(2, 0, 0)) }.unwrap();
+        ring.turn(&mut out).unwrap();
+        assert_eq!(ring.in_flight(), 1);
+        drop(ring);
+    }
+
+    fn evt_fd(e: &EventFd) -> i32 {
+        use std::os::fd::AsRawFd;
+        e.as_raw_fd()
+    }
+}

@@ -1,0 +1,30 @@
+//! ringvm's process exit codes, documented in `--help` and the README so
+//! scripts can tell a guest that shut down from a VMM that could not start.
+
+/// The guest rebooted or powered off.
+pub const GUEST_STOPPED: i32 = 0;
+/// ringvm itself failed (a host resource, an internal error).
+pub const INTERNAL: i32 = 1;
+/// The command line could not be parsed.
+pub const USAGE: i32 = 2;
+/// The configuration is invalid: a missing or unreadable kernel, initrd or
+/// disk, or a value out of range.
+pub const BAD_CONFIG: i32 = 3;
+/// KVM is unavailable or lacks a capability ringvm needs.
+pub const KVM_UNAVAILABLE: i32 = 4;
+/// The guest broke a vCPU (KVM internal error, failed entry); the exit
+/// reason and registers are printed.
+pub const GUEST_CRASHED: i32 = 5;
+/// Stopped by a signal: 128 + the signal number, as a shell reports it.
+pub const SIGNAL_BASE: i32 = 128;
+
+/// The help text block that lists these codes.
+pub const HELP: &str = "\
+Exit codes:
+  0    the guest rebooted or powered off
+  1    internal error in ringvm
+  2    usage error (bad command-line syntax)
+  3    bad configuration (missing/unreadable kernel, initrd or disk; invalid value)
+  4    KVM unavailable (/dev/kvm missing or lacking a needed capability)
+  5    the guest broke a vCPU (e.g. KVM internal error); reason and registers printed
+  128+N  stopped by signal N (e.g. 130 for SIGINT, 143 for SIGTERM)";

@@ -1,0 +1,17 @@
+//! ringvm: a micro-VMM that boots a Linux guest with KVM and serves its
+//! devices from one io_uring ring on one VMM thread.
+//!
+//! `main.rs` turns the command line into a [`config::VmConfig`];
+//! [`vmm::Vmm`] builds the machine from it and runs the VMM thread loop
+//! ([`event_loop`]); [`vstate`] is the only module that talks to KVM.
+
+pub mod arch;
+pub mod boot;
+pub mod config;
+pub mod device_manager;
+pub mod event_loop;
+pub mod exit_code;
+pub mod logger;
+pub mod terminal;
+pub mod vmm;
+pub mod vstate;

@@ -1,0 +1,420 @@
+//! The machine: builds a VM from a [`VmConfig`] and runs its VMM thread
+//! loop on the ring until the guest stops.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::Arc;
+use std::time::Instant;
+
+use io_uring::{opcode, types};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::cpuid::CpuTemplate;
+use crate::arch::x86_64::mptable::{setup_mptable, MptableError};
+use crate::boot::{load_kernel, write_boot_data, BootError};
+use crate::config::{ConfigError, VmConfig};
+use crate::device_manager::{DeviceError, DeviceManager};
+use crate::event_loop::{Completion, EventLoop, Token};
+use crate::terminal::RawTerminal;
+use crate::vstate::vcpu::{
+    create_vcpu, install_kick_handler, VcpuError, VcpuEvent, VcpuHandle, VcpuShared,
+};
+use crate::vstate::vm::{host_is_pvm_native, Vm, VmError};
+
+/// Everything that can stop a VM from being built or run.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// The configuration is invalid.
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    /// The kernel, initrd or command line could not be loaded.
+    #[error("{0}")]
+    Boot(#[from] BootError),
+    /// KVM refused to create or wire the VM.
+    #[error("{0}")]
+    Vm(#[from] VmError),
+    /// A vCPU could not be created or started.
+    #[error("{0}")]
+    Vcpu(#[from] VcpuError),
+    /// A device could not be created or placed.
+    #[error("{0}")]
+    Device(#[from] DeviceError),
+    /// The MP table could not be written.
+    #[error("MP table: {0}")]
+    Mptable(#[from] MptableError),
+    /// The ring or another host resource failed.
+    #[error("{what}: {source}")]
+    Host {
+        /// What was being done.
+        what: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// How the guest ended, which decides ringvm's exit code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestExit {
+    /// The guest rebooted (i8042 reset, triple fault) or powered off.
+    Stopped(String),
+    /// The guest broke a vCPU; the text has the exit reason and registers.
+    Crashed(String),
+    /// A signal asked ringvm to stop.
+    Signal(i32),
+}
+
+// Token kinds on the ring.
+const KIND_VCPU_EVENT: u8 = 1;
+const KIND_RESET: u8 = 2;
+const KIND_STDIN: u8 = 3;
+const KIND_STDIN_RETRY: u8 = 4;
+const KIND_SIGNAL: u8 = 5;
+
+const STDIN_BUF: usize = 64;
+
+/// Buffers the ring reads into; boxed so they never move while the kernel
+/// holds a pointer to them.
+struct ReadBuffers {
+    vcpu_event: [u8; 8],
+    reset: [u8; 8],
+    stdin: [u8; STDIN_BUF],
+    signal: [u8; std::mem::size_of::<libc::signalfd_siginfo>()],
+    retry: types::Timespec,
+}
+
+/// A built VM, ready to run.
+pub struct Vmm {
+    // The ring is declared first so it is dropped (and waits for every
+    // operation it holds) before the buffers and guest memory it points at.
+    ring: EventLoop,
+    bufs: Box<ReadBuffers>,
+    vm: Vm,
+    devices: DeviceManager,
+    vcpus: Vec<VcpuHandle>,
+    stop: Arc<AtomicBool>,
+    vcpu_events: Receiver<VcpuEvent>,
+    vcpu_events_ready: Arc<EventFd>,
+    signal_fd: RawFd,
+    stdin_open: bool,
+    pending_input: Vec<u8>,
+    _terminal: Option<RawTerminal>,
+}
+
+impl std::fmt::Debug for Vmm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vmm")
+            .field("vcpus", &self.vcpus.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn host(what: &'static str) -> impl FnOnce(std::io::Error) -> VmmError {
+    move |source| VmmError::Host { what, source }
+}
+
+/// Picks the CPU template: the user's, else `pvm-safe` on PVM-native KVM
+/// (saying so), else `host`.
+fn choose_template(config: &VmConfig) -> Result<CpuTemplate, VmmError> {
+    if let Some(name) = &config.machine_config.cpu_template {
+        return Ok(name.parse().map_err(ConfigError::from)?);
+    }
+    if host_is_pvm_native() {
+        log::info!(
+            "PVM-native KVM detected (kvm_pvm): guest code runs in KVM's instruction emulator; \
+             applying the pvm-safe CPU template (hides cx16, xsave, avx, smap, smep, ... and adds \
+             the matching kernel parameters). Use --cpu-template host to override."
+        );
+        Ok(CpuTemplate::PvmSafe)
+    } else {
+        Ok(CpuTemplate::Host)
+    }
+}
+
+/// Blocks the stop signals in this thread (and so in every thread spawned
+/// after) and returns a signalfd that reads them on the ring.
+fn signal_fd() -> Result<RawFd, VmmError> {
+    // SAFETY: sigset_t is plain data and sigemptyset initialises it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: all calls below take pointers to `set`, which we own.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+    // SAFETY: `set` is initialised; signalfd returns a new fd or -1.
+    let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(VmmError::Host {
+            what: "signalfd",
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(fd)
+}
+
+impl Vmm {
+    /// Builds the VM: memory, devices, kernel, boot tables and vCPUs. The
+    /// vCPUs do not run until [`Vmm::run`].
+    pub fn new(config: &VmConfig, process_start: Instant) -> Result<Self, VmmError> {
+        config.validate()?;
+        // Check the files before touching KVM, so a typo is a config error
+        // even on a host without /dev/kvm.
+        let boot = &config.boot_source;
+        std::fs::File::open(&boot.kernel_image_path).map_err(|source| BootError::OpenKernel {
+            path: boot.kernel_image_path.clone(),
+            source,
+        })?;
+        if let Some(initrd) = &boot.initrd_path {
+            std::fs::File::open(initrd).map_err(|source| BootError::Initrd {
+                path: initrd.clone(),
+                source,
+            })?;
+        }
+        let template = choose_template(config)?;
+        let vcpu_count = config.machine_config.vcpu_count;
+
+        let vm = Vm::new(config.machine_config.mem_size_mib)?;
+        let mut devices = DeviceManager::new()?;
+        devices.add_serial(&vm)?;
+        devices.add_i8042()?;
+        if config.boot_timer {
+            devices.add_boot_timer(process_start)?;
+        }
+
+        let mut cmdline = config.base_cmdline().to_string();
+        if let Some(extra) = template.kernel_params() {
+            cmdline.push(' ');
+            cmdline.push_str(extra);
+        }
+        let kernel = load_kernel(
+            vm.memory(),
+            &boot.kernel_image_path,
+            boot.initrd_path.as_deref(),
+        )?;
+        write_boot_data(vm.memory(), &kernel, &cmdline)?;
+        setup_mptable(vm.memory(), vcpu_count)?;
+        log::debug!("kernel entry {:?}; command line: {cmdline}", kernel.entry());
+
+        let ring = EventLoop::new().map_err(host("creating the io_uring ring"))?;
+        let signal_fd = signal_fd()?;
+        install_kick_handler()?;
+
+        let (tx, rx) = channel();
+        let events_ready = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(host("eventfd"))?);
+        let stop = Arc::new(AtomicBool::new(false));
+        let shared = VcpuShared {
+            pio: devices.pio.clone(),
+            mmio: devices.mmio.clone(),
+            stop: stop.clone(),
+            events: tx,
+            events_ready: events_ready.clone(),
+        };
+        let mut fds = Vec::with_capacity(usize::from(vcpu_count));
+        for cpu in 0..vcpu_count {
+            fds.push(create_vcpu(&vm, cpu, vcpu_count, template, kernel.entry())?);
+        }
+        let mut vmm = Self {
+            ring,
+            bufs: Box::new(ReadBuffers {
+                vcpu_event: [0; 8],
+                reset: [0; 8],
+                stdin: [0; STDIN_BUF],
+                signal: [0; std::mem::size_of::<libc::signalfd_siginfo>()],
+                retry: types::Timespec::new().nsec(10_000_000),
+            }),
+            vm,
+            devices,
+            vcpus: Vec::new(),
+            stop,
+            vcpu_events: rx,
+            vcpu_events_ready: events_ready,
+            signal_fd,
+            stdin_open: true,
+            pending_input: Vec::new(),
+            _terminal: None,
+        };
+        for (cpu, fd) in fds.into_iter().enumerate() {
+            let handle = VcpuHandle::spawn(fd, cpu as u8, shared.clone(), vmm.vm.memory().clone())?;
+            vmm.vcpus.push(handle);
+        }
+        Ok(vmm)
+    }
+
+    /// Arms an 8-byte eventfd read into `buf`.
+    fn arm_eventfd(
+        ring: &mut EventLoop,
+        fd: RawFd,
+        buf: &mut [u8; 8],
+        token: Token,
+    ) -> Result<(), VmmError> {
+        let read = opcode::Read::new(types::Fd(fd), buf.as_mut_ptr(), 8).build();
+        // SAFETY: `buf` is inside the boxed ReadBuffers, which outlives the
+        // ring (the ring is dropped first and waits for its operations).
+        unsafe { ring.push(read, token) }.map_err(host("arming an eventfd read"))
+    }
+
+    fn arm_stdin(&mut self) -> Result<(), VmmError> {
+        if !self.stdin_open {
+            return Ok(());
+        }
+        let token = if self.pending_input.is_empty() {
+            let read = opcode::Read::new(
+                types::Fd(libc::STDIN_FILENO),
+                self.bufs.stdin.as_mut_ptr(),
+                STDIN_BUF as u32,
+            )
+            .build();
+            // SAFETY: the boxed buffer outlives the ring, as above.
+            return unsafe { self.ring.push(read, Token::new(KIND_STDIN, 0, 0)) }
+                .map_err(host("arming stdin"));
+        } else {
+            Token::new(KIND_STDIN_RETRY, 0, 0)
+        };
+        // The guest has not drained the UART yet: look again in 10 ms.
+        let timeout = opcode::Timeout::new(&self.bufs.retry).build();
+        // SAFETY: the timespec is in the boxed buffers, as above.
+        unsafe { self.ring.push(timeout, token) }.map_err(host("arming the stdin retry"))
+    }
+
+    fn arm_signal(&mut self) -> Result<(), VmmError> {
+        let read = opcode::Read::new(
+            types::Fd(self.signal_fd),
+            self.bufs.signal.as_mut_ptr(),
+            self.bufs.signal.len() as u32,
+        )
+        .build();
+        // SAFETY: as for the other boxed buffers.
+        unsafe { self.ring.push(read, Token::new(KIND_SIGNAL, 0, 0)) }
+            .map_err(host("arming the signalfd"))
+    }
+
+    /// Moves stdin bytes into the UART as far as its FIFO has room.
+    fn feed_serial(&mut self) {
+        let Some(serial) = &self.devices.serial else {
+            self.pending_input.clear();
+            return;
+        };
+        let mut serial = serial.lock().unwrap_or_else(|e| e.into_inner());
+        match serial.enqueue_input(&self.pending_input) {
+            Ok(n) => {
+                self.pending_input.drain(..n);
+            }
+            Err(e) => {
+                log::warn!("serial input dropped: {e}");
+                self.pending_input.clear();
+            }
+        }
+    }
+
+    /// Runs the VMM thread loop until the guest stops; then stops and
+    /// joins every vCPU.
+    pub fn run(&mut self) -> Result<GuestExit, VmmError> {
+        self._terminal = RawTerminal::enter(libc::STDIN_FILENO);
+        let events_fd = self.vcpu_events_ready.as_raw_fd();
+        let reset_fd = self.devices.reset_evt.as_raw_fd();
+        Self::arm_eventfd(
+            &mut self.ring,
+            events_fd,
+            &mut self.bufs.vcpu_event,
+            Token::new(KIND_VCPU_EVENT, 0, 0),
+        )?;
+        Self::arm_eventfd(
+            &mut self.ring,
+            reset_fd,
+            &mut self.bufs.reset,
+            Token::new(KIND_RESET, 0, 0),
+        )?;
+        self.arm_signal()?;
+        self.arm_stdin()?;
+
+        let mut completions = Vec::with_capacity(64);
+        let outcome = 'outer: loop {
+            completions.clear();
+            self.ring
+                .turn(&mut completions)
+                .map_err(host("io_uring_enter"))?;
+            for c in completions.iter().copied() {
+                if let Some(exit) = self.dispatch(c)? {
+                    break 'outer exit;
+                }
+            }
+        };
+        self.shutdown();
+        Ok(outcome)
+    }
+
+    fn dispatch(&mut self, c: Completion) -> Result<Option<GuestExit>, VmmError> {
+        match c.token.kind {
+            KIND_VCPU_EVENT => {
+                if let Ok(event) = self.vcpu_events.try_recv() {
+                    return Ok(Some(match event {
+                        VcpuEvent::Reset { cpu, reason } => {
+                            GuestExit::Stopped(format!("guest reset on vCPU {cpu}: {reason}"))
+                        }
+                        VcpuEvent::PowerOff { cpu } => {
+                            GuestExit::Stopped(format!("guest powered off (vCPU {cpu})"))
+                        }
+                        VcpuEvent::Crashed { cpu, report } => {
+                            GuestExit::Crashed(format!("vCPU {cpu}: {report}"))
+                        }
+                    }));
+                }
+                let fd = self.vcpu_events_ready.as_raw_fd();
+                Self::arm_eventfd(&mut self.ring, fd, &mut self.bufs.vcpu_event, c.token)?;
+            }
+            KIND_RESET => {
+                return Ok(Some(GuestExit::Stopped(
+                    "guest reset through the i8042".into(),
+                )));
+            }
+            KIND_SIGNAL => {
+                if c.result > 0 {
+                    // SAFETY: the kernel filled the buffer with one
+                    // signalfd_siginfo; read_unaligned copes with alignment.
+                    let info: libc::signalfd_siginfo =
+                        unsafe { std::ptr::read_unaligned(self.bufs.signal.as_ptr().cast()) };
+                    return Ok(Some(GuestExit::Signal(info.ssi_signo as i32)));
+                }
+                self.arm_signal()?;
+            }
+            KIND_STDIN => {
+                if c.result <= 0 {
+                    // EOF or an unreadable stdin: the guest gets no more input.
+                    self.stdin_open = false;
+                    return Ok(None);
+                }
+                let n = (c.result as usize).min(STDIN_BUF);
+                self.pending_input.extend_from_slice(&self.bufs.stdin[..n]);
+                self.feed_serial();
+                self.arm_stdin()?;
+            }
+            KIND_STDIN_RETRY => {
+                self.feed_serial();
+                self.arm_stdin()?;
+            }
+            other => log::warn!("completion for unknown source kind {other}"),
+        }
+        Ok(None)
+    }
+
+    /// Stops every vCPU and waits for them, so the process ends with no
+    /// thread still touching guest memory.
+    fn shutdown(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        for vcpu in &mut self.vcpus {
+            vcpu.stop_and_join();
+        }
+        self._terminal = None;
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        self.shutdown();
+        // SAFETY: the signalfd is ours and closed once.
+        unsafe { libc::close(self.signal_fd) };
+    }
+}

@@ -1,0 +1,5 @@
+//! The only place that talks to KVM: the VM (memory, interrupt controller,
+//! irqfds and ioeventfds) and the vCPU threads.
+
+pub mod vcpu;
+pub mod vm;
