@@ -1,0 +1,62 @@
+# ringvm: build · guest · run · test · bench · lint
+#
+# `make run` boots the bundled test guest; `make test` runs everything, from a
+# fresh clone, as root (CI's .ci/run calls exactly that). Debian packages and
+# Rust components are installed here when missing, so a new machine needs
+# nothing by hand.
+
+SHELL := /bin/bash
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+
+CARGO ?= cargo
+GUEST_DIR ?= $(CURDIR)/target/guest
+RINGVM := $(CURDIR)/target/release/ringvm
+
+# Debian packages: the guest kernel build, its root filesystem, and tools
+# the tests use.
+APT_PACKAGES := linux-source-6.1 build-essential bc bison flex libelf-dev \
+	libssl-dev busybox-static e2fsprogs cpio lz4 xz-utils iproute2
+
+.PHONY: all deps build guest run test unit-test integration-test lint clean
+
+all: build
+
+# Installs only what is missing, so a second run costs a dpkg query.
+deps:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "[deps] apt-get install $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@rustup component list --installed 2>/dev/null | grep -q clippy || rustup component add clippy rustfmt
+
+build:
+	$(CARGO) build --release --locked -p vmm
+
+# The test guest (kernel, root image, initramfs), cached by input hash under
+# ~/.cache/ringvm so a second run takes seconds.
+guest: deps
+	bash resources/guest/build.sh $(GUEST_DIR)
+
+# Boots the test guest on its console. The kernel runs to init; with the
+# default command line it reboots when init is missing (panic=-1), and
+# ringvm exits 0.
+run: build guest
+	$(RINGVM) --kernel $(GUEST_DIR)/vmlinux --boot-timer \
+		--cmdline "console=ttyS0 reboot=k panic=-1 init=/nonexistent"
+
+lint: deps
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
+
+unit-test:
+	$(CARGO) test --locked --workspace --exclude ringvm-tests
+
+integration-test: build guest
+	RINGVM_BIN=$(RINGVM) RINGVM_GUEST_DIR=$(GUEST_DIR) \
+		$(CARGO) test --locked --release -p ringvm-tests -- --nocapture
+
+test: deps lint unit-test integration-test
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,56 @@
+//! Command-line failures a user meets before any guest runs: they must be
+//! immediate, one clear line, and the documented exit code.
+
+use std::time::Duration;
+
+use ringvm_tests::run_ringvm;
+
+const QUICK: Duration = Duration::from_secs(20);
+
+#[test]
+fn missing_kernel_is_a_config_error_at_once() {
+    let run = run_ringvm(&["--kernel", "/nonexistent/vmlinux"], QUICK);
+    let t = run.transcript();
+    assert_eq!(run.code, Some(3), "{t}");
+    assert!(run.elapsed < Duration::from_secs(5), "{t}");
+    assert!(run.stderr.contains("/nonexistent/vmlinux"), "{t}");
+    assert_eq!(run.stderr.trim().lines().count(), 1, "one line expected\n{t}");
+}
+
+#[test]
+fn garbage_kernel_is_a_config_error() {
+    let path = std::env::temp_dir().join(format!("ringvm-cli-garbage-{}", std::process::id()));
+    std::fs::write(&path, vec![0x42u8; 4096]).expect("write temp file");
+    let run = run_ringvm(&["--kernel", path.to_str().expect("utf-8")], QUICK);
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(run.code, Some(3), "{}", run.transcript());
+    assert!(run.stderr.contains("not a loadable"), "{}", run.transcript());
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let run = run_ringvm(&["--cpus", "lots", "--kernel", "/k"], QUICK);
+    assert_eq!(run.code, Some(2), "{}", run.transcript());
+    let run = run_ringvm(&[], QUICK);
+    assert_eq!(run.code, Some(2), "{}", run.transcript());
+}
+
+#[test]
+fn out_of_range_values_are_config_errors() {
+    let run = run_ringvm(&["--kernel", "/k", "--cpus", "0"], QUICK);
+    assert_eq!(run.code, Some(3), "{}", run.transcript());
+    assert!(run.stderr.contains("vcpu_count"), "{}", run.transcript());
+    let run = run_ringvm(&["--kernel", "/k", "--cpu-template", "T9"], QUICK);
+    assert_eq!(run.code, Some(3), "{}", run.transcript());
+}
+
+#[test]
+fn help_documents_exit_codes_and_version_is_prefixed() {
+    let run = run_ringvm(&["--help"], QUICK);
+    assert_eq!(run.code, Some(0));
+    for needle in ["--kernel", "--cpu-template", "--boot-timer", "Exit codes:", "KVM unavailable"] {
+        assert!(run.stdout.contains(needle), "--help lacks {needle}\n{}", run.stdout);
+    }
+    let run = run_ringvm(&["--version"], QUICK);
+    assert!(run.stdout.starts_with("ringvm v"), "{}", run.stdout);
+}
