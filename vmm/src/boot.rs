@@ -445,7 +445,7 @@ mod tests {
         ));
         write_boot_data(&m, &k, "console=ttyS0").unwrap();
         let zp: boot_params = m.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
-        assert_eq!(zp.hdr.cmd_line_ptr, CMDLINE_START as u32);
+        assert_eq!({ zp.hdr.cmd_line_ptr }, CMDLINE_START as u32);
         assert_eq!({ zp.e820_entries }, 3);
         assert_eq!({ zp.hdr.setup_data }, SETUP_DATA_START);
     }

@@ -56,6 +56,68 @@ impl Default for MachineConfig {
     }
 }
 
+/// How the guest's flushes reach the disk (Firecracker's `cache_type`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CacheType {
+    /// FLUSH is not offered; the host page cache decides when data lands.
+    Unsafe,
+    /// FLUSH is offered and acknowledged only after fdatasync.
+    #[default]
+    Writeback,
+}
+
+/// One virtio-blk drive (Firecracker's `drives` entry).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriveConfig {
+    /// Unique name; also the serial the guest reads (GET_ID, 20 bytes max).
+    pub drive_id: String,
+    /// Backing file or block device.
+    pub path_on_host: PathBuf,
+    /// Adds `root=/dev/vdX` (or `root=PARTUUID=...`) to the command line.
+    #[serde(default)]
+    pub is_root_device: bool,
+    /// Offers VIRTIO_BLK_F_RO; writes fail without touching the file.
+    #[serde(default)]
+    pub is_read_only: bool,
+    /// Root partition by PARTUUID instead of the whole device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partuuid: Option<String>,
+    /// Flush policy.
+    #[serde(default)]
+    pub cache_type: CacheType,
+    /// Accepted for Firecracker compatibility; ringvm always uses io_uring.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_engine: Option<String>,
+    /// Accepted for Firecracker compatibility; not enforced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<serde_json::Value>,
+    /// ringvm extension: open the file with O_DIRECT (bypass the host page
+    /// cache).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub direct: bool,
+}
+
+/// One virtio-net interface on a tap (Firecracker's `network-interfaces`
+/// entry).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// Unique name.
+    pub iface_id: String,
+    /// An existing tap device; ringvm does not create host interfaces.
+    pub host_dev_name: String,
+    /// MAC address the guest sees; generated when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_mac: Option<String>,
+    /// Accepted for Firecracker compatibility; not enforced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<serde_json::Value>,
+    /// Accepted for Firecracker compatibility; not enforced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<serde_json::Value>,
+}
+
 /// Errors in a VM description, found before any KVM work starts.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -83,6 +145,12 @@ pub struct VmConfig {
     /// vCPUs, memory, CPU template.
     #[serde(rename = "machine-config", default)]
     pub machine_config: MachineConfig,
+    /// Block devices, in the order the guest sees them (vda, vdb, ...).
+    #[serde(default)]
+    pub drives: Vec<DriveConfig>,
+    /// Network interfaces (eth0, eth1, ...).
+    #[serde(rename = "network-interfaces", default)]
+    pub network_interfaces: Vec<NetConfig>,
     /// Log the time from process start to the guest's boot-timer write.
     #[serde(skip)]
     pub boot_timer: bool,

@@ -154,17 +154,12 @@ impl EventLoop {
     /// One loop turn: submits everything queued, waits for at least one
     /// completion, and appends all available completions to `out`.
     pub fn turn(&mut self, out: &mut Vec<Completion>) -> io::Result<()> {
-        loop {
-            match self.ring.submit_and_wait(1) {
-                Ok(_) => break,
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {
-                    // A signal (e.g. SIGWINCH) interrupted the wait; any
-                    // completions that did arrive are collected below.
-                    break;
-                }
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => break,
-                Err(e) => return Err(e),
-            }
+        match self.ring.submit_and_wait(1) {
+            Ok(_) => {}
+            // A signal interrupted the wait, or the completion queue is
+            // full: either way, collect what is there below.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => {}
+            Err(e) => return Err(e),
         }
         for cqe in self.ring.completion() {
             if io_uring::cqueue::more(cqe.flags()) {

@@ -62,6 +62,7 @@ impl From<Cli> for VmConfig {
                 cpu_template: cli.cpu_template,
             },
             boot_timer: cli.boot_timer,
+            ..Default::default()
         }
     }
 }

@@ -70,6 +70,10 @@ const KIND_RESET: u8 = 2;
 const KIND_STDIN: u8 = 3;
 const KIND_STDIN_RETRY: u8 = 4;
 const KIND_SIGNAL: u8 = 5;
+const KIND_HALT_PROBE: u8 = 6;
+
+/// How often the VMM thread checks whether every vCPU halted for good.
+const HALT_PROBE_NS: u32 = 500_000_000;
 
 const STDIN_BUF: usize = 64;
 
@@ -81,6 +85,7 @@ struct ReadBuffers {
     stdin: [u8; STDIN_BUF],
     signal: [u8; std::mem::size_of::<libc::signalfd_siginfo>()],
     retry: types::Timespec,
+    halt_probe: types::Timespec,
 }
 
 /// A built VM, ready to run.
@@ -95,6 +100,7 @@ pub struct Vmm {
     stop: Arc<AtomicBool>,
     vcpu_events: Receiver<VcpuEvent>,
     vcpu_events_ready: Arc<EventFd>,
+    halted_for_good: Arc<Vec<AtomicBool>>,
     signal_fd: RawFd,
     stdin_open: bool,
     pending_input: Vec<u8>,
@@ -205,12 +211,15 @@ impl Vmm {
         let (tx, rx) = channel();
         let events_ready = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(host("eventfd"))?);
         let stop = Arc::new(AtomicBool::new(false));
+        let halted_for_good: Arc<Vec<AtomicBool>> =
+            Arc::new((0..vcpu_count).map(|_| AtomicBool::new(false)).collect());
         let shared = VcpuShared {
             pio: devices.pio.clone(),
             mmio: devices.mmio.clone(),
             stop: stop.clone(),
             events: tx,
             events_ready: events_ready.clone(),
+            halted_for_good: halted_for_good.clone(),
         };
         let mut fds = Vec::with_capacity(usize::from(vcpu_count));
         for cpu in 0..vcpu_count {
@@ -224,6 +233,7 @@ impl Vmm {
                 stdin: [0; STDIN_BUF],
                 signal: [0; std::mem::size_of::<libc::signalfd_siginfo>()],
                 retry: types::Timespec::new().nsec(10_000_000),
+                halt_probe: types::Timespec::new().nsec(HALT_PROBE_NS),
             }),
             vm,
             devices,
@@ -231,6 +241,7 @@ impl Vmm {
             stop,
             vcpu_events: rx,
             vcpu_events_ready: events_ready,
+            halted_for_good,
             signal_fd,
             stdin_open: true,
             pending_input: Vec::new(),
@@ -277,6 +288,13 @@ impl Vmm {
         let timeout = opcode::Timeout::new(&self.bufs.retry).build();
         // SAFETY: the timespec is in the boxed buffers, as above.
         unsafe { self.ring.push(timeout, token) }.map_err(host("arming the stdin retry"))
+    }
+
+    fn arm_halt_probe(&mut self) -> Result<(), VmmError> {
+        let timeout = opcode::Timeout::new(&self.bufs.halt_probe).build();
+        // SAFETY: the timespec is in the boxed buffers, which outlive the ring.
+        unsafe { self.ring.push(timeout, Token::new(KIND_HALT_PROBE, 0, 0)) }
+            .map_err(host("arming the halt probe"))
     }
 
     fn arm_signal(&mut self) -> Result<(), VmmError> {
@@ -329,6 +347,7 @@ impl Vmm {
         )?;
         self.arm_signal()?;
         self.arm_stdin()?;
+        self.arm_halt_probe()?;
 
         let mut completions = Vec::with_capacity(64);
         let outcome = 'outer: loop {
@@ -390,6 +409,19 @@ impl Vmm {
                 self.pending_input.extend_from_slice(&self.bufs.stdin[..n]);
                 self.feed_serial();
                 self.arm_stdin()?;
+            }
+            KIND_HALT_PROBE => {
+                // Flags set by the previous probe's kicks: every vCPU asleep
+                // with interrupts off means the guest halted or powered off.
+                if self.halted_for_good.iter().all(|h| h.load(Ordering::Acquire)) {
+                    return Ok(Some(GuestExit::Stopped(
+                        "guest halted every vCPU with interrupts off (power-off)".into(),
+                    )));
+                }
+                for vcpu in &self.vcpus {
+                    vcpu.kick();
+                }
+                self.arm_halt_probe()?;
             }
             KIND_STDIN_RETRY => {
                 self.feed_serial();

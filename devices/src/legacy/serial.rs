@@ -134,8 +134,8 @@ mod tests {
     fn odd_sized_and_out_of_range_accesses_are_ignored() {
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let mut s = Serial::new(irq, Vec::new());
-        s.write(access(THR), &[b'a', b'b']);
-        s.write(access(9), &[b'c']);
+        s.write(access(THR), b"ab");
+        s.write(access(9), b"c");
         let mut b = [0u8; 2];
         s.read(access(0), &mut b);
         assert_eq!(b, [0xff, 0xff]);

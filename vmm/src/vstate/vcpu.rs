@@ -95,6 +95,10 @@ pub struct VcpuShared {
     pub events: Sender<VcpuEvent>,
     /// Written after each event so the VMM thread's ring wakes up.
     pub events_ready: Arc<EventFd>,
+    /// Per vCPU: halted with interrupts off when last kicked. A guest
+    /// without ACPI "powers off" by halting every CPU that way; the VMM
+    /// thread treats all of them set as a power-off.
+    pub halted_for_good: Arc<Vec<AtomicBool>>,
 }
 
 /// Creates vCPU `cpu` of `count` and loads its boot state: CPUID, MSRs,
@@ -207,6 +211,18 @@ impl VcpuHandle {
         })
     }
 
+    /// Interrupts `KVM_RUN` once, so the thread re-reads its halt state.
+    pub fn kick(&self) {
+        use std::os::unix::thread::JoinHandleExt;
+        if let Some(thread) = &self.thread {
+            if !thread.is_finished() {
+                // SAFETY: the thread is not joined, so its pthread_t is
+                // valid; the signal has an installed no-op handler.
+                unsafe { libc::pthread_kill(thread.as_pthread_t(), kick_signal()) };
+            }
+        }
+    }
+
     /// Kicks the thread out of `KVM_RUN` until it notices the stop flag and
     /// ends, then joins it. Repeated kicks cover the window where the
     /// signal lands just before the thread re-enters `KVM_RUN`.
@@ -303,7 +319,13 @@ fn run_vcpu(mut vcpu: VcpuFd, cpu: u8, shared: VcpuShared, _mem: GuestMemoryMmap
                 Next::Crash(format!("KVM entry failed (hardware reason {reason:#x})"))
             }
             Ok(other) => Next::Crash(format!("unhandled vCPU exit {other:?}")),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Next::Continue,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                let stuck = halted_with_interrupts_off(&vcpu);
+                if let Some(flag) = shared.halted_for_good.get(idx) {
+                    flag.store(stuck, Ordering::Release);
+                }
+                Next::Continue
+            }
             Err(e) => Next::Crash(format!("KVM_RUN failed: {e}")),
         };
         match next {
@@ -325,6 +347,18 @@ fn run_vcpu(mut vcpu: VcpuFd, cpu: u8, shared: VcpuShared, _mem: GuestMemoryMmap
             }
         }
     }
+}
+
+/// True when the vCPU sleeps in HLT with interrupts masked: only an NMI or
+/// INIT could wake it, and Linux uses this state to halt or power off
+/// when it has no ACPI.
+fn halted_with_interrupts_off(vcpu: &VcpuFd) -> bool {
+    const RFLAGS_IF: u64 = 1 << 9;
+    let halted = vcpu
+        .get_mp_state()
+        .map(|s| s.mp_state == kvm_bindings::KVM_MP_STATE_HALTED)
+        .unwrap_or(false);
+    halted && vcpu.get_regs().map(|r| r.rflags & RFLAGS_IF == 0).unwrap_or(false)
 }
 
 /// A one-screen register dump for crash reports.

@@ -70,7 +70,7 @@ fn boot_gdt(mode: EntryMode) -> [u64; 5] {
 
 /// Unpacks a GDT entry into the form KVM_SET_SREGS takes.
 fn segment_from_gdt(entry: u64, selector: u16) -> kvm_segment {
-    let base = (((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000)) as u64;
+    let base = ((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000);
     let raw_limit = ((entry & 0xffff) | ((entry >> 32) & 0x000f_0000)) as u32;
     let granularity = ((entry >> 55) & 1) as u8;
     // With 4 KiB granularity the limit counts pages; KVM wants bytes.
