@@ -18,6 +18,10 @@ pub const DEFAULT_CMDLINE: &str =
 /// IOAPIC takes the next one.
 pub const MAX_VCPUS: u8 = 254;
 
+/// virtio-mmio devices get IRQs 5..=23 (the IOAPIC's 24 pins, less the
+/// legacy ISA lines ringvm uses), minus COM1's IRQ 4 which is below.
+pub const MAX_VIRTIO_DEVICES: usize = 19;
+
 /// The kernel and how to start it (Firecracker's `boot-source`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -118,6 +122,75 @@ pub struct NetConfig {
     pub tx_rate_limiter: Option<serde_json::Value>,
 }
 
+/// Errors in a `--disk` or `--net` option string.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum OptionError {
+    /// A key this option does not know.
+    #[error("unknown key {0:?}")]
+    UnknownKey(String),
+    /// A key with a value it cannot take.
+    #[error("bad value for {key}: {value:?}")]
+    BadValue {
+        /// The key.
+        key: String,
+        /// The value given.
+        value: String,
+    },
+    /// A required key is missing.
+    #[error("missing {0}=")]
+    Missing(&'static str),
+}
+
+fn parse_switch(key: &str, value: Option<&str>) -> Result<bool, OptionError> {
+    match value {
+        None | Some("on" | "true" | "1" | "yes") => Ok(true),
+        Some("off" | "false" | "0" | "no") => Ok(false),
+        Some(v) => Err(OptionError::BadValue {
+            key: key.into(),
+            value: v.into(),
+        }),
+    }
+}
+
+impl std::str::FromStr for DriveConfig {
+    type Err = OptionError;
+
+    /// Parses `path=FILE[,id=NAME][,ro][,root][,direct=on][,cache=unsafe|writeback]`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut drive = DriveConfig::default();
+        for part in s.split(',').filter(|p| !p.is_empty()) {
+            let (key, value) = match part.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None => (part, None),
+            };
+            match key {
+                "path" => drive.path_on_host = PathBuf::from(value.unwrap_or_default()),
+                "id" => drive.drive_id = value.unwrap_or_default().to_string(),
+                "ro" | "readonly" => drive.is_read_only = parse_switch(key, value)?,
+                "root" => drive.is_root_device = parse_switch(key, value)?,
+                "direct" => drive.direct = parse_switch(key, value)?,
+                "cache" => {
+                    drive.cache_type = match value {
+                        Some("unsafe") => CacheType::Unsafe,
+                        Some("writeback") => CacheType::Writeback,
+                        other => {
+                            return Err(OptionError::BadValue {
+                                key: key.into(),
+                                value: other.unwrap_or_default().into(),
+                            })
+                        }
+                    }
+                }
+                other => return Err(OptionError::UnknownKey(other.into())),
+            }
+        }
+        if drive.path_on_host.as_os_str().is_empty() {
+            return Err(OptionError::Missing("path"));
+        }
+        Ok(drive)
+    }
+}
+
 /// Errors in a VM description, found before any KVM work starts.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -130,6 +203,15 @@ pub enum ConfigError {
     /// The CPU template name is unknown.
     #[error("{0}")]
     CpuTemplate(#[from] crate::arch::x86_64::cpuid::CpuidError),
+    /// Two drives share an id, or an id is too long for the guest's serial.
+    #[error("drive id {0:?} is empty, repeated or longer than 20 bytes")]
+    DriveId(String),
+    /// More than one drive claims to be the root.
+    #[error("only one drive can be the root device")]
+    TwoRoots,
+    /// More devices than the MMIO window and IRQ lines can take.
+    #[error("too many virtio devices: {0} (at most {MAX_VIRTIO_DEVICES})")]
+    TooManyDevices(usize),
     /// No kernel was given.
     #[error("no kernel: give --kernel PATH (or boot-source.kernel_image_path)")]
     NoKernel,
@@ -168,6 +250,19 @@ impl VmConfig {
         }
         if let Some(t) = &m.cpu_template {
             t.parse::<CpuTemplate>()?;
+        }
+        let mut seen = std::collections::HashSet::new();
+        for d in &self.drives {
+            if d.drive_id.is_empty() || d.drive_id.len() > 20 || !seen.insert(d.drive_id.as_str()) {
+                return Err(ConfigError::DriveId(d.drive_id.clone()));
+            }
+        }
+        if self.drives.iter().filter(|d| d.is_root_device).count() > 1 {
+            return Err(ConfigError::TwoRoots);
+        }
+        let devices = self.drives.len() + self.network_interfaces.len();
+        if devices > MAX_VIRTIO_DEVICES {
+            return Err(ConfigError::TooManyDevices(devices));
         }
         if self.boot_source.kernel_image_path.as_os_str().is_empty() {
             return Err(ConfigError::NoKernel);
@@ -220,6 +315,32 @@ mod tests {
         c.machine_config.cpu_template = Some("C3".into());
         assert!(c.validate().unwrap_err().to_string().contains("C3"));
         assert_eq!(VmConfig::default().validate(), Err(ConfigError::NoKernel));
+    }
+
+    #[test]
+    fn disk_options_parse() {
+        let d: DriveConfig = "path=/img,id=rootfs,ro,root".parse().unwrap();
+        assert_eq!(d.path_on_host, PathBuf::from("/img"));
+        assert_eq!(d.drive_id, "rootfs");
+        assert!(d.is_read_only && d.is_root_device && !d.direct);
+        let d: DriveConfig = "path=/x,direct=on,cache=unsafe".parse().unwrap();
+        assert!(d.direct);
+        assert_eq!(d.cache_type, CacheType::Unsafe);
+        assert_eq!("id=x".parse::<DriveConfig>(), Err(OptionError::Missing("path")));
+        assert!(matches!("path=/x,bogus".parse::<DriveConfig>(), Err(OptionError::UnknownKey(_))));
+        assert!(matches!("path=/x,ro=maybe".parse::<DriveConfig>(), Err(OptionError::BadValue { .. })));
+    }
+
+    #[test]
+    fn drive_ids_must_be_unique_and_fit_the_serial() {
+        let mut c = good();
+        let d: DriveConfig = "path=/a,id=same".parse().unwrap();
+        c.drives = vec![d.clone(), d];
+        assert!(matches!(c.validate(), Err(ConfigError::DriveId(_))));
+        c.drives = vec!["path=/a,id=123456789012345678901".parse().unwrap()];
+        assert!(matches!(c.validate(), Err(ConfigError::DriveId(_))));
+        c.drives = vec!["path=/a,id=a,root".parse().unwrap(), "path=/b,id=b,root".parse().unwrap()];
+        assert_eq!(c.validate(), Err(ConfigError::TwoRoots));
     }
 
     #[test]

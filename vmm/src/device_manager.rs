@@ -9,7 +9,8 @@ use devices::bus::{Bus, BusError};
 use devices::legacy::{BootTimer, Serial, I8042};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::arch::x86_64::layout::BOOT_TIMER_START;
+use crate::arch::x86_64::layout::{BOOT_TIMER_START, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
+use devices::bus::SharedDevice;
 use crate::vstate::vm::{Vm, VmError};
 
 /// COM1's ports and IRQ.
@@ -18,6 +19,20 @@ pub const COM1_PORT: u64 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
 /// The i8042's first port (0x60; the command port is 0x64).
 pub const I8042_PORT: u64 = 0x60;
+
+/// First IRQ line for virtio-mmio devices (above the ISA lines in use).
+pub const VIRTIO_IRQ_BASE: u32 = 5;
+/// Last IOAPIC pin.
+pub const VIRTIO_IRQ_LAST: u32 = 23;
+
+/// Where one virtio-mmio device lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VirtioSlot {
+    /// Base of its 4 KiB register window.
+    pub base: u64,
+    /// Its IOAPIC pin.
+    pub irq: u32,
+}
 
 /// Errors placing devices.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +43,12 @@ pub enum DeviceError {
     /// An eventfd could not be created.
     #[error("cannot create eventfd: {0}")]
     EventFd(std::io::Error),
+    /// No IRQ line is left for another virtio device.
+    #[error("no IRQ line left for another virtio device")]
+    OutOfIrqs,
+    /// The virtio transport refused the device description.
+    #[error("virtio transport: {0}")]
+    Transport(String),
     /// KVM wiring failed.
     #[error("{0}")]
     Vm(#[from] VmError),
@@ -47,6 +68,8 @@ pub struct DeviceManager {
     pub serial: Option<SharedSerial>,
     /// Written by the i8042 when the guest resets the CPU.
     pub reset_evt: EventFd,
+    next_virtio: u32,
+    virtio_cmdline: Vec<String>,
 }
 
 fn new_eventfd() -> Result<EventFd, DeviceError> {
@@ -61,6 +84,8 @@ impl DeviceManager {
             mmio: Bus::new(),
             serial: None,
             reset_evt: new_eventfd()?,
+            next_virtio: 0,
+            virtio_cmdline: Vec::new(),
         })
     }
 
@@ -80,6 +105,33 @@ impl DeviceManager {
         let dev = Arc::new(Mutex::new(I8042::new(reset)));
         self.pio.insert(dev, I8042_PORT, 5)?;
         Ok(())
+    }
+
+    /// Reserves the next virtio-mmio window and IRQ line.
+    pub fn allocate_virtio_slot(&mut self) -> Result<VirtioSlot, DeviceError> {
+        let irq = VIRTIO_IRQ_BASE + self.next_virtio;
+        if irq > VIRTIO_IRQ_LAST {
+            return Err(DeviceError::OutOfIrqs);
+        }
+        let base = VIRTIO_MMIO_START + u64::from(self.next_virtio) * VIRTIO_MMIO_SIZE;
+        self.next_virtio += 1;
+        Ok(VirtioSlot { base, irq })
+    }
+
+    /// Puts a virtio-mmio transport at `slot` and records the
+    /// `virtio_mmio.device=` parameter that tells Linux where it is.
+    pub fn add_virtio_mmio(&mut self, transport: SharedDevice, slot: VirtioSlot) -> Result<(), DeviceError> {
+        self.mmio.insert(transport, slot.base, VIRTIO_MMIO_SIZE)?;
+        self.virtio_cmdline.push(format!(
+            "virtio_mmio.device=4K@{:#x}:{}",
+            slot.base, slot.irq
+        ));
+        Ok(())
+    }
+
+    /// Kernel parameters for every virtio-mmio device, in probe order.
+    pub fn virtio_cmdline(&self) -> &[String] {
+        &self.virtio_cmdline
     }
 
     /// The boot timer at the start of the MMIO hole.

@@ -10,7 +10,8 @@
 
 use std::io;
 
-use io_uring::{squeue, IoUring};
+use devices::io::{IoOp, IoSubmit, IoSubmitError};
+use io_uring::{opcode, squeue, types, IoUring};
 
 /// Ring size; completions get twice as many slots so a burst of I/O never
 /// overflows the completion queue.
@@ -173,6 +174,81 @@ impl EventLoop {
             });
         }
         Ok(())
+    }
+}
+
+/// A device's view of the ring: its operations are tagged with its source
+/// kind and index, so their completions find their way back to it.
+#[derive(Debug)]
+pub struct DeviceIo<'a> {
+    ring: &'a mut EventLoop,
+    kind: u8,
+    index: u8,
+}
+
+impl<'a> DeviceIo<'a> {
+    /// Submissions from device `index` of `kind`.
+    pub fn new(ring: &'a mut EventLoop, kind: u8, index: u8) -> Self {
+        Self { ring, kind, index }
+    }
+}
+
+/// Builds the SQE for one device operation. The iovec arrays and guest
+/// buffers are used in place: io_uring reads and writes guest memory
+/// directly.
+fn sqe_for(op: IoOp) -> squeue::Entry {
+    match op {
+        IoOp::Readv {
+            fd,
+            iovecs,
+            iovcnt,
+            offset,
+        } => opcode::Readv::new(types::Fd(fd), iovecs, iovcnt)
+            .offset(offset)
+            .build(),
+        IoOp::Writev {
+            fd,
+            iovecs,
+            iovcnt,
+            offset,
+        } => opcode::Writev::new(types::Fd(fd), iovecs, iovcnt)
+            .offset(offset)
+            .build(),
+        IoOp::Fsync { fd, datasync } => {
+            let flags = if datasync {
+                types::FsyncFlags::DATASYNC
+            } else {
+                types::FsyncFlags::empty()
+            };
+            opcode::Fsync::new(types::Fd(fd)).flags(flags).build()
+        }
+        IoOp::Fallocate {
+            fd,
+            mode,
+            offset,
+            len,
+        } => opcode::Fallocate::new(types::Fd(fd), len)
+            .offset(offset)
+            .mode(mode)
+            .build(),
+    }
+}
+
+impl IoSubmit for DeviceIo<'_> {
+    unsafe fn submit(&mut self, op: IoOp, tag: u64) -> Result<(), IoSubmitError> {
+        if tag > TAG_MAX {
+            return Err(IoSubmitError::BadTag(tag));
+        }
+        let token = Token::new(self.kind, self.index, tag);
+        // SAFETY: the device's contract (IoSubmit::submit is unsafe) is that
+        // the iovecs and buffers stay valid until this tag completes.
+        unsafe { self.ring.push(sqe_for(op), token) }.map_err(|e| {
+            if e.raw_os_error() == Some(libc::EBUSY) {
+                IoSubmitError::QueueFull
+            } else {
+                IoSubmitError::Io(e)
+            }
+        })
     }
 }
 

@@ -13,5 +13,6 @@ pub mod event_loop;
 pub mod exit_code;
 pub mod logger;
 pub mod terminal;
+pub mod virtio_block;
 pub mod vmm;
 pub mod vstate;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
-use vmm::config::{BootSource, MachineConfig, VmConfig};
+use vmm::config::{BootSource, DriveConfig, MachineConfig, VmConfig};
 use vmm::exit_code;
 use vmm::vmm::{GuestExit, Vmm, VmmError};
 use vmm::vstate::vm::VmError;
@@ -43,6 +43,12 @@ struct Cli {
     /// boot-timer address (0xd0000000), as Firecracker's --boot-timer does.
     #[arg(long)]
     boot_timer: bool,
+    /// A virtio-blk drive: path=FILE[,id=NAME][,ro][,root][,direct=on]
+    /// [,cache=unsafe|writeback]. Repeat for more drives (vda, vdb, ...).
+    /// `root` adds root=/dev/vdX to the command line; `ro` makes the drive
+    /// read-only for the guest.
+    #[arg(long, value_name = "OPTIONS")]
+    disk: Vec<DriveConfig>,
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     log_level: log::LevelFilter,
@@ -61,6 +67,17 @@ impl From<Cli> for VmConfig {
                 mem_size_mib: cli.mem,
                 cpu_template: cli.cpu_template,
             },
+            drives: cli
+                .disk
+                .into_iter()
+                .enumerate()
+                .map(|(i, mut d)| {
+                    if d.drive_id.is_empty() {
+                        d.drive_id = format!("drive{i}");
+                    }
+                    d
+                })
+                .collect(),
             boot_timer: cli.boot_timer,
             ..Default::default()
         }
@@ -70,6 +87,7 @@ impl From<Cli> for VmConfig {
 fn error_exit_code(e: &VmmError) -> i32 {
     match e {
         VmmError::Config(_) | VmmError::Boot(_) => exit_code::BAD_CONFIG,
+        VmmError::Drive(vmm::virtio_block::DriveError::Open { .. }) => exit_code::BAD_CONFIG,
         VmmError::Vm(VmError::KvmUnavailable(_) | VmError::MissingCap(_)) => {
             exit_code::KVM_UNAVAILABLE
         }

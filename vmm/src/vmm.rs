@@ -17,6 +17,7 @@ use crate::config::{ConfigError, VmConfig};
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::event_loop::{Completion, EventLoop, Token};
 use crate::terminal::RawTerminal;
+use crate::virtio_block::{Drive, DriveError};
 use crate::vstate::vcpu::{
     create_vcpu, install_kick_handler, VcpuError, VcpuEvent, VcpuHandle, VcpuShared,
 };
@@ -40,6 +41,9 @@ pub enum VmmError {
     /// A device could not be created or placed.
     #[error("{0}")]
     Device(#[from] DeviceError),
+    /// A drive could not be set up.
+    #[error("{0}")]
+    Drive(#[from] DriveError),
     /// The MP table could not be written.
     #[error("MP table: {0}")]
     Mptable(#[from] MptableError),
@@ -71,6 +75,9 @@ const KIND_STDIN: u8 = 3;
 const KIND_STDIN_RETRY: u8 = 4;
 const KIND_SIGNAL: u8 = 5;
 const KIND_HALT_PROBE: u8 = 6;
+const KIND_BLK_KICK: u8 = 7;
+const KIND_BLK_WAKE: u8 = 8;
+const KIND_BLK_IO: u8 = 9;
 
 /// How often the VMM thread checks whether every vCPU halted for good.
 const HALT_PROBE_NS: u32 = 500_000_000;
@@ -96,6 +103,7 @@ pub struct Vmm {
     bufs: Box<ReadBuffers>,
     vm: Vm,
     devices: DeviceManager,
+    drives: Vec<Box<Drive>>,
     vcpus: Vec<VcpuHandle>,
     stop: Arc<AtomicBool>,
     vcpu_events: Receiver<VcpuEvent>,
@@ -134,6 +142,53 @@ fn choose_template(config: &VmConfig) -> Result<CpuTemplate, VmmError> {
         Ok(CpuTemplate::PvmSafe)
     } else {
         Ok(CpuTemplate::Host)
+    }
+}
+
+/// Adds ringvm's parameters to the user's command line, before any
+/// " -- " (what follows it is init's arguments, not the kernel's).
+fn compose_cmdline(user: &str, extra: &[&str]) -> String {
+    let (kernel_part, init_part) = match user.find(" -- ") {
+        Some(at) => (&user[..at], Some(&user[at + 4..])),
+        None if user.starts_with("-- ") => ("", Some(&user[3..])),
+        None => (user, None),
+    };
+    let mut words: Vec<&str> = vec![kernel_part.trim()];
+    words.extend(extra.iter().copied());
+    let mut out = words
+        .into_iter()
+        .filter(|w| !w.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    if let Some(init) = init_part {
+        out.push_str(" -- ");
+        out.push_str(init);
+    }
+    out
+}
+
+/// The `root=` parameter for the drive marked as root: by PARTUUID when
+/// given, else `/dev/vdX` by its position among the drives.
+fn root_param(config: &VmConfig) -> Option<String> {
+    let (index, drive) = config
+        .drives
+        .iter()
+        .enumerate()
+        .find(|(_, d)| d.is_root_device)?;
+    let mode = if drive.is_read_only { "ro" } else { "rw" };
+    Some(match &drive.partuuid {
+        Some(uuid) => format!("root=PARTUUID={uuid} {mode}"),
+        None => format!("root=/dev/vd{} {mode}", disk_letters(index)),
+    })
+}
+
+/// Linux's virtio-blk names: vda..vdz, then vdaa, vdab, ...
+fn disk_letters(index: usize) -> String {
+    let letter = |i: usize| char::from(b'a' + (i % 26) as u8);
+    if index < 26 {
+        letter(index).to_string()
+    } else {
+        format!("{}{}", letter(index / 26 - 1), letter(index))
     }
 }
 
@@ -190,11 +245,16 @@ impl Vmm {
             devices.add_boot_timer(process_start)?;
         }
 
-        let mut cmdline = config.base_cmdline().to_string();
-        if let Some(extra) = template.kernel_params() {
-            cmdline.push(' ');
-            cmdline.push_str(extra);
+        let mut drives = Vec::with_capacity(config.drives.len());
+        for drive in &config.drives {
+            drives.push(Drive::new(drive, &vm, &mut devices)?);
         }
+
+        let mut extra: Vec<&str> = devices.virtio_cmdline().iter().map(String::as_str).collect();
+        let root = root_param(config);
+        extra.extend(root.as_deref());
+        extra.extend(template.kernel_params());
+        let cmdline = compose_cmdline(config.base_cmdline(), &extra);
         let kernel = load_kernel(
             vm.memory(),
             &boot.kernel_image_path,
@@ -237,6 +297,7 @@ impl Vmm {
             }),
             vm,
             devices,
+            drives,
             vcpus: Vec::new(),
             stop,
             vcpu_events: rx,
@@ -288,6 +349,19 @@ impl Vmm {
         let timeout = opcode::Timeout::new(&self.bufs.retry).build();
         // SAFETY: the timespec is in the boxed buffers, as above.
         unsafe { self.ring.push(timeout, token) }.map_err(host("arming the stdin retry"))
+    }
+
+    /// Arms drive `index`'s kick or transport-message eventfd.
+    fn arm_drive(&mut self, index: usize, kind: u8) -> Result<(), VmmError> {
+        let Some(drive) = self.drives.get_mut(index) else {
+            return Ok(());
+        };
+        let (fd, buf) = if kind == KIND_BLK_KICK {
+            (drive.kick_fd(), &mut drive.kick_buf)
+        } else {
+            (drive.wake_fd(), &mut drive.wake_buf)
+        };
+        Self::arm_eventfd(&mut self.ring, fd, buf, Token::new(kind, index as u8, 0))
     }
 
     fn arm_halt_probe(&mut self) -> Result<(), VmmError> {
@@ -348,6 +422,10 @@ impl Vmm {
         self.arm_signal()?;
         self.arm_stdin()?;
         self.arm_halt_probe()?;
+        for index in 0..self.drives.len() {
+            self.arm_drive(index, KIND_BLK_KICK)?;
+            self.arm_drive(index, KIND_BLK_WAKE)?;
+        }
 
         let mut completions = Vec::with_capacity(64);
         let outcome = 'outer: loop {
@@ -358,6 +436,14 @@ impl Vmm {
             for c in completions.iter().copied() {
                 if let Some(exit) = self.dispatch(c)? {
                     break 'outer exit;
+                }
+            }
+            // Drains that stopped at their budget or on a full ring resume
+            // now, after this batch freed slots.
+            let mem = self.vm.memory();
+            for (index, drive) in self.drives.iter_mut().enumerate() {
+                if drive.wants_rerun() {
+                    drive.on_kick(mem, &mut self.ring, KIND_BLK_IO, index as u8);
                 }
             }
         };
@@ -410,6 +496,31 @@ impl Vmm {
                 self.feed_serial();
                 self.arm_stdin()?;
             }
+            KIND_BLK_KICK => {
+                let index = usize::from(c.token.index);
+                let mem = self.vm.memory();
+                if let Some(drive) = self.drives.get_mut(index) {
+                    drive.on_kick(mem, &mut self.ring, KIND_BLK_IO, c.token.index);
+                }
+                self.arm_drive(index, KIND_BLK_KICK)?;
+            }
+            KIND_BLK_WAKE => {
+                let index = usize::from(c.token.index);
+                let mem = self.vm.memory();
+                if let Some(drive) = self.drives.get_mut(index) {
+                    drive.on_transport_message(mem);
+                    // Requests may already wait in a queue that just became
+                    // ready.
+                    drive.on_kick(mem, &mut self.ring, KIND_BLK_IO, c.token.index);
+                }
+                self.arm_drive(index, KIND_BLK_WAKE)?;
+            }
+            KIND_BLK_IO => {
+                let mem = self.vm.memory();
+                if let Some(drive) = self.drives.get_mut(usize::from(c.token.index)) {
+                    drive.on_completion(c.token.tag, c.result, mem);
+                }
+            }
             KIND_HALT_PROBE => {
                 // Flags set by the previous probe's kicks: every vCPU asleep
                 // with interrupts off means the guest halted or powered off.
@@ -448,5 +559,43 @@ impl Drop for Vmm {
         self.shutdown();
         // SAFETY: the signalfd is ours and closed once.
         unsafe { libc::close(self.signal_fd) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ringvm_parameters_go_before_init_arguments() {
+        assert_eq!(compose_cmdline("console=ttyS0", &["a=1", "b"]), "console=ttyS0 a=1 b");
+        assert_eq!(
+            compose_cmdline("console=ttyS0 -- echo hi -- there", &["a=1"]),
+            "console=ttyS0 a=1 -- echo hi -- there"
+        );
+        assert_eq!(compose_cmdline("-- nproc", &["a=1"]), "a=1 -- nproc");
+        assert_eq!(compose_cmdline("", &[]), "");
+    }
+
+    #[test]
+    fn disks_are_named_like_linux_does() {
+        assert_eq!(disk_letters(0), "a");
+        assert_eq!(disk_letters(25), "z");
+        assert_eq!(disk_letters(26), "aa");
+        assert_eq!(disk_letters(27), "ab");
+    }
+
+    #[test]
+    fn root_parameter_follows_the_root_drive() {
+        let mut c = VmConfig::default();
+        assert_eq!(root_param(&c), None);
+        c.drives = vec![
+            "path=/a,id=a".parse().unwrap(),
+            "path=/b,id=b,root,ro".parse().unwrap(),
+        ];
+        assert_eq!(root_param(&c).as_deref(), Some("root=/dev/vdb ro"));
+        c.drives[1].partuuid = Some("1234-01".into());
+        c.drives[1].is_read_only = false;
+        assert_eq!(root_param(&c).as_deref(), Some("root=PARTUUID=1234-01 rw"));
     }
 }

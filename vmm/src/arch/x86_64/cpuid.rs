@@ -53,8 +53,10 @@ impl std::fmt::Display for CpuTemplate {
 
 /// Kernel parameters that keep Linux off instructions KVM's emulator lacks.
 /// Measured on PVM-native KVM: without each of these the guest stops with
-/// "KVM internal error, emulation failure".
-const PVM_SAFE_KERNEL_PARAMS: &str = "noxsave clearcpuid=cx16,popcnt,smap,smep,fsgsbase,pcid,\
+/// "KVM internal error, emulation failure". XSAVE is cleared through
+/// `clearcpuid=xsave` (the same effect as `noxsave`) because Linux hands a
+/// bare unknown word like `noxsave` to init as an argument.
+const PVM_SAFE_KERNEL_PARAMS: &str = "clearcpuid=xsave,cx16,popcnt,smap,smep,fsgsbase,pcid,\
 invpcid,rdrand,rdseed,rdpid,pku,umip,avx,avx2,avx512f,movbe 8250.nr_uarts=1";
 
 impl CpuTemplate {
@@ -89,6 +91,13 @@ const LEAF7_EBX_SMAP: u32 = 1 << 20;
 const LEAF7_ECX_UMIP: u32 = 1 << 2;
 const LEAF7_ECX_PKU: u32 = 1 << 3;
 const LEAF7_ECX_RDPID: u32 = 1 << 22;
+// KVM paravirt features (leaf 0x4000_0001 EAX) that work through the
+// `vmcall` hypercall, which KVM's emulator on PVM-native hosts re-executes
+// forever: PV spinlock kicks, PV IPIs and PV yield.
+const KVM_LEAF: u32 = 0x4000_0001;
+const KVM_FEATURE_PV_UNHALT: u32 = 1 << 7;
+const KVM_FEATURE_PV_SEND_IPI: u32 = 1 << 11;
+const KVM_FEATURE_PV_SCHED_YIELD: u32 = 1 << 13;
 
 /// Gives vCPU `cpu` of `count` its APIC id and a flat topology (one core
 /// per vCPU, one package), then applies `template`.
@@ -165,6 +174,10 @@ fn hide_emulator_gaps(entry: &mut kvm_cpuid_entry2) {
                 | LEAF7_EBX_RDSEED
                 | LEAF7_EBX_SMAP);
             entry.ecx &= !(LEAF7_ECX_UMIP | LEAF7_ECX_PKU | LEAF7_ECX_RDPID);
+        }
+        (KVM_LEAF, _) => {
+            entry.eax &=
+                !(KVM_FEATURE_PV_UNHALT | KVM_FEATURE_PV_SEND_IPI | KVM_FEATURE_PV_SCHED_YIELD);
         }
         (0xd, _) => {
             // No XSAVE: the XSAVE state leaf must not advertise components.
@@ -247,10 +260,11 @@ mod tests {
         }
         assert_eq!(find(&c, 7, 0).ebx & (LEAF7_EBX_SMEP | LEAF7_EBX_SMAP), 0);
         assert_eq!(find(&c, 0xd, 0).eax, 0);
-        assert!(CpuTemplate::PvmSafe
-            .kernel_params()
-            .unwrap()
-            .contains("noxsave"));
+        assert_eq!(find(&c, KVM_LEAF, 0).eax & KVM_FEATURE_PV_SEND_IPI, 0);
+        let params = CpuTemplate::PvmSafe.kernel_params().unwrap();
+        assert!(params.contains("clearcpuid=xsave,"));
+        // Every word carries '=': Linux passes bare unknown words to init.
+        assert!(params.split(' ').all(|w| w.contains('=')));
     }
 
     #[test]
