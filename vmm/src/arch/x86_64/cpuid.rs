@@ -213,6 +213,7 @@ mod tests {
             entry(0xb, 0),
             entry(0xb, 1),
             entry(0xd, 0),
+            entry(KVM_LEAF, 0),
         ])
         .unwrap()
     }
