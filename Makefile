@@ -54,7 +54,7 @@ unit-test:
 
 integration-test: build guest
 	RINGVM_BIN=$(RINGVM) RINGVM_GUEST_DIR=$(GUEST_DIR) \
-		$(CARGO) test --locked --release -p ringvm-tests -- --nocapture
+		$(CARGO) test --locked --release -p ringvm-tests -- --nocapture --test-threads=1
 
 test: deps lint unit-test integration-test
 

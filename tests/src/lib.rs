@@ -80,6 +80,13 @@ fn drain<R: Read + Send + 'static>(mut r: R) -> std::thread::JoinHandle<String> 
 
 /// Runs `ringvm ARGS` with stdin closed, killing it after `deadline`.
 pub fn run_ringvm(args: &[&str], deadline: Duration) -> VmRun {
+    run_ringvm_until(args, None, deadline)
+}
+
+/// Like [`run_ringvm`], but sends SIGKILL the moment the guest console
+/// prints a line containing `kill_at` (if given): the way to prove that
+/// what the guest was told is durable survives a crash of the VMM.
+pub fn run_ringvm_until(args: &[&str], kill_at: Option<&str>, deadline: Duration) -> VmRun {
     let start = Instant::now();
     let mut child = Command::new(ringvm_bin())
         .args(args)
@@ -88,10 +95,31 @@ pub fn run_ringvm(args: &[&str], deadline: Duration) -> VmRun {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {}: {e}", ringvm_bin().display()));
-    let out = drain(child.stdout.take().expect("piped stdout"));
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel::<()>();
+    let marker = kill_at.map(str::to_string);
+    let stdout = child.stdout.take().expect("piped stdout");
+    let out = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut text = String::new();
+        let mut reader = std::io::BufReader::new(stdout);
+        let mut line = Vec::new();
+        while reader.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
+            let l = String::from_utf8_lossy(&line).into_owned();
+            if marker.as_deref().is_some_and(|m| l.contains(m)) {
+                let _ = seen_tx.send(());
+            }
+            text.push_str(&l);
+            line.clear();
+        }
+        text
+    });
     let err = drain(child.stderr.take().expect("piped stderr"));
     let mut timed_out = false;
     let status = loop {
+        if seen_rx.try_recv().is_ok() {
+            let _ = child.kill();
+            break child.wait().expect("wait on killed ringvm");
+        }
         if let Some(status) = child.try_wait().expect("wait on ringvm") {
             break status;
         }
@@ -100,7 +128,7 @@ pub fn run_ringvm(args: &[&str], deadline: Duration) -> VmRun {
             let _ = child.kill();
             break child.wait().expect("wait on killed ringvm");
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(5));
     };
     VmRun {
         code: status.code(),
@@ -109,4 +137,63 @@ pub fn run_ringvm(args: &[&str], deadline: Duration) -> VmRun {
         elapsed: start.elapsed(),
         timed_out,
     }
+}
+
+/// A scratch directory for one test, removed when dropped.
+#[derive(Debug)]
+pub struct Scratch {
+    /// Its path.
+    pub path: PathBuf,
+}
+
+impl Scratch {
+    /// Makes `$TMPDIR/ringvm-<name>-<pid>`, empty.
+    pub fn new(name: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("ringvm-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create scratch dir");
+        Self { path }
+    }
+
+    /// A path inside the directory, as a string for the command line.
+    pub fn file(&self, name: &str) -> String {
+        self.path.join(name).to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// `len` bytes of a repeatable pseudo-random pattern: a misplaced or
+/// stale sector cannot match it by accident.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// Writes a shell script for the test guest's `guest.script=/dev/vdX`
+/// drive, padded to a whole number of sectors (the guest reads the raw
+/// device; the script ends with `exit` so the padding is never read).
+pub fn script_image(path: &str, script: &str) {
+    let mut bytes = format!("{script}\nexit 0\n").into_bytes();
+    bytes.resize(bytes.len().div_ceil(4096) * 4096, b'\n');
+    std::fs::write(path, bytes).expect("write script image");
+}
+
+/// Values the guest printed as `T: key=value` lines.
+pub fn guest_value<'a>(console: &'a str, key: &str) -> Option<&'a str> {
+    let prefix = format!("T: {key}=");
+    console
+        .lines()
+        .find_map(|l| l.trim_end_matches('\r').strip_prefix(prefix.as_str()))
 }
