@@ -34,6 +34,27 @@ pub struct VirtioSlot {
     pub irq: u32,
 }
 
+/// How a device's eventfds reach the guest: an interrupt line (irqfd) and
+/// a doorbell (ioeventfd). The VM implements it with KVM; the benchmark's
+/// synthetic driver implements it by keeping the eventfds for itself, so
+/// the same device and loop serve both.
+pub trait EventWiring {
+    /// Makes a write to `evt` raise interrupt line `gsi`.
+    fn wire_irq(&self, evt: &EventFd, gsi: u32) -> Result<(), DeviceError>;
+    /// Makes a 4-byte write of `value` to MMIO `addr` signal `evt`.
+    fn wire_doorbell(&self, evt: &EventFd, addr: u64, value: u32) -> Result<(), DeviceError>;
+}
+
+impl EventWiring for Vm {
+    fn wire_irq(&self, evt: &EventFd, gsi: u32) -> Result<(), DeviceError> {
+        Ok(self.register_irqfd(evt, gsi)?)
+    }
+
+    fn wire_doorbell(&self, evt: &EventFd, addr: u64, value: u32) -> Result<(), DeviceError> {
+        Ok(self.register_mmio_ioevent(evt, addr, Some(value))?)
+    }
+}
+
 /// Errors placing devices.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {

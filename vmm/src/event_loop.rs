@@ -9,6 +9,7 @@
 //! when this thread asks for them, in one batch.
 
 use std::io;
+use std::os::fd::RawFd;
 
 use devices::io::{IoOp, IoSubmit, IoSubmitError};
 use io_uring::{opcode, squeue, types, IoUring};
@@ -174,6 +175,21 @@ impl EventLoop {
             });
         }
         Ok(())
+    }
+}
+
+impl EventLoop {
+    /// Arms an 8-byte read of eventfd `fd` into `buf`: its completion says
+    /// the counter was non-zero (and resets it), with no extra syscall.
+    ///
+    /// # Safety
+    ///
+    /// `buf` must stay valid and unmoved until the read completes or the
+    /// ring is dropped.
+    pub unsafe fn arm_eventfd(&mut self, fd: RawFd, buf: *mut [u8; 8], token: Token) -> io::Result<()> {
+        let read = opcode::Read::new(types::Fd(fd), buf.cast::<u8>(), 8).build();
+        // SAFETY: the caller keeps `buf` alive until completion.
+        unsafe { self.push(read, token) }
     }
 }
 

@@ -19,9 +19,8 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::DriveConfig;
-use crate::device_manager::{DeviceError, DeviceManager};
+use crate::device_manager::{DeviceError, DeviceManager, EventWiring};
 use crate::event_loop::{DeviceIo, EventLoop};
-use crate::vstate::vm::Vm;
 
 /// Errors setting up a drive; all are found before the guest starts.
 #[derive(Debug, thiserror::Error)]
@@ -88,7 +87,11 @@ pub struct Drive {
 impl Drive {
     /// Opens the backing file, builds the device and its transport, puts
     /// the transport on the MMIO bus and wires its IRQ and queue kick.
-    pub fn new(cfg: &DriveConfig, vm: &Vm, devices: &mut DeviceManager) -> Result<Box<Self>, DriveError> {
+    pub fn new(
+        cfg: &DriveConfig,
+        wire: &dyn EventWiring,
+        devices: &mut DeviceManager,
+    ) -> Result<Box<Self>, DriveError> {
         let id = cfg.drive_id.clone();
         let wiring = |source| DriveError::Wiring {
             id: id.clone(),
@@ -100,11 +103,10 @@ impl Drive {
         let kick = eventfd().map_err(wiring)?;
         let wake = eventfd().map_err(wiring)?;
         let slot = devices.allocate_virtio_slot().map_err(wiring)?;
-        vm.register_irqfd(&irq, slot.irq)
-            .map_err(|e| wiring(DeviceError::Vm(e)))?;
+        wire.wire_irq(&irq, slot.irq).map_err(wiring)?;
         // Queue 0's notify write is caught by KVM and only bumps `kick`.
-        vm.register_mmio_ioevent(&kick, slot.base + NOTIFY_REG_OFFSET, Some(0))
-            .map_err(|e| wiring(DeviceError::Vm(e)))?;
+        wire.wire_doorbell(&kick, slot.base + NOTIFY_REG_OFFSET, 0)
+            .map_err(wiring)?;
         let device = BlockDevice::new(
             BlockConfig {
                 file,

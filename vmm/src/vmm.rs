@@ -17,6 +17,7 @@ use crate::config::{ConfigError, VmConfig};
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::event_loop::{Completion, EventLoop, Token};
 use crate::terminal::RawTerminal;
+use crate::device_loop::DeviceLoop;
 use crate::virtio_block::{Drive, DriveError};
 use crate::vstate::vcpu::{
     create_vcpu, install_kick_handler, VcpuError, VcpuEvent, VcpuHandle, VcpuShared,
@@ -75,9 +76,6 @@ const KIND_STDIN: u8 = 3;
 const KIND_STDIN_RETRY: u8 = 4;
 const KIND_SIGNAL: u8 = 5;
 const KIND_HALT_PROBE: u8 = 6;
-const KIND_BLK_KICK: u8 = 7;
-const KIND_BLK_WAKE: u8 = 8;
-const KIND_BLK_IO: u8 = 9;
 
 /// How often the VMM thread checks whether every vCPU halted for good.
 const HALT_PROBE_NS: u32 = 500_000_000;
@@ -103,7 +101,7 @@ pub struct Vmm {
     bufs: Box<ReadBuffers>,
     vm: Vm,
     devices: DeviceManager,
-    drives: Vec<Box<Drive>>,
+    device_loop: DeviceLoop,
     vcpus: Vec<VcpuHandle>,
     stop: Arc<AtomicBool>,
     vcpu_events: Receiver<VcpuEvent>,
@@ -297,7 +295,7 @@ impl Vmm {
             }),
             vm,
             devices,
-            drives,
+            device_loop: DeviceLoop::new(drives),
             vcpus: Vec::new(),
             stop,
             vcpu_events: rx,
@@ -316,16 +314,10 @@ impl Vmm {
     }
 
     /// Arms an 8-byte eventfd read into `buf`.
-    fn arm_eventfd(
-        ring: &mut EventLoop,
-        fd: RawFd,
-        buf: &mut [u8; 8],
-        token: Token,
-    ) -> Result<(), VmmError> {
-        let read = opcode::Read::new(types::Fd(fd), buf.as_mut_ptr(), 8).build();
+    fn arm_eventfd(ring: &mut EventLoop, fd: RawFd, buf: &mut [u8; 8], token: Token) -> Result<(), VmmError> {
         // SAFETY: `buf` is inside the boxed ReadBuffers, which outlives the
         // ring (the ring is dropped first and waits for its operations).
-        unsafe { ring.push(read, token) }.map_err(host("arming an eventfd read"))
+        unsafe { ring.arm_eventfd(fd, buf, token) }.map_err(host("arming an eventfd read"))
     }
 
     fn arm_stdin(&mut self) -> Result<(), VmmError> {
@@ -349,19 +341,6 @@ impl Vmm {
         let timeout = opcode::Timeout::new(&self.bufs.retry).build();
         // SAFETY: the timespec is in the boxed buffers, as above.
         unsafe { self.ring.push(timeout, token) }.map_err(host("arming the stdin retry"))
-    }
-
-    /// Arms drive `index`'s kick or transport-message eventfd.
-    fn arm_drive(&mut self, index: usize, kind: u8) -> Result<(), VmmError> {
-        let Some(drive) = self.drives.get_mut(index) else {
-            return Ok(());
-        };
-        let (fd, buf) = if kind == KIND_BLK_KICK {
-            (drive.kick_fd(), &mut drive.kick_buf)
-        } else {
-            (drive.wake_fd(), &mut drive.wake_buf)
-        };
-        Self::arm_eventfd(&mut self.ring, fd, buf, Token::new(kind, index as u8, 0))
     }
 
     fn arm_halt_probe(&mut self) -> Result<(), VmmError> {
@@ -422,10 +401,9 @@ impl Vmm {
         self.arm_signal()?;
         self.arm_stdin()?;
         self.arm_halt_probe()?;
-        for index in 0..self.drives.len() {
-            self.arm_drive(index, KIND_BLK_KICK)?;
-            self.arm_drive(index, KIND_BLK_WAKE)?;
-        }
+        self.device_loop
+            .arm(&mut self.ring)
+            .map_err(host("arming device eventfds"))?;
 
         let mut completions = Vec::with_capacity(64);
         let outcome = 'outer: loop {
@@ -434,18 +412,17 @@ impl Vmm {
                 .turn(&mut completions)
                 .map_err(host("io_uring_enter"))?;
             for c in completions.iter().copied() {
-                if let Some(exit) = self.dispatch(c)? {
+                if DeviceLoop::owns(c.token.kind) {
+                    self.device_loop
+                        .dispatch(c, &mut self.ring, self.vm.memory())
+                        .map_err(host("re-arming a device eventfd"))?;
+                } else if let Some(exit) = self.dispatch(c)? {
                     break 'outer exit;
                 }
             }
             // Drains that stopped at their budget or on a full ring resume
             // now, after this batch freed slots.
-            let mem = self.vm.memory();
-            for (index, drive) in self.drives.iter_mut().enumerate() {
-                if drive.wants_rerun() {
-                    drive.on_kick(mem, &mut self.ring, KIND_BLK_IO, index as u8);
-                }
-            }
+            self.device_loop.resume(&mut self.ring, self.vm.memory());
         };
         self.shutdown();
         Ok(outcome)
@@ -495,31 +472,6 @@ impl Vmm {
                 self.pending_input.extend_from_slice(&self.bufs.stdin[..n]);
                 self.feed_serial();
                 self.arm_stdin()?;
-            }
-            KIND_BLK_KICK => {
-                let index = usize::from(c.token.index);
-                let mem = self.vm.memory();
-                if let Some(drive) = self.drives.get_mut(index) {
-                    drive.on_kick(mem, &mut self.ring, KIND_BLK_IO, c.token.index);
-                }
-                self.arm_drive(index, KIND_BLK_KICK)?;
-            }
-            KIND_BLK_WAKE => {
-                let index = usize::from(c.token.index);
-                let mem = self.vm.memory();
-                if let Some(drive) = self.drives.get_mut(index) {
-                    drive.on_transport_message(mem);
-                    // Requests may already wait in a queue that just became
-                    // ready.
-                    drive.on_kick(mem, &mut self.ring, KIND_BLK_IO, c.token.index);
-                }
-                self.arm_drive(index, KIND_BLK_WAKE)?;
-            }
-            KIND_BLK_IO => {
-                let mem = self.vm.memory();
-                if let Some(drive) = self.drives.get_mut(usize::from(c.token.index)) {
-                    drive.on_completion(c.token.tag, c.result, mem);
-                }
             }
             KIND_HALT_PROBE => {
                 // Flags set by the previous probe's kicks: every vCPU asleep
