@@ -15,7 +15,7 @@ RINGVM := $(CURDIR)/target/release/ringvm
 # Debian packages: the guest kernel build, its root filesystem, and tools
 # the tests use.
 APT_PACKAGES := linux-source-6.1 build-essential bc bison flex libelf-dev \
-	libssl-dev busybox-static e2fsprogs cpio lz4 xz-utils iproute2
+	libssl-dev busybox-static e2fsprogs cpio lz4 xz-utils iproute2 fio
 
 .PHONY: all deps build guest run test unit-test integration-test lint clean
 
