@@ -14,7 +14,11 @@ fn missing_kernel_is_a_config_error_at_once() {
     assert_eq!(run.code, Some(3), "{t}");
     assert!(run.elapsed < Duration::from_secs(5), "{t}");
     assert!(run.stderr.contains("/nonexistent/vmlinux"), "{t}");
-    assert_eq!(run.stderr.trim().lines().count(), 1, "one line expected\n{t}");
+    assert_eq!(
+        run.stderr.trim().lines().count(),
+        1,
+        "one line expected\n{t}"
+    );
 }
 
 #[test]
@@ -24,7 +28,11 @@ fn garbage_kernel_is_a_config_error() {
     let run = run_ringvm(&["--kernel", path.to_str().expect("utf-8")], QUICK);
     let _ = std::fs::remove_file(&path);
     assert_eq!(run.code, Some(3), "{}", run.transcript());
-    assert!(run.stderr.contains("not a loadable"), "{}", run.transcript());
+    assert!(
+        run.stderr.contains("not a loadable"),
+        "{}",
+        run.transcript()
+    );
 }
 
 #[test]
@@ -48,8 +56,18 @@ fn out_of_range_values_are_config_errors() {
 fn help_documents_exit_codes_and_version_is_prefixed() {
     let run = run_ringvm(&["--help"], QUICK);
     assert_eq!(run.code, Some(0));
-    for needle in ["--kernel", "--cpu-template", "--boot-timer", "Exit codes:", "KVM unavailable"] {
-        assert!(run.stdout.contains(needle), "--help lacks {needle}\n{}", run.stdout);
+    for needle in [
+        "--kernel",
+        "--cpu-template",
+        "--boot-timer",
+        "Exit codes:",
+        "KVM unavailable",
+    ] {
+        assert!(
+            run.stdout.contains(needle),
+            "--help lacks {needle}\n{}",
+            run.stdout
+        );
     }
     let run = run_ringvm(&["--version"], QUICK);
     assert!(run.stdout.starts_with("ringvm v"), "{}", run.stdout);

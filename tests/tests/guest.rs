@@ -96,7 +96,14 @@ fn linux_boots_from_an_ext4_drive_and_its_writes_reach_the_images() {
         disk(&script, ",id=script,ro"),
     ];
     let mut args = vec![
-        "--kernel", &kernel, "--cpus", "2", "--mem", &mem, "--boot-timer", "--cmdline",
+        "--kernel",
+        &kernel,
+        "--cpus",
+        "2",
+        "--mem",
+        &mem,
+        "--boot-timer",
+        "--cmdline",
         "console=ttyS0 reboot=k panic=-1 ringvm_test_marker=7f3a guest.script=/dev/vde",
     ];
     for d in &disks {
@@ -114,7 +121,10 @@ fn linux_boots_from_an_ext4_drive_and_its_writes_reach_the_images() {
         .lines()
         .find(|l| l.contains("Kernel command line:"))
         .unwrap_or_else(|| panic!("no command line echo\n{t}"));
-    assert!(cmdline_line.contains("ringvm_test_marker=7f3a"), "{cmdline_line}");
+    assert!(
+        cmdline_line.contains("ringvm_test_marker=7f3a"),
+        "{cmdline_line}"
+    );
     assert!(
         run.stdout.contains("smp: Brought up 1 node, 2 CPUs"),
         "guest did not bring up both vCPUs\n{t}"
@@ -145,11 +155,22 @@ fn linux_boots_from_an_ext4_drive_and_its_writes_reach_the_images() {
         written[..COPY_BYTES] == expected[..],
         "data image does not hold the pattern the guest wrote\n{t}"
     );
-    assert!(written[COPY_BYTES..].iter().all(|b| *b == 0), "bytes past the write changed");
+    assert!(
+        written[COPY_BYTES..].iter().all(|b| *b == 0),
+        "bytes past the write changed"
+    );
     assert_eq!(guest_value(&run.stdout, "ro_flag"), Some("1"), "{t}");
-    assert_ne!(guest_value(&run.stdout, "ro_rc"), Some("0"), "read-only write succeeded\n{t}");
+    assert_ne!(
+        guest_value(&run.stdout, "ro_rc"),
+        Some("0"),
+        "read-only write succeeded\n{t}"
+    );
     assert!(guest_value(&run.stdout, "ro_rc").is_some(), "{t}");
-    assert_eq!(std::fs::read(&ro).expect("read ro image"), ro_before, "read-only image changed");
+    assert_eq!(
+        std::fs::read(&ro).expect("read ro image"),
+        ro_before,
+        "read-only image changed"
+    );
 
     // `reboot -f` at the end of init ends ringvm with 0.
     assert!(run.stdout.contains("GUEST: DONE"), "{t}");
@@ -185,7 +206,9 @@ fn synced_writes_survive_sigkill_of_the_vmm() {
         disk(&script, ",ro"),
     ];
     let mut args = vec![
-        "--kernel", &kernel, "--cmdline",
+        "--kernel",
+        &kernel,
+        "--cmdline",
         "console=ttyS0 reboot=k panic=-1 guest.script=/dev/vdd",
     ];
     for d in &disks {
@@ -217,14 +240,22 @@ fn panic_reboots_and_ringvm_exits_zero() {
     let root = disk(&rootfs, ",root");
     let run = run_ringvm(
         &[
-            "--kernel", &kernel, "--boot-timer", "--disk", &root, "--cmdline",
+            "--kernel",
+            &kernel,
+            "--boot-timer",
+            "--disk",
+            &root,
+            "--cmdline",
             "console=ttyS0 reboot=k panic=-1 init=/nonexistent",
         ],
         BOOT_DEADLINE,
     );
     let t = run.transcript();
     assert!(!run.timed_out, "{t}");
-    assert!(run.stdout.contains("Kernel panic"), "expected the init panic\n{t}");
+    assert!(
+        run.stdout.contains("Kernel panic"),
+        "expected the init panic\n{t}"
+    );
     assert!(run.stderr.contains("boot-timer: guest reached init"), "{t}");
     assert_eq!(run.code, Some(0), "reboot after panic must exit 0\n{t}");
 }
@@ -249,7 +280,11 @@ fn poweroff_ends_ringvm_with_zero() {
     let root = disk(&rootfs, ",root");
     let run = run_ringvm(
         &[
-            "--kernel", &kernel, "--disk", &root, "--cmdline",
+            "--kernel",
+            &kernel,
+            "--disk",
+            &root,
+            "--cmdline",
             "console=ttyS0 reboot=k panic=0 guest.halt=poweroff",
         ],
         BOOT_DEADLINE,

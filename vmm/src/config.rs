@@ -326,9 +326,18 @@ mod tests {
         let d: DriveConfig = "path=/x,direct=on,cache=unsafe".parse().unwrap();
         assert!(d.direct);
         assert_eq!(d.cache_type, CacheType::Unsafe);
-        assert_eq!("id=x".parse::<DriveConfig>(), Err(OptionError::Missing("path")));
-        assert!(matches!("path=/x,bogus".parse::<DriveConfig>(), Err(OptionError::UnknownKey(_))));
-        assert!(matches!("path=/x,ro=maybe".parse::<DriveConfig>(), Err(OptionError::BadValue { .. })));
+        assert_eq!(
+            "id=x".parse::<DriveConfig>(),
+            Err(OptionError::Missing("path"))
+        );
+        assert!(matches!(
+            "path=/x,bogus".parse::<DriveConfig>(),
+            Err(OptionError::UnknownKey(_))
+        ));
+        assert!(matches!(
+            "path=/x,ro=maybe".parse::<DriveConfig>(),
+            Err(OptionError::BadValue { .. })
+        ));
     }
 
     #[test]
@@ -339,7 +348,10 @@ mod tests {
         assert!(matches!(c.validate(), Err(ConfigError::DriveId(_))));
         c.drives = vec!["path=/a,id=123456789012345678901".parse().unwrap()];
         assert!(matches!(c.validate(), Err(ConfigError::DriveId(_))));
-        c.drives = vec!["path=/a,id=a,root".parse().unwrap(), "path=/b,id=b,root".parse().unwrap()];
+        c.drives = vec![
+            "path=/a,id=a,root".parse().unwrap(),
+            "path=/b,id=b,root".parse().unwrap(),
+        ];
         assert_eq!(c.validate(), Err(ConfigError::TwoRoots));
     }
 

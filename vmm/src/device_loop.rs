@@ -65,7 +65,12 @@ impl DeviceLoop {
     }
 
     /// Handles one completion the loop routed here (see [`Self::owns`]).
-    pub fn dispatch(&mut self, c: Completion, ring: &mut EventLoop, mem: &GuestMemoryMmap) -> io::Result<()> {
+    pub fn dispatch(
+        &mut self,
+        c: Completion,
+        ring: &mut EventLoop,
+        mem: &GuestMemoryMmap,
+    ) -> io::Result<()> {
         let index = usize::from(c.token.index);
         let Some(drive) = self.drives.get_mut(index) else {
             log::warn!("completion for unknown drive {index}");

@@ -10,8 +10,8 @@ use devices::legacy::{BootTimer, Serial, I8042};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::layout::{BOOT_TIMER_START, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
-use devices::bus::SharedDevice;
 use crate::vstate::vm::{Vm, VmError};
+use devices::bus::SharedDevice;
 
 /// COM1's ports and IRQ.
 pub const COM1_PORT: u64 = 0x3f8;
@@ -141,7 +141,11 @@ impl DeviceManager {
 
     /// Puts a virtio-mmio transport at `slot` and records the
     /// `virtio_mmio.device=` parameter that tells Linux where it is.
-    pub fn add_virtio_mmio(&mut self, transport: SharedDevice, slot: VirtioSlot) -> Result<(), DeviceError> {
+    pub fn add_virtio_mmio(
+        &mut self,
+        transport: SharedDevice,
+        slot: VirtioSlot,
+    ) -> Result<(), DeviceError> {
         self.mmio.insert(transport, slot.base, VIRTIO_MMIO_SIZE)?;
         self.virtio_cmdline.push(format!(
             "virtio_mmio.device=4K@{:#x}:{}",

@@ -186,7 +186,12 @@ impl EventLoop {
     ///
     /// `buf` must stay valid and unmoved until the read completes or the
     /// ring is dropped.
-    pub unsafe fn arm_eventfd(&mut self, fd: RawFd, buf: *mut [u8; 8], token: Token) -> io::Result<()> {
+    pub unsafe fn arm_eventfd(
+        &mut self,
+        fd: RawFd,
+        buf: *mut [u8; 8],
+        token: Token,
+    ) -> io::Result<()> {
         let read = opcode::Read::new(types::Fd(fd), buf.cast::<u8>(), 8).build();
         // SAFETY: the caller keeps `buf` alive until completion.
         unsafe { self.push(read, token) }

@@ -60,11 +60,12 @@ pub fn open_backing_file(cfg: &DriveConfig) -> Result<File, DriveError> {
     if cfg.direct {
         opts.custom_flags(libc::O_DIRECT);
     }
-    opts.open(&cfg.path_on_host).map_err(|source| DriveError::Open {
-        id: cfg.drive_id.clone(),
-        path: cfg.path_on_host.clone(),
-        source,
-    })
+    opts.open(&cfg.path_on_host)
+        .map_err(|source| DriveError::Open {
+            id: cfg.drive_id.clone(),
+            path: cfg.path_on_host.clone(),
+            source,
+        })
 }
 
 /// One drive on the VMM thread.
@@ -122,9 +123,13 @@ impl Drive {
         let (sender, messages) = channel();
         let events = TransportEvents {
             sender,
-            wake: wake.try_clone().map_err(|e| wiring(DeviceError::EventFd(e)))?,
+            wake: wake
+                .try_clone()
+                .map_err(|e| wiring(DeviceError::EventFd(e)))?,
         };
-        let kick_clone = kick.try_clone().map_err(|e| wiring(DeviceError::EventFd(e)))?;
+        let kick_clone = kick
+            .try_clone()
+            .map_err(|e| wiring(DeviceError::EventFd(e)))?;
         let transport = MmioTransport::new(device.info(), events, vec![kick_clone])
             .map_err(|e| wiring(DeviceError::Transport(e.to_string())))?;
         devices

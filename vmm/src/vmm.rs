@@ -14,10 +14,10 @@ use crate::arch::x86_64::cpuid::CpuTemplate;
 use crate::arch::x86_64::mptable::{setup_mptable, MptableError};
 use crate::boot::{load_kernel, write_boot_data, BootError};
 use crate::config::{ConfigError, VmConfig};
+use crate::device_loop::DeviceLoop;
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::event_loop::{Completion, EventLoop, Token};
 use crate::terminal::RawTerminal;
-use crate::device_loop::DeviceLoop;
 use crate::virtio_block::{Drive, DriveError};
 use crate::vstate::vcpu::{
     create_vcpu, install_kick_handler, VcpuError, VcpuEvent, VcpuHandle, VcpuShared,
@@ -248,7 +248,11 @@ impl Vmm {
             drives.push(Drive::new(drive, &vm, &mut devices)?);
         }
 
-        let mut extra: Vec<&str> = devices.virtio_cmdline().iter().map(String::as_str).collect();
+        let mut extra: Vec<&str> = devices
+            .virtio_cmdline()
+            .iter()
+            .map(String::as_str)
+            .collect();
         let root = root_param(config);
         extra.extend(root.as_deref());
         extra.extend(template.kernel_params());
@@ -314,7 +318,12 @@ impl Vmm {
     }
 
     /// Arms an 8-byte eventfd read into `buf`.
-    fn arm_eventfd(ring: &mut EventLoop, fd: RawFd, buf: &mut [u8; 8], token: Token) -> Result<(), VmmError> {
+    fn arm_eventfd(
+        ring: &mut EventLoop,
+        fd: RawFd,
+        buf: &mut [u8; 8],
+        token: Token,
+    ) -> Result<(), VmmError> {
         // SAFETY: `buf` is inside the boxed ReadBuffers, which outlives the
         // ring (the ring is dropped first and waits for its operations).
         unsafe { ring.arm_eventfd(fd, buf, token) }.map_err(host("arming an eventfd read"))
@@ -476,7 +485,11 @@ impl Vmm {
             KIND_HALT_PROBE => {
                 // Flags set by the previous probe's kicks: every vCPU asleep
                 // with interrupts off means the guest halted or powered off.
-                if self.halted_for_good.iter().all(|h| h.load(Ordering::Acquire)) {
+                if self
+                    .halted_for_good
+                    .iter()
+                    .all(|h| h.load(Ordering::Acquire))
+                {
                     return Ok(Some(GuestExit::Stopped(
                         "guest halted every vCPU with interrupts off (power-off)".into(),
                     )));
@@ -520,7 +533,10 @@ mod tests {
 
     #[test]
     fn ringvm_parameters_go_before_init_arguments() {
-        assert_eq!(compose_cmdline("console=ttyS0", &["a=1", "b"]), "console=ttyS0 a=1 b");
+        assert_eq!(
+            compose_cmdline("console=ttyS0", &["a=1", "b"]),
+            "console=ttyS0 a=1 b"
+        );
         assert_eq!(
             compose_cmdline("console=ttyS0 -- echo hi -- there", &["a=1"]),
             "console=ttyS0 a=1 -- echo hi -- there"

@@ -358,7 +358,11 @@ fn halted_with_interrupts_off(vcpu: &VcpuFd) -> bool {
         .get_mp_state()
         .map(|s| s.mp_state == kvm_bindings::KVM_MP_STATE_HALTED)
         .unwrap_or(false);
-    halted && vcpu.get_regs().map(|r| r.rflags & RFLAGS_IF == 0).unwrap_or(false)
+    halted
+        && vcpu
+            .get_regs()
+            .map(|r| r.rflags & RFLAGS_IF == 0)
+            .unwrap_or(false)
 }
 
 /// A one-screen register dump for crash reports.
