@@ -87,6 +87,17 @@ pub fn run_ringvm(args: &[&str], deadline: Duration) -> VmRun {
 /// prints a line containing `kill_at` (if given): the way to prove that
 /// what the guest was told is durable survives a crash of the VMM.
 pub fn run_ringvm_until(args: &[&str], kill_at: Option<&str>, deadline: Duration) -> VmRun {
+    run_ringvm_signal_at(args, kill_at, libc::SIGKILL, deadline)
+}
+
+/// Runs ringvm and sends `signal` when the console prints `marker`.
+pub fn run_ringvm_signal_at(
+    args: &[&str],
+    marker: Option<&str>,
+    signal: i32,
+    deadline: Duration,
+) -> VmRun {
+    let kill_at = marker;
     let start = Instant::now();
     let mut child = Command::new(ringvm_bin())
         .args(args)
@@ -117,8 +128,9 @@ pub fn run_ringvm_until(args: &[&str], kill_at: Option<&str>, deadline: Duration
     let mut timed_out = false;
     let status = loop {
         if seen_rx.try_recv().is_ok() {
-            let _ = child.kill();
-            break child.wait().expect("wait on killed ringvm");
+            // SAFETY: kill(2) on our own child's pid; no memory involved.
+            unsafe { libc::kill(child.id() as i32, signal) };
+            break child.wait().expect("wait on signalled ringvm");
         }
         if let Some(status) = child.try_wait().expect("wait on ringvm") {
             break status;
@@ -196,4 +208,30 @@ pub fn guest_value<'a>(console: &'a str, key: &str) -> Option<&'a str> {
     console
         .lines()
         .find_map(|l| l.trim_end_matches('\r').strip_prefix(prefix.as_str()))
+}
+
+/// A newc cpio archive holding one regular file: the smallest initramfs
+/// that makes the kernel run its initramfs unpacking path.
+pub fn tiny_initramfs(name: &str, contents: &[u8]) -> Vec<u8> {
+    fn entry(out: &mut Vec<u8>, ino: u32, mode: u32, name: &str, data: &[u8]) {
+        let header = format!(
+            "070701{ino:08x}{mode:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
+            0, 0, 1, 0, data.len(), 0, 0, 0, 0, name.len() + 1, 0
+        );
+        out.extend_from_slice(header.as_bytes());
+        out.extend_from_slice(name.as_bytes());
+        out.push(0);
+        while out.len() % 4 != 0 {
+            out.push(0);
+        }
+        out.extend_from_slice(data);
+        while out.len() % 4 != 0 {
+            out.push(0);
+        }
+    }
+    let mut out = Vec::new();
+    entry(&mut out, 1, 0o100644, name, contents);
+    entry(&mut out, 0, 0, "TRAILER!!!", &[]);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+    out
 }

@@ -9,8 +9,8 @@
 use std::time::Duration;
 
 use ringvm_tests::{
-    guest_dir, guest_value, kvm_available, pattern, run_ringvm, run_ringvm_until, script_image,
-    Scratch, VmRun,
+    guest_dir, guest_value, kvm_available, pattern, run_ringvm, run_ringvm_signal_at,
+    run_ringvm_until, script_image, tiny_initramfs, Scratch, VmRun,
 };
 
 const BOOT_DEADLINE: Duration = Duration::from_secs(900);
@@ -238,10 +238,16 @@ fn panic_reboots_and_ringvm_exits_zero() {
     let rootfs = rootfs_copy(&scratch);
     let kernel = guest_file("vmlinux");
     let root = disk(&rootfs, ",root");
+    // A one-file initramfs: the kernel unpacks it, finds no /init in it,
+    // and goes on to the root drive.
+    let initrd = scratch.file("tiny.cpio");
+    std::fs::write(&initrd, tiny_initramfs("ringvm-initrd-marker", b"hello\n")).expect("initrd");
     let run = run_ringvm(
         &[
             "--kernel",
             &kernel,
+            "--initrd",
+            &initrd,
             "--boot-timer",
             "--disk",
             &root,
@@ -294,4 +300,65 @@ fn poweroff_ends_ringvm_with_zero() {
     assert!(run.stdout.contains("GUEST: halt poweroff"), "{t}");
     assert!(run.stderr.contains("power-off"), "{t}");
     assert_eq!(run.code, Some(0), "power-off must exit 0\n{t}");
+}
+
+/// SIGTERM stops the guest and ringvm cleanly, with 128 + 15.
+#[test]
+fn sigterm_stops_ringvm_with_143() {
+    if !kvm_available("sigterm_stops_ringvm_with_143") {
+        return;
+    }
+    let kernel = guest_file("vmlinux");
+    let run = run_ringvm_signal_at(
+        &[
+            "--kernel",
+            &kernel,
+            "--cmdline",
+            "console=ttyS0 reboot=k panic=-1",
+        ],
+        Some("Linux version"),
+        libc::SIGTERM,
+        BOOT_DEADLINE,
+    );
+    let t = run.transcript();
+    assert_eq!(run.code, Some(143), "{t}");
+    assert!(run.stderr.contains("stopped by signal 15"), "{t}");
+}
+
+fn host_is_pvm_native() -> bool {
+    std::fs::read_to_string("/sys/module/kvm_pvm/parameters/pvm_native")
+        .is_ok_and(|s| s.trim() == "Y")
+}
+
+/// On PVM-native KVM the `host` template lets Linux use XSAVE, which KVM's
+/// emulator cannot run: the vCPU stops with an internal error, and ringvm
+/// says so with the registers and exit code 5.
+#[test]
+fn a_guest_that_breaks_the_vcpu_exits_5_with_registers() {
+    if !kvm_available("a_guest_that_breaks_the_vcpu_exits_5_with_registers") {
+        return;
+    }
+    if !host_is_pvm_native() {
+        eprintln!(
+            "SKIPPED a_guest_that_breaks_the_vcpu_exits_5_with_registers: \
+             needs PVM-native KVM, where the host template is known to break the guest"
+        );
+        return;
+    }
+    let kernel = guest_file("vmlinux");
+    let run = run_ringvm(
+        &[
+            "--kernel",
+            &kernel,
+            "--cpu-template",
+            "host",
+            "--cmdline",
+            "console=ttyS0 reboot=k panic=-1",
+        ],
+        BOOT_DEADLINE,
+    );
+    let t = run.transcript();
+    assert_eq!(run.code, Some(5), "{t}");
+    assert!(run.stderr.contains("KVM internal error"), "{t}");
+    assert!(run.stderr.contains("RIP=0x"), "{t}");
 }
