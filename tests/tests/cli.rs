@@ -72,3 +72,35 @@ fn help_documents_exit_codes_and_version_is_prefixed() {
     let run = run_ringvm(&["--version"], QUICK);
     assert!(run.stdout.starts_with("ringvm v"), "{}", run.stdout);
 }
+
+#[test]
+fn a_missing_drive_is_a_config_error_before_kvm() {
+    let kernel = std::env::temp_dir().join(format!("ringvm-cli-k-{}", std::process::id()));
+    std::fs::write(&kernel, b"not looked at yet").expect("write temp kernel");
+    let run = run_ringvm(
+        &[
+            "--kernel",
+            kernel.to_str().expect("utf-8"),
+            "--disk",
+            "path=/nonexistent/disk.img,id=data",
+        ],
+        QUICK,
+    );
+    let _ = std::fs::remove_file(&kernel);
+    let t = run.transcript();
+    assert_eq!(run.code, Some(3), "{t}");
+    assert!(run.stderr.contains("/nonexistent/disk.img"), "{t}");
+    assert_eq!(
+        run.stderr.trim().lines().count(),
+        1,
+        "one line expected\n{t}"
+    );
+}
+
+#[test]
+fn bad_disk_options_are_usage_errors() {
+    for bad in ["id=x", "path=/x,bogus=1", "path=/x,ro=perhaps"] {
+        let run = run_ringvm(&["--kernel", "/k", "--disk", bad], QUICK);
+        assert_eq!(run.code, Some(2), "{bad}: {}", run.transcript());
+    }
+}

@@ -86,10 +86,12 @@ pub struct Drive {
 }
 
 impl Drive {
-    /// Opens the backing file, builds the device and its transport, puts
-    /// the transport on the MMIO bus and wires its IRQ and queue kick.
+    /// Builds the device on `file` (from [`open_backing_file`]) and its
+    /// transport, puts the transport on the MMIO bus and wires its IRQ and
+    /// queue kick.
     pub fn new(
         cfg: &DriveConfig,
+        file: File,
         wire: &dyn EventWiring,
         devices: &mut DeviceManager,
     ) -> Result<Box<Self>, DriveError> {
@@ -98,7 +100,6 @@ impl Drive {
             id: id.clone(),
             source,
         };
-        let file = open_backing_file(cfg)?;
         let eventfd = || EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::EventFd);
         let irq = eventfd().map_err(wiring)?;
         let kick = eventfd().map_err(wiring)?;

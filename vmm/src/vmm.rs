@@ -18,7 +18,7 @@ use crate::device_loop::DeviceLoop;
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::event_loop::{Completion, EventLoop, Token};
 use crate::terminal::RawTerminal;
-use crate::virtio_block::{Drive, DriveError};
+use crate::virtio_block::{open_backing_file, Drive, DriveError};
 use crate::vstate::vcpu::{
     create_vcpu, install_kick_handler, VcpuError, VcpuEvent, VcpuHandle, VcpuShared,
 };
@@ -232,6 +232,13 @@ impl Vmm {
                 source,
             })?;
         }
+        // Drives too: a missing or unreadable image is a config error, found
+        // before KVM is touched.
+        let drive_files = config
+            .drives
+            .iter()
+            .map(open_backing_file)
+            .collect::<Result<Vec<_>, _>>()?;
         let template = choose_template(config)?;
         let vcpu_count = config.machine_config.vcpu_count;
 
@@ -244,8 +251,8 @@ impl Vmm {
         }
 
         let mut drives = Vec::with_capacity(config.drives.len());
-        for drive in &config.drives {
-            drives.push(Drive::new(drive, &vm, &mut devices)?);
+        for (drive, file) in config.drives.iter().zip(drive_files) {
+            drives.push(Drive::new(drive, file, &vm, &mut devices)?);
         }
 
         let mut extra: Vec<&str> = devices
