@@ -362,3 +362,30 @@ fn a_guest_that_breaks_the_vcpu_exits_5_with_registers() {
     assert!(run.stderr.contains("KVM internal error"), "{t}");
     assert!(run.stderr.contains("RIP=0x"), "{t}");
 }
+
+/// The LZ4 bzImage boots through the Linux 64-bit boot protocol (zero
+/// page, e820 from boot_params): kernel only, it panics on the missing
+/// root, reboots and ringvm exits 0.
+#[test]
+fn bzimage_boots_through_the_64_bit_protocol() {
+    if !kvm_available("bzimage_boots_through_the_64_bit_protocol") {
+        return;
+    }
+    let kernel = guest_file("bzImage");
+    let run = run_ringvm(
+        &[
+            "--kernel",
+            &kernel,
+            "--cmdline",
+            "console=ttyS0 reboot=k panic=-1 ringvm_bzimage=1",
+        ],
+        BOOT_DEADLINE,
+    );
+    let t = run.transcript();
+    assert!(!run.timed_out, "{t}");
+    assert!(run.stdout.contains("Linux version 6.1"), "{t}");
+    assert!(run.stdout.contains("ringvm_bzimage=1"), "{t}");
+    assert!(run.stdout.contains("BIOS-e820"), "no e820 map echoed\n{t}");
+    assert!(run.stdout.contains("Kernel panic"), "{t}");
+    assert_eq!(run.code, Some(0), "{t}");
+}
