@@ -18,7 +18,7 @@ use devices::virtio::{MmioTransport, TransportEvent, NOTIFY_REG_OFFSET};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::DriveConfig;
+use crate::config::{CacheType, DriveConfig};
 use crate::device_manager::{DeviceError, DeviceManager, EventWiring};
 use crate::event_loop::{DeviceIo, EventLoop};
 
@@ -113,6 +113,7 @@ impl Drive {
             BlockConfig {
                 file,
                 read_only: cfg.is_read_only,
+                flush: cfg.cache_type == CacheType::Writeback,
                 id: cfg.drive_id.clone(),
             },
             Box::new(irq),

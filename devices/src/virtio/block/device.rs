@@ -40,6 +40,8 @@ pub struct BlockConfig {
     pub file: File,
     /// Refuse writes (and offer VIRTIO_BLK_F_RO).
     pub read_only: bool,
+    /// Offer FLUSH and honour it with fdatasync; false for `cache=unsafe`.
+    pub flush: bool,
     /// Serial returned by GET_ID; truncated to 20 bytes.
     pub id: String,
 }
@@ -110,7 +112,7 @@ struct QueueState {
 /// file.set_len(1 << 20).unwrap();
 /// let irqfd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
 /// let dev = BlockDevice::new(
-///     BlockConfig { file, read_only: false, id: "disk0".into() },
+///     BlockConfig { file, read_only: false, flush: true, id: "disk0".into() },
 ///     Box::new(irqfd),
 /// )
 /// .unwrap();
@@ -123,6 +125,7 @@ pub struct BlockDevice {
     /// A swapped-out disk kept open until the ops that name it complete.
     retired: Option<File>,
     read_only: bool,
+    flush: bool,
     id: [u8; ID_BYTES],
     capacity_sectors: u64,
     irq: Interrupt,
@@ -185,6 +188,7 @@ impl BlockDevice {
             disk: config.file,
             retired: None,
             read_only: config.read_only,
+            flush: config.flush,
             id,
             capacity_sectors,
             irq: Interrupt::new(shared, line),
@@ -207,7 +211,7 @@ impl BlockDevice {
     pub fn info(&self) -> VirtioDeviceInfo {
         VirtioDeviceInfo {
             device_type: DEVICE_TYPE,
-            avail_features: features(self.read_only),
+            avail_features: features(self.read_only, self.flush),
             queue_max_sizes: self.queues.iter().map(|q| q.max).collect(),
             shared: self.irq.shared().clone(),
         }
@@ -244,6 +248,7 @@ impl BlockDevice {
         DiskLimits {
             capacity_sectors: self.capacity_sectors,
             read_only: self.read_only,
+            flush: self.flush,
         }
     }
 
@@ -285,7 +290,7 @@ impl BlockDevice {
         activation: &Activation,
     ) -> Result<(), BlockError> {
         let f = activation.features;
-        if f & !features(self.read_only) != 0 || f & F_VERSION_1 == 0 {
+        if f & !features(self.read_only, self.flush) != 0 || f & F_VERSION_1 == 0 {
             return Err(BlockError::BadFeatures(f));
         }
         if activation.queues.len() != self.queues.len() {

@@ -61,14 +61,20 @@ pub const BASE_FEATURES: u64 = F_VERSION_1
     | feature(VIRTIO_BLK_F_DISCARD)
     | feature(VIRTIO_BLK_F_WRITE_ZEROES);
 
-/// Features offered for a drive, read-only or not. VIRTIO_F_IN_ORDER is
-/// never offered: completions come back in whatever order the ring gives.
-pub const fn features(read_only: bool) -> u64 {
+/// Features offered for a drive: read-only adds RO, and a drive whose
+/// flushes are not honoured (`cache=unsafe`) does not offer FLUSH, so the
+/// guest never believes a write is durable when it is not.
+/// VIRTIO_F_IN_ORDER is never offered: completions come back in whatever
+/// order the ring gives.
+pub const fn features(read_only: bool, flush: bool) -> u64 {
+    let mut f = BASE_FEATURES;
     if read_only {
-        BASE_FEATURES | feature(VIRTIO_BLK_F_RO)
-    } else {
-        BASE_FEATURES
+        f |= feature(VIRTIO_BLK_F_RO);
     }
+    if !flush {
+        f &= !feature(VIRTIO_BLK_F_FLUSH);
+    }
+    f
 }
 
 fn put(bytes: &mut [u8], offset: usize, value: &[u8]) {

@@ -96,6 +96,9 @@ pub struct DiskLimits {
     pub capacity_sectors: u64,
     /// Writes, discards and write-zeroes are refused.
     pub read_only: bool,
+    /// FLUSH was offered (not `cache=unsafe`); without it a FLUSH is
+    /// refused as unsupported rather than silently acknowledged.
+    pub flush: bool,
 }
 
 /// Why a request was refused. Ordered by name; `status()` maps each to the
@@ -416,6 +419,9 @@ where
             let offset = disk_range(sector, len, limits).map_err(fail)?;
             (Operation::Write { offset }, rest)
         }
+        VIRTIO_BLK_T_FLUSH if !limits.flush => {
+            return Err(fail(RequestError::Unsupported(VIRTIO_BLK_T_FLUSH)))
+        }
         VIRTIO_BLK_T_FLUSH => (Operation::Flush, Vec::new()),
         VIRTIO_BLK_T_GET_ID => {
             if !rest.is_empty() {
@@ -515,6 +521,7 @@ mod tests {
         DiskLimits {
             capacity_sectors: 64,
             read_only: false,
+            flush: true,
         }
     }
 
@@ -827,5 +834,21 @@ mod tests {
         assert_eq!(req.op, Operation::Flush);
         assert_eq!(check_request(&req, &ro), Ok(()));
         Ok(())
+    }
+
+    #[test]
+    fn flush_is_unsupported_when_not_offered() {
+        let m = mem();
+        header(&m, 0x1200, VIRTIO_BLK_T_FLUSH, 0);
+        let no_flush = DiskLimits {
+            flush: false,
+            ..limits()
+        };
+        let e = err(parse([d(0x1200, 16, R), d(0x4000, 1, WL)], &m, &no_flush));
+        assert_eq!(e.error, RequestError::Unsupported(VIRTIO_BLK_T_FLUSH));
+        assert_eq!(e.error.status(), VIRTIO_BLK_S_UNSUPP as u8);
+        let flush_bit = crate::virtio::feature(virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH);
+        assert_eq!(super::super::features(false, false) & flush_bit, 0);
+        assert_ne!(super::super::features(false, true) & flush_bit, 0);
     }
 }

@@ -139,6 +139,7 @@ impl<'m> Rig<'m> {
             BlockConfig {
                 file: disk.try_clone().expect("clone"),
                 read_only,
+                flush: true,
                 id: "ringvm-disk".into(),
             },
             Box::new(line.clone()),
@@ -159,7 +160,7 @@ impl<'m> Rig<'m> {
             _tmp: tmp,
             next_desc: 0,
         };
-        let feats = feats & features(read_only);
+        let feats = feats & features(read_only, true);
         rig.dev
             .activate(mem, &rig.activation(feats))
             .expect("activate");
@@ -1079,6 +1080,7 @@ fn transport_activation_drives_the_device() -> TestResult {
         BlockConfig {
             file: tmp.as_file().try_clone()?,
             read_only: false,
+            flush: true,
             id: String::new(),
         },
         Box::new(line.clone()),
