@@ -88,6 +88,7 @@ fn linux_boots_from_an_ext4_drive_and_its_writes_reach_the_images() {
     );
     let kernel = guest_file("vmlinux");
     let mem = MEM_MIB.to_string();
+    let metrics = scratch.file("metrics.json");
     let disks = [
         disk(&rootfs, ",id=rootfs,root"),
         disk(&data, ",id=data0"),
@@ -103,6 +104,8 @@ fn linux_boots_from_an_ext4_drive_and_its_writes_reach_the_images() {
         "--mem",
         &mem,
         "--boot-timer",
+        "--metrics-path",
+        &metrics,
         "--cmdline",
         "console=ttyS0 reboot=k panic=-1 ringvm_test_marker=7f3a guest.script=/dev/vde",
     ];
@@ -170,6 +173,26 @@ fn linux_boots_from_an_ext4_drive_and_its_writes_reach_the_images() {
         std::fs::read(&ro).expect("read ro image"),
         ro_before,
         "read-only image changed"
+    );
+
+    // The metrics line written at exit counts what the guest did.
+    let text = std::fs::read_to_string(&metrics).expect("metrics file");
+    let last = text
+        .lines()
+        .last()
+        .unwrap_or_else(|| panic!("no metrics line\n{t}"));
+    let m: serde_json::Value = serde_json::from_str(last).expect("metrics line is JSON");
+    let written_bytes = m["block"]["data0"]["write_bytes"].as_u64().unwrap_or(0);
+    assert!(written_bytes >= COPY_BYTES as u64, "metrics: {last}");
+    // Linux refuses writes to a VIRTIO_BLK_F_RO disk itself: none arrive.
+    assert_eq!(
+        m["block"]["roimg"]["write_bytes"].as_u64(),
+        Some(0),
+        "metrics: {last}"
+    );
+    assert!(
+        m["vcpu"]["exit_io_out"].as_u64().unwrap_or(0) > 0,
+        "metrics: {last}"
     );
 
     // `reboot -f` at the end of init ends ringvm with 0.

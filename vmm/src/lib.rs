@@ -13,6 +13,7 @@ pub mod device_manager;
 pub mod event_loop;
 pub mod exit_code;
 pub mod logger;
+pub mod metrics;
 pub mod terminal;
 pub mod virtio_block;
 pub mod vmm;

@@ -49,6 +49,13 @@ struct Cli {
     /// read-only for the guest.
     #[arg(long, value_name = "OPTIONS")]
     disk: Vec<DriveConfig>,
+    /// Append ringvm's log lines to this file instead of stderr.
+    #[arg(long, value_name = "PATH")]
+    log_path: Option<PathBuf>,
+    /// Append one JSON line of counters (devices, vCPU exits, API) to this
+    /// file every 60 s and at exit.
+    #[arg(long, value_name = "PATH")]
+    metrics_path: Option<PathBuf>,
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     log_level: log::LevelFilter,
@@ -106,8 +113,25 @@ fn main() -> ExitCode {
         }
     };
     vmm::logger::init(cli.log_level);
+    if let Some(path) = &cli.log_path {
+        if let Err(e) = vmm::logger::configure(Some(path), None, true, false) {
+            log::error!("cannot open log file {}: {e}", path.display());
+            return ExitCode::from(exit_code::BAD_CONFIG as u8);
+        }
+    }
+    let metrics_path = cli.metrics_path.clone();
     let config = VmConfig::from(cli);
-    let code = match Vmm::new(&config, start).and_then(|mut vmm| vmm.run()) {
+    let run = Vmm::new(&config, start).and_then(|mut vmm| {
+        if let Some(path) = &metrics_path {
+            vmm.configure_metrics(path)
+                .map_err(|source| VmmError::Host {
+                    what: "opening the metrics file",
+                    source,
+                })?;
+        }
+        vmm.run()
+    });
+    let code = match run {
         Ok(GuestExit::Stopped(why)) => {
             log::info!("{why}; exiting");
             exit_code::GUEST_STOPPED

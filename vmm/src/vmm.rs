@@ -17,6 +17,7 @@ use crate::config::{ConfigError, VmConfig};
 use crate::device_loop::DeviceLoop;
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::event_loop::{Completion, EventLoop, Token};
+use crate::metrics::{ApiCounters, DeviceMetrics, MetricsSink, VcpuExitCounters};
 use crate::terminal::RawTerminal;
 use crate::virtio_block::{open_backing_file, Drive, DriveError};
 use crate::vstate::vcpu::{
@@ -76,6 +77,10 @@ const KIND_STDIN: u8 = 3;
 const KIND_STDIN_RETRY: u8 = 4;
 const KIND_SIGNAL: u8 = 5;
 const KIND_HALT_PROBE: u8 = 6;
+const KIND_METRICS_TIMER: u8 = 7;
+
+/// Period of the automatic metrics flush, as Firecracker's.
+const METRICS_PERIOD_S: u64 = 60;
 
 /// How often the VMM thread checks whether every vCPU halted for good.
 const HALT_PROBE_NS: u32 = 500_000_000;
@@ -91,6 +96,7 @@ struct ReadBuffers {
     signal: [u8; std::mem::size_of::<libc::signalfd_siginfo>()],
     retry: types::Timespec,
     halt_probe: types::Timespec,
+    metrics_period: types::Timespec,
 }
 
 /// A built VM, ready to run.
@@ -107,6 +113,9 @@ pub struct Vmm {
     vcpu_events: Receiver<VcpuEvent>,
     vcpu_events_ready: Arc<EventFd>,
     halted_for_good: Arc<Vec<AtomicBool>>,
+    exits: Arc<VcpuExitCounters>,
+    api_counters: Arc<ApiCounters>,
+    metrics: MetricsSink,
     signal_fd: RawFd,
     stdin_open: bool,
     pending_input: Vec<u8>,
@@ -280,6 +289,7 @@ impl Vmm {
         let (tx, rx) = channel();
         let events_ready = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(host("eventfd"))?);
         let stop = Arc::new(AtomicBool::new(false));
+        let exits = Arc::new(VcpuExitCounters::default());
         let halted_for_good: Arc<Vec<AtomicBool>> =
             Arc::new((0..vcpu_count).map(|_| AtomicBool::new(false)).collect());
         let shared = VcpuShared {
@@ -289,6 +299,7 @@ impl Vmm {
             events: tx,
             events_ready: events_ready.clone(),
             halted_for_good: halted_for_good.clone(),
+            exits: exits.clone(),
         };
         let mut fds = Vec::with_capacity(usize::from(vcpu_count));
         for cpu in 0..vcpu_count {
@@ -303,6 +314,7 @@ impl Vmm {
                 signal: [0; std::mem::size_of::<libc::signalfd_siginfo>()],
                 retry: types::Timespec::new().nsec(10_000_000),
                 halt_probe: types::Timespec::new().nsec(HALT_PROBE_NS),
+                metrics_period: types::Timespec::new().sec(METRICS_PERIOD_S),
             }),
             vm,
             devices,
@@ -312,6 +324,9 @@ impl Vmm {
             vcpu_events: rx,
             vcpu_events_ready: events_ready,
             halted_for_good,
+            exits,
+            api_counters: Arc::new(ApiCounters::default()),
+            metrics: MetricsSink::default(),
             signal_fd,
             stdin_open: true,
             pending_input: Vec::new(),
@@ -357,6 +372,57 @@ impl Vmm {
         let timeout = opcode::Timeout::new(&self.bufs.retry).build();
         // SAFETY: the timespec is in the boxed buffers, as above.
         unsafe { self.ring.push(timeout, token) }.map_err(host("arming the stdin retry"))
+    }
+
+    /// Sends metrics to `path` from now on (`--metrics-path`, `PUT /metrics`).
+    pub fn configure_metrics(&mut self, path: &std::path::Path) -> std::io::Result<()> {
+        self.metrics.configure(path)
+    }
+
+    /// The API thread's counters, to bump as requests are answered.
+    pub fn api_counters(&self) -> Arc<ApiCounters> {
+        self.api_counters.clone()
+    }
+
+    /// Every device's counters, for a metrics line or the API.
+    pub fn device_metrics(&self) -> Vec<DeviceMetrics> {
+        self.device_loop
+            .drives()
+            .iter()
+            .map(|d| {
+                let c = d.counters();
+                DeviceMetrics {
+                    kind: "block",
+                    id: d.id.clone(),
+                    fields: serde_json::json!({
+                        "requests": c.requests,
+                        "read_bytes": c.read_bytes,
+                        "write_bytes": c.write_bytes,
+                        "flushes": c.flushes,
+                        "errors": c.errors,
+                        "needs_reset": c.needs_reset,
+                    }),
+                }
+            })
+            .collect()
+    }
+
+    /// Writes one metrics line now (`FlushMetrics`); a no-op without a
+    /// metrics path.
+    pub fn flush_metrics(&mut self) -> std::io::Result<()> {
+        let devices = self.device_metrics();
+        self.metrics
+            .flush(&devices, &self.exits, &self.api_counters)
+    }
+
+    fn arm_metrics_timer(&mut self) -> Result<(), VmmError> {
+        let timeout = opcode::Timeout::new(&self.bufs.metrics_period).build();
+        // SAFETY: the timespec is in the boxed buffers, which outlive the ring.
+        unsafe {
+            self.ring
+                .push(timeout, Token::new(KIND_METRICS_TIMER, 0, 0))
+        }
+        .map_err(host("arming the metrics timer"))
     }
 
     fn arm_halt_probe(&mut self) -> Result<(), VmmError> {
@@ -417,6 +483,7 @@ impl Vmm {
         self.arm_signal()?;
         self.arm_stdin()?;
         self.arm_halt_probe()?;
+        self.arm_metrics_timer()?;
         self.device_loop
             .arm(&mut self.ring)
             .map_err(host("arming device eventfds"))?;
@@ -489,6 +556,12 @@ impl Vmm {
                 self.feed_serial();
                 self.arm_stdin()?;
             }
+            KIND_METRICS_TIMER => {
+                if let Err(e) = self.flush_metrics() {
+                    log::warn!("metrics flush failed: {e}");
+                }
+                self.arm_metrics_timer()?;
+            }
             KIND_HALT_PROBE => {
                 // Flags set by the previous probe's kicks: every vCPU asleep
                 // with interrupts off means the guest halted or powered off.
@@ -518,6 +591,11 @@ impl Vmm {
     /// Stops every vCPU and waits for them, so the process ends with no
     /// thread still touching guest memory.
     fn shutdown(&mut self) {
+        if self.metrics.is_configured() {
+            if let Err(e) = self.flush_metrics() {
+                log::warn!("final metrics flush failed: {e}");
+            }
+        }
         self.stop.store(true, Ordering::Release);
         for vcpu in &mut self.vcpus {
             vcpu.stop_and_join();

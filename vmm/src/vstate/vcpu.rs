@@ -19,6 +19,7 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 use crate::arch::x86_64::cpuid::{filter_cpuid, CpuTemplate};
 use crate::arch::x86_64::regs::{boot_fpu, boot_msrs, boot_regs, setup_sregs};
 use crate::boot::KernelEntry;
+use crate::metrics::VcpuExitCounters;
 use crate::vstate::vm::Vm;
 
 /// Errors setting up a vCPU.
@@ -99,6 +100,8 @@ pub struct VcpuShared {
     /// without ACPI "powers off" by halting every CPU that way; the VMM
     /// thread treats all of them set as a power-off.
     pub halted_for_good: Arc<Vec<AtomicBool>>,
+    /// Exit counts for metrics.
+    pub exits: Arc<VcpuExitCounters>,
 }
 
 /// Creates vCPU `cpu` of `count` and loads its boot state: CPUID, MSRs,
@@ -267,22 +270,26 @@ fn run_vcpu(mut vcpu: VcpuFd, cpu: u8, shared: VcpuShared, _mem: GuestMemoryMmap
     while !shared.stop.load(Ordering::Acquire) {
         let next = match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
+                VcpuExitCounters::bump(&shared.exits.io_in);
                 if !shared.pio.read(idx, u64::from(port), data) {
                     data.fill(0xff);
                 }
                 Next::Continue
             }
             Ok(VcpuExit::IoOut(port, data)) => {
+                VcpuExitCounters::bump(&shared.exits.io_out);
                 shared.pio.write(idx, u64::from(port), data);
                 Next::Continue
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
+                VcpuExitCounters::bump(&shared.exits.mmio_read);
                 if !shared.mmio.read(idx, addr, data) {
                     data.fill(0xff);
                 }
                 Next::Continue
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
+                VcpuExitCounters::bump(&shared.exits.mmio_write);
                 shared.mmio.write(idx, addr, data);
                 Next::Continue
             }
@@ -298,7 +305,10 @@ fn run_vcpu(mut vcpu: VcpuFd, cpu: u8, shared: VcpuShared, _mem: GuestMemoryMmap
                 }),
                 other => Next::Crash(format!("unexpected KVM system event {other}")),
             },
-            Ok(VcpuExit::Hlt) => Next::Continue,
+            Ok(VcpuExit::Hlt) => {
+                VcpuExitCounters::bump(&shared.exits.other);
+                Next::Continue
+            }
             Ok(VcpuExit::InternalError) => {
                 let sub = vcpu.get_kvm_run().exit_reason;
                 // SAFETY: for KVM_EXIT_INTERNAL_ERROR the kernel fills the
@@ -320,6 +330,7 @@ fn run_vcpu(mut vcpu: VcpuFd, cpu: u8, shared: VcpuShared, _mem: GuestMemoryMmap
             }
             Ok(other) => Next::Crash(format!("unhandled vCPU exit {other:?}")),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                VcpuExitCounters::bump(&shared.exits.interrupted);
                 let stuck = halted_with_interrupts_off(&vcpu);
                 if let Some(flag) = shared.halted_for_good.get(idx) {
                     flag.store(stuck, Ordering::Release);
