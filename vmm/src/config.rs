@@ -191,6 +191,28 @@ impl std::str::FromStr for DriveConfig {
     }
 }
 
+impl std::str::FromStr for NetConfig {
+    type Err = OptionError;
+
+    /// Parses `tap=NAME[,mac=02:..][,id=eth0]`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut net = NetConfig::default();
+        for part in s.split(',').filter(|p| !p.is_empty()) {
+            let (key, value) = part.split_once('=').unwrap_or((part, ""));
+            match key {
+                "tap" => net.host_dev_name = value.to_string(),
+                "mac" => net.guest_mac = Some(value.to_string()),
+                "id" => net.iface_id = value.to_string(),
+                other => return Err(OptionError::UnknownKey(other.into())),
+            }
+        }
+        if net.host_dev_name.is_empty() {
+            return Err(OptionError::Missing("tap"));
+        }
+        Ok(net)
+    }
+}
+
 /// Errors in a VM description, found before any KVM work starts.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -206,6 +228,9 @@ pub enum ConfigError {
     /// Two drives share an id, or an id is too long for the guest's serial.
     #[error("drive id {0:?} is empty, repeated or longer than 20 bytes")]
     DriveId(String),
+    /// Two interfaces share an id, or one has none.
+    #[error("network interface id {0:?} is empty or repeated")]
+    IfaceId(String),
     /// More than one drive claims to be the root.
     #[error("only one drive can be the root device")]
     TwoRoots,
@@ -259,6 +284,12 @@ impl VmConfig {
         }
         if self.drives.iter().filter(|d| d.is_root_device).count() > 1 {
             return Err(ConfigError::TwoRoots);
+        }
+        let mut seen = std::collections::HashSet::new();
+        for n in &self.network_interfaces {
+            if n.iface_id.is_empty() || !seen.insert(n.iface_id.as_str()) {
+                return Err(ConfigError::IfaceId(n.iface_id.clone()));
+            }
         }
         let devices = self.drives.len() + self.network_interfaces.len();
         if devices > MAX_VIRTIO_DEVICES {
@@ -337,6 +368,22 @@ mod tests {
         assert!(matches!(
             "path=/x,ro=maybe".parse::<DriveConfig>(),
             Err(OptionError::BadValue { .. })
+        ));
+    }
+
+    #[test]
+    fn net_options_parse() {
+        let n: NetConfig = "tap=tap0,mac=02:00:00:00:00:01,id=eth0".parse().unwrap();
+        assert_eq!(n.host_dev_name, "tap0");
+        assert_eq!(n.guest_mac.as_deref(), Some("02:00:00:00:00:01"));
+        assert_eq!(n.iface_id, "eth0");
+        assert_eq!(
+            "mac=02:00:00:00:00:01".parse::<NetConfig>(),
+            Err(OptionError::Missing("tap"))
+        );
+        assert!(matches!(
+            "tap=t,speed=10".parse::<NetConfig>(),
+            Err(OptionError::UnknownKey(_))
         ));
     }
 

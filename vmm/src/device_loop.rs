@@ -2,14 +2,15 @@
 //! to virtio devices and what to do with them.
 //!
 //! Kept apart from [`crate::vmm::Vmm`] so the same code serves a booted
-//! guest and the benchmark's synthetic driver (which has no KVM at all).
+//! guest and the benchmarks' synthetic drivers (which have no KVM at all).
 
 use std::io;
 
 use vm_memory::GuestMemoryMmap;
 
-use crate::event_loop::{Completion, EventLoop, Token};
+use crate::event_loop::{Completion, DeviceIo, EventLoop, Token};
 use crate::virtio_block::Drive;
+use crate::virtio_net::NetIface;
 
 /// A drive's queue was kicked (its ioeventfd fired).
 pub const KIND_BLK_KICK: u8 = 16;
@@ -17,20 +18,33 @@ pub const KIND_BLK_KICK: u8 = 16;
 pub const KIND_BLK_WAKE: u8 = 17;
 /// One of a drive's I/O operations completed.
 pub const KIND_BLK_IO: u8 = 18;
+/// An interface's queue was kicked; the tag is the queue.
+pub const KIND_NET_KICK: u8 = 24;
+/// An interface's transport sent an activation or reset message.
+pub const KIND_NET_WAKE: u8 = 25;
+/// One of an interface's tap reads or writes completed.
+pub const KIND_NET_IO: u8 = 26;
+/// An interface's tap became readable.
+pub const KIND_NET_TAP_POLL: u8 = 27;
+/// A cancel we asked for finished (nothing to do).
+pub const KIND_CANCEL: u8 = 28;
 
 /// The virtio devices the VMM thread serves.
 #[derive(Debug, Default)]
 pub struct DeviceLoop {
-    // Boxed: the ring holds pointers into each drive's read buffers, so a
-    // drive must never move, whatever happens to the vector.
+    // Boxed: the ring holds pointers into each device's read buffers, so a
+    // device must never move, whatever happens to the vectors.
     #[allow(clippy::vec_box)]
     drives: Vec<Box<Drive>>,
+    #[allow(clippy::vec_box)]
+    nets: Vec<Box<NetIface>>,
 }
 
 impl DeviceLoop {
-    /// Serves `drives`; drive `i` gets ring index `i`.
-    pub fn new(drives: Vec<Box<Drive>>) -> Self {
-        Self { drives }
+    /// Serves `drives` and `nets`; device `i` of each gets ring index `i`.
+    #[allow(clippy::vec_box)]
+    pub fn new(drives: Vec<Box<Drive>>, nets: Vec<Box<NetIface>>) -> Self {
+        Self { drives, nets }
     }
 
     /// The drives, for metrics and management.
@@ -38,9 +52,24 @@ impl DeviceLoop {
         &self.drives
     }
 
+    /// The network interfaces, for metrics.
+    pub fn nets(&self) -> &[Box<NetIface>] {
+        &self.nets
+    }
+
     /// Whether a completion of `kind` is ours.
     pub fn owns(kind: u8) -> bool {
-        matches!(kind, KIND_BLK_KICK | KIND_BLK_WAKE | KIND_BLK_IO)
+        matches!(
+            kind,
+            KIND_BLK_KICK
+                | KIND_BLK_WAKE
+                | KIND_BLK_IO
+                | KIND_NET_KICK
+                | KIND_NET_WAKE
+                | KIND_NET_IO
+                | KIND_NET_TAP_POLL
+                | KIND_CANCEL
+        )
     }
 
     /// Arms every device's eventfds; call once before the first turn.
@@ -48,6 +77,11 @@ impl DeviceLoop {
         for index in 0..self.drives.len() {
             self.arm_drive(ring, index, KIND_BLK_KICK)?;
             self.arm_drive(ring, index, KIND_BLK_WAKE)?;
+        }
+        for index in 0..self.nets.len() {
+            self.arm_net(ring, index, KIND_NET_KICK, 0)?;
+            self.arm_net(ring, index, KIND_NET_KICK, 1)?;
+            self.arm_net(ring, index, KIND_NET_WAKE, 0)?;
         }
         Ok(())
     }
@@ -67,8 +101,46 @@ impl DeviceLoop {
         unsafe { ring.arm_eventfd(fd, buf, token) }
     }
 
+    fn arm_net(
+        &mut self,
+        ring: &mut EventLoop,
+        index: usize,
+        kind: u8,
+        queue: usize,
+    ) -> io::Result<()> {
+        let Some(net) = self.nets.get_mut(index) else {
+            return Ok(());
+        };
+        let (fd, buf) = if kind == KIND_NET_KICK {
+            let q = queue.min(1);
+            (net.kick_fd(q), &mut net.kick_bufs[q])
+        } else {
+            (net.wake_fd(), &mut net.wake_buf)
+        };
+        let token = Token::new(kind, index as u8, queue as u64);
+        // SAFETY: the buffer lives in the boxed NetIface, kept as above.
+        unsafe { ring.arm_eventfd(fd, buf, token) }
+    }
+
     /// Handles one completion the loop routed here (see [`Self::owns`]).
     pub fn dispatch(
+        &mut self,
+        c: Completion,
+        ring: &mut EventLoop,
+        mem: &GuestMemoryMmap,
+    ) -> io::Result<()> {
+        let index = usize::from(c.token.index);
+        match c.token.kind {
+            KIND_BLK_KICK | KIND_BLK_WAKE | KIND_BLK_IO => self.dispatch_drive(c, ring, mem),
+            KIND_CANCEL => Ok(()),
+            _ => {
+                self.dispatch_net(c, ring, mem)?;
+                self.after_net_event(index, ring)
+            }
+        }
+    }
+
+    fn dispatch_drive(
         &mut self,
         c: Completion,
         ring: &mut EventLoop,
@@ -90,8 +162,55 @@ impl DeviceLoop {
                 drive.on_kick(mem, ring, KIND_BLK_IO, c.token.index);
                 self.arm_drive(ring, index, KIND_BLK_WAKE)?;
             }
-            KIND_BLK_IO => drive.on_completion(c.token.tag, c.result, mem),
-            _ => {}
+            _ => drive.on_completion(c.token.tag, c.result, mem),
+        }
+        Ok(())
+    }
+
+    fn dispatch_net(
+        &mut self,
+        c: Completion,
+        ring: &mut EventLoop,
+        mem: &GuestMemoryMmap,
+    ) -> io::Result<()> {
+        let index = usize::from(c.token.index);
+        let Some(net) = self.nets.get_mut(index) else {
+            log::warn!("completion for unknown network interface {index}");
+            return Ok(());
+        };
+        let mut io = DeviceIo::new(ring, KIND_NET_IO, c.token.index);
+        match c.token.kind {
+            KIND_NET_KICK => {
+                let queue = c.token.tag as usize;
+                net.on_kick(queue, mem, &mut io);
+                self.arm_net(ring, index, KIND_NET_KICK, queue)?;
+            }
+            KIND_NET_WAKE => {
+                net.on_transport_message(mem, &mut io);
+                self.arm_net(ring, index, KIND_NET_WAKE, 0)?;
+            }
+            KIND_NET_TAP_POLL => {
+                net.tap_poll_armed = false;
+                net.on_kick(devices::virtio::net::RX_QUEUE, mem, &mut io);
+            }
+            _ => net.on_completion(c.token.tag, c.result, mem, &mut io),
+        }
+        Ok(())
+    }
+
+    /// What an interface may ask for after any event: cancelling a read
+    /// left over from before a reset, or a POLLIN on its tap.
+    fn after_net_event(&mut self, index: usize, ring: &mut EventLoop) -> io::Result<()> {
+        let Some(net) = self.nets.get_mut(index) else {
+            return Ok(());
+        };
+        if let Some(tag) = net.take_stale_read() {
+            let target = Token::new(KIND_NET_IO, index as u8, tag);
+            ring.cancel(target, Token::new(KIND_CANCEL, index as u8, 0))?;
+        }
+        if net.wants_tap_poll() && !net.tap_poll_armed {
+            net.tap_poll_armed = true;
+            ring.poll_readable(net.tap_fd(), Token::new(KIND_NET_TAP_POLL, index as u8, 0))?;
         }
         Ok(())
     }
@@ -102,6 +221,13 @@ impl DeviceLoop {
         for (index, drive) in self.drives.iter_mut().enumerate() {
             if drive.wants_rerun() {
                 drive.on_kick(mem, ring, KIND_BLK_IO, index as u8);
+            }
+        }
+        for (index, net) in self.nets.iter_mut().enumerate() {
+            let queues: Vec<usize> = net.queues_to_resume().collect();
+            let mut io = DeviceIo::new(ring, KIND_NET_IO, index as u8);
+            for queue in queues {
+                net.on_kick(queue, mem, &mut io);
             }
         }
     }

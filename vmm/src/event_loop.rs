@@ -198,6 +198,23 @@ impl EventLoop {
     }
 }
 
+impl EventLoop {
+    /// Asks the kernel to cancel the operation tagged `target`; the
+    /// cancel's own completion comes back tagged `token`.
+    pub fn cancel(&mut self, target: Token, token: Token) -> io::Result<()> {
+        let entry = opcode::AsyncCancel::new(target.to_u64()).build();
+        // SAFETY: a cancel points at no buffer.
+        unsafe { self.push(entry, token) }
+    }
+
+    /// Arms a one-shot POLLIN on `fd`.
+    pub fn poll_readable(&mut self, fd: RawFd, token: Token) -> io::Result<()> {
+        let entry = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build();
+        // SAFETY: a poll points at no buffer.
+        unsafe { self.push(entry, token) }
+    }
+}
+
 /// A device's view of the ring: its operations are tagged with its source
 /// kind and index, so their completions find their way back to it.
 #[derive(Debug)]

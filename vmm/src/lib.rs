@@ -16,5 +16,6 @@ pub mod logger;
 pub mod metrics;
 pub mod terminal;
 pub mod virtio_block;
+pub mod virtio_net;
 pub mod vmm;
 pub mod vstate;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
-use vmm::config::{BootSource, DriveConfig, MachineConfig, VmConfig};
+use vmm::config::{BootSource, DriveConfig, MachineConfig, NetConfig, VmConfig};
 use vmm::exit_code;
 use vmm::vmm::{GuestExit, Vmm, VmmError};
 use vmm::vstate::vm::VmError;
@@ -49,6 +49,11 @@ struct Cli {
     /// read-only for the guest.
     #[arg(long, value_name = "OPTIONS")]
     disk: Vec<DriveConfig>,
+    /// A virtio-net interface on an existing tap: tap=NAME[,mac=02:..]
+    /// [,id=eth0]. ringvm opens the tap (IFF_TAP | IFF_NO_PI |
+    /// IFF_VNET_HDR); it never creates host interfaces. Repeat for more.
+    #[arg(long, value_name = "OPTIONS")]
+    net: Vec<NetConfig>,
     /// Append ringvm's log lines to this file instead of stderr.
     #[arg(long, value_name = "PATH")]
     log_path: Option<PathBuf>,
@@ -85,8 +90,18 @@ impl From<Cli> for VmConfig {
                     d
                 })
                 .collect(),
+            network_interfaces: cli
+                .net
+                .into_iter()
+                .enumerate()
+                .map(|(i, mut n)| {
+                    if n.iface_id.is_empty() {
+                        n.iface_id = format!("eth{i}");
+                    }
+                    n
+                })
+                .collect(),
             boot_timer: cli.boot_timer,
-            ..Default::default()
         }
     }
 }
@@ -95,6 +110,9 @@ fn error_exit_code(e: &VmmError) -> i32 {
     match e {
         VmmError::Config(_) | VmmError::Boot(_) => exit_code::BAD_CONFIG,
         VmmError::Drive(vmm::virtio_block::DriveError::Open { .. }) => exit_code::BAD_CONFIG,
+        VmmError::Net(
+            vmm::virtio_net::NetSetupError::Tap { .. } | vmm::virtio_net::NetSetupError::Mac { .. },
+        ) => exit_code::BAD_CONFIG,
         VmmError::Vm(VmError::KvmUnavailable(_) | VmError::MissingCap(_)) => {
             exit_code::KVM_UNAVAILABLE
         }

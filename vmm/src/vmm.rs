@@ -20,6 +20,7 @@ use crate::event_loop::{Completion, EventLoop, Token};
 use crate::metrics::{ApiCounters, DeviceMetrics, MetricsSink, VcpuExitCounters};
 use crate::terminal::RawTerminal;
 use crate::virtio_block::{open_backing_file, Drive, DriveError};
+use crate::virtio_net::{open_tap, NetIface, NetSetupError};
 use crate::vstate::vcpu::{
     create_vcpu, install_kick_handler, VcpuError, VcpuEvent, VcpuHandle, VcpuShared,
 };
@@ -46,6 +47,9 @@ pub enum VmmError {
     /// A drive could not be set up.
     #[error("{0}")]
     Drive(#[from] DriveError),
+    /// A network interface could not be set up.
+    #[error("{0}")]
+    Net(#[from] NetSetupError),
     /// The MP table could not be written.
     #[error("MP table: {0}")]
     Mptable(#[from] MptableError),
@@ -248,6 +252,11 @@ impl Vmm {
             .iter()
             .map(open_backing_file)
             .collect::<Result<Vec<_>, _>>()?;
+        let taps = config
+            .network_interfaces
+            .iter()
+            .map(open_tap)
+            .collect::<Result<Vec<_>, _>>()?;
         let template = choose_template(config)?;
         let vcpu_count = config.machine_config.vcpu_count;
 
@@ -262,6 +271,10 @@ impl Vmm {
         let mut drives = Vec::with_capacity(config.drives.len());
         for (drive, file) in config.drives.iter().zip(drive_files) {
             drives.push(Drive::new(drive, file, &vm, &mut devices)?);
+        }
+        let mut nets = Vec::with_capacity(taps.len());
+        for (iface, (tap, mac)) in config.network_interfaces.iter().zip(taps) {
+            nets.push(NetIface::new(iface, tap, mac, &vm, &mut devices)?);
         }
 
         let mut extra: Vec<&str> = devices
@@ -318,7 +331,7 @@ impl Vmm {
             }),
             vm,
             devices,
-            device_loop: DeviceLoop::new(drives),
+            device_loop: DeviceLoop::new(drives, nets),
             vcpus: Vec::new(),
             stop,
             vcpu_events: rx,
@@ -386,6 +399,23 @@ impl Vmm {
 
     /// Every device's counters, for a metrics line or the API.
     pub fn device_metrics(&self) -> Vec<DeviceMetrics> {
+        let nets = self.device_loop.nets().iter().map(|n| {
+            let c = n.counters();
+            DeviceMetrics {
+                kind: "net",
+                id: n.id.clone(),
+                fields: serde_json::json!({
+                    "rx_packets": c.rx_packets,
+                    "rx_bytes": c.rx_bytes,
+                    "rx_errors": c.rx_errors,
+                    "rx_dropped": c.rx_dropped,
+                    "tx_packets": c.tx_packets,
+                    "tx_bytes": c.tx_bytes,
+                    "tx_errors": c.tx_errors,
+                    "tx_dropped": c.tx_dropped,
+                }),
+            }
+        });
         self.device_loop
             .drives()
             .iter()
@@ -404,6 +434,7 @@ impl Vmm {
                     }),
                 }
             })
+            .chain(nets)
             .collect()
     }
 

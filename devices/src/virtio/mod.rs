@@ -22,6 +22,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 mod queue;
 
 use std::io;

@@ -1,0 +1,181 @@
+//! virtio-net (VIRTIO 1.2 §5.1) served through the VMM thread's ring, over
+//! a host tap interface.
+//!
+//! The rooms, as STYLE.md asks:
+//! - [`tap`] opens an existing tap (never creates one) and sets its vnet
+//!   header size and offloads; [`Tap`] lets tests use a socketpair instead;
+//! - `frame` walks descriptor chains into checked guest segments and maps
+//!   them to host iovecs, with no host I/O at all;
+//! - [`NetDevice`] is the queue loop: TX chains become one `writev` each
+//!   on the tap, posted RX buffers become one `readv` from it, both straight
+//!   from and into guest memory.
+//!
+//! # RX buffering
+//!
+//! Zero-copy in every case. At most one `readv` is in flight, and only
+//! while the driver has posted buffers: io_uring parks it in its internal
+//! poll on the tap until a frame arrives, so a frame waits in the tap's
+//! kernel queue (not in our memory) while the guest has no room. Without
+//! VIRTIO_NET_F_MRG_RXBUF the readv covers one chain. With it, the readv
+//! gathers as many posted chains as cover [`MAX_BUFFER_LEN`] (or all that
+//! are posted); on completion the device uses as many chains as the frame
+//! filled, writes `num_buffers`, and gives the rest back by rewinding its
+//! position in the available ring. That rewind is sound because nothing
+//! else pops RX chains while the readv is in flight, and the chains handed
+//! back are exactly the last ones popped. A frame longer than the gathered
+//! buffers is dropped (counted), and the buffers are reused.
+
+mod device;
+mod frame;
+pub mod tap;
+
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4,
+    VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
+};
+
+use super::{feature, F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1};
+
+pub use device::{NetConfig, NetDevice, NetError, ProcessOutcome};
+pub use frame::ChainError;
+pub use tap::{Tap, TapDevice, TapError};
+
+/// virtio device ID of a network device.
+pub const DEVICE_TYPE: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+/// Index of the receive queue (receiveq1).
+pub const RX_QUEUE: usize = 0;
+/// Index of the transmit queue (transmitq1).
+pub const TX_QUEUE: usize = 1;
+/// One queue pair, no control queue.
+pub const NUM_QUEUES: usize = 2;
+/// Maximum (and default) size of each queue.
+pub const QUEUE_MAX_SIZE: u16 = 256;
+/// Size of `struct virtio_net_hdr_v1` (with `num_buffers`): VERSION_1 is
+/// always negotiated, so the header is always this long, on both queues
+/// and on the tap (TUNSETVNETHDRSZ).
+pub const VNET_HDR_LEN: usize = 12;
+/// Offset of `num_buffers` in the header.
+pub const NUM_BUFFERS_OFFSET: usize = 10;
+/// Largest frame after the header: a 64 KiB GSO packet plus its Ethernet
+/// header, as the spec sizes "big" receive buffers.
+pub const MAX_FRAME_LEN: usize = 65550;
+/// Largest header plus frame a TX chain may carry, and the receive space
+/// the device gathers before reading (65562).
+pub const MAX_BUFFER_LEN: usize = VNET_HDR_LEN + MAX_FRAME_LEN;
+/// Shortest TX chain worth sending: the header and an Ethernet header (a
+/// tap refuses anything shorter).
+pub const MIN_TX_LEN: usize = VNET_HDR_LEN + 14;
+/// Bytes of `struct virtio_net_config` we expose: mac, status and
+/// max_virtqueue_pairs.
+pub const CONFIG_LEN: usize = 10;
+
+/// A MAC address.
+pub type MacAddr = [u8; 6];
+
+/// Features every network device offers. No CTRL_VQ (and so nothing that
+/// depends on it), no MQ, no MTU: one queue pair of plain Ethernet.
+pub const FEATURES: u64 = F_VERSION_1
+    | F_EVENT_IDX
+    | F_INDIRECT_DESC
+    | feature(VIRTIO_NET_F_MAC)
+    | feature(VIRTIO_NET_F_STATUS)
+    | feature(VIRTIO_NET_F_MRG_RXBUF)
+    | feature(VIRTIO_NET_F_CSUM)
+    | feature(VIRTIO_NET_F_GUEST_CSUM)
+    | feature(VIRTIO_NET_F_GUEST_TSO4)
+    | feature(VIRTIO_NET_F_GUEST_TSO6)
+    | feature(VIRTIO_NET_F_GUEST_ECN)
+    | feature(VIRTIO_NET_F_GUEST_UFO)
+    | feature(VIRTIO_NET_F_HOST_TSO4)
+    | feature(VIRTIO_NET_F_HOST_TSO6)
+    | feature(VIRTIO_NET_F_HOST_ECN)
+    | feature(VIRTIO_NET_F_HOST_UFO);
+
+/// VIRTIO_NET_F_MRG_RXBUF as a mask.
+pub const F_MRG_RXBUF: u64 = feature(VIRTIO_NET_F_MRG_RXBUF);
+
+/// The TUN_F_* offloads a tap may use for frames it hands *to* the guest,
+/// from what the driver accepted (GUEST_*).
+///
+/// The kernel refuses TSO and UFO without checksum offload and ECN
+/// without TSO (TUNSETOFFLOAD fails with EINVAL), and the spec makes the
+/// same dependencies, so a driver that broke them gets the subset that
+/// still makes sense rather than a failed activation.
+pub fn tap_offloads(features: u64) -> u32 {
+    let has = |bit: u32| features & feature(bit) != 0;
+    if !has(VIRTIO_NET_F_GUEST_CSUM) {
+        return 0;
+    }
+    let mut flags = libc::TUN_F_CSUM;
+    if has(VIRTIO_NET_F_GUEST_TSO4) {
+        flags |= libc::TUN_F_TSO4;
+    }
+    if has(VIRTIO_NET_F_GUEST_TSO6) {
+        flags |= libc::TUN_F_TSO6;
+    }
+    if has(VIRTIO_NET_F_GUEST_ECN) && flags & (libc::TUN_F_TSO4 | libc::TUN_F_TSO6) != 0 {
+        flags |= libc::TUN_F_TSO_ECN;
+    }
+    if has(VIRTIO_NET_F_GUEST_UFO) {
+        flags |= libc::TUN_F_UFO;
+    }
+    flags
+}
+
+/// The config space a device with `mac` presents: the link is always up
+/// (the tap's carrier is the host's business) and there is one queue pair.
+pub fn config_bytes(mac: MacAddr) -> Vec<u8> {
+    let mut c = vec![0u8; CONFIG_LEN];
+    c[0..6].copy_from_slice(&mac);
+    c[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+    c[8..10].copy_from_slice(&1u16.to_le_bytes());
+    c
+}
+
+/// A random locally administered unicast MAC, for a device the user gave
+/// none; it stays the device's for the whole run.
+pub fn generate_mac() -> MacAddr {
+    let mut mac = [0u8; 6];
+    // SAFETY: getrandom writes at most `mac.len()` bytes into `mac`.
+    let n = unsafe { libc::getrandom(mac.as_mut_ptr().cast(), mac.len(), 0) };
+    if usize::try_from(n).ok() != Some(mac.len()) {
+        // No entropy source: fall back to something per-process.
+        let seed = u64::from(std::process::id())
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0);
+        mac.copy_from_slice(&seed.to_le_bytes()[..6]);
+    }
+    // Locally administered (bit 1), unicast (bit 0 clear).
+    mac[0] = (mac[0] & 0xfc) | 0x02;
+    mac
+}
+
+/// Per-device counters for metrics; the device only ever adds to them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetCounters {
+    /// Frames delivered to the guest.
+    pub rx_packets: u64,
+    /// Frame bytes (without the vnet header) delivered to the guest.
+    pub rx_bytes: u64,
+    /// Bad RX chains returned unused, and failed tap reads.
+    pub rx_errors: u64,
+    /// Frames read from the tap but not delivered (larger than the buffers).
+    pub rx_dropped: u64,
+    /// Frames the tap accepted from the guest.
+    pub tx_packets: u64,
+    /// Frame bytes (without the vnet header) the tap accepted.
+    pub tx_bytes: u64,
+    /// Bad TX chains returned unsent.
+    pub tx_errors: u64,
+    /// Good TX chains the tap refused (the write failed).
+    pub tx_dropped: u64,
+    /// Times the device asked the driver for a reset.
+    pub needs_reset: u64,
+}
+
+#[cfg(test)]
+mod tests;
