@@ -17,7 +17,7 @@ RINGVM := $(CURDIR)/target/release/ringvm
 APT_PACKAGES := linux-source-6.1 build-essential bc bison flex libelf-dev \
 	libssl-dev busybox-static e2fsprogs cpio lz4 xz-utils iproute2 fio
 
-.PHONY: all deps build guest run test unit-test integration-test lint clean
+.PHONY: all deps build guest testguest broken run test unit-test integration-test lint clean
 
 all: build
 
@@ -47,6 +47,15 @@ run: build guest
 		--disk path=$(GUEST_DIR)/rootfs.ext4,id=rootfs,root \
 		--cmdline "console=ttyS0 reboot=k panic=-1 guest.halt=$$halt"
 
+# ringvm's own virtio test kernel (no_std, x86_64-unknown-none).
+testguest:
+	bash resources/testguest/build.sh $(CURDIR)/target/testguest
+
+# A test-only ringvm whose block device reports refused requests as OK: the
+# test guest must catch it. Built apart so it never replaces the real one.
+broken:
+	$(CARGO) build --release --locked -p vmm --features broken-status --target-dir $(CURDIR)/target/broken
+
 lint: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
@@ -54,8 +63,10 @@ lint: deps
 unit-test:
 	$(CARGO) test --locked --workspace --exclude ringvm-tests
 
-integration-test: build guest
+integration-test: build guest testguest broken
 	RINGVM_BIN=$(RINGVM) RINGVM_GUEST_DIR=$(GUEST_DIR) \
+		RINGVM_TESTGUEST=$(CURDIR)/target/testguest/vtest.elf \
+		RINGVM_BROKEN_BIN=$(CURDIR)/target/broken/release/ringvm \
 		$(CARGO) test --locked --release -p ringvm-tests -- --nocapture --test-threads=1
 
 test: deps lint unit-test integration-test

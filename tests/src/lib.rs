@@ -97,15 +97,27 @@ pub fn run_ringvm_signal_at(
     signal: i32,
     deadline: Duration,
 ) -> VmRun {
+    run_binary(&ringvm_bin(), args, marker, signal, deadline)
+}
+
+/// Runs `bin` (a ringvm build) with stdin closed; sends `signal` when the
+/// console prints `marker`, and kills it after `deadline`.
+pub fn run_binary(
+    bin: &Path,
+    args: &[&str],
+    marker: Option<&str>,
+    signal: i32,
+    deadline: Duration,
+) -> VmRun {
     let kill_at = marker;
     let start = Instant::now();
-    let mut child = Command::new(ringvm_bin())
+    let mut child = Command::new(bin)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}", ringvm_bin().display()));
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
     let (seen_tx, seen_rx) = std::sync::mpsc::channel::<()>();
     let marker = kill_at.map(str::to_string);
     let stdout = child.stdout.take().expect("piped stdout");

@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use devices::bus::{Bus, BusError};
-use devices::legacy::{BootTimer, Serial, I8042};
+use devices::legacy::{BootTimer, DebugExit, Serial, DEBUG_EXIT_PORT, I8042, NO_VERDICT};
+use std::sync::atomic::AtomicU32;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::layout::{BOOT_TIMER_START, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
@@ -157,6 +158,15 @@ impl DeviceManager {
     /// Kernel parameters for every virtio-mmio device, in probe order.
     pub fn virtio_cmdline(&self) -> &[String] {
         &self.virtio_cmdline
+    }
+
+    /// The test-exit port (0x501): the guest's verdict lands in the
+    /// returned cell and `notify` wakes the VMM thread.
+    pub fn add_debug_exit(&mut self, notify: EventFd) -> Result<Arc<AtomicU32>, DeviceError> {
+        let verdict = Arc::new(AtomicU32::new(NO_VERDICT));
+        let dev = Arc::new(Mutex::new(DebugExit::new(verdict.clone(), notify)));
+        self.pio.insert(dev, DEBUG_EXIT_PORT, 1)?;
+        Ok(verdict)
     }
 
     /// The boot timer at the start of the MMIO hole.

@@ -15,6 +15,8 @@ pub const KVM_UNAVAILABLE: i32 = 4;
 /// The guest broke a vCPU (KVM internal error, failed entry); the exit
 /// reason and registers are printed.
 pub const GUEST_CRASHED: i32 = 5;
+/// A test guest reported failed cases through the test-exit port.
+pub const GUEST_TEST_FAILED: i32 = 6;
 /// Stopped by a signal: 128 + the signal number, as a shell reports it.
 pub const SIGNAL_BASE: i32 = 128;
 
@@ -27,4 +29,5 @@ Exit codes:
   3    bad configuration (missing/unreadable kernel, initrd or disk; invalid value)
   4    KVM unavailable (/dev/kvm missing or lacking a needed capability)
   5    the guest broke a vCPU (e.g. KVM internal error); reason and registers printed
+  6    a test guest wrote a failure verdict to the test-exit port (0x501)
   128+N  stopped by signal N (e.g. 130 for SIGINT, 143 for SIGTERM)";

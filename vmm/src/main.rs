@@ -158,6 +158,14 @@ fn main() -> ExitCode {
             log::error!("the guest stopped the vCPU: {report}");
             exit_code::GUEST_CRASHED
         }
+        Ok(GuestExit::TestVerdict(0)) => {
+            log::info!("test guest reported success on the test-exit port");
+            exit_code::GUEST_STOPPED
+        }
+        Ok(GuestExit::TestVerdict(v)) => {
+            log::error!("test guest reported failure (verdict {v}) on the test-exit port");
+            exit_code::GUEST_TEST_FAILED
+        }
         Ok(GuestExit::Signal(sig)) => {
             log::info!("stopped by signal {sig}");
             exit_code::SIGNAL_BASE + sig

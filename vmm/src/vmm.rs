@@ -72,6 +72,9 @@ pub enum GuestExit {
     Crashed(String),
     /// A signal asked ringvm to stop.
     Signal(i32),
+    /// A test guest wrote its verdict to the test-exit port: 0 means every
+    /// case passed.
+    TestVerdict(u32),
 }
 
 // Token kinds on the ring.
@@ -82,6 +85,7 @@ const KIND_STDIN_RETRY: u8 = 4;
 const KIND_SIGNAL: u8 = 5;
 const KIND_HALT_PROBE: u8 = 6;
 const KIND_METRICS_TIMER: u8 = 7;
+const KIND_DEBUG_EXIT: u8 = 8;
 
 /// Period of the automatic metrics flush, as Firecracker's.
 const METRICS_PERIOD_S: u64 = 60;
@@ -96,6 +100,7 @@ const STDIN_BUF: usize = 64;
 struct ReadBuffers {
     vcpu_event: [u8; 8],
     reset: [u8; 8],
+    debug_exit: [u8; 8],
     stdin: [u8; STDIN_BUF],
     signal: [u8; std::mem::size_of::<libc::signalfd_siginfo>()],
     retry: types::Timespec,
@@ -121,6 +126,8 @@ pub struct Vmm {
     api_counters: Arc<ApiCounters>,
     metrics: MetricsSink,
     signal_fd: RawFd,
+    debug_exit_evt: EventFd,
+    verdict: Arc<std::sync::atomic::AtomicU32>,
     stdin_open: bool,
     pending_input: Vec<u8>,
     _terminal: Option<RawTerminal>,
@@ -264,6 +271,9 @@ impl Vmm {
         let mut devices = DeviceManager::new()?;
         devices.add_serial(&vm)?;
         devices.add_i8042()?;
+        let debug_exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(host("eventfd"))?;
+        let verdict =
+            devices.add_debug_exit(debug_exit_evt.try_clone().map_err(host("eventfd"))?)?;
         if config.boot_timer {
             devices.add_boot_timer(process_start)?;
         }
@@ -323,6 +333,7 @@ impl Vmm {
             bufs: Box::new(ReadBuffers {
                 vcpu_event: [0; 8],
                 reset: [0; 8],
+                debug_exit: [0; 8],
                 stdin: [0; STDIN_BUF],
                 signal: [0; std::mem::size_of::<libc::signalfd_siginfo>()],
                 retry: types::Timespec::new().nsec(10_000_000),
@@ -341,6 +352,8 @@ impl Vmm {
             api_counters: Arc::new(ApiCounters::default()),
             metrics: MetricsSink::default(),
             signal_fd,
+            debug_exit_evt,
+            verdict,
             stdin_open: true,
             pending_input: Vec::new(),
             _terminal: None,
@@ -511,6 +524,13 @@ impl Vmm {
             &mut self.bufs.reset,
             Token::new(KIND_RESET, 0, 0),
         )?;
+        let debug_exit_fd = self.debug_exit_evt.as_raw_fd();
+        Self::arm_eventfd(
+            &mut self.ring,
+            debug_exit_fd,
+            &mut self.bufs.debug_exit,
+            Token::new(KIND_DEBUG_EXIT, 0, 0),
+        )?;
         self.arm_signal()?;
         self.arm_stdin()?;
         self.arm_halt_probe()?;
@@ -586,6 +606,10 @@ impl Vmm {
                 self.pending_input.extend_from_slice(&self.bufs.stdin[..n]);
                 self.feed_serial();
                 self.arm_stdin()?;
+            }
+            KIND_DEBUG_EXIT => {
+                let value = self.verdict.load(Ordering::Acquire);
+                return Ok(Some(GuestExit::TestVerdict(value)));
             }
             KIND_METRICS_TIMER => {
                 if let Err(e) = self.flush_metrics() {

@@ -1,11 +1,13 @@
 //! The PC devices a Linux guest expects before any virtio device: a serial
-//! console, the i8042 that resets the machine, and the boot timer that
-//! measures how long the guest took to reach init.
+//! console, the i8042 that resets the machine, the boot timer that
+//! measures how long the guest took to reach init, and a test-exit port.
 
 mod boot_timer;
+mod debug_exit;
 mod i8042;
 mod serial;
 
 pub use boot_timer::{BootTimer, BOOT_TIMER_MAGIC};
+pub use debug_exit::{DebugExit, DEBUG_EXIT_PORT, NO_VERDICT};
 pub use i8042::I8042;
 pub use serial::{EventFdTrigger, Serial};

@@ -161,6 +161,8 @@ pub struct MmioTransport {
     kicks: Vec<EventFd>,
     logged: u32,
     regs: Registers,
+    /// What Status reads while a reset waits for the backend.
+    status_before_reset: u32,
 }
 
 /// Everything a reset puts back.
@@ -236,11 +238,17 @@ impl MmioTransport {
             events,
             kicks,
             logged: 0,
+            status_before_reset: 0,
         })
     }
 
     /// The Status register as the driver reads it.
     pub fn status(&self) -> u32 {
+        if self.info.shared.reset_pending() {
+            // The backend has not let go of the queues yet: the reset is
+            // not complete, so Status does not read 0.
+            return self.status_before_reset;
+        }
         if self.info.shared.needs_reset() {
             self.regs.status | S_NEEDS_RESET
         } else {
@@ -534,6 +542,8 @@ impl MmioTransport {
     /// value, and the backend told to drop its queues if it had them.
     fn reset(&mut self) {
         if self.regs.activated {
+            self.status_before_reset = self.regs.status.max(1);
+            self.info.shared.begin_reset();
             self.send(TransportEvent::Reset);
         }
         self.regs = Registers::initial(&self.info.queue_max_sizes);
@@ -833,10 +843,15 @@ mod tests {
         assert!(matches!(r.rx.try_recv(), Ok(TransportEvent::Activate(_))));
         r.w(REG_STATUS, 0);
         assert_eq!(r.t.regs, initial);
+        // The reset is not complete until the backend lets go of the
+        // queues: Status must not read 0 before that.
+        assert_ne!(r.r(REG_STATUS), 0);
+        assert_eq!(r.rx.try_recv().ok(), Some(TransportEvent::Reset));
+        r.shared.raise(INT_VRING); // a late completion on the VMM thread
+        r.shared.finish_reset();
         assert_eq!(r.r(REG_STATUS), 0);
         assert_eq!(r.r(REG_INTERRUPT_STATUS), 0);
         assert_eq!(r.r(REG_QUEUE_NUM_MAX), 256);
-        assert_eq!(r.rx.try_recv().ok(), Some(TransportEvent::Reset));
         // A second reset of an idle device sends nothing.
         r.w(REG_STATUS, 0);
         assert!(r.rx.try_recv().is_err());

@@ -88,6 +88,7 @@ struct ConfigSpace {
 pub struct DeviceShared {
     isr: AtomicU32,
     needs_reset: AtomicBool,
+    reset_pending: AtomicBool,
     config: Mutex<ConfigSpace>,
 }
 
@@ -98,6 +99,7 @@ impl DeviceShared {
         Self {
             isr: AtomicU32::new(0),
             needs_reset: AtomicBool::new(false),
+            reset_pending: AtomicBool::new(false),
             config: Mutex::new(ConfigSpace {
                 bytes: config,
                 writable,
@@ -136,6 +138,26 @@ impl DeviceShared {
     /// The caller raises the config interrupt (see [`Interrupt::needs_reset`]).
     pub fn set_needs_reset(&self) {
         self.needs_reset.store(true, Ordering::Release);
+    }
+
+    /// The driver reset a live device: until the backend on the VMM thread
+    /// has dropped its queues ([`Self::finish_reset`]), Status must not read
+    /// 0, or the driver would reuse rings the backend may still write
+    /// (virtio 1.2 §4.2.2.1: reset is complete when Status reads 0).
+    pub fn begin_reset(&self) {
+        self.reset_pending.store(true, Ordering::Release);
+    }
+
+    /// Called by the backend once it has let go of the queues: clears
+    /// what it may have raised meanwhile, then lets Status read 0.
+    pub fn finish_reset(&self) {
+        self.clear();
+        self.reset_pending.store(false, Ordering::Release);
+    }
+
+    /// Whether a reset waits for the backend.
+    pub fn reset_pending(&self) -> bool {
+        self.reset_pending.load(Ordering::Acquire)
     }
 
     /// Forgets interrupt and NEEDS_RESET state, as a device reset does.

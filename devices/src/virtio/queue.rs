@@ -100,6 +100,43 @@ impl QueueConfig {
     }
 }
 
+/// `VRING_AVAIL_F_NO_INTERRUPT`: without EVENT_IDX, the driver's way to say
+/// "don't interrupt me" (virtio 1.2 §2.7.7).
+const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+
+/// Whether the driver wants an interrupt for the used buffers just added.
+///
+/// With EVENT_IDX this is virtio-queue's `needs_notification` (used_event);
+/// without it, virtio-queue 0.18 always answers yes, so the avail ring's
+/// NO_INTERRUPT flag is read here instead, as the spec asks a device to.
+pub fn driver_wants_interrupt<M: GuestMemory>(
+    queue: &mut Queue,
+    mem: &M,
+) -> Result<bool, virtio_queue::Error> {
+    if queue.event_idx_enabled() {
+        return queue.needs_notification(mem);
+    }
+    // Order the used-ring writes before reading the driver's flags.
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    let mut flags = [0u8; 2];
+    let addr = GuestAddress(queue.avail_ring());
+    let ok = mem
+        .get_slices(addr, 2, vm_memory::Permissions::Read)
+        .ok()
+        .and_then(|mut it| it.next())
+        .and_then(Result::ok)
+        .filter(|s| s.len() == 2)
+        .map(|s| {
+            use vm_memory::Bytes;
+            s.read_slice(&mut flags, 0).is_ok()
+        })
+        .unwrap_or(false);
+    if !ok {
+        return Err(virtio_queue::Error::InvalidAvailRingIndex);
+    }
+    Ok(u16::from_le_bytes(flags) & VRING_AVAIL_F_NO_INTERRUPT == 0)
+}
+
 #[cfg(test)]
 mod tests {
     use vm_memory::GuestMemoryMmap;

@@ -262,6 +262,9 @@ impl BlockDevice {
             TransportEvent::Activate(a) => self.activate(mem, a),
             TransportEvent::Reset => {
                 self.reset();
+                // No used-ring write or interrupt can come from us now:
+                // let the driver see the reset complete.
+                self.irq.shared().finish_reset();
                 Ok(())
             }
         }
@@ -350,7 +353,7 @@ impl BlockDevice {
         let Some(queue) = self.queues.get_mut(qidx).and_then(|q| q.queue.as_mut()) else {
             return;
         };
-        match queue.needs_notification(mem) {
+        match crate::virtio::queue::driver_wants_interrupt(queue, mem) {
             Ok(false) => {}
             Ok(true) => {
                 if let Err(e) = self.irq.used_buffer() {
@@ -593,7 +596,9 @@ fn handle_chain<M: GuestMemory>(
         Ok(r) => r,
         Err(e) => {
             ctx.counters.errors += 1;
-            warn!("virtio-blk: request refused: {}", e.error);
+            // A guest can send bad requests as fast as it likes: they are
+            // counted, and logged only at debug level.
+            log::debug!("virtio-blk: request refused: {}", e.error);
             let status = e.status.map(|a| (a, e.error.status()));
             let len = u32::from(status.is_some());
             answer(queue, mem, head, status, len)?;

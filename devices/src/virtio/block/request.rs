@@ -170,6 +170,14 @@ pub enum RequestError {
 impl RequestError {
     /// The status byte this error earns (VIRTIO_BLK_S_*).
     pub fn status(&self) -> u8 {
+        // A deliberately broken device, built only to prove that the test
+        // guest's cases can fail: every refusal is reported as success.
+        #[cfg(feature = "broken-status")]
+        {
+            let _ = self;
+            return virtio_bindings::virtio_blk::VIRTIO_BLK_S_OK as u8;
+        }
+        #[cfg(not(feature = "broken-status"))]
         match self {
             RequestError::Unsupported(_) | RequestError::UnsupportedFlags(_) => {
                 VIRTIO_BLK_S_UNSUPP as u8

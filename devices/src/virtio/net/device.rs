@@ -354,6 +354,9 @@ impl<T: Tap> NetDevice<T> {
             TransportEvent::Activate(a) => self.activate(mem, a),
             TransportEvent::Reset => {
                 self.reset();
+                // No used-ring write or interrupt can come from us now:
+                // let the driver see the reset complete.
+                self.irq.shared().finish_reset();
                 Ok(())
             }
         }
@@ -476,7 +479,7 @@ impl<T: Tap> NetDevice<T> {
         let Some(queue) = queue else {
             return;
         };
-        match queue.needs_notification(mem) {
+        match crate::virtio::queue::driver_wants_interrupt(queue, mem) {
             Ok(false) => {}
             Ok(true) => {
                 if let Err(e) = self.irq.used_buffer() {

@@ -146,9 +146,9 @@ pub fn reset(ctx: &mut Ctx) -> R {
         "no used-buffer bit in InterruptStatus"
     );
     d.w(QUEUE_SEL, 1);
-    d.w(STATUS, 0);
-    let s = d.status();
-    ensure!(s == 0, "status {s:#x} after writing 0");
+    // A live device's reset completes when Status reads 0 (virtio 1.2
+    // §4.2.2.1): the device may take a moment to let go of its queues.
+    d.reset()?;
     let isr = d.r(INTERRUPT_STATUS);
     ensure!(isr == 0, "InterruptStatus {isr:#x} after reset");
     // QueueSel went back to 0: these read queue 0.
