@@ -17,7 +17,7 @@ RINGVM := $(CURDIR)/target/release/ringvm
 APT_PACKAGES := linux-source-6.1 build-essential bc bison flex libelf-dev \
 	libssl-dev busybox-static e2fsprogs cpio lz4 xz-utils iproute2 fio
 
-.PHONY: all deps build guest testguest broken run test unit-test integration-test lint clean
+.PHONY: all deps build guest testguest broken run test unit-test integration-test lint clean bench bench-blk
 
 all: build
 
@@ -70,6 +70,14 @@ integration-test: build guest testguest broken
 		$(CARGO) test --locked --release -p ringvm-tests -- --nocapture --test-threads=1
 
 test: deps lint unit-test integration-test
+
+# virtio-blk data path (synthetic driver, real device + VMM loop, no KVM)
+# against fio io_uring on the same files; writes target/bench/blk.{json,md}.
+# Extra flags: make bench-blk BENCH_ARGS="--seconds 3 --repeats 1"
+bench-blk: deps
+	$(CARGO) run --release --locked -p ringvm-tests --bin bench_blk -- $(BENCH_ARGS)
+
+bench: bench-blk
 
 clean:
 	$(CARGO) clean

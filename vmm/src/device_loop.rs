@@ -215,13 +215,15 @@ impl DeviceLoop {
         Ok(())
     }
 
-    /// Resumes drains that stopped at their budget or on a full ring; call
-    /// after each batch of completions.
+    /// Resumes drains that stopped at their budget or on a full ring, and
+    /// raises each drive's interrupt once for the whole batch; call after
+    /// each batch of completions.
     pub fn resume(&mut self, ring: &mut EventLoop, mem: &GuestMemoryMmap) {
         for (index, drive) in self.drives.iter_mut().enumerate() {
             if drive.wants_rerun() {
                 drive.on_kick(mem, ring, KIND_BLK_IO, index as u8);
             }
+            drive.flush_interrupts(mem);
         }
         for (index, net) in self.nets.iter_mut().enumerate() {
             let queues: Vec<usize> = net.queues_to_resume().collect();

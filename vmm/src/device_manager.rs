@@ -20,6 +20,8 @@ pub const COM1_PORT: u64 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
 /// The i8042's first port (0x60; the command port is 0x64).
 pub const I8042_PORT: u64 = 0x60;
+/// The keyboard's ISA IRQ.
+pub const I8042_KBD_IRQ: u32 = 1;
 
 /// First IRQ line for virtio-mmio devices (above the ISA lines in use).
 pub const VIRTIO_IRQ_BASE: u32 = 5;
@@ -88,6 +90,8 @@ pub struct DeviceManager {
     pub mmio: Bus,
     /// COM1, so the VMM thread can feed it stdin.
     pub serial: Option<SharedSerial>,
+    /// The i8042, so the VMM thread can press keys (Ctrl-Alt-Del) on it.
+    pub i8042: Option<Arc<Mutex<I8042>>>,
     /// Written by the i8042 when the guest resets the CPU.
     pub reset_evt: EventFd,
     next_virtio: u32,
@@ -105,6 +109,7 @@ impl DeviceManager {
             pio: Bus::new(),
             mmio: Bus::new(),
             serial: None,
+            i8042: None,
             reset_evt: new_eventfd()?,
             next_virtio: 0,
             virtio_cmdline: Vec::new(),
@@ -121,11 +126,15 @@ impl DeviceManager {
         Ok(())
     }
 
-    /// The i8042 at 0x60..=0x64, its reset wired to `reset_evt`.
-    pub fn add_i8042(&mut self) -> Result<(), DeviceError> {
+    /// The i8042 at 0x60..=0x64, its reset wired to `reset_evt` and its
+    /// keyboard interrupt to IRQ 1.
+    pub fn add_i8042(&mut self, vm: &Vm) -> Result<(), DeviceError> {
         let reset = self.reset_evt.try_clone().map_err(DeviceError::EventFd)?;
-        let dev = Arc::new(Mutex::new(I8042::new(reset)));
-        self.pio.insert(dev, I8042_PORT, 5)?;
+        let irq = new_eventfd()?;
+        vm.register_irqfd(&irq, I8042_KBD_IRQ)?;
+        let dev = Arc::new(Mutex::new(I8042::new(reset, irq)));
+        self.pio.insert(dev.clone(), I8042_PORT, 5)?;
+        self.i8042 = Some(dev);
         Ok(())
     }
 

@@ -5,6 +5,7 @@
 //! [`vmm::Vmm`] builds the machine from it and runs the VMM thread loop
 //! ([`event_loop`]); [`vstate`] is the only module that talks to KVM.
 
+pub mod api;
 pub mod arch;
 pub mod boot;
 pub mod config;

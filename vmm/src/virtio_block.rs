@@ -122,6 +122,9 @@ impl Drive {
             id: id.clone(),
             source,
         })?;
+        // One interrupt decision per loop turn, not per completion.
+        let mut device = device;
+        device.set_batch_interrupts(true);
         let (sender, messages) = channel();
         let events = TransportEvents {
             sender,
@@ -185,6 +188,12 @@ impl Drive {
     /// Hands one completion back to the device.
     pub fn on_completion(&mut self, tag: u64, result: i32, mem: &GuestMemoryMmap) {
         self.device.complete(tag, result, mem);
+    }
+
+    /// Raises the interrupt for this turn's completions, if the guest
+    /// wants one; call once per loop turn.
+    pub fn flush_interrupts(&mut self, mem: &GuestMemoryMmap) {
+        self.device.flush_interrupts(mem);
     }
 
     /// Whether the last drain asked to be resumed.

@@ -270,7 +270,7 @@ impl Vmm {
         let vm = Vm::new(config.machine_config.mem_size_mib)?;
         let mut devices = DeviceManager::new()?;
         devices.add_serial(&vm)?;
-        devices.add_i8042()?;
+        devices.add_i8042(&vm)?;
         let debug_exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(host("eventfd"))?;
         let verdict =
             devices.add_debug_exit(debug_exit_evt.try_clone().map_err(host("eventfd"))?)?;

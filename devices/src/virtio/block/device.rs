@@ -98,6 +98,8 @@ struct QueueState {
     inflight: InFlight,
     /// Corrupt; nothing more is popped until reset.
     broken: bool,
+    /// Used entries were added since the last interrupt decision.
+    signal_pending: bool,
 }
 
 /// A virtio-blk device backend, owned by the VMM thread.
@@ -126,6 +128,7 @@ pub struct BlockDevice {
     retired: Option<File>,
     read_only: bool,
     flush: bool,
+    batch_interrupts: bool,
     id: [u8; ID_BYTES],
     capacity_sectors: u64,
     irq: Interrupt,
@@ -189,6 +192,7 @@ impl BlockDevice {
             retired: None,
             read_only: config.read_only,
             flush: config.flush,
+            batch_interrupts: false,
             id,
             capacity_sectors,
             irq: Interrupt::new(shared, line),
@@ -201,6 +205,7 @@ impl BlockDevice {
                     queue: None,
                     inflight: InFlight::new(QUEUE_MAX_SIZE),
                     broken: false,
+                    signal_pending: false,
                 })
                 .collect(),
             counters: BlockCounters::default(),
@@ -517,9 +522,36 @@ impl BlockDevice {
         };
         self.drop_retired_if_idle();
         match answered {
+            Ok(()) if self.batch_interrupts => {
+                if let Some(q) = self.queues.get_mut(qidx) {
+                    q.signal_pending = true;
+                }
+            }
             Ok(()) => self.signal_used(qidx, mem),
             Err(e) => {
                 let _ = self.break_queue(qidx, format!("used ring: {e}"));
+            }
+        }
+    }
+
+    /// Completions no longer decide on an interrupt one by one: the VMM
+    /// calls [`Self::flush_interrupts`] once per loop turn, so a batch of
+    /// completions costs at most one irqfd write per queue.
+    pub fn set_batch_interrupts(&mut self, on: bool) {
+        self.batch_interrupts = on;
+    }
+
+    /// Signals every queue that got used entries since the last call, if
+    /// the driver wants it (EVENT_IDX / NO_INTERRUPT).
+    pub fn flush_interrupts<M: GuestMemory>(&mut self, mem: &M) {
+        for qidx in 0..self.queues.len() {
+            let pending = self
+                .queues
+                .get_mut(qidx)
+                .map(|q| std::mem::take(&mut q.signal_pending))
+                .unwrap_or(false);
+            if pending {
+                self.signal_used(qidx, mem);
             }
         }
     }

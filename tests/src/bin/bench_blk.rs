@@ -1,0 +1,1544 @@
+//! `make bench-blk`: the virtio-blk data path against the host's own limit.
+//!
+//! No KVM is involved. A synthetic split-virtqueue driver (this file) plays
+//! the guest: it brings the device up through the real virtio-mmio register
+//! file on the real MMIO bus, puts requests in guest memory, kicks the
+//! queue's doorbell eventfd (what KVM's ioeventfd does on a QueueNotify
+//! write) and sleeps on the irq eventfd (what KVM's irqfd would inject).
+//! The device side is exactly what `ringvm` runs for a booted guest:
+//! [`Drive`] (the real `BlockDevice`) inside a [`DeviceLoop`] on its own
+//! thread, turning one [`EventLoop`] io_uring ring.
+//!
+//! Each point is measured for ringvm and then for
+//! `fio --ioengine=io_uring` on the same file in the same run; the ratio
+//! ringvm / fio is the figure of merit. A file in /dev/shm (tmpfs) and one
+//! on disk are measured, both buffered (through the host page cache, which
+//! holds the whole file). Results go to stdout and to
+//! `target/bench/blk.{json,md}`.
+
+use std::cell::Cell;
+use std::fmt::Write as _;
+use std::fs::OpenOptions;
+use std::io::{self, Write as _};
+use std::os::fd::AsRawFd;
+use std::os::unix::thread::JoinHandleExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::sync::atomic::{fence, AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use devices::bus::Bus;
+use devices::virtio::NOTIFY_REG_OFFSET;
+use serde_json::{json, Value};
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_VERSION_1,
+};
+use virtio_bindings::virtio_mmio::{
+    VIRTIO_MMIO_CONFIG, VIRTIO_MMIO_DEVICE_FEATURES, VIRTIO_MMIO_DEVICE_FEATURES_SEL,
+    VIRTIO_MMIO_DEVICE_ID, VIRTIO_MMIO_DRIVER_FEATURES, VIRTIO_MMIO_DRIVER_FEATURES_SEL,
+    VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INTERRUPT_STATUS, VIRTIO_MMIO_MAGIC_VALUE,
+    VIRTIO_MMIO_QUEUE_AVAIL_HIGH, VIRTIO_MMIO_QUEUE_AVAIL_LOW, VIRTIO_MMIO_QUEUE_DESC_HIGH,
+    VIRTIO_MMIO_QUEUE_DESC_LOW, VIRTIO_MMIO_QUEUE_NUM, VIRTIO_MMIO_QUEUE_NUM_MAX,
+    VIRTIO_MMIO_QUEUE_READY, VIRTIO_MMIO_QUEUE_SEL, VIRTIO_MMIO_QUEUE_USED_HIGH,
+    VIRTIO_MMIO_QUEUE_USED_LOW, VIRTIO_MMIO_STATUS, VIRTIO_MMIO_VERSION,
+};
+use virtio_bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm::config::DriveConfig;
+use vmm::device_loop::DeviceLoop;
+use vmm::device_manager::{DeviceError, DeviceManager, EventWiring};
+use vmm::event_loop::{EventLoop, Token};
+use vmm::virtio_block::{open_backing_file, Drive};
+use vmm_sys_util::eventfd::EventFd;
+
+type Res<T> = Result<T, String>;
+
+/// Ring token kind of the bench's own stop eventfd (outside the device
+/// loop's kinds).
+const KIND_STOP: u8 = 200;
+
+// Guest memory layout of the synthetic driver.
+const MEM_SIZE: usize = 256 << 20;
+const QUEUE_SIZE: u16 = 256;
+const DESC_TABLE: u64 = 0x1000;
+const AVAIL_RING: u64 = 0x3000;
+const USED_RING: u64 = 0x4000;
+/// One 3-entry indirect table per slot, 64 bytes apart.
+const INDIRECT_BASE: u64 = 0x1_0000;
+/// One 16-byte request header per slot.
+const HEADER_BASE: u64 = 0x2_0000;
+/// One status byte per slot.
+const STATUS_BASE: u64 = 0x2_8000;
+/// One data buffer of [`MAX_BLOCK`] bytes per slot.
+const DATA_BASE: u64 = 0x10_0000;
+const MAX_BLOCK: u64 = 128 << 10;
+const MAX_QD: usize = QUEUE_SIZE as usize;
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+#[derive(Parser, Debug)]
+#[command(about = "virtio-blk data path (synthetic driver, real device and loop) vs fio io_uring")]
+struct Args {
+    /// Measured seconds per point (ringvm and fio each).
+    #[arg(long, default_value_t = 2.0)]
+    seconds: f64,
+    /// Measurements per point and side, alternating which side goes first.
+    #[arg(long, default_value_t = 2)]
+    repeats: u32,
+    /// Unmeasured warm-up seconds before each point (fio: --ramp_time).
+    #[arg(long, default_value_t = 0.5)]
+    warmup: f64,
+    /// Where blk.json and blk.md go (default: <workspace>/target/bench).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Directory of the tmpfs file.
+    #[arg(long, default_value = "/dev/shm")]
+    shm_dir: PathBuf,
+    /// Directory of the on-disk file.
+    #[arg(long, default_value = "/var/tmp")]
+    disk_dir: PathBuf,
+    /// Size of each test file in MiB.
+    #[arg(long, default_value_t = 1024)]
+    file_mib: u64,
+    /// Keep the test files afterwards.
+    #[arg(long)]
+    keep_files: bool,
+    /// Run only the points whose "<file> <workload> QD<n>" label contains
+    /// this text (e.g. "disk randwrite 4k QD32"); for investigating.
+    #[arg(long)]
+    only: Option<String>,
+}
+
+// ---------------------------------------------------------------------------
+// Workloads
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    Read,
+    Write,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Workload {
+    /// fio's --rw name.
+    rw: &'static str,
+    op: Op,
+    random: bool,
+    bs: u64,
+    qd: usize,
+    /// Report MiB/s instead of IOPS.
+    bandwidth: bool,
+}
+
+impl Workload {
+    fn label(&self) -> String {
+        format!("{} {}k", self.rw, self.bs >> 10)
+    }
+}
+
+fn workloads() -> Vec<Workload> {
+    let mut v = Vec::new();
+    for (rw, op) in [("randread", Op::Read), ("randwrite", Op::Write)] {
+        for qd in [1, 32, 128] {
+            v.push(Workload {
+                rw,
+                op,
+                random: true,
+                bs: 4096,
+                qd,
+                bandwidth: false,
+            });
+        }
+    }
+    v.push(Workload {
+        rw: "read",
+        op: Op::Read,
+        random: false,
+        bs: 128 << 10,
+        qd: 32,
+        bandwidth: true,
+    });
+    v
+}
+
+// ---------------------------------------------------------------------------
+// The VMM side: the real drive in the real device loop on its own thread.
+
+/// The bench's stand-in for KVM: it keeps the eventfds the drive wires, so
+/// the driver writes the doorbell itself and reads the interrupt line.
+#[derive(Default)]
+struct BenchWiring {
+    irq: Cell<Option<EventFd>>,
+    doorbell: Cell<Option<(EventFd, u64, u32)>>,
+}
+
+impl EventWiring for BenchWiring {
+    fn wire_irq(&self, evt: &EventFd, _gsi: u32) -> Result<(), DeviceError> {
+        self.irq
+            .set(Some(evt.try_clone().map_err(DeviceError::EventFd)?));
+        Ok(())
+    }
+
+    fn wire_doorbell(&self, evt: &EventFd, addr: u64, value: u32) -> Result<(), DeviceError> {
+        let evt = evt.try_clone().map_err(DeviceError::EventFd)?;
+        self.doorbell.set(Some((evt, addr, value)));
+        Ok(())
+    }
+}
+
+/// What the VMM thread publishes for the measurements.
+#[derive(Default)]
+struct VmmShared {
+    tid: AtomicI32,
+    turns: AtomicU64,
+    deferred_taskrun: AtomicBool,
+}
+
+/// The VMM thread loop, as `Vmm::run` runs it for the devices, plus a stop
+/// eventfd and a counter of ring turns (one `io_uring_enter` each).
+fn vmm_thread(
+    drive: Box<Drive>,
+    mem: GuestMemoryMmap,
+    stop: EventFd,
+    shared: Arc<VmmShared>,
+) -> io::Result<()> {
+    // SAFETY: gettid has no preconditions and cannot fail.
+    shared
+        .tid
+        .store(unsafe { libc::gettid() }, Ordering::Release);
+    let mut stop_buf = [0u8; 8];
+    let mut devices = DeviceLoop::new(vec![drive], Vec::new());
+    // Declared after the buffers it reads into, so it is dropped (and its
+    // in-flight operations cancelled) before them.
+    let mut ring = EventLoop::new()?;
+    shared
+        .deferred_taskrun
+        .store(ring.deferred_taskrun(), Ordering::Release);
+    devices.arm(&mut ring)?;
+    // SAFETY: `stop_buf` lives on this frame until after `ring` is dropped.
+    unsafe { ring.arm_eventfd(stop.as_raw_fd(), &mut stop_buf, Token::new(KIND_STOP, 0, 0)) }?;
+    let mut done = Vec::with_capacity(1024);
+    let mut stopping = false;
+    while !stopping {
+        ring.turn(&mut done)?;
+        shared.turns.fetch_add(1, Ordering::Relaxed);
+        for c in done.drain(..) {
+            if DeviceLoop::owns(c.token.kind) {
+                devices.dispatch(c, &mut ring, &mem)?;
+            } else if c.token.kind == KIND_STOP {
+                stopping = true;
+            }
+        }
+        devices.resume(&mut ring, &mem);
+    }
+    drop(ring);
+    Ok(())
+}
+
+/// Counters of the VMM thread at one instant.
+#[derive(Clone, Copy, Debug, Default)]
+struct VmmSnap {
+    cpu_ns: u64,
+    turns: u64,
+    syscr: u64,
+    syscw: u64,
+    voluntary_switches: u64,
+}
+
+struct VmmHandle {
+    thread: Option<JoinHandle<io::Result<()>>>,
+    shared: Arc<VmmShared>,
+    stop: EventFd,
+}
+
+impl VmmHandle {
+    fn tid(&self) -> i32 {
+        self.shared.tid.load(Ordering::Acquire)
+    }
+
+    fn snap(&self) -> Res<VmmSnap> {
+        let thread = self
+            .thread
+            .as_ref()
+            .ok_or("the VMM thread is gone")?
+            .as_pthread_t();
+        let task = format!("/proc/self/task/{}", self.tid());
+        let io = std::fs::read_to_string(format!("{task}/io"))
+            .map_err(|e| format!("cannot read {task}/io: {e}"))?;
+        let status = std::fs::read_to_string(format!("{task}/status"))
+            .map_err(|e| format!("cannot read {task}/status: {e}"))?;
+        Ok(VmmSnap {
+            cpu_ns: thread_cpu_ns(thread)?,
+            turns: self.shared.turns.load(Ordering::Relaxed),
+            syscr: proc_field(&io, "syscr:")?,
+            syscw: proc_field(&io, "syscw:")?,
+            voluntary_switches: proc_field(&status, "voluntary_ctxt_switches:")?,
+        })
+    }
+
+    fn stop(mut self) -> Res<()> {
+        self.stop
+            .write(1)
+            .map_err(|e| format!("cannot signal the VMM thread to stop: {e}"))?;
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Ok(Ok(()))) | None => Ok(()),
+            Some(Ok(Err(e))) => Err(format!("VMM thread failed: {e}")),
+            Some(Err(_)) => Err("VMM thread panicked".into()),
+        }
+    }
+}
+
+fn proc_field(text: &str, key: &str) -> Res<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| format!("no {key} in /proc task file"))
+}
+
+/// CPU time consumed so far by `thread` (user + system), in nanoseconds.
+fn thread_cpu_ns(thread: libc::pthread_t) -> Res<u64> {
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: `thread` is alive (the caller holds its JoinHandle and it
+    // only exits when told to) and `clock` is a valid out pointer.
+    let rc = unsafe { libc::pthread_getcpuclockid(thread, &mut clock) };
+    if rc != 0 {
+        return Err(format!(
+            "pthread_getcpuclockid: {}",
+            io::Error::from_raw_os_error(rc)
+        ));
+    }
+    clock_ns(clock)
+}
+
+/// CPU time consumed so far by the calling thread, in nanoseconds.
+fn own_cpu_ns() -> Res<u64> {
+    clock_ns(libc::CLOCK_THREAD_CPUTIME_ID)
+}
+
+fn clock_ns(clock: libc::clockid_t) -> Res<u64> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and a valid out pointer.
+    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+        return Err(format!("clock_gettime: {}", io::Error::last_os_error()));
+    }
+    Ok(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+}
+
+// ---------------------------------------------------------------------------
+// The synthetic guest driver.
+
+/// `vring_need_event` from the virtio spec (§2.7.10).
+fn need_event(event: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+}
+
+fn indirect_table(slot: usize) -> u64 {
+    INDIRECT_BASE + slot as u64 * 64
+}
+
+fn header_addr(slot: usize) -> u64 {
+    HEADER_BASE + slot as u64 * 16
+}
+
+fn status_addr(slot: usize) -> u64 {
+    STATUS_BASE + slot as u64
+}
+
+fn data_addr(slot: usize) -> u64 {
+    DATA_BASE + slot as u64 * MAX_BLOCK
+}
+
+fn descriptor(addr: u64, len: u32, flags: u32, next: u16) -> [u8; 16] {
+    let mut d = [0u8; 16];
+    d[0..8].copy_from_slice(&addr.to_le_bytes());
+    d[8..12].copy_from_slice(&len.to_le_bytes());
+    d[12..14].copy_from_slice(&(flags as u16).to_le_bytes());
+    d[14..16].copy_from_slice(&next.to_le_bytes());
+    d
+}
+
+/// What the driver saw, cumulative.
+#[derive(Clone, Copy, Debug, Default)]
+struct DriverStats {
+    completed: u64,
+    /// Doorbell writes (each one a guest exit on real KVM).
+    kicks: u64,
+    /// Times the driver slept on the irq line.
+    waits: u64,
+    /// Sum of the irq eventfd counter: the device's irq writes it consumed.
+    irq_signals: u64,
+    /// The driver thread's CPU time when the stats were taken.
+    cpu_ns: u64,
+}
+
+struct Driver {
+    mem: GuestMemoryMmap,
+    bus: Bus,
+    base: u64,
+    kick: EventFd,
+    irq: EventFd,
+    qsize: u16,
+    capacity: u64,
+    avail_idx: u16,
+    last_used: u16,
+    free: Vec<usize>,
+    busy: Vec<bool>,
+    stats: DriverStats,
+    rng: u64,
+    next_seq: u64,
+}
+
+impl Driver {
+    fn read32(&self, reg: u32) -> u32 {
+        let mut b = [0u8; 4];
+        self.bus.read(0, self.base + u64::from(reg), &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn write32(&self, reg: u32, v: u32) {
+        self.bus
+            .write(0, self.base + u64::from(reg), &v.to_le_bytes());
+    }
+
+    /// Brings the device up exactly as a virtio-mmio v2 guest driver does.
+    fn init(&mut self) -> Res<()> {
+        if self.read32(VIRTIO_MMIO_MAGIC_VALUE) != u32::from_le_bytes(*b"virt")
+            || self.read32(VIRTIO_MMIO_VERSION) != 2
+            || self.read32(VIRTIO_MMIO_DEVICE_ID) != 2
+        {
+            return Err(format!(
+                "no virtio-mmio v2 block device at {:#x}",
+                self.base
+            ));
+        }
+        self.write32(VIRTIO_MMIO_STATUS, 0);
+        let mut status = VIRTIO_CONFIG_S_ACKNOWLEDGE;
+        self.write32(VIRTIO_MMIO_STATUS, status);
+        status |= VIRTIO_CONFIG_S_DRIVER;
+        self.write32(VIRTIO_MMIO_STATUS, status);
+        self.write32(VIRTIO_MMIO_DEVICE_FEATURES_SEL, 0);
+        let low = self.read32(VIRTIO_MMIO_DEVICE_FEATURES);
+        self.write32(VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
+        let high = self.read32(VIRTIO_MMIO_DEVICE_FEATURES);
+        let offered = u64::from(low) | (u64::from(high) << 32);
+        // Indirect descriptors, as Linux uses them: one ring slot per
+        // request, so QD 128 fits a 256-entry queue.
+        let want = (1u64 << VIRTIO_F_VERSION_1)
+            | (1u64 << VIRTIO_RING_F_EVENT_IDX)
+            | (1u64 << VIRTIO_RING_F_INDIRECT_DESC);
+        if offered & want != want {
+            return Err(format!(
+                "device offers features {offered:#x}, the driver needs {want:#x}"
+            ));
+        }
+        self.write32(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+        self.write32(VIRTIO_MMIO_DRIVER_FEATURES, want as u32);
+        self.write32(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        self.write32(VIRTIO_MMIO_DRIVER_FEATURES, (want >> 32) as u32);
+        status |= VIRTIO_CONFIG_S_FEATURES_OK;
+        self.write32(VIRTIO_MMIO_STATUS, status);
+        if self.read32(VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_FEATURES_OK == 0 {
+            return Err("the device refused FEATURES_OK".into());
+        }
+        self.write32(VIRTIO_MMIO_QUEUE_SEL, 0);
+        let max = self.read32(VIRTIO_MMIO_QUEUE_NUM_MAX);
+        self.qsize = u16::try_from(max.min(u32::from(QUEUE_SIZE))).unwrap_or(0);
+        if usize::from(self.qsize) < 128 {
+            return Err(format!("queue maximum {max} is below the QD 128 we need"));
+        }
+        self.write32(VIRTIO_MMIO_QUEUE_NUM, u32::from(self.qsize));
+        for (lo, hi, addr) in [
+            (
+                VIRTIO_MMIO_QUEUE_DESC_LOW,
+                VIRTIO_MMIO_QUEUE_DESC_HIGH,
+                DESC_TABLE,
+            ),
+            (
+                VIRTIO_MMIO_QUEUE_AVAIL_LOW,
+                VIRTIO_MMIO_QUEUE_AVAIL_HIGH,
+                AVAIL_RING,
+            ),
+            (
+                VIRTIO_MMIO_QUEUE_USED_LOW,
+                VIRTIO_MMIO_QUEUE_USED_HIGH,
+                USED_RING,
+            ),
+        ] {
+            self.write32(lo, addr as u32);
+            self.write32(hi, (addr >> 32) as u32);
+        }
+        self.write32(VIRTIO_MMIO_QUEUE_READY, 1);
+        status |= VIRTIO_CONFIG_S_DRIVER_OK;
+        self.write32(VIRTIO_MMIO_STATUS, status);
+        if self.read32(VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET != 0 {
+            return Err("the device asks for a reset right after DRIVER_OK".into());
+        }
+        let sectors = u64::from(self.read32(VIRTIO_MMIO_CONFIG))
+            | (u64::from(self.read32(VIRTIO_MMIO_CONFIG + 4)) << 32);
+        self.capacity = sectors * 512;
+        // Touch every data buffer once so page faults stay out of the runs.
+        let zeros = vec![0u8; MAX_BLOCK as usize];
+        for slot in 0..MAX_QD {
+            self.mem
+                .write_slice(&zeros, GuestAddress(data_addr(slot)))
+                .map_err(|e| format!("guest memory: {e}"))?;
+        }
+        Ok(())
+    }
+
+    fn used_event_addr(&self) -> GuestAddress {
+        GuestAddress(AVAIL_RING + 4 + 2 * u64::from(self.qsize))
+    }
+
+    fn avail_event_addr(&self) -> GuestAddress {
+        GuestAddress(USED_RING + 4 + 8 * u64::from(self.qsize))
+    }
+
+    /// Points `qd` descriptors at their indirect tables for workload `w`.
+    fn configure(&mut self, w: &Workload) -> Res<()> {
+        let gm = |e: vm_memory::GuestMemoryError| format!("guest memory: {e}");
+        let data_flags = VRING_DESC_F_NEXT
+            | if w.op == Op::Read {
+                VRING_DESC_F_WRITE
+            } else {
+                0
+            };
+        for slot in 0..w.qd {
+            let table = indirect_table(slot);
+            let head = descriptor(table, 48, VRING_DESC_F_INDIRECT, 0);
+            self.mem
+                .write_slice(&head, GuestAddress(DESC_TABLE + 16 * slot as u64))
+                .map_err(gm)?;
+            let entries = [
+                descriptor(header_addr(slot), 16, VRING_DESC_F_NEXT, 1),
+                descriptor(data_addr(slot), w.bs as u32, data_flags, 2),
+                descriptor(status_addr(slot), 1, VRING_DESC_F_WRITE, 0),
+            ];
+            for (i, d) in entries.iter().enumerate() {
+                self.mem
+                    .write_slice(d, GuestAddress(table + 16 * i as u64))
+                    .map_err(gm)?;
+            }
+        }
+        self.free = (0..w.qd).rev().collect();
+        self.busy = vec![false; w.qd];
+        Ok(())
+    }
+
+    fn next_offset(&mut self, w: &Workload) -> u64 {
+        let blocks = (self.capacity / w.bs).max(1);
+        if w.random {
+            // xorshift64*
+            self.rng ^= self.rng >> 12;
+            self.rng ^= self.rng << 25;
+            self.rng ^= self.rng >> 27;
+            let r = self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d);
+            (r % blocks) * w.bs
+        } else {
+            let off = self.next_seq;
+            self.next_seq = (off + w.bs) % (blocks * w.bs);
+            off
+        }
+    }
+
+    /// Fills every free slot, publishes the avail index once, and kicks
+    /// only if the device asked for it (EVENT_IDX).
+    fn submit_all(&mut self, w: &Workload) -> Res<()> {
+        if self.free.is_empty() {
+            return Ok(());
+        }
+        let gm = |e: vm_memory::GuestMemoryError| format!("guest memory: {e}");
+        let old = self.avail_idx;
+        let kind = if w.op == Op::Read {
+            VIRTIO_BLK_T_IN
+        } else {
+            VIRTIO_BLK_T_OUT
+        };
+        while let Some(slot) = self.free.pop() {
+            let offset = self.next_offset(w);
+            let mut header = [0u8; 16];
+            header[0..4].copy_from_slice(&kind.to_le_bytes());
+            header[8..16].copy_from_slice(&(offset / 512).to_le_bytes());
+            self.mem
+                .write_slice(&header, GuestAddress(header_addr(slot)))
+                .map_err(gm)?;
+            self.mem
+                .write_obj(0xffu8, GuestAddress(status_addr(slot)))
+                .map_err(gm)?;
+            let entry = AVAIL_RING + 4 + 2 * u64::from(self.avail_idx % self.qsize);
+            self.mem
+                .write_obj((slot as u16).to_le(), GuestAddress(entry))
+                .map_err(gm)?;
+            self.busy[slot] = true;
+            self.avail_idx = self.avail_idx.wrapping_add(1);
+        }
+        self.mem
+            .store(
+                self.avail_idx.to_le(),
+                GuestAddress(AVAIL_RING + 2),
+                Ordering::Release,
+            )
+            .map_err(gm)?;
+        fence(Ordering::SeqCst);
+        let event = u16::from_le(
+            self.mem
+                .load(self.avail_event_addr(), Ordering::Acquire)
+                .map_err(gm)?,
+        );
+        if need_event(event, self.avail_idx, old) {
+            self.kick
+                .write(1)
+                .map_err(|e| format!("doorbell write: {e}"))?;
+            self.stats.kicks += 1;
+        }
+        Ok(())
+    }
+
+    fn used_idx(&self) -> Res<u16> {
+        self.mem
+            .load(GuestAddress(USED_RING + 2), Ordering::Acquire)
+            .map(u16::from_le)
+            .map_err(|e| format!("guest memory: {e}"))
+    }
+
+    /// Takes every used element; checks id, length and status.
+    fn harvest(&mut self, w: &Workload) -> Res<u64> {
+        let gm = |e: vm_memory::GuestMemoryError| format!("guest memory: {e}");
+        let used = self.used_idx()?;
+        let mut n = 0;
+        while self.last_used != used {
+            let elem = USED_RING + 4 + 8 * u64::from(self.last_used % self.qsize);
+            let id = u32::from_le(self.mem.read_obj(GuestAddress(elem)).map_err(gm)?) as usize;
+            let len = u32::from_le(self.mem.read_obj(GuestAddress(elem + 4)).map_err(gm)?);
+            if !self.busy.get(id).copied().unwrap_or(false) {
+                return Err(format!(
+                    "device returned descriptor {id}, which is not in flight"
+                ));
+            }
+            let status: u8 = self
+                .mem
+                .read_obj(GuestAddress(status_addr(id)))
+                .map_err(gm)?;
+            if status != VIRTIO_BLK_S_OK as u8 {
+                return Err(format!("request failed with virtio-blk status {status}"));
+            }
+            let expected = if w.op == Op::Read { w.bs as u32 + 1 } else { 1 };
+            if len != expected {
+                return Err(format!("used length {len}, expected {expected}"));
+            }
+            self.busy[id] = false;
+            self.free.push(id);
+            self.last_used = self.last_used.wrapping_add(1);
+            n += 1;
+        }
+        self.stats.completed += n;
+        Ok(n)
+    }
+
+    /// Re-arms the interrupt (used_event = what we have seen), and sleeps
+    /// on the irq line unless something arrived meanwhile. On wake-up it
+    /// does what Linux's virtio-mmio interrupt handler does: read and
+    /// acknowledge InterruptStatus.
+    fn wait_irq(&mut self) -> Res<()> {
+        let gm = |e: vm_memory::GuestMemoryError| format!("guest memory: {e}");
+        self.mem
+            .store(
+                self.last_used.to_le(),
+                self.used_event_addr(),
+                Ordering::Release,
+            )
+            .map_err(gm)?;
+        fence(Ordering::SeqCst);
+        if self.used_idx()? != self.last_used {
+            return Ok(());
+        }
+        let mut pfd = libc::pollfd {
+            fd: self.irq.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, count 1.
+        let rc = unsafe { libc::poll(&mut pfd, 1, 10_000) };
+        match rc {
+            0 => {
+                return Err("no interrupt for 10 s with requests in flight: device stalled".into())
+            }
+            r if r < 0 => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(format!("poll on the irq eventfd: {e}"));
+                }
+            }
+            _ => {}
+        }
+        self.stats.waits += 1;
+        match self.irq.read() {
+            Ok(n) => self.stats.irq_signals += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(format!("irq eventfd read: {e}")),
+        }
+        let isr = self.read32(VIRTIO_MMIO_INTERRUPT_STATUS);
+        if isr != 0 {
+            self.write32(VIRTIO_MMIO_INTERRUPT_ACK, isr);
+        }
+        Ok(())
+    }
+
+    fn in_flight(&self) -> usize {
+        self.busy.len() - self.free.len()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// One file: a drive, its VMM thread, the driver.
+
+struct Harness {
+    driver: Driver,
+    vmm: VmmHandle,
+}
+
+impl Harness {
+    fn new(path: &Path) -> Res<Self> {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)])
+            .map_err(|e| format!("guest memory: {e}"))?;
+        let mut devices = DeviceManager::new().map_err(|e| e.to_string())?;
+        let wiring = BenchWiring::default();
+        let cfg = DriveConfig {
+            drive_id: "bench".into(),
+            path_on_host: path.to_path_buf(),
+            ..DriveConfig::default()
+        };
+        let file = open_backing_file(&cfg).map_err(|e| e.to_string())?;
+        let drive = Drive::new(&cfg, file, &wiring, &mut devices).map_err(|e| e.to_string())?;
+        let irq = wiring
+            .irq
+            .take()
+            .ok_or("the drive wired no interrupt line")?;
+        let (kick, doorbell, _value) = wiring
+            .doorbell
+            .take()
+            .ok_or("the drive wired no doorbell")?;
+        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
+        let shared = Arc::new(VmmShared::default());
+        let thread = {
+            let (mem, shared) = (mem.clone(), shared.clone());
+            let stop = stop.try_clone().map_err(|e| format!("eventfd: {e}"))?;
+            std::thread::Builder::new()
+                .name("vmm".into())
+                .spawn(move || vmm_thread(drive, mem, stop, shared))
+                .map_err(|e| format!("cannot start the VMM thread: {e}"))?
+        };
+        while shared.tid.load(Ordering::Acquire) == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let mut driver = Driver {
+            mem,
+            bus: devices.mmio.clone(),
+            base: doorbell - NOTIFY_REG_OFFSET,
+            kick,
+            irq,
+            qsize: 0,
+            capacity: 0,
+            avail_idx: 0,
+            last_used: 0,
+            free: Vec::new(),
+            busy: Vec::new(),
+            stats: DriverStats::default(),
+            rng: 0x9e37_79b9_7f4a_7c15,
+            next_seq: 0,
+        };
+        driver.init()?;
+        Ok(Self {
+            driver,
+            vmm: VmmHandle {
+                thread: Some(thread),
+                shared,
+                stop,
+            },
+        })
+    }
+
+    /// Runs `w` for warm-up + `secs`, measuring only the second part, then
+    /// drains the queue.
+    fn run(&mut self, w: &Workload, warmup: f64, secs: f64) -> Res<RingvmResult> {
+        let d = &mut self.driver;
+        d.configure(w)?;
+        let start = Instant::now();
+        let t_measure = start + Duration::from_secs_f64(warmup);
+        let t_end = t_measure + Duration::from_secs_f64(secs);
+        let mut first: Option<(Instant, DriverStats, VmmSnap)> = None;
+        let mut result: Option<RingvmResult> = None;
+        loop {
+            if result.is_none() {
+                d.submit_all(w)?;
+            }
+            let got = d.harvest(w)?;
+            let now = Instant::now();
+            match &first {
+                None if now >= t_measure => {
+                    d.stats.cpu_ns = own_cpu_ns()?;
+                    first = Some((now, d.stats, self.vmm.snap()?));
+                }
+                Some((t0, s0, v0)) if result.is_none() && now >= t_end => {
+                    d.stats.cpu_ns = own_cpu_ns()?;
+                    let v1 = self.vmm.snap()?;
+                    result = Some(RingvmResult::new(w, now - *t0, s0, &d.stats, v0, &v1));
+                }
+                _ => {}
+            }
+            if let Some(r) = result {
+                if d.in_flight() == 0 {
+                    return Ok(r);
+                }
+            }
+            if got == 0 && (d.free.is_empty() || result.is_some()) {
+                d.wait_irq()?;
+            }
+        }
+    }
+}
+
+/// Totals of one or more measured ringvm windows of the same point.
+#[derive(Clone, Copy, Debug, Default)]
+struct RingvmResult {
+    seconds: f64,
+    requests: u64,
+    bytes: u64,
+    vmm_cpu_ns: u64,
+    driver_cpu_ns: u64,
+    turns: u64,
+    irq_writes: u64,
+    other_rw_syscalls: u64,
+    vmm_sleeps: u64,
+    kicks: u64,
+    driver_waits: u64,
+    irq_signals_seen: u64,
+}
+
+impl RingvmResult {
+    fn new(
+        w: &Workload,
+        elapsed: Duration,
+        s0: &DriverStats,
+        s1: &DriverStats,
+        v0: &VmmSnap,
+        v1: &VmmSnap,
+    ) -> Self {
+        let requests = s1.completed - s0.completed;
+        let syscw = v1.syscw - v0.syscw;
+        // The VMM thread's only write(2)s are irq eventfd signals; its
+        // read(2)s should be zero (the ring reads the eventfds).
+        let syscr = v1.syscr - v0.syscr;
+        Self {
+            seconds: elapsed.as_secs_f64(),
+            requests,
+            bytes: requests * w.bs,
+            vmm_cpu_ns: v1.cpu_ns - v0.cpu_ns,
+            driver_cpu_ns: s1.cpu_ns - s0.cpu_ns,
+            turns: v1.turns - v0.turns,
+            irq_writes: syscw,
+            other_rw_syscalls: syscr,
+            vmm_sleeps: v1.voluntary_switches - v0.voluntary_switches,
+            kicks: s1.kicks - s0.kicks,
+            driver_waits: s1.waits - s0.waits,
+            irq_signals_seen: s1.irq_signals - s0.irq_signals,
+        }
+    }
+
+    fn add(&mut self, o: &Self) {
+        self.seconds += o.seconds;
+        self.requests += o.requests;
+        self.bytes += o.bytes;
+        self.vmm_cpu_ns += o.vmm_cpu_ns;
+        self.driver_cpu_ns += o.driver_cpu_ns;
+        self.turns += o.turns;
+        self.irq_writes += o.irq_writes;
+        self.other_rw_syscalls += o.other_rw_syscalls;
+        self.vmm_sleeps += o.vmm_sleeps;
+        self.kicks += o.kicks;
+        self.driver_waits += o.driver_waits;
+        self.irq_signals_seen += o.irq_signals_seen;
+    }
+
+    fn iops(&self) -> f64 {
+        self.requests as f64 / self.seconds.max(1e-9)
+    }
+
+    fn mib_s(&self) -> f64 {
+        self.bytes as f64 / MIB / self.seconds.max(1e-9)
+    }
+
+    fn cpu_us_per_req(&self) -> f64 {
+        self.per_req(self.vmm_cpu_ns) / 1000.0
+    }
+
+    fn driver_cpu_us_per_req(&self) -> f64 {
+        self.per_req(self.driver_cpu_ns) / 1000.0
+    }
+
+    fn syscalls(&self) -> u64 {
+        self.turns + self.irq_writes + self.other_rw_syscalls
+    }
+
+    fn per_req(&self, v: u64) -> f64 {
+        v as f64 / self.requests.max(1) as f64
+    }
+}
+
+// ---------------------------------------------------------------------------
+// fio, the host limit.
+
+#[derive(Clone, Debug)]
+struct FioResult {
+    iops: f64,
+    mib_s: f64,
+    cpu_us_per_req: f64,
+    command: String,
+}
+
+fn fio_version() -> Res<String> {
+    match Command::new("fio").arg("--version").output() {
+        Ok(o) if o.status.success() => Ok(String::from_utf8_lossy(&o.stdout).trim().to_string()),
+        Ok(o) => Err(format!("fio --version failed: {}", String::from_utf8_lossy(&o.stderr).trim())),
+        Err(e) => Err(format!(
+            "fio is not available ({e}); this benchmark compares against fio --ioengine=io_uring and cannot run without it (apt-get install fio, or `make deps`)"
+        )),
+    }
+}
+
+fn run_fio(file: &Path, w: &Workload, warmup: f64, secs: f64) -> Res<FioResult> {
+    let args = vec![
+        "--name=host".to_string(),
+        "--ioengine=io_uring".into(),
+        format!("--filename={}", file.display()),
+        format!("--rw={}", w.rw),
+        format!("--bs={}", w.bs),
+        format!("--iodepth={}", w.qd),
+        "--numjobs=1".into(),
+        "--direct=0".into(),
+        // Keep the page cache the ringvm run used.
+        "--invalidate=0".into(),
+        "--norandommap".into(),
+        "--time_based".into(),
+        format!("--ramp_time={}ms", (warmup * 1000.0).round() as u64),
+        format!("--runtime={}ms", (secs * 1000.0).round() as u64),
+        "--output-format=json".into(),
+    ];
+    let command = format!("fio {}", args.join(" "));
+    let out = Command::new("fio")
+        .args(&args)
+        .output()
+        .map_err(|e| format!("cannot run fio: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "`{command}` failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let json_start = text
+        .find('{')
+        .ok_or_else(|| format!("`{command}` printed no JSON"))?;
+    let v: Value = serde_json::from_str(&text[json_start..])
+        .map_err(|e| format!("`{command}` output is not JSON: {e}"))?;
+    let job = &v["jobs"][0];
+    let side = if w.op == Op::Read { "read" } else { "write" };
+    let num = |v: &Value, what: &str| v.as_f64().ok_or_else(|| format!("fio JSON has no {what}"));
+    let iops = num(&job[side]["iops"], "iops")?;
+    let bw = num(&job[side]["bw_bytes"], "bw_bytes")?;
+    let ios = num(&job[side]["total_ios"], "total_ios")?;
+    let runtime_ms = num(&job["job_runtime"], "job_runtime")?;
+    let cpu_pct = num(&job["usr_cpu"], "usr_cpu")? + num(&job["sys_cpu"], "sys_cpu")?;
+    Ok(FioResult {
+        iops,
+        mib_s: bw / MIB,
+        cpu_us_per_req: cpu_pct / 100.0 * runtime_ms * 1000.0 / ios.max(1.0),
+        command,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Files.
+
+struct TestFile {
+    kind: &'static str,
+    path: PathBuf,
+    fs: String,
+}
+
+/// The file system type of the mount holding `dir` (longest mount-point
+/// prefix in /proc/self/mounts).
+fn fs_type(dir: &Path) -> String {
+    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_dev, mnt, fs) = (f.next()?, f.next()?, f.next()?);
+            dir.starts_with(mnt).then(|| (mnt.len(), fs.to_string()))
+        })
+        .max_by_key(|(len, _)| *len)
+        .map_or_else(|| "unknown".into(), |(_, fs)| fs)
+}
+
+/// Writes `mib` MiB of non-zero data (no holes: every read hits real
+/// pages), and syncs it so writeback does not run during the first point.
+fn prepare_file(path: &Path, mib: u64) -> Res<()> {
+    let mut f = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    for i in 0..mib {
+        for word in chunk.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            word.copy_from_slice(&(x ^ i).to_le_bytes());
+        }
+        f.write_all(&chunk)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    f.sync_all()
+        .map_err(|e| format!("cannot sync {}: {e}", path.display()))
+}
+
+/// CPU the rest of the machine used while we measured: busy time from
+/// /proc/stat minus this process's and its waited-for children's (fio's)
+/// CPU time. Other work on a 2-core machine skews both sides.
+#[derive(Clone, Copy, Debug)]
+struct HostCpu {
+    at: Instant,
+    busy_s: f64,
+    own_s: f64,
+}
+
+impl HostCpu {
+    fn sample() -> Res<Self> {
+        let stat = std::fs::read_to_string("/proc/stat")
+            .map_err(|e| format!("cannot read /proc/stat: {e}"))?;
+        let ticks: Vec<u64> = stat
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("cpu "))
+            .ok_or("no cpu line in /proc/stat")?
+            .split_whitespace()
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal (guest time is
+        // already inside user).
+        let total: u64 = ticks.iter().take(8).sum();
+        let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let own = |who| -> f64 {
+            // SAFETY: an all-zero rusage is a valid value of the plain C struct.
+            let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+            // SAFETY: `who` is RUSAGE_SELF or RUSAGE_CHILDREN and `ru` is a
+            // valid out pointer.
+            unsafe { libc::getrusage(who, &mut ru) };
+            let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+            tv(ru.ru_utime) + tv(ru.ru_stime)
+        };
+        Ok(Self {
+            at: Instant::now(),
+            busy_s: total.saturating_sub(idle) as f64 / hz,
+            own_s: own(libc::RUSAGE_SELF) + own(libc::RUSAGE_CHILDREN),
+        })
+    }
+
+    /// Average number of CPUs others kept busy since `earlier`.
+    fn others_since(&self, earlier: &Self) -> f64 {
+        let wall = (self.at - earlier.at).as_secs_f64().max(1e-9);
+        ((self.busy_s - earlier.busy_s) - (self.own_s - earlier.own_s)).max(0.0) / wall
+    }
+}
+
+/// Flushes dirty pages left by the previous point, so each run starts
+/// from the same clean, fully cached file.
+fn settle(path: &Path) -> Res<()> {
+    OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.sync_data())
+        .map_err(|e| format!("cannot sync {}: {e}", path.display()))
+}
+
+// ---------------------------------------------------------------------------
+// Report.
+
+fn mean(values: impl Iterator<Item = f64>) -> f64 {
+    let (sum, n) = values.fold((0.0, 0u32), |(s, n), v| (s + v, n + 1));
+    sum / f64::from(n.max(1))
+}
+
+struct Row {
+    file_kind: &'static str,
+    w: Workload,
+    /// All repetitions summed.
+    ringvm: RingvmResult,
+    /// Each repetition, to show the spread.
+    ringvm_runs: Vec<RingvmResult>,
+    fio: Vec<FioResult>,
+    /// CPUs other processes kept busy during the point (both runs).
+    others_cpus: f64,
+}
+
+impl Row {
+    fn ringvm_value(&self) -> f64 {
+        if self.w.bandwidth {
+            self.ringvm.mib_s()
+        } else {
+            self.ringvm.iops()
+        }
+    }
+
+    fn fio_value(&self) -> f64 {
+        if self.w.bandwidth {
+            mean(self.fio.iter().map(|f| f.mib_s))
+        } else {
+            mean(self.fio.iter().map(|f| f.iops))
+        }
+    }
+
+    fn fio_cpu_us_per_req(&self) -> f64 {
+        mean(self.fio.iter().map(|f| f.cpu_us_per_req))
+    }
+
+    fn ratio(&self) -> f64 {
+        self.ringvm_value() / self.fio_value().max(f64::MIN_POSITIVE)
+    }
+
+    fn fmt_value(&self, v: f64) -> String {
+        if self.w.bandwidth {
+            format!("{v:.0} MiB/s")
+        } else if v >= 10_000.0 {
+            format!("{:.1}k IOPS", v / 1000.0)
+        } else {
+            format!("{v:.0} IOPS")
+        }
+    }
+}
+
+struct Context {
+    kernel: String,
+    cpu: String,
+    cpus: usize,
+    fio: String,
+    deferred_taskrun: bool,
+    files: Vec<(String, String, String)>,
+    loadavg: String,
+}
+
+const METHOD: &[&str] = &[
+    "Device side: the real `Drive` (virtio-blk `BlockDevice` + virtio-mmio transport on the MMIO bus) in the real `DeviceLoop`, on its own thread turning one `EventLoop` io_uring ring, as `Vmm::run` does for a booted guest. No KVM.",
+    "Driver side: a split-virtqueue driver on the main thread (queue size 256, VERSION_1 + EVENT_IDX + INDIRECT_DESC, one indirect 3-descriptor chain per request: 16-byte header, data, 1-byte status), set up through the virtio-mmio v2 registers. It kicks by writing the doorbell eventfd (KVM's ioeventfd) only when vring_need_event says so, and sleeps on the irq eventfd (KVM's irqfd) only when it has nothing to submit or reap, after re-arming used_event; on wake it reads and acks InterruptStatus like Linux's vm_interrupt.",
+    "Files: 1 GiB (default) of non-zero data, buffered I/O through the host page cache for both ringvm and fio (drive opened without O_DIRECT; fio --direct=0 --invalidate=0); the file is fdatasync'ed before every run so dirty pages of a previous write run do not carry over.",
+    "Host limit: fio --ioengine=io_uring, numjobs=1, same file, same rw/bs/iodepth, --norandommap, same warm-up (--ramp_time) and duration, alternating with the ringvm runs of the same point (ABBA). ratio = ringvm rate over all its runs / mean fio rate.",
+    "VMM CPU: CLOCK_THREAD_CPUTIME of the VMM thread (pthread_getcpuclockid) over the measured window, divided by requests completed in it. Work io_uring hands to io-wq kernel workers (e.g. buffered writes that cannot complete inline) is not in that thread's time; fio's figure is (usr_cpu+sys_cpu) x runtime / ios of its job thread, with the same blind spot.",
+    "VMM syscalls: io_uring_enter calls counted around `EventLoop::turn` (one per turn) + read/write syscalls from /proc/self/task/<tid>/io (syscr+syscw; the only write(2)s are irq eventfd signals, cross-checked against the counter values the driver read from the irq eventfd). The loop takes no locks and makes no other syscalls on the data path; SQ-full submits inside `EventLoop::push` are not counted (cannot happen at QD <= 128 with a 256-entry SQ).",
+    "VMM sleeps: voluntary context switches of the VMM thread (/proc/self/task/<tid>/status), i.e. turns that blocked in io_uring_enter. Driver CPU: CLOCK_THREAD_CPUTIME of the synthetic driver thread (the guest's share, not ringvm's).",
+    "Others' CPUs: how many CPUs other processes kept busy on average during the point (/proc/stat busy time minus this process's and fio's CPU time). This benchmark shares the machine; with 2 CPUs, ringvm needs one for the VMM thread and one for the guest driver, fio one for itself, so anything else running skews ringvm more.",
+    "Method cross-check (done once by hand): `perf stat -e raw_syscalls:sys_enter -t <vmm tid>` over a tmpfs randread QD32 run counted only io_uring_enter and write, at the same rate as the counters above.",
+];
+
+/// What bounds the figures, as the breakdown table shows it.
+const BOUNDS: &[&str] = &[
+    "Syscalls per request = (io_uring_enter + irq writes) / requests, so staying under 0.1 needs about 20 requests per turn and at most one irq write per turn. At QD 32 that means nearly the whole queue must be popped in one drain and completed in one turn.",
+    "Requests per turn: `EventLoop::turn` is `submit_and_wait(1)`, so a turn ends at the first completion. Where io_uring completes inline (ext4 page-cache reads), a kick's whole drain completes in one turn. Where it punts to io-wq (every tmpfs request here: an iou-wrk thread shows up, and buffered ext4 writes), completions come back one or two at a time, and each one wakes the thread for a turn of its own. Waiting for more (min_complete > 1 with a short IORING_ENTER_EXT_ARG timeout / min-wait) or leaving the queue's notifications off while I/O is in flight (popping new requests on each completion turn instead of taking a kick) would make batches bigger.",
+    "Irq writes: `BlockDevice::complete` runs `needs_notification` after every completion. While the VMM thread works through a batch, the guest (on the other CPU) can wake up, reap, and re-arm used_event, and then the next completion in the same batch signals again. So irq writes per turn can go above 1 (see the disk randread rows). Signalling once per queue at the end of a turn's batch would cap them at one per turn.",
+    "QD 1: every request costs two cross-thread wake-ups (doorbell -> VMM thread, irqfd -> guest). fio does one syscall with an inline completion. On this nested VM a cross-CPU wake-up costs several µs, which is why the VMM thread's CPU per request is high there. A real guest pays those two hops too (ioeventfd exit, irq injection).",
+    "Throughput ratio: on 2 CPUs the VMM thread and the guest driver take one CPU each, plus io-wq workers, while fio's single thread has the machine to itself. Whatever else runs (the others' CPUs column) costs ringvm more than fio. Ratios vary by ±20-30% between runs on this shared machine, so treat single points as rough.",
+];
+
+const QEMU_NOTE: &str = "QEMU side-by-side: not run. This machine's KVM is PVM-native (guest code runs in KVM's instruction emulator at ~1.6 us/instruction), so a QEMU guest would measure the emulator, not QEMU's block layer; a fake figure would be worse than none. The comparison here is against the host limit (fio io_uring on the same file) instead.";
+
+fn markdown(rows: &[Row], ctx: &Context, args: &Args) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "# ringvm virtio-blk vs host io_uring (fio), same file, same run\n"
+    );
+    let _ = writeln!(
+        s,
+        "Kernel {}, {} x {}, {}, io_uring DEFER_TASKRUN: {}. Each point: {} x {} s measured per side (after {} s warm-up each), ringvm and fio alternating ABBA; buffered I/O (host page cache) on both sides. Load average at the start: {}.\n",
+        ctx.kernel,
+        ctx.cpus,
+        ctx.cpu,
+        ctx.fio,
+        if ctx.deferred_taskrun { "yes" } else { "no" },
+        args.repeats,
+        args.seconds,
+        args.warmup,
+        ctx.loadavg,
+    );
+    for (kind, path, fs) in &ctx.files {
+        let _ = writeln!(s, "- {kind}: `{path}` ({fs})");
+    }
+    let _ = writeln!(
+        s,
+        "\n| file | workload | QD | ringvm | fio io_uring | ratio | VMM CPU µs/req | fio CPU µs/req | VMM syscalls/req |"
+    );
+    let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {:.2}x | {:.2} | {:.2} | {:.3} |",
+            r.file_kind,
+            r.w.label(),
+            r.w.qd,
+            r.fmt_value(r.ringvm_value()),
+            r.fmt_value(r.fio_value()),
+            r.ratio(),
+            r.ringvm.cpu_us_per_req(),
+            r.fio_cpu_us_per_req(),
+            r.ringvm.per_req(r.ringvm.syscalls()),
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\n## Where the VMM thread's syscalls and wake-ups go (per request)\n"
+    );
+    let _ = writeln!(
+        s,
+        "| file | workload | QD | requests/turn | io_uring_enter | irq writes | other r/w | VMM sleeps | driver kicks | driver sleeps | driver CPU µs/req | others' CPUs |"
+    );
+    let _ = writeln!(
+        s,
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for r in rows {
+        let g = &r.ringvm;
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {:.1} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} | {:.2} |",
+            r.file_kind,
+            r.w.label(),
+            r.w.qd,
+            g.requests as f64 / g.turns.max(1) as f64,
+            g.per_req(g.turns),
+            g.per_req(g.irq_writes),
+            g.per_req(g.other_rw_syscalls),
+            g.per_req(g.vmm_sleeps),
+            g.per_req(g.kicks),
+            g.per_req(g.driver_waits),
+            g.driver_cpu_us_per_req(),
+            r.others_cpus,
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\n## Targets (issue #3): at QD 32, ratio >= 0.9 and < 0.1 syscalls/request\n"
+    );
+    let _ = writeln!(
+        s,
+        "| file | workload | ratio | syscalls/req | ratio target | syscall target |"
+    );
+    let _ = writeln!(s, "|---|---|---:|---:|---|---|");
+    for r in rows.iter().filter(|r| r.w.qd == 32) {
+        let sc = r.ringvm.per_req(r.ringvm.syscalls());
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.2}x | {:.3} | {} | {} |",
+            r.file_kind,
+            r.w.label(),
+            r.ratio(),
+            sc,
+            if r.ratio() >= 0.9 { "met" } else { "MISSED" },
+            if sc < 0.1 { "met" } else { "MISSED" },
+        );
+    }
+    let _ = writeln!(s, "\n## What bounds them\n");
+    for b in BOUNDS {
+        let _ = writeln!(s, "- {b}");
+    }
+    let _ = writeln!(s, "\n## Method\n");
+    for m in METHOD {
+        let _ = writeln!(s, "- {m}");
+    }
+    let _ = writeln!(s, "\n## QEMU\n\n{QEMU_NOTE}");
+    s
+}
+
+fn json_report(rows: &[Row], ctx: &Context, args: &Args) -> Value {
+    let results: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            let g = &r.ringvm;
+            json!({
+                "file_kind": r.file_kind,
+                "workload": r.w.rw,
+                "block_size": r.w.bs,
+                "queue_depth": r.w.qd,
+                "unit": if r.w.bandwidth { "MiB/s" } else { "IOPS" },
+                "ringvm_value": r.ringvm_value(),
+                "fio_value": r.fio_value(),
+                "ratio": r.ratio(),
+                "others_cpus_busy": r.others_cpus,
+                "ringvm": {
+                    "seconds": g.seconds,
+                    "requests": g.requests,
+                    "iops": g.iops(),
+                    "mib_s": g.mib_s(),
+                    "vmm_cpu_us_per_req": g.cpu_us_per_req(),
+                    "driver_cpu_us_per_req": g.driver_cpu_us_per_req(),
+                    "runs": r.ringvm_runs.iter().map(|x| json!({
+                        "seconds": x.seconds,
+                        "iops": x.iops(),
+                        "mib_s": x.mib_s(),
+                        "vmm_cpu_us_per_req": x.cpu_us_per_req(),
+                        "vmm_syscalls_per_req": x.per_req(x.syscalls()),
+                    })).collect::<Vec<_>>(),
+                    "vmm_syscalls_per_req": g.per_req(g.syscalls()),
+                    "io_uring_enter": g.turns,
+                    "irq_writes": g.irq_writes,
+                    "irq_signals_seen_by_driver": g.irq_signals_seen,
+                    "other_read_write_syscalls": g.other_rw_syscalls,
+                    "vmm_sleeps": g.vmm_sleeps,
+                    "requests_per_turn": g.requests as f64 / g.turns.max(1) as f64,
+                    "driver_kicks": g.kicks,
+                    "driver_sleeps": g.driver_waits,
+                },
+                "fio": {
+                    "iops": mean(r.fio.iter().map(|f| f.iops)),
+                    "mib_s": mean(r.fio.iter().map(|f| f.mib_s)),
+                    "cpu_us_per_req": r.fio_cpu_us_per_req(),
+                    "command": r.fio.first().map(|f| f.command.clone()),
+                    "runs": r.fio.iter().map(|f| json!({
+                        "iops": f.iops,
+                        "mib_s": f.mib_s,
+                        "cpu_us_per_req": f.cpu_us_per_req,
+                    })).collect::<Vec<_>>(),
+                },
+            })
+        })
+        .collect();
+    let targets: Vec<Value> = rows
+        .iter()
+        .filter(|r| r.w.qd == 32)
+        .map(|r| {
+            let sc = r.ringvm.per_req(r.ringvm.syscalls());
+            json!({
+                "file_kind": r.file_kind,
+                "workload": r.w.label(),
+                "ratio": r.ratio(),
+                "ratio_target_met": r.ratio() >= 0.9,
+                "syscalls_per_req": sc,
+                "syscall_target_met": sc < 0.1,
+            })
+        })
+        .collect();
+    json!({
+        "benchmark": "bench-blk",
+        "host": {
+            "kernel": ctx.kernel,
+            "cpu": ctx.cpu,
+            "cpus": ctx.cpus,
+            "fio": ctx.fio,
+            "io_uring_defer_taskrun": ctx.deferred_taskrun,
+            "loadavg_at_start": ctx.loadavg,
+        },
+        "config": {
+            "seconds_per_run": args.seconds,
+            "runs_per_side": args.repeats,
+            "warmup_seconds": args.warmup,
+            "file_mib": args.file_mib,
+            "caching": "buffered (host page cache) for ringvm and fio",
+            "files": ctx.files.iter().map(|(k, p, f)| json!({"kind": k, "path": p, "fs": f})).collect::<Vec<_>>(),
+        },
+        "targets": {"qd": 32, "ratio_min": 0.9, "syscalls_per_req_max": 0.1, "points": targets},
+        "results": results,
+        "method": METHOD,
+        "bounds": BOUNDS,
+        "qemu": QEMU_NOTE,
+    })
+}
+
+// ---------------------------------------------------------------------------
+
+fn host_line(path: &str, key: &str) -> String {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn run(args: &Args) -> Res<()> {
+    let fio = fio_version()?;
+    if args.seconds <= 0.0 || args.warmup < 0.0 || args.file_mib == 0 || args.repeats == 0 {
+        return Err("--seconds must be > 0, --warmup >= 0, --file-mib and --repeats > 0".into());
+    }
+    let out_dir = args
+        .out
+        .clone()
+        .unwrap_or_else(|| ringvm_tests::workspace_root().join("target/bench"));
+    std::fs::create_dir_all(&out_dir)
+        .map_err(|e| format!("cannot create {}: {e}", out_dir.display()))?;
+    let pid = std::process::id();
+    let files = [
+        TestFile {
+            kind: "tmpfs",
+            path: args.shm_dir.join(format!("ringvm-bench-blk-{pid}.img")),
+            fs: fs_type(&args.shm_dir),
+        },
+        TestFile {
+            kind: "disk",
+            path: args.disk_dir.join(format!("ringvm-bench-blk-{pid}.img")),
+            fs: fs_type(&args.disk_dir),
+        },
+    ];
+    let mut ctx = Context {
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "unknown".into()),
+        cpu: host_line("/proc/cpuinfo", "model name"),
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        fio,
+        deferred_taskrun: false,
+        loadavg: std::fs::read_to_string("/proc/loadavg")
+            .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+            .unwrap_or_else(|_| "unknown".into()),
+        files: files
+            .iter()
+            .map(|f| {
+                (
+                    f.kind.to_string(),
+                    f.path.display().to_string(),
+                    f.fs.clone(),
+                )
+            })
+            .collect(),
+    };
+    eprintln!(
+        "bench-blk: {} points x 2 files, {} x ({} s + {} s warm-up) per side, ringvm and fio alternating ABBA",
+        workloads().len(),
+        args.repeats,
+        args.seconds,
+        args.warmup
+    );
+    let mut rows = Vec::new();
+    let mut outcome = Ok(());
+    for f in &files {
+        let points: Vec<Workload> = workloads()
+            .into_iter()
+            .filter(|w| {
+                let label = format!("{} {} QD{}", f.kind, w.label(), w.qd);
+                args.only.as_deref().is_none_or(|o| label.contains(o))
+            })
+            .collect();
+        if points.is_empty() {
+            continue;
+        }
+        eprintln!(
+            "bench-blk: writing {} MiB to {}",
+            args.file_mib,
+            f.path.display()
+        );
+        outcome = prepare_file(&f.path, args.file_mib).and_then(|()| {
+            let mut h = Harness::new(&f.path)?;
+            let result: Res<()> = (|| {
+                for w in points {
+                    let cpu0 = HostCpu::sample()?;
+                    let mut ringvm_runs = Vec::new();
+                    let mut fio = Vec::new();
+                    // ABBA order (ringvm, fio, fio, ringvm, ...) so a drift
+                    // in the machine's state favours neither side.
+                    for rep in 0..args.repeats {
+                        for ringvm_turn in [rep % 2 == 0, rep % 2 != 0] {
+                            settle(&f.path)?;
+                            if ringvm_turn {
+                                ringvm_runs.push(h.run(&w, args.warmup, args.seconds)?);
+                            } else {
+                                fio.push(run_fio(&f.path, &w, args.warmup, args.seconds)?);
+                            }
+                        }
+                    }
+                    let others_cpus = HostCpu::sample()?.others_since(&cpu0);
+                    let mut ringvm = RingvmResult::default();
+                    for r in &ringvm_runs {
+                        ringvm.add(r);
+                    }
+                    let row = Row {
+                        file_kind: f.kind,
+                        w,
+                        ringvm,
+                        ringvm_runs,
+                        fio,
+                        others_cpus,
+                    };
+                    eprintln!(
+                        "  {:5} {:14} QD{:<3} ringvm {:>14}  fio {:>14}  {:.2}x  {:.2} µs/req  {:.3} syscalls/req",
+                        row.file_kind,
+                        row.w.label(),
+                        row.w.qd,
+                        row.fmt_value(row.ringvm_value()),
+                        row.fmt_value(row.fio_value()),
+                        row.ratio(),
+                        row.ringvm.cpu_us_per_req(),
+                        row.ringvm.per_req(row.ringvm.syscalls())
+                    );
+                    rows.push(row);
+                }
+                Ok(())
+            })();
+            ctx.deferred_taskrun = h.vmm.shared.deferred_taskrun.load(Ordering::Acquire);
+            let stopped = h.vmm.stop();
+            result.and(stopped)
+        });
+        if !args.keep_files {
+            let _ = std::fs::remove_file(&f.path);
+        }
+        if outcome.is_err() {
+            break;
+        }
+    }
+    outcome?;
+    let md = markdown(&rows, &ctx, args);
+    let report = json_report(&rows, &ctx, args);
+    let json_text = serde_json::to_string_pretty(&report)
+        .map_err(|e| format!("cannot encode the report: {e}"))?;
+    let md_path = out_dir.join("blk.md");
+    let json_path = out_dir.join("blk.json");
+    std::fs::write(&md_path, &md)
+        .map_err(|e| format!("cannot write {}: {e}", md_path.display()))?;
+    std::fs::write(&json_path, json_text + "\n")
+        .map_err(|e| format!("cannot write {}: {e}", json_path.display()))?;
+    println!("{md}");
+    eprintln!(
+        "bench-blk: wrote {} and {}",
+        md_path.display(),
+        json_path.display()
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench-blk: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,1066 @@
+//! The API's state machine, as pure logic: a [`VmConfig`] being built
+//! before boot, the boot decision, and what is forwarded to the running
+//! VMM after it.
+//!
+//! ```text
+//!   Not started ──PUT boot-source/machine-config/drives/network-interfaces──► (config updated)
+//!        │
+//!        │ InstanceStart (kernel set, config valid)
+//!        ▼
+//!   Decision::Start(config) ──caller boots──► start_result(Ok)  ──► Running
+//!                                          └─► start_result(Err) ──► Not started
+//!
+//!   Running: config PUTs → 400 "not supported after starting";
+//!            PATCH drives, SendCtrlAltDel, FlushMetrics, GET /vm/config
+//!            → Decision::Execute(VmCommand) ──caller runs it──► complete()
+//! ```
+//!
+//! The controller never touches KVM, files or devices, so every rule here
+//! is unit-tested; the VMM side owns one and feeds it each request it
+//! receives from [`super::ApiHandle::try_recv`].
+
+use std::fmt::Display;
+use std::path::PathBuf;
+
+use super::types::{
+    ActionType, ApiRequest, ApiResponse, FullVmConfig, InstanceInfo, LoggerConfig,
+    MachineConfigBody, MachineConfigUpdate, MachineExtras, MetricsConfig,
+};
+use crate::config::{ConfigError, MachineConfig, NetConfig, VmConfig};
+
+/// Firecracker's answer to a configuration request after boot.
+pub const NOT_AFTER_START: &str =
+    "The requested operation is not supported after starting the microVM.";
+/// Firecracker's answer to a runtime request before boot.
+pub const NOT_BEFORE_START: &str =
+    "The requested operation is not supported before starting the microVM.";
+/// Firecracker's answer to `InstanceStart` without `PUT /boot-source`.
+pub const MISSING_KERNEL: &str = "Cannot start microvm without kernel configuration.";
+
+/// The instance id Firecracker reports when none is given.
+pub const DEFAULT_INSTANCE_ID: &str = "anonymous-instance";
+
+/// ringvm's version, reported by `GET /` and `GET /version`.
+pub const VMM_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Where the VM is in its life, as `GET /` reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmState {
+    /// Configuration phase: `InstanceStart` has not succeeded yet.
+    NotStarted,
+    /// The guest has been started.
+    Running,
+}
+
+impl VmState {
+    /// Firecracker's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::NotStarted => "Not started",
+            VmState::Running => "Running",
+        }
+    }
+}
+
+/// Work only the VMM side can do: it owns the logger, the metrics file
+/// and, once running, the devices. Run it, then pass it back to
+/// [`Controller::complete`] with the outcome.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmCommand {
+    /// Re-open a running drive's backing file at `path_on_host` (Firecracker
+    /// uses this after the host replaced or resized the file) and let the
+    /// guest see the new size.
+    UpdateDrive {
+        /// Which drive.
+        drive_id: String,
+        /// The new backing file.
+        path_on_host: PathBuf,
+    },
+    /// Press Ctrl+Alt+Del on the guest's keyboard controller.
+    SendCtrlAltDel,
+    /// Write the metrics now (a no-op when no metrics file is set).
+    FlushMetrics,
+    /// Report the running VM's configuration (drive paths may have been
+    /// patched since boot).
+    GetVmConfig,
+    /// Apply logger settings.
+    ConfigureLogger(LoggerConfig),
+    /// Start writing metrics to a file.
+    ConfigureMetrics(MetricsConfig),
+}
+
+/// What a [`VmCommand`] produced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CommandOutput {
+    /// Done, nothing to report.
+    Done,
+    /// The running VM's configuration, for [`VmCommand::GetVmConfig`].
+    VmConfig(Box<VmConfig>),
+}
+
+/// What the caller must do with a request.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Decision {
+    /// Answer now.
+    Respond(ApiResponse),
+    /// Build and boot a VM from this configuration, then answer with
+    /// [`Controller::start_result`].
+    Start(Box<VmConfig>),
+    /// Run the command, then answer with [`Controller::complete`].
+    Execute(VmCommand),
+}
+
+/// The API state machine for one VM.
+#[derive(Debug)]
+pub struct Controller {
+    id: String,
+    state: VmState,
+    /// `InstanceStart` was handed out and its result is not back yet.
+    starting: bool,
+    config: VmConfig,
+    extras: MachineExtras,
+    logger: Option<LoggerConfig>,
+    metrics: Option<MetricsConfig>,
+}
+
+impl Controller {
+    /// A controller in the configuration phase, starting from `config`
+    /// (the defaults, or what the command line already gave).
+    pub fn new(instance_id: impl Into<String>, config: VmConfig) -> Self {
+        Self {
+            id: instance_id.into(),
+            state: VmState::NotStarted,
+            starting: false,
+            config,
+            extras: MachineExtras::default(),
+            logger: None,
+            metrics: None,
+        }
+    }
+
+    /// For a VM booted without the API (`--config-file` or CLI flags) that
+    /// still serves the socket: only runtime requests are allowed.
+    pub fn mark_running(&mut self) {
+        self.state = VmState::Running;
+        self.starting = false;
+    }
+
+    /// Current state.
+    pub fn state(&self) -> VmState {
+        self.state
+    }
+
+    /// The configuration as built so far (or as booted).
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// Logger settings received through the API, if any.
+    pub fn logger(&self) -> Option<&LoggerConfig> {
+        self.logger.as_ref()
+    }
+
+    /// Metrics settings received through the API, if any.
+    pub fn metrics(&self) -> Option<&MetricsConfig> {
+        self.metrics.as_ref()
+    }
+
+    /// Applies one request: answers it, or says what the caller must do.
+    pub fn handle(&mut self, request: ApiRequest) -> Decision {
+        use ApiRequest as R;
+        let running = self.state == VmState::Running;
+        if self.starting {
+            return respond(ApiResponse::bad_request(
+                "The microVM is starting; retry when InstanceStart has been answered.",
+            ));
+        }
+        match request {
+            R::GetInstanceInfo => respond(ApiResponse::ok(&InstanceInfo {
+                id: self.id.clone(),
+                state: self.state.as_str(),
+                vmm_version: VMM_VERSION,
+                app_name: "ringvm",
+            })),
+            R::GetVersion => respond(ApiResponse::ok(&serde_json::json!({
+                "firecracker_version": VMM_VERSION,
+                "vmm_version": VMM_VERSION,
+            }))),
+            R::GetMachineConfig => respond(ApiResponse::ok(&MachineConfigBody::from_config(
+                &self.config,
+                self.extras,
+            ))),
+            R::GetVmConfig if running => Decision::Execute(VmCommand::GetVmConfig),
+            R::GetVmConfig => respond(ApiResponse::ok(&self.full_config(&self.config))),
+
+            R::PutMachineConfig(_)
+            | R::PatchMachineConfig(_)
+            | R::PutBootSource(_)
+            | R::PutDrive(_)
+            | R::PutNetworkInterface(_)
+            | R::PutLogger(_)
+            | R::PutMetrics(_)
+                if running =>
+            {
+                respond(ApiResponse::bad_request(NOT_AFTER_START))
+            }
+            R::PatchDrive(_) | R::PatchNetworkInterface(_) if !running => {
+                respond(ApiResponse::bad_request(NOT_BEFORE_START))
+            }
+
+            R::PutMachineConfig(body) => {
+                let update = MachineConfigUpdate {
+                    vcpu_count: Some(body.vcpu_count),
+                    mem_size_mib: Some(body.mem_size_mib),
+                    smt: Some(body.smt),
+                    track_dirty_pages: Some(body.track_dirty_pages),
+                    huge_pages: Some(body.huge_pages),
+                    cpu_template: Some(body.cpu_template.unwrap_or_else(|| "None".into())),
+                };
+                respond(self.update_machine(update))
+            }
+            R::PatchMachineConfig(update) => respond(self.update_machine(update)),
+            R::PutBootSource(boot_source) => {
+                self.config.boot_source = boot_source;
+                respond(ApiResponse::no_content())
+            }
+            R::PutDrive(drive) => {
+                let mut candidate = self.config.clone();
+                match candidate
+                    .drives
+                    .iter_mut()
+                    .find(|d| d.drive_id == drive.drive_id)
+                {
+                    Some(existing) => *existing = drive,
+                    None => candidate.drives.push(drive),
+                }
+                respond(self.accept(candidate))
+            }
+            R::PutNetworkInterface(iface) => respond(self.put_net(iface)),
+            R::PatchDrive(update) => {
+                if !self
+                    .config
+                    .drives
+                    .iter()
+                    .any(|d| d.drive_id == update.drive_id)
+                {
+                    return respond(ApiResponse::bad_request(format!(
+                        "Invalid block device ID: no drive {:?} is attached.",
+                        update.drive_id
+                    )));
+                }
+                match update.path_on_host {
+                    Some(path_on_host) => Decision::Execute(VmCommand::UpdateDrive {
+                        drive_id: update.drive_id,
+                        path_on_host,
+                    }),
+                    // Only a rate limiter, which ringvm does not enforce.
+                    None => respond(ApiResponse::no_content()),
+                }
+            }
+            R::PatchNetworkInterface(update) => {
+                if self
+                    .config
+                    .network_interfaces
+                    .iter()
+                    .any(|n| n.iface_id == update.iface_id)
+                {
+                    // Rate limiters are accepted and not enforced.
+                    respond(ApiResponse::no_content())
+                } else {
+                    respond(ApiResponse::bad_request(format!(
+                        "Invalid network interface ID: no interface {:?} is attached.",
+                        update.iface_id
+                    )))
+                }
+            }
+            R::PutLogger(logger) => Decision::Execute(VmCommand::ConfigureLogger(logger)),
+            R::PutMetrics(_) if self.metrics.is_some() => respond(ApiResponse::bad_request(
+                "Reinitialization of metrics not allowed.",
+            )),
+            R::PutMetrics(metrics) => Decision::Execute(VmCommand::ConfigureMetrics(metrics)),
+
+            R::Action(ActionType::InstanceStart) if running => {
+                respond(ApiResponse::bad_request(NOT_AFTER_START))
+            }
+            R::Action(ActionType::InstanceStart) => self.instance_start(),
+            R::Action(ActionType::SendCtrlAltDel) if running => {
+                Decision::Execute(VmCommand::SendCtrlAltDel)
+            }
+            R::Action(ActionType::SendCtrlAltDel) => {
+                respond(ApiResponse::bad_request(NOT_BEFORE_START))
+            }
+            R::Action(ActionType::FlushMetrics) => Decision::Execute(VmCommand::FlushMetrics),
+        }
+    }
+
+    /// Records the outcome of a [`Decision::Start`] and gives the answer to
+    /// `InstanceStart`. After an error the VM stays "Not started" and can
+    /// be reconfigured (the caller exits instead if the failure left it
+    /// unusable).
+    pub fn start_result<E: Display>(&mut self, result: Result<(), E>) -> ApiResponse {
+        self.starting = false;
+        match result {
+            Ok(()) => {
+                self.state = VmState::Running;
+                ApiResponse::no_content()
+            }
+            Err(e) => ApiResponse::bad_request(format!("Failed to start the microVM: {e}")),
+        }
+    }
+
+    /// Records the outcome of a [`Decision::Execute`] and gives the answer.
+    pub fn complete<E: Display>(
+        &mut self,
+        command: VmCommand,
+        result: Result<CommandOutput, E>,
+    ) -> ApiResponse {
+        let output = match result {
+            Ok(output) => output,
+            Err(e) => {
+                let what = match command {
+                    VmCommand::UpdateDrive { .. } => "Cannot update the drive",
+                    VmCommand::SendCtrlAltDel => "Cannot send Ctrl+Alt+Del",
+                    VmCommand::FlushMetrics => "Cannot flush the metrics",
+                    VmCommand::GetVmConfig => "Cannot read the VM configuration",
+                    VmCommand::ConfigureLogger(_) => "Cannot configure the logger",
+                    VmCommand::ConfigureMetrics(_) => "Cannot configure the metrics",
+                };
+                return ApiResponse::bad_request(format!("{what}: {e}"));
+            }
+        };
+        match command {
+            VmCommand::UpdateDrive {
+                drive_id,
+                path_on_host,
+            } => {
+                if let Some(d) = self
+                    .config
+                    .drives
+                    .iter_mut()
+                    .find(|d| d.drive_id == drive_id)
+                {
+                    d.path_on_host = path_on_host;
+                }
+                ApiResponse::no_content()
+            }
+            VmCommand::GetVmConfig => match output {
+                CommandOutput::VmConfig(config) => ApiResponse::ok(&self.full_config(&config)),
+                CommandOutput::Done => ApiResponse::ok(&self.full_config(&self.config)),
+            },
+            VmCommand::ConfigureLogger(logger) => {
+                self.logger = Some(logger);
+                ApiResponse::no_content()
+            }
+            VmCommand::ConfigureMetrics(metrics) => {
+                self.metrics = Some(metrics);
+                ApiResponse::no_content()
+            }
+            VmCommand::SendCtrlAltDel | VmCommand::FlushMetrics => ApiResponse::no_content(),
+        }
+    }
+
+    fn instance_start(&mut self) -> Decision {
+        if self
+            .config
+            .boot_source
+            .kernel_image_path
+            .as_os_str()
+            .is_empty()
+        {
+            return respond(ApiResponse::bad_request(MISSING_KERNEL));
+        }
+        if let Err(e) = self.config.validate() {
+            return respond(ApiResponse::bad_request(format!(
+                "Invalid microVM configuration: {e}"
+            )));
+        }
+        self.starting = true;
+        Decision::Start(Box::new(self.config.clone()))
+    }
+
+    fn update_machine(&mut self, update: MachineConfigUpdate) -> ApiResponse {
+        let mut candidate = self.config.clone();
+        let m: &mut MachineConfig = &mut candidate.machine_config;
+        if let Some(v) = update.vcpu_count {
+            m.vcpu_count = v;
+        }
+        if let Some(v) = update.mem_size_mib {
+            m.mem_size_mib = v;
+        }
+        if let Some(t) = update.cpu_template {
+            // Firecracker's "None" is "no template": let ringvm choose.
+            m.cpu_template = (t != "None").then_some(t);
+        }
+        let mut extras = self.extras;
+        if let Some(v) = update.smt {
+            extras.smt = v;
+        }
+        if let Some(v) = update.track_dirty_pages {
+            extras.track_dirty_pages = v;
+        }
+        if let Some(v) = update.huge_pages {
+            extras.huge_pages = v;
+        }
+        let response = self.accept(candidate);
+        if response.status == 204 {
+            self.extras = extras;
+        }
+        response
+    }
+
+    fn put_net(&mut self, iface: NetConfig) -> ApiResponse {
+        if let Some(mac) = &iface.guest_mac {
+            if parse_mac(mac).is_none() {
+                return ApiResponse::bad_request(format!(
+                    "Invalid guest MAC address {mac:?}: expected six hex octets such as 06:00:AC:10:00:02."
+                ));
+            }
+        }
+        for other in self
+            .config
+            .network_interfaces
+            .iter()
+            .filter(|n| n.iface_id != iface.iface_id)
+        {
+            if other.host_dev_name == iface.host_dev_name {
+                return ApiResponse::bad_request(format!(
+                    "The host device name {:?} is already in use by interface {:?}.",
+                    iface.host_dev_name, other.iface_id
+                ));
+            }
+            let same_mac = match (&other.guest_mac, &iface.guest_mac) {
+                (Some(a), Some(b)) => parse_mac(a) == parse_mac(b),
+                _ => false,
+            };
+            if same_mac {
+                return ApiResponse::bad_request(format!(
+                    "The guest MAC address {:?} is already in use by interface {:?}.",
+                    iface.guest_mac.as_deref().unwrap_or_default(),
+                    other.iface_id
+                ));
+            }
+        }
+        let mut candidate = self.config.clone();
+        match candidate
+            .network_interfaces
+            .iter_mut()
+            .find(|n| n.iface_id == iface.iface_id)
+        {
+            Some(existing) => *existing = iface,
+            None => candidate.network_interfaces.push(iface),
+        }
+        self.accept(candidate)
+    }
+
+    /// Adopts `candidate` if it is valid apart from a kernel, which may
+    /// still come.
+    fn accept(&mut self, candidate: VmConfig) -> ApiResponse {
+        match candidate.validate() {
+            Ok(()) | Err(ConfigError::NoKernel) => {
+                self.config = candidate;
+                ApiResponse::no_content()
+            }
+            Err(e) => ApiResponse::bad_request(e.to_string()),
+        }
+    }
+
+    fn full_config(&self, config: &VmConfig) -> FullVmConfig {
+        FullVmConfig {
+            boot_source: config.boot_source.clone(),
+            machine_config: MachineConfigBody::from_config(config, self.extras),
+            drives: config.drives.clone(),
+            network_interfaces: config.network_interfaces.clone(),
+            logger: self.logger.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+fn respond(response: ApiResponse) -> Decision {
+    Decision::Respond(response)
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff` (any hex case).
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for byte in &mut mac {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::http::Method;
+    use crate::api::routes;
+    use crate::config::ConfigError;
+
+    /// Routes and handles one request, as the two sides do together.
+    fn send(c: &mut Controller, method: Method, path: &str, body: &str) -> Decision {
+        let request = routes::parse(&method, path, body.as_bytes())
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        c.handle(request)
+    }
+
+    fn answer(c: &mut Controller, method: Method, path: &str, body: &str) -> ApiResponse {
+        match send(c, method, path, body) {
+            Decision::Respond(r) => r,
+            other => panic!("{path}: expected an answer, got {other:?}"),
+        }
+    }
+
+    fn json(r: &ApiResponse) -> serde_json::Value {
+        assert_eq!(r.status, 200, "{r:?}");
+        serde_json::from_str(r.body.as_deref().unwrap_or_default()).unwrap()
+    }
+
+    fn configured() -> Controller {
+        let mut c = Controller::new("vm0", VmConfig::default());
+        let r = answer(
+            &mut c,
+            Method::Put,
+            "/boot-source",
+            r#"{"kernel_image_path":"/vmlinux"}"#,
+        );
+        assert_eq!(r.status, 204);
+        let r = answer(
+            &mut c,
+            Method::Put,
+            "/drives/rootfs",
+            r#"{"drive_id":"rootfs","path_on_host":"/img","is_root_device":true,"is_read_only":false}"#,
+        );
+        assert_eq!(r.status, 204, "{r:?}");
+        c
+    }
+
+    fn boot(c: &mut Controller) {
+        let d = send(
+            c,
+            Method::Put,
+            "/actions",
+            r#"{"action_type":"InstanceStart"}"#,
+        );
+        assert!(matches!(d, Decision::Start(_)), "{d:?}");
+        assert_eq!(c.start_result::<String>(Ok(())), ApiResponse::no_content());
+        assert_eq!(c.state(), VmState::Running);
+    }
+
+    #[test]
+    fn instance_info_and_version() {
+        let mut c = Controller::new(DEFAULT_INSTANCE_ID, VmConfig::default());
+        let v = json(&answer(&mut c, Method::Get, "/", ""));
+        assert_eq!(v["id"], "anonymous-instance");
+        assert_eq!(v["state"], "Not started");
+        assert_eq!(v["app_name"], "ringvm");
+        assert_eq!(v["vmm_version"], VMM_VERSION);
+        let v = json(&answer(&mut c, Method::Get, "/version", ""));
+        assert_eq!(v["firecracker_version"], VMM_VERSION);
+        c.mark_running();
+        let v = json(&answer(&mut c, Method::Get, "/", ""));
+        assert_eq!(v["state"], "Running");
+    }
+
+    #[test]
+    fn machine_config_put_get_patch() {
+        let mut c = Controller::new("vm", VmConfig::default());
+        let v = json(&answer(&mut c, Method::Get, "/machine-config", ""));
+        assert_eq!(
+            v,
+            serde_json::json!({"vcpu_count":1,"mem_size_mib":128,"smt":false,
+                               "track_dirty_pages":false,"huge_pages":"None"})
+        );
+        let body = r#"{"vcpu_count":2,"mem_size_mib":512,"smt":true,"track_dirty_pages":true,"huge_pages":"2M","cpu_template":"None"}"#;
+        assert_eq!(
+            answer(&mut c, Method::Put, "/machine-config", body).status,
+            204
+        );
+        let v = json(&answer(&mut c, Method::Get, "/machine-config", ""));
+        assert_eq!(
+            v,
+            serde_json::json!({"vcpu_count":2,"mem_size_mib":512,"smt":true,
+                               "track_dirty_pages":true,"huge_pages":"2M"})
+        );
+        assert_eq!(c.config().machine_config.cpu_template, None);
+
+        // PATCH keeps what it does not name.
+        let r = answer(
+            &mut c,
+            Method::Patch,
+            "/machine-config",
+            r#"{"mem_size_mib":1024,"cpu_template":"host"}"#,
+        );
+        assert_eq!(r.status, 204);
+        assert_eq!(c.config().machine_config.vcpu_count, 2);
+        assert_eq!(c.config().machine_config.mem_size_mib, 1024);
+        assert_eq!(
+            c.config().machine_config.cpu_template.as_deref(),
+            Some("host")
+        );
+
+        // PUT resets the optional fields to their defaults.
+        let r = answer(
+            &mut c,
+            Method::Put,
+            "/machine-config",
+            r#"{"vcpu_count":1,"mem_size_mib":256}"#,
+        );
+        assert_eq!(r.status, 204);
+        let v = json(&answer(&mut c, Method::Get, "/machine-config", ""));
+        assert_eq!(v["smt"], false);
+        assert_eq!(v["huge_pages"], "None");
+        assert_eq!(c.config().machine_config.cpu_template, None);
+
+        // Invalid values are refused whole, naming the problem.
+        let r = answer(
+            &mut c,
+            Method::Patch,
+            "/machine-config",
+            r#"{"vcpu_count":0,"smt":true}"#,
+        );
+        assert_eq!(
+            r.fault_message(),
+            Some(ConfigError::VcpuCount(0).to_string())
+        );
+        assert_eq!(c.config().machine_config.vcpu_count, 1);
+        assert_eq!(
+            json(&answer(&mut c, Method::Get, "/machine-config", ""))["smt"],
+            false
+        );
+        let r = answer(
+            &mut c,
+            Method::Put,
+            "/machine-config",
+            r#"{"vcpu_count":1,"mem_size_mib":1}"#,
+        );
+        assert_eq!(r.status, 400);
+        let r = answer(
+            &mut c,
+            Method::Put,
+            "/machine-config",
+            r#"{"vcpu_count":1,"mem_size_mib":128,"cpu_template":"T2"}"#,
+        );
+        assert!(
+            r.fault_message().unwrap_or_default().contains("T2"),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn instance_start_without_kernel() {
+        let mut c = Controller::new("vm", VmConfig::default());
+        let r = answer(
+            &mut c,
+            Method::Put,
+            "/actions",
+            r#"{"action_type":"InstanceStart"}"#,
+        );
+        assert_eq!(r.status, 400);
+        assert_eq!(r.fault_message().as_deref(), Some(MISSING_KERNEL));
+        assert_eq!(c.state(), VmState::NotStarted);
+    }
+
+    #[test]
+    fn instance_start_hands_out_the_config_then_locks_it() {
+        let mut c = configured();
+        let d = send(
+            &mut c,
+            Method::Put,
+            "/actions",
+            r#"{"action_type":"InstanceStart"}"#,
+        );
+        let Decision::Start(config) = d else {
+            panic!("{d:?}")
+        };
+        assert_eq!(
+            config.boot_source.kernel_image_path,
+            PathBuf::from("/vmlinux")
+        );
+        assert_eq!(config.drives.len(), 1);
+        // While the caller boots, nothing else is accepted.
+        let r = answer(&mut c, Method::Get, "/", "");
+        assert_eq!(r.status, 400);
+        assert_eq!(c.start_result::<String>(Ok(())).status, 204);
+
+        for (method, path, body) in [
+            (Method::Put, "/boot-source", r#"{"kernel_image_path":"/k"}"#),
+            (
+                Method::Put,
+                "/machine-config",
+                r#"{"vcpu_count":1,"mem_size_mib":128}"#,
+            ),
+            (Method::Patch, "/machine-config", r#"{"vcpu_count":2}"#),
+            (
+                Method::Put,
+                "/drives/d2",
+                r#"{"drive_id":"d2","path_on_host":"/x"}"#,
+            ),
+            (
+                Method::Put,
+                "/network-interfaces/eth0",
+                r#"{"iface_id":"eth0","host_dev_name":"tap0"}"#,
+            ),
+            (Method::Put, "/logger", r#"{"log_path":"/l"}"#),
+            (Method::Put, "/metrics", r#"{"metrics_path":"/m"}"#),
+            (
+                Method::Put,
+                "/actions",
+                r#"{"action_type":"InstanceStart"}"#,
+            ),
+        ] {
+            let r = answer(&mut c, method, path, body);
+            assert_eq!(r.status, 400, "{path}");
+            assert_eq!(
+                r.fault_message().as_deref(),
+                Some(NOT_AFTER_START),
+                "{path}"
+            );
+        }
+        // Reads still work.
+        assert_eq!(
+            json(&answer(&mut c, Method::Get, "/machine-config", ""))["vcpu_count"],
+            1
+        );
+    }
+
+    #[test]
+    fn failed_start_stays_configurable() {
+        let mut c = configured();
+        assert!(matches!(
+            send(
+                &mut c,
+                Method::Put,
+                "/actions",
+                r#"{"action_type":"InstanceStart"}"#
+            ),
+            Decision::Start(_)
+        ));
+        let r = c.start_result(Err("kernel file not found"));
+        assert_eq!(r.status, 400);
+        assert_eq!(
+            r.fault_message().as_deref(),
+            Some("Failed to start the microVM: kernel file not found")
+        );
+        assert_eq!(c.state(), VmState::NotStarted);
+        assert_eq!(
+            answer(
+                &mut c,
+                Method::Put,
+                "/boot-source",
+                r#"{"kernel_image_path":"/k2"}"#
+            )
+            .status,
+            204
+        );
+    }
+
+    #[test]
+    fn instance_start_validates_the_whole_config() {
+        let mut c = configured();
+        c.config.drives.push(c.config.drives[0].clone());
+        let r = answer(
+            &mut c,
+            Method::Put,
+            "/actions",
+            r#"{"action_type":"InstanceStart"}"#,
+        );
+        assert!(
+            r.fault_message()
+                .unwrap_or_default()
+                .starts_with("Invalid microVM configuration: "),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn drives_are_replaced_by_id_and_checked() {
+        let mut c = configured();
+        let r = answer(
+            &mut c,
+            Method::Put,
+            "/drives/rootfs",
+            r#"{"drive_id":"rootfs","path_on_host":"/img2","is_root_device":true,"is_read_only":true}"#,
+        );
+        assert_eq!(r.status, 204);
+        assert_eq!(c.config().drives.len(), 1);
+        assert!(c.config().drives[0].is_read_only);
+        // A second root is refused and not stored.
+        let r = answer(
+            &mut c,
+            Method::Put,
+            "/drives/data",
+            r#"{"drive_id":"data","path_on_host":"/d","is_root_device":true,"is_read_only":false}"#,
+        );
+        assert_eq!(r.fault_message(), Some(ConfigError::TwoRoots.to_string()));
+        assert_eq!(c.config().drives.len(), 1);
+        // Ids longer than the virtio serial are refused.
+        let r = answer(
+            &mut c,
+            Method::Put,
+            "/drives/a123456789012345678901",
+            r#"{"drive_id":"a123456789012345678901","path_on_host":"/d"}"#,
+        );
+        assert_eq!(r.status, 400);
+        let v = json(&answer(&mut c, Method::Get, "/vm/config", ""));
+        assert_eq!(v["drives"][0]["path_on_host"], "/img2");
+        assert_eq!(v["boot-source"]["kernel_image_path"], "/vmlinux");
+    }
+
+    #[test]
+    fn patch_drive_is_post_boot_only_and_forwarded() {
+        let mut c = configured();
+        let r = answer(
+            &mut c,
+            Method::Patch,
+            "/drives/rootfs",
+            r#"{"drive_id":"rootfs","path_on_host":"/new"}"#,
+        );
+        assert_eq!(r.fault_message().as_deref(), Some(NOT_BEFORE_START));
+        boot(&mut c);
+        let d = send(
+            &mut c,
+            Method::Patch,
+            "/drives/rootfs",
+            r#"{"drive_id":"rootfs","path_on_host":"/new"}"#,
+        );
+        let Decision::Execute(cmd) = d else {
+            panic!("{d:?}")
+        };
+        assert_eq!(
+            cmd,
+            VmCommand::UpdateDrive {
+                drive_id: "rootfs".into(),
+                path_on_host: "/new".into()
+            }
+        );
+        let r = c.complete::<String>(cmd.clone(), Err("No such file".into()));
+        assert_eq!(
+            r.fault_message().as_deref(),
+            Some("Cannot update the drive: No such file")
+        );
+        assert_eq!(c.config().drives[0].path_on_host, PathBuf::from("/img"));
+        assert_eq!(
+            c.complete::<String>(cmd, Ok(CommandOutput::Done)).status,
+            204
+        );
+        assert_eq!(c.config().drives[0].path_on_host, PathBuf::from("/new"));
+
+        // Only a rate limiter: accepted without bothering the VMM.
+        let r = answer(
+            &mut c,
+            Method::Patch,
+            "/drives/rootfs",
+            r#"{"drive_id":"rootfs","rate_limiter":{}}"#,
+        );
+        assert_eq!(r.status, 204);
+        let r = answer(
+            &mut c,
+            Method::Patch,
+            "/drives/nope",
+            r#"{"drive_id":"nope","path_on_host":"/x"}"#,
+        );
+        assert_eq!(r.status, 400);
+    }
+
+    #[test]
+    fn runtime_actions() {
+        let mut c = configured();
+        let r = answer(
+            &mut c,
+            Method::Put,
+            "/actions",
+            r#"{"action_type":"SendCtrlAltDel"}"#,
+        );
+        assert_eq!(r.fault_message().as_deref(), Some(NOT_BEFORE_START));
+        assert_eq!(
+            send(
+                &mut c,
+                Method::Put,
+                "/actions",
+                r#"{"action_type":"FlushMetrics"}"#
+            ),
+            Decision::Execute(VmCommand::FlushMetrics)
+        );
+        boot(&mut c);
+        let d = send(
+            &mut c,
+            Method::Put,
+            "/actions",
+            r#"{"action_type":"SendCtrlAltDel"}"#,
+        );
+        assert_eq!(d, Decision::Execute(VmCommand::SendCtrlAltDel));
+        assert_eq!(
+            c.complete::<String>(VmCommand::SendCtrlAltDel, Ok(CommandOutput::Done))
+                .status,
+            204
+        );
+        assert_eq!(
+            send(
+                &mut c,
+                Method::Put,
+                "/actions",
+                r#"{"action_type":"FlushMetrics"}"#
+            ),
+            Decision::Execute(VmCommand::FlushMetrics)
+        );
+    }
+
+    #[test]
+    fn vm_config_after_boot_comes_from_the_vmm() {
+        let mut c = configured();
+        boot(&mut c);
+        let d = send(&mut c, Method::Get, "/vm/config", "");
+        assert_eq!(d, Decision::Execute(VmCommand::GetVmConfig));
+        let mut live = c.config().clone();
+        live.drives[0].path_on_host = "/live".into();
+        let r = c.complete::<String>(
+            VmCommand::GetVmConfig,
+            Ok(CommandOutput::VmConfig(Box::new(live))),
+        );
+        let v = json(&r);
+        assert_eq!(v["drives"][0]["path_on_host"], "/live");
+        assert_eq!(v["machine-config"]["vcpu_count"], 1);
+        assert!(v["logger"].is_null());
+    }
+
+    #[test]
+    fn network_interfaces_are_checked() {
+        let mut c = configured();
+        let put = |c: &mut Controller, id: &str, body: &str| {
+            answer(c, Method::Put, &format!("/network-interfaces/{id}"), body)
+        };
+        assert_eq!(
+            put(
+                &mut c,
+                "eth0",
+                r#"{"iface_id":"eth0","host_dev_name":"tap0","guest_mac":"06:00:ac:10:00:02"}"#
+            )
+            .status,
+            204
+        );
+        let r = put(
+            &mut c,
+            "eth1",
+            r#"{"iface_id":"eth1","host_dev_name":"tap0"}"#,
+        );
+        assert!(
+            r.fault_message().unwrap_or_default().contains("tap0"),
+            "{r:?}"
+        );
+        let r = put(
+            &mut c,
+            "eth1",
+            r#"{"iface_id":"eth1","host_dev_name":"tap1","guest_mac":"06:00:AC:10:00:02"}"#,
+        );
+        assert!(
+            r.fault_message().unwrap_or_default().contains("MAC"),
+            "{r:?}"
+        );
+        let r = put(
+            &mut c,
+            "eth1",
+            r#"{"iface_id":"eth1","host_dev_name":"tap1","guest_mac":"06:00:AC:10:00"}"#,
+        );
+        assert!(
+            r.fault_message()
+                .unwrap_or_default()
+                .contains("Invalid guest MAC"),
+            "{r:?}"
+        );
+        // Re-putting the same interface replaces it.
+        assert_eq!(
+            put(
+                &mut c,
+                "eth0",
+                r#"{"iface_id":"eth0","host_dev_name":"tap0"}"#
+            )
+            .status,
+            204
+        );
+        assert_eq!(c.config().network_interfaces.len(), 1);
+        let r = answer(
+            &mut c,
+            Method::Patch,
+            "/network-interfaces/eth0",
+            r#"{"iface_id":"eth0"}"#,
+        );
+        assert_eq!(r.fault_message().as_deref(), Some(NOT_BEFORE_START));
+        boot(&mut c);
+        let r = answer(
+            &mut c,
+            Method::Patch,
+            "/network-interfaces/eth0",
+            r#"{"iface_id":"eth0","rx_rate_limiter":{}}"#,
+        );
+        assert_eq!(r.status, 204);
+        let r = answer(
+            &mut c,
+            Method::Patch,
+            "/network-interfaces/eth9",
+            r#"{"iface_id":"eth9"}"#,
+        );
+        assert_eq!(r.status, 400);
+    }
+
+    #[test]
+    fn logger_and_metrics_are_applied_by_the_vmm_side() {
+        let mut c = configured();
+        let d = send(
+            &mut c,
+            Method::Put,
+            "/logger",
+            r#"{"log_path":"/l","level":"Debug"}"#,
+        );
+        let Decision::Execute(cmd @ VmCommand::ConfigureLogger(_)) = d else {
+            panic!("{d:?}")
+        };
+        assert!(
+            c.complete::<String>(cmd.clone(), Err("cannot open /l".into()))
+                .status
+                == 400
+        );
+        assert!(c.logger().is_none());
+        assert_eq!(
+            c.complete::<String>(cmd, Ok(CommandOutput::Done)).status,
+            204
+        );
+        assert_eq!(
+            c.logger().and_then(|l| l.log_path.clone()),
+            Some(PathBuf::from("/l"))
+        );
+
+        let d = send(&mut c, Method::Put, "/metrics", r#"{"metrics_path":"/m"}"#);
+        let Decision::Execute(cmd) = d else {
+            panic!("{d:?}")
+        };
+        assert_eq!(
+            c.complete::<String>(cmd, Ok(CommandOutput::Done)).status,
+            204
+        );
+        let r = answer(&mut c, Method::Put, "/metrics", r#"{"metrics_path":"/m2"}"#);
+        assert_eq!(
+            r.fault_message().as_deref(),
+            Some("Reinitialization of metrics not allowed.")
+        );
+        let v = json(&answer(&mut c, Method::Get, "/vm/config", ""));
+        assert_eq!(v["metrics"]["metrics_path"], "/m");
+        assert_eq!(v["logger"]["level"], "Debug");
+    }
+
+    #[test]
+    fn mac_parsing() {
+        assert_eq!(
+            parse_mac("06:00:AC:10:00:02"),
+            Some([6, 0, 0xac, 0x10, 0, 2])
+        );
+        assert_eq!(parse_mac("06:00:AC:10:00:02:03"), None);
+        assert_eq!(parse_mac("6:00:AC:10:00:02"), None);
+        assert_eq!(parse_mac("zz:00:AC:10:00:02"), None);
+        assert_eq!(parse_mac(""), None);
+    }
+}
