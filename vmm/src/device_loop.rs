@@ -52,6 +52,11 @@ impl DeviceLoop {
         &self.drives
     }
 
+    /// The drives, to change one (PATCH /drives).
+    pub fn drives_mut(&mut self) -> &mut [Box<Drive>] {
+        &mut self.drives
+    }
+
     /// The network interfaces, for metrics.
     pub fn nets(&self) -> &[Box<NetIface>] {
         &self.nets

@@ -13,6 +13,7 @@ pub mod device_loop;
 pub mod device_manager;
 pub mod event_loop;
 pub mod exit_code;
+pub mod launcher;
 pub mod logger;
 pub mod metrics;
 pub mod terminal;

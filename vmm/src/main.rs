@@ -1,31 +1,37 @@
-//! `ringvm`: command line → [`VmConfig`] → [`Vmm`] → exit code.
+//! `ringvm`: command line → [`Launch`] (one [`VmConfig`] from flags, a
+//! config file or the API) → run → exit code.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
+use vmm::api::http::DEFAULT_MAX_PAYLOAD;
 use vmm::config::{BootSource, DriveConfig, MachineConfig, NetConfig, VmConfig};
 use vmm::exit_code;
-use vmm::vmm::{GuestExit, Vmm, VmmError};
-use vmm::vstate::vm::VmError;
+use vmm::launcher::{self, Launch};
 
 /// Boot a Linux guest with KVM; its block and network I/O are served from
 /// one io_uring ring on one VMM thread.
 #[derive(Debug, Parser)]
-#[command(name = "ringvm", version = concat!("v", env!("CARGO_PKG_VERSION")), after_help = exit_code::HELP)]
+#[command(
+    name = "ringvm",
+    version = concat!("v", env!("CARGO_PKG_VERSION")),
+    after_help = exit_code::HELP
+)]
 struct Cli {
     /// Guest kernel: an ELF vmlinux (entered through PVH when it has the
-    /// PVH note) or a bzImage.
+    /// PVH note) or a bzImage. Boots at once.
     #[arg(long, value_name = "PATH")]
-    kernel: PathBuf,
+    kernel: Option<PathBuf>,
     /// Initramfs to hand to the kernel.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", requires = "kernel")]
     initrd: Option<PathBuf>,
     /// Kernel command line [default: "console=ttyS0 reboot=k panic=1
-    /// i8042.noaux i8042.nomux i8042.dumbkbd"]. ringvm appends its own
-    /// parameters (devices, and the pvm-safe set on PVM-native KVM).
-    #[arg(long, value_name = "ARGS")]
+    /// i8042.noaux i8042.nomux i8042.dumbkbd"]. ringvm adds its own
+    /// parameters (devices, and the pvm-safe set on PVM-native KVM) before
+    /// any " -- ".
+    #[arg(long, value_name = "ARGS", requires = "kernel")]
     cmdline: Option<String>,
     /// Number of vCPUs (1-254).
     #[arg(long, value_name = "N", default_value_t = 1)]
@@ -39,21 +45,42 @@ struct Cli {
     /// host elsewhere.
     #[arg(long, value_name = "NAME")]
     cpu_template: Option<String>,
-    /// Log the time from ringvm's start to the guest's write of 123 to the
-    /// boot-timer address (0xd0000000), as Firecracker's --boot-timer does.
-    #[arg(long)]
-    boot_timer: bool,
     /// A virtio-blk drive: path=FILE[,id=NAME][,ro][,root][,direct=on]
     /// [,cache=unsafe|writeback]. Repeat for more drives (vda, vdb, ...).
     /// `root` adds root=/dev/vdX to the command line; `ro` makes the drive
     /// read-only for the guest.
-    #[arg(long, value_name = "OPTIONS")]
+    #[arg(long, value_name = "OPTIONS", requires = "kernel")]
     disk: Vec<DriveConfig>,
     /// A virtio-net interface on an existing tap: tap=NAME[,mac=02:..]
     /// [,id=eth0]. ringvm opens the tap (IFF_TAP | IFF_NO_PI |
     /// IFF_VNET_HDR); it never creates host interfaces. Repeat for more.
-    #[arg(long, value_name = "OPTIONS")]
+    #[arg(long, value_name = "OPTIONS", requires = "kernel")]
     net: Vec<NetConfig>,
+    /// Boot the VM described by this Firecracker-style JSON file
+    /// (boot-source, machine-config, drives, network-interfaces, logger,
+    /// metrics).
+    #[arg(long, value_name = "PATH", conflicts_with = "kernel")]
+    config_file: Option<PathBuf>,
+    /// Serve the Firecracker-compatible JSON API on this Unix socket. Alone,
+    /// ringvm waits for the VM to be configured and started over it; with
+    /// --kernel or --config-file it boots at once and keeps serving it.
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
+    /// Do not serve the API (for --config-file; the default without
+    /// --api-sock).
+    #[arg(long, conflicts_with = "api_sock")]
+    no_api: bool,
+    /// Instance id reported by GET /.
+    #[arg(long, value_name = "NAME", default_value = "anonymous-instance")]
+    id: String,
+    /// Largest API request body accepted, in bytes; larger ones get 400
+    /// without being read.
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_PAYLOAD)]
+    http_api_max_payload_size: usize,
+    /// Log the time from ringvm's start to the guest's write of 123 to the
+    /// boot-timer address (0xd0000000), as Firecracker's --boot-timer does.
+    #[arg(long)]
+    boot_timer: bool,
     /// Append ringvm's log lines to this file instead of stderr.
     #[arg(long, value_name = "PATH")]
     log_path: Option<PathBuf>,
@@ -66,57 +93,63 @@ struct Cli {
     log_level: log::LevelFilter,
 }
 
-impl From<Cli> for VmConfig {
-    fn from(cli: Cli) -> Self {
-        VmConfig {
-            boot_source: BootSource {
-                kernel_image_path: cli.kernel,
-                boot_args: cli.cmdline,
-                initrd_path: cli.initrd,
-            },
-            machine_config: MachineConfig {
-                vcpu_count: cli.cpus,
-                mem_size_mib: cli.mem,
-                cpu_template: cli.cpu_template,
-            },
-            drives: cli
-                .disk
-                .into_iter()
-                .enumerate()
-                .map(|(i, mut d)| {
-                    if d.drive_id.is_empty() {
-                        d.drive_id = format!("drive{i}");
-                    }
-                    d
-                })
-                .collect(),
-            network_interfaces: cli
-                .net
-                .into_iter()
-                .enumerate()
-                .map(|(i, mut n)| {
-                    if n.iface_id.is_empty() {
-                        n.iface_id = format!("eth{i}");
-                    }
-                    n
-                })
-                .collect(),
-            boot_timer: cli.boot_timer,
-        }
-    }
+/// Gives unnamed drives and NICs the ids the guest will know them by.
+fn name_devices(
+    drives: Vec<DriveConfig>,
+    nets: Vec<NetConfig>,
+) -> (Vec<DriveConfig>, Vec<NetConfig>) {
+    let drives = drives
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut d)| {
+            if d.drive_id.is_empty() {
+                d.drive_id = format!("drive{i}");
+            }
+            d
+        })
+        .collect();
+    let nets = nets
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut n)| {
+            if n.iface_id.is_empty() {
+                n.iface_id = format!("eth{i}");
+            }
+            n
+        })
+        .collect();
+    (drives, nets)
 }
 
-fn error_exit_code(e: &VmmError) -> i32 {
-    match e {
-        VmmError::Config(_) | VmmError::Boot(_) => exit_code::BAD_CONFIG,
-        VmmError::Drive(vmm::virtio_block::DriveError::Open { .. }) => exit_code::BAD_CONFIG,
-        VmmError::Net(
-            vmm::virtio_net::NetSetupError::Tap { .. } | vmm::virtio_net::NetSetupError::Mac { .. },
-        ) => exit_code::BAD_CONFIG,
-        VmmError::Vm(VmError::KvmUnavailable(_) | VmError::MissingCap(_)) => {
-            exit_code::KVM_UNAVAILABLE
+impl Cli {
+    fn into_launch(self) -> Launch {
+        let cli_config = self.kernel.map(|kernel| {
+            let (drives, network_interfaces) = name_devices(self.disk, self.net);
+            VmConfig {
+                boot_source: BootSource {
+                    kernel_image_path: kernel,
+                    boot_args: self.cmdline,
+                    initrd_path: self.initrd,
+                },
+                machine_config: MachineConfig {
+                    vcpu_count: self.cpus,
+                    mem_size_mib: self.mem,
+                    cpu_template: self.cpu_template,
+                },
+                drives,
+                network_interfaces,
+                boot_timer: self.boot_timer,
+            }
+        });
+        Launch {
+            id: self.id,
+            cli_config,
+            config_file: self.config_file,
+            api_sock: if self.no_api { None } else { self.api_sock },
+            max_payload: self.http_api_max_payload_size,
+            metrics_path: self.metrics_path,
+            boot_timer: self.boot_timer,
         }
-        _ => exit_code::INTERNAL,
     }
 }
 
@@ -130,6 +163,10 @@ fn main() -> ExitCode {
             return ExitCode::from(code as u8);
         }
     };
+    if cli.kernel.is_none() && cli.config_file.is_none() && cli.api_sock.is_none() {
+        eprintln!("error: give --kernel PATH, --config-file PATH or --api-sock PATH (see --help)");
+        return ExitCode::from(exit_code::USAGE as u8);
+    }
     vmm::logger::init(cli.log_level);
     if let Some(path) = &cli.log_path {
         if let Err(e) = vmm::logger::configure(Some(path), None, true, false) {
@@ -137,43 +174,6 @@ fn main() -> ExitCode {
             return ExitCode::from(exit_code::BAD_CONFIG as u8);
         }
     }
-    let metrics_path = cli.metrics_path.clone();
-    let config = VmConfig::from(cli);
-    let run = Vmm::new(&config, start).and_then(|mut vmm| {
-        if let Some(path) = &metrics_path {
-            vmm.configure_metrics(path)
-                .map_err(|source| VmmError::Host {
-                    what: "opening the metrics file",
-                    source,
-                })?;
-        }
-        vmm.run()
-    });
-    let code = match run {
-        Ok(GuestExit::Stopped(why)) => {
-            log::info!("{why}; exiting");
-            exit_code::GUEST_STOPPED
-        }
-        Ok(GuestExit::Crashed(report)) => {
-            log::error!("the guest stopped the vCPU: {report}");
-            exit_code::GUEST_CRASHED
-        }
-        Ok(GuestExit::TestVerdict(0)) => {
-            log::info!("test guest reported success on the test-exit port");
-            exit_code::GUEST_STOPPED
-        }
-        Ok(GuestExit::TestVerdict(v)) => {
-            log::error!("test guest reported failure (verdict {v}) on the test-exit port");
-            exit_code::GUEST_TEST_FAILED
-        }
-        Ok(GuestExit::Signal(sig)) => {
-            log::info!("stopped by signal {sig}");
-            exit_code::SIGNAL_BASE + sig
-        }
-        Err(e) => {
-            log::error!("{e}");
-            error_exit_code(&e)
-        }
-    };
+    let code = launcher::run(cli.into_launch(), start);
     ExitCode::from(code as u8)
 }

@@ -190,6 +190,18 @@ impl Drive {
         self.device.complete(tag, result, mem);
     }
 
+    /// Re-opens the drive on `path` (PATCH /drives: the host replaced or
+    /// resized the file) and tells the guest its capacity may have changed.
+    pub fn swap_backing_file(&mut self, cfg: &DriveConfig) -> Result<(), DriveError> {
+        let file = open_backing_file(cfg)?;
+        self.device
+            .swap_disk(file)
+            .map_err(|source| DriveError::Device {
+                id: self.id.clone(),
+                source,
+            })
+    }
+
     /// Raises the interrupt for this turn's completions, if the guest
     /// wants one; call once per loop turn.
     pub fn flush_interrupts(&mut self, mem: &GuestMemoryMmap) {

@@ -10,6 +10,7 @@ use std::time::Instant;
 use io_uring::{opcode, types};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::api::{ApiHandle, CommandOutput, Controller, Decision, VmCommand};
 use crate::arch::x86_64::cpuid::CpuTemplate;
 use crate::arch::x86_64::mptable::{setup_mptable, MptableError};
 use crate::boot::{load_kernel, write_boot_data, BootError};
@@ -86,6 +87,7 @@ const KIND_SIGNAL: u8 = 5;
 const KIND_HALT_PROBE: u8 = 6;
 const KIND_METRICS_TIMER: u8 = 7;
 const KIND_DEBUG_EXIT: u8 = 8;
+const KIND_API: u8 = 9;
 
 /// Period of the automatic metrics flush, as Firecracker's.
 const METRICS_PERIOD_S: u64 = 60;
@@ -101,11 +103,20 @@ struct ReadBuffers {
     vcpu_event: [u8; 8],
     reset: [u8; 8],
     debug_exit: [u8; 8],
+    api: [u8; 8],
     stdin: [u8; STDIN_BUF],
     signal: [u8; std::mem::size_of::<libc::signalfd_siginfo>()],
     retry: types::Timespec,
     halt_probe: types::Timespec,
     metrics_period: types::Timespec,
+}
+
+/// The API socket as the running VMM serves it: requests arrive from the
+/// API thread and are answered here, between guest I/O completions.
+#[derive(Debug)]
+struct ApiRuntime {
+    handle: ApiHandle,
+    controller: Controller,
 }
 
 /// A built VM, ready to run.
@@ -128,6 +139,9 @@ pub struct Vmm {
     signal_fd: RawFd,
     debug_exit_evt: EventFd,
     verdict: Arc<std::sync::atomic::AtomicU32>,
+    /// The configuration booted, kept current (drive paths) for the API.
+    config: VmConfig,
+    api: Option<ApiRuntime>,
     stdin_open: bool,
     pending_input: Vec<u8>,
     _terminal: Option<RawTerminal>,
@@ -334,6 +348,7 @@ impl Vmm {
                 vcpu_event: [0; 8],
                 reset: [0; 8],
                 debug_exit: [0; 8],
+                api: [0; 8],
                 stdin: [0; STDIN_BUF],
                 signal: [0; std::mem::size_of::<libc::signalfd_siginfo>()],
                 retry: types::Timespec::new().nsec(10_000_000),
@@ -354,6 +369,8 @@ impl Vmm {
             signal_fd,
             debug_exit_evt,
             verdict,
+            config: config.clone(),
+            api: None,
             stdin_open: true,
             pending_input: Vec::new(),
             _terminal: None,
@@ -398,6 +415,113 @@ impl Vmm {
         let timeout = opcode::Timeout::new(&self.bufs.retry).build();
         // SAFETY: the timespec is in the boxed buffers, as above.
         unsafe { self.ring.push(timeout, token) }.map_err(host("arming the stdin retry"))
+    }
+
+    /// Serves the API socket from the VMM thread's ring while the guest
+    /// runs; `controller` is already marked running.
+    pub fn attach_api(&mut self, handle: ApiHandle, controller: Controller) {
+        self.api = Some(ApiRuntime { handle, controller });
+    }
+
+    fn arm_api(&mut self) -> Result<(), VmmError> {
+        let Some(api) = &self.api else {
+            return Ok(());
+        };
+        let fd = api.handle.requests_fd();
+        Self::arm_eventfd(
+            &mut self.ring,
+            fd,
+            &mut self.bufs.api,
+            Token::new(KIND_API, 0, 0),
+        )
+    }
+
+    /// Answers every queued API request, then re-arms the requests eventfd
+    /// (drain first, re-arm after: no request can slip between).
+    fn serve_api(&mut self) -> Result<(), VmmError> {
+        loop {
+            let Some(api) = self.api.as_mut() else {
+                return Ok(());
+            };
+            let Some((request, responder)) = api.handle.try_recv() else {
+                break;
+            };
+            let answer = match api.controller.handle(request) {
+                Decision::Respond(r) => r,
+                Decision::Start(_) => api
+                    .controller
+                    .start_result(Err("the microVM is already running")),
+                Decision::Execute(command) => {
+                    let result = self.execute(&command);
+                    match self.api.as_mut() {
+                        Some(api) => api.controller.complete(command, result),
+                        None => return Ok(()),
+                    }
+                }
+            };
+            self.api_counters.requests.fetch_add(1, Ordering::Relaxed);
+            if answer.status >= 400 {
+                self.api_counters.errors.fetch_add(1, Ordering::Relaxed);
+            }
+            responder.respond(answer);
+        }
+        self.arm_api()
+    }
+
+    /// Carries out an API command on the running VM.
+    pub fn execute(&mut self, command: &VmCommand) -> Result<CommandOutput, String> {
+        match command {
+            VmCommand::FlushMetrics => self
+                .flush_metrics()
+                .map(|()| CommandOutput::Done)
+                .map_err(|e| e.to_string()),
+            VmCommand::GetVmConfig => Ok(CommandOutput::VmConfig(Box::new(self.config.clone()))),
+            VmCommand::SendCtrlAltDel => {
+                let Some(i8042) = &self.devices.i8042 else {
+                    return Err("this VM has no i8042".into());
+                };
+                let mut dev = i8042.lock().unwrap_or_else(|e| e.into_inner());
+                dev.trigger_ctrl_alt_del()
+                    .map(|()| CommandOutput::Done)
+                    .map_err(|e| e.to_string())
+            }
+            VmCommand::UpdateDrive {
+                drive_id,
+                path_on_host,
+            } => {
+                let Some(index) = self
+                    .config
+                    .drives
+                    .iter()
+                    .position(|d| &d.drive_id == drive_id)
+                else {
+                    return Err(format!("no drive {drive_id:?}"));
+                };
+                let mut cfg = self.config.drives[index].clone();
+                cfg.path_on_host = path_on_host.clone();
+                let drive = self
+                    .device_loop
+                    .drives_mut()
+                    .iter_mut()
+                    .find(|d| &d.id == drive_id)
+                    .ok_or_else(|| format!("no drive {drive_id:?}"))?;
+                drive.swap_backing_file(&cfg).map_err(|e| e.to_string())?;
+                self.config.drives[index] = cfg;
+                Ok(CommandOutput::Done)
+            }
+            VmCommand::ConfigureLogger(l) => crate::logger::configure(
+                l.log_path.as_deref(),
+                l.level.map(|v| v.filter()),
+                l.show_level.unwrap_or(true),
+                l.show_log_origin.unwrap_or(false),
+            )
+            .map(|()| CommandOutput::Done)
+            .map_err(|e| e.to_string()),
+            VmCommand::ConfigureMetrics(m) => self
+                .configure_metrics(&m.metrics_path)
+                .map(|()| CommandOutput::Done)
+                .map_err(|e| e.to_string()),
+        }
     }
 
     /// Sends metrics to `path` from now on (`--metrics-path`, `PUT /metrics`).
@@ -535,6 +659,7 @@ impl Vmm {
         self.arm_stdin()?;
         self.arm_halt_probe()?;
         self.arm_metrics_timer()?;
+        self.arm_api()?;
         self.device_loop
             .arm(&mut self.ring)
             .map_err(host("arming device eventfds"))?;
@@ -607,6 +732,7 @@ impl Vmm {
                 self.feed_serial();
                 self.arm_stdin()?;
             }
+            KIND_API => self.serve_api()?,
             KIND_DEBUG_EXIT => {
                 let value = self.verdict.load(Ordering::Acquire);
                 return Ok(Some(GuestExit::TestVerdict(value)));

@@ -1,0 +1,371 @@
+//! The three ways to describe a VM, brought to one [`VmConfig`] and one
+//! run: command-line flags, a Firecracker-style `--config-file`, and the
+//! API socket (configure, then `InstanceStart`). The socket, when there is
+//! one, stays up while the guest runs and is served by the VMM thread.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::Deserialize;
+
+use crate::api::types::{LoggerConfig, MachineConfigBody, MetricsConfig};
+use crate::api::{
+    ApiHandle, ApiRequest, ApiServer, CommandOutput, Controller, Decision, VmCommand,
+};
+use crate::config::{BootSource, DriveConfig, NetConfig, VmConfig};
+use crate::exit_code;
+use crate::vmm::{GuestExit, Vmm, VmmError};
+use crate::vstate::vm::VmError;
+
+/// How this run was asked for.
+#[derive(Debug)]
+pub struct Launch {
+    /// Instance id shown by `GET /`.
+    pub id: String,
+    /// A VM given on the command line (`--kernel` ...), booted at once.
+    pub cli_config: Option<VmConfig>,
+    /// A Firecracker-style JSON file, booted at once.
+    pub config_file: Option<PathBuf>,
+    /// The API socket to serve, if any.
+    pub api_sock: Option<PathBuf>,
+    /// Largest API request body accepted.
+    pub max_payload: usize,
+    /// `--metrics-path`.
+    pub metrics_path: Option<PathBuf>,
+    /// `--boot-timer`, applied to whatever config is booted.
+    pub boot_timer: bool,
+}
+
+/// Firecracker's configuration file: the `GET /vm/config` shape.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    #[serde(rename = "boot-source")]
+    boot_source: BootSource,
+    #[serde(rename = "machine-config", default)]
+    machine_config: Option<MachineConfigBody>,
+    #[serde(default)]
+    drives: Vec<DriveConfig>,
+    #[serde(rename = "network-interfaces", default)]
+    network_interfaces: Vec<NetConfig>,
+    #[serde(default)]
+    logger: Option<LoggerConfig>,
+    #[serde(default)]
+    metrics: Option<MetricsConfig>,
+}
+
+/// Errors before any guest runs, each one line and an exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    /// The config file cannot be read or parsed, or a setting is refused.
+    #[error("config file {path}: {why}")]
+    ConfigFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// The API socket cannot be served.
+    #[error("API socket: {0}")]
+    Api(String),
+    /// Building or running the VM failed.
+    #[error("{0}")]
+    Vmm(#[from] VmmError),
+}
+
+impl LaunchError {
+    /// The documented exit code for this error.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            LaunchError::ConfigFile { .. } | LaunchError::Api(_) => exit_code::BAD_CONFIG,
+            LaunchError::Vmm(e) => vmm_error_exit_code(e),
+        }
+    }
+}
+
+/// The documented exit code for a VMM error.
+pub fn vmm_error_exit_code(e: &VmmError) -> i32 {
+    use crate::virtio_block::DriveError;
+    use crate::virtio_net::NetSetupError;
+    match e {
+        VmmError::Config(_)
+        | VmmError::Boot(_)
+        | VmmError::Drive(DriveError::Open { .. })
+        | VmmError::Net(NetSetupError::Tap { .. } | NetSetupError::Mac { .. }) => {
+            exit_code::BAD_CONFIG
+        }
+        VmmError::Vm(VmError::KvmUnavailable(_) | VmError::MissingCap(_)) => {
+            exit_code::KVM_UNAVAILABLE
+        }
+        _ => exit_code::INTERNAL,
+    }
+}
+
+/// Feeds a config file to the controller as the API requests it stands
+/// for, so the file is checked exactly as the API checks them.
+fn apply_config_file(controller: &mut Controller, path: &Path) -> Result<(), LaunchError> {
+    let err = |why: String| LaunchError::ConfigFile {
+        path: path.to_path_buf(),
+        why,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let file: ConfigFile = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+    let mut requests = vec![ApiRequest::PutBootSource(file.boot_source)];
+    if let Some(m) = file.machine_config {
+        requests.push(ApiRequest::PutMachineConfig(m));
+    }
+    requests.extend(file.drives.into_iter().map(ApiRequest::PutDrive));
+    requests.extend(
+        file.network_interfaces
+            .into_iter()
+            .map(ApiRequest::PutNetworkInterface),
+    );
+    requests.extend(file.logger.map(ApiRequest::PutLogger));
+    requests.extend(file.metrics.map(ApiRequest::PutMetrics));
+    let mut pending_metrics = None;
+    for request in requests {
+        let answer = match controller.handle(request) {
+            Decision::Respond(r) => r,
+            Decision::Execute(cmd) => {
+                let result = execute_before_boot(&cmd, &mut pending_metrics);
+                controller.complete(cmd, result)
+            }
+            Decision::Start(_) => continue,
+        };
+        if let Some(why) = answer.fault_message() {
+            return Err(err(why));
+        }
+    }
+    Ok(())
+}
+
+/// What the VMM can do for an API command before a VM exists.
+fn execute_before_boot(
+    command: &VmCommand,
+    pending_metrics: &mut Option<PathBuf>,
+) -> Result<CommandOutput, String> {
+    match command {
+        VmCommand::ConfigureLogger(l) => crate::logger::configure(
+            l.log_path.as_deref(),
+            l.level.map(|v| v.filter()),
+            l.show_level.unwrap_or(true),
+            l.show_log_origin.unwrap_or(false),
+        )
+        .map(|()| CommandOutput::Done)
+        .map_err(|e| e.to_string()),
+        VmCommand::ConfigureMetrics(m) => {
+            // Open it now so a bad path is refused at once.
+            std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(&m.metrics_path)
+                .map_err(|e| format!("{}: {e}", m.metrics_path.display()))?;
+            *pending_metrics = Some(m.metrics_path.clone());
+            Ok(CommandOutput::Done)
+        }
+        VmCommand::FlushMetrics => Ok(CommandOutput::Done),
+        _ => Err("the microVM is not running".into()),
+    }
+}
+
+/// Blocks until the API thread has queued requests (or was shut down).
+fn wait_for_requests(api: &ApiHandle) {
+    let mut counter = [0u8; 8];
+    // SAFETY: reads at most 8 bytes into our stack buffer from the API's
+    // eventfd, which lives as long as `api`.
+    unsafe { libc::read(api.requests_fd(), counter.as_mut_ptr().cast(), 8) };
+}
+
+/// Serves the socket until `InstanceStart` builds a VM.
+fn configure_over_api(
+    api: &ApiHandle,
+    controller: &mut Controller,
+    pending_metrics: &mut Option<PathBuf>,
+    boot_timer: bool,
+    start: Instant,
+) -> Vmm {
+    loop {
+        wait_for_requests(api);
+        while let Some((request, responder)) = api.try_recv() {
+            let answer = match controller.handle(request) {
+                Decision::Respond(r) => r,
+                Decision::Execute(cmd) => {
+                    let result = execute_before_boot(&cmd, pending_metrics);
+                    controller.complete(cmd, result)
+                }
+                Decision::Start(config) => {
+                    let mut config = *config;
+                    config.boot_timer = boot_timer;
+                    match Vmm::new(&config, start) {
+                        Ok(vmm) => {
+                            responder.respond(controller.start_result(Ok::<(), String>(())));
+                            return vmm;
+                        }
+                        Err(e) => controller.start_result(Err(e)),
+                    }
+                }
+            };
+            responder.respond(answer);
+        }
+    }
+}
+
+/// Runs what `launch` asks for and returns the process exit code.
+pub fn run(launch: Launch, start: Instant) -> i32 {
+    match try_run(launch, start) {
+        Ok(GuestExit::Stopped(why)) => {
+            log::info!("{why}; exiting");
+            exit_code::GUEST_STOPPED
+        }
+        Ok(GuestExit::Crashed(report)) => {
+            log::error!("the guest stopped the vCPU: {report}");
+            exit_code::GUEST_CRASHED
+        }
+        Ok(GuestExit::TestVerdict(0)) => {
+            log::info!("test guest reported success on the test-exit port");
+            exit_code::GUEST_STOPPED
+        }
+        Ok(GuestExit::TestVerdict(v)) => {
+            log::error!("test guest reported failure (verdict {v}) on the test-exit port");
+            exit_code::GUEST_TEST_FAILED
+        }
+        Ok(GuestExit::Signal(sig)) => {
+            log::info!("stopped by signal {sig}");
+            exit_code::SIGNAL_BASE + sig
+        }
+        Err(e) => {
+            log::error!("{e}");
+            e.exit_code()
+        }
+    }
+}
+
+fn try_run(launch: Launch, start: Instant) -> Result<GuestExit, LaunchError> {
+    let api = match &launch.api_sock {
+        Some(path) => Some(
+            ApiServer::start(path, launch.max_payload)
+                .map_err(|e| LaunchError::Api(e.to_string()))?
+                .0,
+        ),
+        None => None,
+    };
+    let mut pending_metrics = launch.metrics_path.clone();
+    let mut controller = Controller::new(
+        launch.id.clone(),
+        launch.cli_config.clone().unwrap_or_default(),
+    );
+    let immediate = if let Some(path) = &launch.config_file {
+        apply_config_file(&mut controller, path)?;
+        Some(controller.config().clone())
+    } else {
+        launch.cli_config.clone()
+    };
+    let mut vmm = match (immediate, &api) {
+        (Some(mut config), _) => {
+            config.boot_timer = launch.boot_timer;
+            let vmm = Vmm::new(&config, start)?;
+            controller.mark_running();
+            vmm
+        }
+        (None, Some(api)) => {
+            let vmm = configure_over_api(
+                api,
+                &mut controller,
+                &mut pending_metrics,
+                launch.boot_timer,
+                start,
+            );
+            controller.mark_running();
+            vmm
+        }
+        (None, None) => {
+            return Err(LaunchError::Api(
+                "nothing to boot: give --kernel, --config-file or --api-sock".into(),
+            ))
+        }
+    };
+    if let Some(path) = &pending_metrics {
+        vmm.configure_metrics(path)
+            .map_err(|source| VmmError::Host {
+                what: "opening the metrics file",
+                source,
+            })?;
+    }
+    if let Some(api) = api {
+        vmm.attach_api(api, controller);
+    }
+    Ok(vmm.run()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(name: &str, text: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("ringvm-cfg-{name}-{}", std::process::id()));
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn a_firecracker_config_file_fills_the_config() {
+        let p = write(
+            "good",
+            r#"{"boot-source":{"kernel_image_path":"/k","boot_args":"console=ttyS0"},
+                "machine-config":{"vcpu_count":2,"mem_size_mib":256,"smt":false},
+                "drives":[{"drive_id":"rootfs","path_on_host":"/r.ext4","is_root_device":true,"is_read_only":false}],
+                "network-interfaces":[]}"#,
+        );
+        let mut c = Controller::new("t", VmConfig::default());
+        apply_config_file(&mut c, &p).unwrap();
+        std::fs::remove_file(&p).unwrap();
+        assert_eq!(c.config().machine_config.vcpu_count, 2);
+        assert_eq!(c.config().drives[0].drive_id, "rootfs");
+        assert_eq!(c.config().base_cmdline(), "console=ttyS0");
+    }
+
+    #[test]
+    fn bad_config_files_are_one_line_errors() {
+        for (name, text, needle) in [
+            ("json", "{not json", "key must be a string"),
+            (
+                "field",
+                r#"{"boot-source":{"kernel_image_path":"/k"},"bogus":1}"#,
+                "bogus",
+            ),
+            (
+                "twoRoots",
+                r#"{"boot-source":{"kernel_image_path":"/k"},"drives":[
+                   {"drive_id":"a","path_on_host":"/a","is_root_device":true,"is_read_only":false},
+                   {"drive_id":"b","path_on_host":"/b","is_root_device":true,"is_read_only":false}]}"#,
+                "root",
+            ),
+        ] {
+            let p = write(name, text);
+            let mut c = Controller::new("t", VmConfig::default());
+            let e = apply_config_file(&mut c, &p).unwrap_err();
+            std::fs::remove_file(&p).unwrap();
+            assert!(e.to_string().contains(needle), "{name}: {e}");
+            assert_eq!(e.exit_code(), exit_code::BAD_CONFIG);
+            assert!(!e.to_string().contains('\n'), "{name}: {e}");
+        }
+    }
+
+    #[test]
+    fn missing_config_file_is_named() {
+        let mut c = Controller::new("t", VmConfig::default());
+        let e = apply_config_file(&mut c, Path::new("/nonexistent/vm.json")).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/vm.json"));
+    }
+
+    #[test]
+    fn metrics_before_boot_are_checked_and_kept() {
+        let mut pending = None;
+        let cmd = VmCommand::ConfigureMetrics(MetricsConfig {
+            metrics_path: "/nonexistent/dir/m.json".into(),
+        });
+        assert!(execute_before_boot(&cmd, &mut pending).is_err());
+        assert!(pending.is_none());
+        assert!(execute_before_boot(&VmCommand::SendCtrlAltDel, &mut pending).is_err());
+    }
+}
