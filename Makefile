@@ -15,7 +15,7 @@ RINGVM := $(CURDIR)/target/release/ringvm
 # Debian packages: the guest kernel build, its root filesystem, and tools
 # the tests use.
 APT_PACKAGES := linux-source-6.1 build-essential bc bison flex libelf-dev \
-	libssl-dev busybox-static e2fsprogs cpio lz4 xz-utils iproute2 fio
+	libssl-dev busybox-static e2fsprogs cpio lz4 xz-utils iproute2 fio curl
 
 .PHONY: all deps build guest testguest broken run test unit-test integration-test lint clean bench bench-blk
 
@@ -29,6 +29,7 @@ deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 	@rustup component list --installed 2>/dev/null | grep -q clippy || rustup component add clippy rustfmt
+	@python3 -c 'import requests_unixsocket' 2>/dev/null || python3 -m pip install -q requests-unixsocket
 
 build:
 	$(CARGO) build --release --locked -p vmm

@@ -1,0 +1,366 @@
+//! The JSON API socket, driven the way Firecracker's clients drive it:
+//! raw HTTP over the Unix socket, `curl --unix-socket`, and Python's
+//! `requests-unixsocket`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::time::{Duration, Instant};
+
+use ringvm_tests::{guest_dir, kvm_available, ringvm_bin, Scratch};
+
+/// A ringvm process serving `sock`, with its console lines on a channel.
+struct Served {
+    child: Child,
+    sock: PathBuf,
+    lines: Receiver<String>,
+    console: Vec<String>,
+}
+
+impl Served {
+    fn start(sock: &Path, extra: &[&str]) -> Self {
+        let mut child = Command::new(ringvm_bin())
+            .arg("--api-sock")
+            .arg(sock)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start ringvm");
+        let (tx, lines) = channel();
+        let out = child.stdout.take().expect("piped stdout");
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while UnixStream::connect(sock).is_err() {
+            assert!(Instant::now() < deadline, "API socket never appeared");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self {
+            child,
+            sock: sock.to_path_buf(),
+            lines,
+            console: Vec::new(),
+        }
+    }
+
+    /// Waits for a console line containing `needle`.
+    fn wait_for(&mut self, needle: &str, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            match self.lines.recv_timeout(Duration::from_millis(200)) {
+                Ok(line) => {
+                    let hit = line.contains(needle);
+                    self.console.push(line);
+                    if hit {
+                        return true;
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(_) => return false,
+            }
+        }
+        false
+    }
+
+    fn exit_code(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP/1.1 request on its own connection; returns (status, body).
+fn request(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let mut s = UnixStream::connect(sock).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok();
+    let body = body.unwrap_or("");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).expect("send");
+    read_response(&mut s)
+}
+
+fn read_response(s: &mut UnixStream) -> (u16, String) {
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    parse_response(&text)
+}
+
+fn parse_response(text: &str) -> (u16, String) {
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
+}
+
+fn fault(body: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["fault_message"].as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+#[test]
+fn hostile_clients_get_400s_and_the_api_keeps_answering() {
+    let scratch = Scratch::new("api-hostile");
+    let sock = scratch.path.join("api.sock");
+    let srv = Served::start(&sock, &["--id", "hostile-test"]);
+
+    let (code, body) = request(&sock, "GET", "/", None);
+    assert_eq!(code, 200, "{body}");
+    let info: serde_json::Value = serde_json::from_str(&body).expect("GET / is JSON");
+    assert_eq!(info["id"], "hostile-test");
+    assert_eq!(info["state"], "Not started");
+    assert_eq!(info["app_name"], "ringvm");
+
+    let cases: [(&str, &str, Option<&str>, &str); 6] = [
+        ("PUT", "/machine-config", Some("{not json"), "deserializ"),
+        (
+            "PUT",
+            "/machine-config",
+            Some(r#"{"vcpu_count":"two","mem_size_mib":128}"#),
+            "invalid type",
+        ),
+        (
+            "PUT",
+            "/boot-source",
+            Some(r#"{"kernel_image_path":"/k","bogus":1}"#),
+            "bogus",
+        ),
+        (
+            "PUT",
+            "/drives/a",
+            Some(
+                r#"{"drive_id":"b","path_on_host":"/x","is_root_device":false,"is_read_only":false}"#,
+            ),
+            "does not match",
+        ),
+        (
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type":"InstanceStart"}"#),
+            "kernel",
+        ),
+        (
+            "GET",
+            "/no/such/path",
+            None,
+            "Invalid request method and/or path",
+        ),
+    ];
+    for (method, path, body, needle) in cases {
+        let (code, resp) = request(&sock, method, path, body);
+        assert_eq!(code, 400, "{method} {path}: {resp}");
+        assert!(fault(&resp).contains(needle), "{method} {path}: {resp}");
+    }
+
+    // A body over the limit is refused without being read.
+    let mut s = UnixStream::connect(&sock).expect("connect");
+    s.write_all(
+        b"PUT /boot-source HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 104857600\r\n\r\n{",
+    )
+    .expect("send header");
+    let (code, resp) = read_response(&mut s);
+    assert_eq!(code, 400, "{resp}");
+    assert!(fault(&resp).contains("larger than the limit"), "{resp}");
+
+    // Garbage and half-closed connections.
+    let mut s = UnixStream::connect(&sock).expect("connect");
+    s.write_all(b"\x00\x01garbage\r\n\r\n")
+        .expect("send garbage");
+    let (code, _) = read_response(&mut s);
+    assert_eq!(code, 400);
+    let mut s = UnixStream::connect(&sock).expect("connect");
+    s.write_all(b"PUT /boot-source HTTP/1.1\r\nContent-Length: 50\r\n\r\n{\"ker")
+        .expect("send partial");
+    s.shutdown(std::net::Shutdown::Write).expect("half-close");
+    let _ = read_response(&mut s);
+
+    // Several requests on one connection.
+    let mut s = UnixStream::connect(&sock).expect("connect");
+    s.write_all(b"GET /version HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("send two");
+    let mut both = String::new();
+    let _ = s.read_to_string(&mut both);
+    assert_eq!(both.matches("HTTP/1.1 200").count(), 2, "{both}");
+
+    // 200 concurrent connections, all answered.
+    let handles: Vec<_> = (0..200)
+        .map(|_| {
+            let sock = sock.clone();
+            std::thread::spawn(move || request(&sock, "GET", "/machine-config", None).0)
+        })
+        .collect();
+    let ok = handles
+        .into_iter()
+        .map(|h| h.join().unwrap_or(0))
+        .filter(|c| *c == 200)
+        .count();
+    assert_eq!(
+        ok, 200,
+        "only {ok} of 200 concurrent requests were answered"
+    );
+
+    let (code, _) = request(&sock, "GET", "/", None);
+    assert_eq!(code, 200, "the API stopped answering");
+    drop(srv);
+}
+
+/// A guest configured entirely over the socket (curl and Python
+/// `requests-unixsocket`, as Firecracker's users do) boots from its root
+/// drive; the running VM answers GET /vm/config, FlushMetrics, PATCH
+/// /drives, refuses pre-boot requests, and reboots on SendCtrlAltDel.
+#[test]
+fn a_guest_configured_over_the_socket_boots_and_is_managed_while_running() {
+    if !kvm_available("a_guest_configured_over_the_socket_boots_and_is_managed_while_running") {
+        return;
+    }
+    let scratch = Scratch::new("api-boot");
+    let sock = scratch.path.join("api.sock");
+    let rootfs = scratch.file("rootfs.ext4");
+    std::fs::copy(guest_dir().join("rootfs.ext4"), &rootfs).expect("copy rootfs");
+    let data = scratch.file("data.img");
+    std::fs::write(&data, vec![0u8; 1 << 20]).expect("data image");
+    let data2 = scratch.file("data2.img");
+    std::fs::write(&data2, vec![0u8; 2 << 20]).expect("second data image");
+    let metrics = scratch.file("metrics.json");
+    let kernel = guest_dir().join("vmlinux");
+    let mut srv = Served::start(&sock, &[]);
+    let sock_s = sock.to_string_lossy().into_owned();
+
+    let curl = |method: &str, path: &str, body: &str| -> (u16, String) {
+        let out = Command::new("curl")
+            .args(["-s", "-i", "--unix-socket", &sock_s, "-X", method])
+            .args(["-H", "Content-Type: application/json", "-d", body])
+            .arg(format!("http://localhost{path}"))
+            .output()
+            .expect("run curl");
+        parse_response(&String::from_utf8_lossy(&out.stdout))
+    };
+    let boot = serde_json::json!({
+        "kernel_image_path": kernel,
+        "boot_args": "console=ttyS0 reboot=k panic=-1 -- sleep 600",
+    });
+    assert_eq!(curl("PUT", "/boot-source", &boot.to_string()).0, 204);
+    assert_eq!(
+        curl(
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count":1,"mem_size_mib":128}"#
+        )
+        .0,
+        204
+    );
+    let root = serde_json::json!({"drive_id":"rootfs","path_on_host":rootfs,"is_root_device":true,"is_read_only":false});
+    assert_eq!(curl("PUT", "/drives/rootfs", &root.to_string()).0, 204);
+    let d = serde_json::json!({"drive_id":"data","path_on_host":data,"is_root_device":false,"is_read_only":false});
+    assert_eq!(curl("PUT", "/drives/data", &d.to_string()).0, 204);
+    let m = serde_json::json!({ "metrics_path": metrics });
+    assert_eq!(curl("PUT", "/metrics", &m.to_string()).0, 204);
+
+    // Python's requests-unixsocket, as Firecracker's Python clients use it.
+    let py = format!(
+        "import requests_unixsocket,sys\n\
+         s=requests_unixsocket.Session()\n\
+         u='http+unix://{}'\n\
+         r=s.get(u+'/machine-config'); assert r.status_code==200, r.text\n\
+         assert r.json()['mem_size_mib']==128, r.text\n\
+         r=s.put(u+'/actions', json={{'action_type':'InstanceStart'}})\n\
+         print(r.status_code, r.text)\n",
+        sock_s.replace('/', "%2F")
+    );
+    let out = Command::new("python3")
+        .args(["-c", &py])
+        .output()
+        .expect("python3");
+    let py_out = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && py_out.starts_with("204"),
+        "InstanceStart from Python: {py_out} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let (code, body) = request(&sock, "GET", "/", None);
+    assert_eq!(code, 200);
+    assert!(body.contains("\"Running\""), "{body}");
+    assert!(
+        srv.wait_for("GUEST: run: sleep 600", Duration::from_secs(600)),
+        "the guest never reached its init command: {:?}",
+        srv.console.last()
+    );
+
+    // The running VM.
+    let (code, body) = request(&sock, "GET", "/vm/config", None);
+    assert_eq!(code, 200, "{body}");
+    let cfg: serde_json::Value = serde_json::from_str(&body).expect("vm/config is JSON");
+    assert_eq!(cfg["drives"][0]["drive_id"], "rootfs");
+    assert_eq!(cfg["machine-config"]["vcpu_count"], 1);
+    assert!(cfg["boot-source"]["kernel_image_path"].is_string());
+
+    let (code, body) = request(&sock, "PUT", "/boot-source", Some(&boot.to_string()));
+    assert_eq!(code, 400, "{body}");
+    assert!(fault(&body).contains("after starting"), "{body}");
+
+    let (code, body) = request(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type":"FlushMetrics"}"#),
+    );
+    assert_eq!(code, 204, "{body}");
+    let text = std::fs::read_to_string(&metrics).expect("metrics file");
+    let line: serde_json::Value =
+        serde_json::from_str(text.lines().last().expect("a metrics line")).expect("JSON line");
+    assert!(
+        line["block"]["rootfs"]["requests"].as_u64().unwrap_or(0) > 0,
+        "{line}"
+    );
+
+    let patch = serde_json::json!({"drive_id":"data","path_on_host":data2});
+    let (code, body) = request(&sock, "PATCH", "/drives/data", Some(&patch.to_string()));
+    assert_eq!(code, 204, "{body}");
+    let (_, body) = request(&sock, "GET", "/vm/config", None);
+    assert!(body.contains("data2.img"), "{body}");
+
+    let (code, body) = request(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type":"SendCtrlAltDel"}"#),
+    );
+    assert_eq!(code, 204, "{body}");
+    assert_eq!(
+        srv.exit_code(Duration::from_secs(300)),
+        Some(0),
+        "Ctrl-Alt-Del should reboot the guest and end ringvm with 0; console tail: {:?}",
+        srv.console.iter().rev().take(5).collect::<Vec<_>>()
+    );
+    assert!(!sock.exists(), "the socket file was left behind");
+}
