@@ -14,7 +14,6 @@ use ringvm_tests::{guest_dir, kvm_available, ringvm_bin, Scratch};
 /// A ringvm process serving `sock`, with its console lines on a channel.
 struct Served {
     child: Child,
-    sock: PathBuf,
     lines: Receiver<String>,
     console: Vec<String>,
 }
@@ -46,7 +45,6 @@ impl Served {
         }
         Self {
             child,
-            sock: sock.to_path_buf(),
             lines,
             console: Vec::new(),
         }
