@@ -404,6 +404,9 @@ impl Vmm {
                 self.bufs.stdin.as_mut_ptr(),
                 STDIN_BUF as u32,
             )
+            // -1: read at the file position, so a regular file given as
+            // stdin is read once through, not from offset 0 forever.
+            .offset(u64::MAX)
             .build();
             // SAFETY: the boxed buffer outlives the ring, as above.
             return unsafe { self.ring.push(read, Token::new(KIND_STDIN, 0, 0)) }
