@@ -247,3 +247,169 @@ pub fn tiny_initramfs(name: &str, contents: &[u8]) -> Vec<u8> {
     out.resize(out.len().div_ceil(512) * 512, 0);
     out
 }
+
+/// A program running under a test, its stdout (the guest console) read
+/// line by line as it comes, so the test can act on what the guest printed
+/// while the program keeps running (ping a guest once its network is up,
+/// then stop it). Dropping it kills the program if it is still running.
+#[derive(Debug)]
+pub struct Running {
+    child: std::process::Child,
+    start: Instant,
+    console: std::sync::Arc<std::sync::Mutex<String>>,
+    out: Option<std::thread::JoinHandle<()>>,
+    err: Option<std::thread::JoinHandle<String>>,
+}
+
+impl Running {
+    /// Starts `program ARGS` with stdin closed and both streams captured.
+    pub fn spawn(program: &Path, args: &[&str]) -> Self {
+        let start = Instant::now();
+        let mut child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        let console = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = console.clone();
+        let stdout = child.stdout.take().expect("piped stdout");
+        let out = std::thread::spawn(move || {
+            use std::io::BufRead;
+            let mut reader = std::io::BufReader::new(stdout);
+            let mut line = Vec::new();
+            while reader.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
+                let l = String::from_utf8_lossy(&line);
+                if let Ok(mut c) = sink.lock() {
+                    c.push_str(&l);
+                }
+                line.clear();
+            }
+        });
+        let err = drain(child.stderr.take().expect("piped stderr"));
+        Self {
+            child,
+            start,
+            console,
+            out: Some(out),
+            err: Some(err),
+        }
+    }
+
+    /// What the program printed on stdout so far.
+    pub fn console(&self) -> String {
+        self.console.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    /// Time since the start.
+    pub fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    /// Whether the program is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits until stdout holds `needle`: true when it does; false when
+    /// the program exited without printing it or `timeout` passed.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> bool {
+        let until = Instant::now() + timeout;
+        let mut scanned: usize = 0;
+        loop {
+            let exited = !self.is_running();
+            if let Ok(c) = self.console.lock() {
+                // Only the new part (and a needle's length before it).
+                let mut from = scanned.saturating_sub(needle.len());
+                while !c.is_char_boundary(from) {
+                    from -= 1;
+                }
+                if c[from..].contains(needle) {
+                    return true;
+                }
+                scanned = c.len();
+            }
+            if exited {
+                // The reader may still be catching up with the last lines.
+                if let Some(out) = self.out.take() {
+                    let _ = out.join();
+                    return self.console().contains(needle);
+                }
+                return false;
+            }
+            if Instant::now() >= until {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends `signal` to the program (nothing if it already ended).
+    pub fn signal(&mut self, signal: i32) {
+        if self.is_running() {
+            // SAFETY: kill(2) on our own, not yet reaped, child's pid.
+            unsafe { libc::kill(self.child.id() as i32, signal) };
+        }
+    }
+
+    /// Waits for the program to end, killing it when `deadline` (counted
+    /// from the start) passes, and returns what it left behind.
+    pub fn finish(mut self, deadline: Duration) -> VmRun {
+        let mut timed_out = false;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("wait on child") {
+                break status;
+            }
+            if self.start.elapsed() > deadline {
+                timed_out = true;
+                let _ = self.child.kill();
+                break self.child.wait().expect("wait on killed child");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        if let Some(out) = self.out.take() {
+            let _ = out.join();
+        }
+        let stderr = self
+            .err
+            .take()
+            .map(|e| e.join().unwrap_or_default())
+            .unwrap_or_default();
+        VmRun {
+            code: status.code(),
+            stdout: self.console(),
+            stderr,
+            elapsed: self.start.elapsed(),
+            timed_out,
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.is_running() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Runs `program ARGS` (e.g. `ip netns exec NS ringvm ...`) with stdin
+/// closed; sends `signal` when stdout prints `marker` (if given), and kills
+/// it after `deadline`: [`run_binary`] for any program.
+pub fn run_command_until(
+    program: &Path,
+    args: &[&str],
+    marker: Option<&str>,
+    signal: i32,
+    deadline: Duration,
+) -> VmRun {
+    let mut running = Running::spawn(program, args);
+    if let Some(m) = marker {
+        if running.wait_for(m, deadline.saturating_sub(running.elapsed())) {
+            running.signal(signal);
+        }
+    }
+    running.finish(deadline)
+}

@@ -24,7 +24,7 @@ use crate::event_loop::DeviceIo;
 #[derive(Debug, thiserror::Error)]
 pub enum NetSetupError {
     /// The tap cannot be used: missing, busy, not a tap, no permission.
-    #[error("network interface {id}: tap {tap}: {source}")]
+    #[error("network interface {id}: {source}")]
     Tap {
         /// The interface.
         id: String,

@@ -775,6 +775,9 @@ impl Vmm {
     /// Stops every vCPU and waits for them, so the process ends with no
     /// thread still touching guest memory.
     fn shutdown(&mut self) {
+        if self.stop.load(Ordering::Acquire) {
+            return; // already done (run() ended, now Drop)
+        }
         if self.metrics.is_configured() {
             if let Err(e) = self.flush_metrics() {
                 log::warn!("final metrics flush failed: {e}");
