@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
 
-use ringvm_tests::{guest_dir, kvm_available, ringvm_bin, Scratch};
+use ringvm_tests::{guest_dir, kvm_available, net_available, pinger, ringvm_bin, NetNs, Scratch};
 
 /// A ringvm process serving `sock`, with its console lines on a channel.
 struct Served {
@@ -20,7 +20,21 @@ struct Served {
 
 impl Served {
     fn start(sock: &Path, extra: &[&str]) -> Self {
-        let mut child = Command::new(ringvm_bin())
+        Self::start_in(None, sock, extra)
+    }
+
+    /// Starts ringvm, inside network namespace `ns` when given.
+    fn start_in(ns: Option<&NetNs>, sock: &Path, extra: &[&str]) -> Self {
+        let bin = ringvm_bin();
+        let mut cmd = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &ns.name]).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        let mut child = cmd
             .arg("--api-sock")
             .arg(sock)
             .args(extra)
@@ -233,8 +247,10 @@ fn hostile_clients_get_400s_and_the_api_keeps_answering() {
 
 /// A guest configured entirely over the socket (curl and Python
 /// `requests-unixsocket`, as Firecracker's users do) boots from its root
-/// drive; the running VM answers GET /vm/config, FlushMetrics, PATCH
-/// /drives, refuses pre-boot requests, and reboots on SendCtrlAltDel.
+/// drive and answers pings on the NIC the API gave it (in a private
+/// namespace, link-local addresses only); the running VM answers GET
+/// /vm/config, FlushMetrics, PATCH /drives, refuses pre-boot requests, and
+/// reboots on SendCtrlAltDel.
 #[test]
 fn a_guest_configured_over_the_socket_boots_and_is_managed_while_running() {
     if !kvm_available("a_guest_configured_over_the_socket_boots_and_is_managed_while_running") {
@@ -250,7 +266,13 @@ fn a_guest_configured_over_the_socket_boots_and_is_managed_while_running() {
     std::fs::write(&data2, vec![0u8; 2 << 20]).expect("second data image");
     let metrics = scratch.file("metrics.json");
     let kernel = guest_dir().join("vmlinux");
-    let mut srv = Served::start(&sock, &[]);
+    let with_net = net_available("api boot: the NIC part");
+    let ns = with_net.then(|| {
+        let ns = NetNs::new("api");
+        ns.add_tap("tap0", "169.254.20.1/24");
+        ns
+    });
+    let mut srv = Served::start_in(ns.as_ref(), &sock, &[]);
     let sock_s = sock.to_string_lossy().into_owned();
 
     let curl = |method: &str, path: &str, body: &str| -> (u16, String) {
@@ -262,10 +284,12 @@ fn a_guest_configured_over_the_socket_boots_and_is_managed_while_running() {
             .expect("run curl");
         parse_response(&String::from_utf8_lossy(&out.stdout))
     };
-    let boot = serde_json::json!({
-        "kernel_image_path": kernel,
-        "boot_args": "console=ttyS0 reboot=k panic=-1 -- sleep 600",
-    });
+    let boot_args = if with_net {
+        "console=ttyS0 reboot=k panic=-1 ip=169.254.20.2::169.254.20.1:255.255.255.0::eth0:off -- sleep 600"
+    } else {
+        "console=ttyS0 reboot=k panic=-1 -- sleep 600"
+    };
+    let boot = serde_json::json!({ "kernel_image_path": kernel, "boot_args": boot_args });
     assert_eq!(curl("PUT", "/boot-source", &boot.to_string()).0, 204);
     assert_eq!(
         curl(
@@ -280,6 +304,10 @@ fn a_guest_configured_over_the_socket_boots_and_is_managed_while_running() {
     assert_eq!(curl("PUT", "/drives/rootfs", &root.to_string()).0, 204);
     let d = serde_json::json!({"drive_id":"data","path_on_host":data,"is_root_device":false,"is_read_only":false});
     assert_eq!(curl("PUT", "/drives/data", &d.to_string()).0, 204);
+    if with_net {
+        let nic = r#"{"iface_id":"eth0","host_dev_name":"tap0","guest_mac":"02:00:00:00:20:02"}"#;
+        assert_eq!(curl("PUT", "/network-interfaces/eth0", nic).0, 204);
+    }
     let m = serde_json::json!({ "metrics_path": metrics });
     assert_eq!(curl("PUT", "/metrics", &m.to_string()).0, 204);
 
@@ -314,12 +342,30 @@ fn a_guest_configured_over_the_socket_boots_and_is_managed_while_running() {
         srv.console.last()
     );
 
+    // The NIC configured over the API answers pings from the host side.
+    if let Some(ns) = &ns {
+        let mut ping = pinger().expect("a ping program (iputils or busybox)");
+        ping.extend(["-c", "2", "-W", "3", "169.254.20.2"]);
+        let out = ns.exec(&ping);
+        assert!(
+            out.status.success(),
+            "the guest did not answer pings: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+
     // The running VM.
     let (code, body) = request(&sock, "GET", "/vm/config", None);
     assert_eq!(code, 200, "{body}");
     let cfg: serde_json::Value = serde_json::from_str(&body).expect("vm/config is JSON");
     assert_eq!(cfg["drives"][0]["drive_id"], "rootfs");
     assert_eq!(cfg["machine-config"]["vcpu_count"], 1);
+    if with_net {
+        assert_eq!(
+            cfg["network-interfaces"][0]["host_dev_name"], "tap0",
+            "{body}"
+        );
+    }
     assert!(cfg["boot-source"]["kernel_image_path"].is_string());
 
     let (code, body) = request(&sock, "PUT", "/boot-source", Some(&boot.to_string()));

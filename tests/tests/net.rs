@@ -17,17 +17,16 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ringvm_tests::{
-    guest_dir, guest_value, kvm_available, pattern, ringvm_bin, run_command_until, script_image,
-    Running, Scratch,
+    guest_dir, guest_value, kvm_available, net_available, pattern, pinger, ringvm_bin,
+    run_command_until, script_image, text, NetNs, Running, Scratch,
 };
 
 const BOOT_DEADLINE: Duration = Duration::from_secs(900);
@@ -50,146 +49,6 @@ fn guest_file(name: &str) -> String {
 
 /// Root, iproute2 and /dev/net/tun: what every test here needs. Says
 /// SKIPPED with the reason when something is missing.
-fn net_available(test: &str) -> bool {
-    // SAFETY: geteuid(2) has no arguments and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIPPED {test}: needs root (network namespaces and taps)");
-        return false;
-    }
-    let ip = Command::new("ip")
-        .arg("-V")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-    if !ip.is_ok_and(|s| s.success()) {
-        eprintln!("SKIPPED {test}: `ip` (iproute2) is not available");
-        return false;
-    }
-    if !Path::new("/dev/net/tun").exists() {
-        eprintln!("SKIPPED {test}: /dev/net/tun is missing");
-        return false;
-    }
-    true
-}
-
-/// The host-side pinger: iproute2 hosts often lack `ping`, Debian's
-/// busybox-static has one.
-fn pinger() -> Option<Vec<&'static str>> {
-    let works = |prog: &str, args: &[&str]| {
-        Command::new(prog)
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if works("ping", &["-V"]) {
-        return Some(vec!["ping"]);
-    }
-    let applets = Command::new("busybox").arg("--list").output().ok()?;
-    String::from_utf8_lossy(&applets.stdout)
-        .lines()
-        .any(|l| l == "ping")
-        .then(|| vec!["busybox", "ping"])
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status={:?}\n{}{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// A network namespace of our own, deleted on drop (with everything in
-/// it, the tap included, once no process holds it).
-struct NetNs {
-    name: String,
-}
-
-impl NetNs {
-    fn new(test: &str) -> Self {
-        let name = format!("ringvm-{test}-{}", std::process::id());
-        // A leftover from a crashed run with the same pid.
-        let _ = Command::new("ip")
-            .args(["netns", "delete", &name])
-            .stderr(Stdio::null())
-            .status();
-        let out = Command::new("ip")
-            .args(["netns", "add", &name])
-            .output()
-            .expect("run ip netns add");
-        assert!(out.status.success(), "ip netns add {name}: {}", text(&out));
-        Self { name }
-    }
-
-    /// Runs `program ARGS` inside the namespace and waits for it.
-    fn exec(&self, args: &[&str]) -> Output {
-        Command::new("ip")
-            .args(["netns", "exec", &self.name])
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|e| panic!("ip netns exec {} {args:?}: {e}", self.name))
-    }
-
-    /// Like [`NetNs::exec`], and the command must succeed.
-    fn run(&self, args: &[&str]) -> String {
-        let out = self.exec(args);
-        assert!(
-            out.status.success(),
-            "in {}: {args:?} failed: {}",
-            self.name,
-            text(&out)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// Creates tap `dev`, brings it up and gives it `cidr`.
-    fn add_tap(&self, dev: &str, cidr: &str) {
-        self.run(&["ip", "tuntap", "add", "dev", dev, "mode", "tap"]);
-        self.run(&["ip", "link", "set", dev, "up"]);
-        self.run(&["ip", "addr", "add", cidr, "dev", dev]);
-    }
-
-    /// The arguments that run ringvm inside the namespace, for `ip`.
-    fn ringvm_args<'a>(&'a self, bin: &'a str, args: &[&'a str]) -> Vec<&'a str> {
-        let mut v = vec!["netns", "exec", self.name.as_str(), bin];
-        v.extend_from_slice(args);
-        v
-    }
-
-    /// Runs `f` on a thread that entered the namespace: sockets it
-    /// creates live in the namespace (and stay there when handed out).
-    fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/run/netns/{}", self.name);
-        let ns = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-        std::thread::spawn(move || {
-            // SAFETY: setns(2) on a namespace fd we hold open; it changes
-            // this thread's network namespace only.
-            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .expect("thread in the namespace")
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let out = Command::new("ip")
-            .args(["netns", "delete", &self.name])
-            .output();
-        match out {
-            Ok(o) if o.status.success() => {}
-            Ok(o) => eprintln!("warning: ip netns delete {}: {}", self.name, text(&o)),
-            Err(e) => eprintln!("warning: ip netns delete {}: {e}", self.name),
-        }
-    }
-}
-
 /// Binds a listener on the host end of the tap, inside the namespace.
 fn listen(ns: &NetNs, port: u16) -> TcpListener {
     let l = ns

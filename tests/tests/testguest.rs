@@ -124,3 +124,135 @@ fn tally_line_is_parsed() {
     assert_eq!(tally("47 passed, 1 failed, 2 skipped\r\n"), Some((47, 1)));
     assert_eq!(tally("nothing"), None);
 }
+
+/// vtest's `net.*` cases against a tap in a private network namespace
+/// (`ringvm-vtnet-<pid>`, deleted at the end, also on failure), whose host
+/// end 169.254.88.1 answers the guest's ARP and pings by itself (MTU 9000
+/// so a 4 KiB reply is one frame); the guest is 169.254.88.2 with a static
+/// neighbour entry. Then ringvm's counters must show the frames that did
+/// not fit dropped and the bad chains refused.
+#[test]
+fn net_cases_pass_through_a_tap_in_a_namespace() {
+    const TEST: &str = "net_cases_pass_through_a_tap_in_a_namespace";
+    // SAFETY: geteuid(2) has no arguments and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED {TEST}: needs root (network namespace and tap)");
+        return;
+    }
+    if !kvm_available(TEST) {
+        return;
+    }
+    let ip_works = std::process::Command::new("ip")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ip_works || !std::path::Path::new("/dev/net/tun").exists() {
+        eprintln!("SKIPPED {TEST}: needs iproute2 (`ip`) and /dev/net/tun");
+        return;
+    }
+
+    /// Deletes the namespace (and the tap in it) when the test ends.
+    struct Netns(String);
+    impl Drop for Netns {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "exec", &self.0, "ip", "link", "del", "vt0"])
+                .output();
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &self.0])
+                .output();
+        }
+    }
+    let ns = Netns(format!("ringvm-vtnet-{}", std::process::id()));
+    let sh = |args: &[&str]| {
+        let out = std::process::Command::new("ip")
+            .args(args)
+            .output()
+            .expect("run ip");
+        assert!(
+            out.status.success(),
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let _ = std::process::Command::new("ip")
+        .args(["netns", "del", &ns.0])
+        .output();
+    sh(&["netns", "add", &ns.0]);
+    let exec = |cmd: &str| {
+        let mut args = vec!["netns", "exec", &ns.0];
+        args.extend(cmd.split(' '));
+        sh(&args);
+    };
+    exec("ip tuntap add dev vt0 mode tap");
+    exec("ip link set vt0 mtu 9000 up");
+    exec("ip addr add 169.254.88.1/24 dev vt0");
+    exec("ip neigh add 169.254.88.2 lladdr 02:00:00:00:88:02 dev vt0 nud permanent");
+
+    let scratch = Scratch::new("vtnet");
+    let disk = scratch.file("vt.img");
+    std::fs::File::create(&disk)
+        .and_then(|f| f.set_len(16 << 20))
+        .expect("create drive image");
+    let metrics = scratch.file("metrics.json");
+    let elf = vtest_elf();
+    let bin = ringvm_tests::ringvm_bin().to_string_lossy().into_owned();
+    let disk_arg = format!("path={disk}");
+    let args = [
+        "netns",
+        "exec",
+        &ns.0,
+        &bin,
+        "--kernel",
+        &elf,
+        "--disk",
+        &disk_arg,
+        "--net",
+        "tap=vt0,mac=02:00:00:00:88:02",
+        "--metrics-path",
+        &metrics,
+        "--cmdline",
+        "suite=net",
+    ];
+    let run = run_binary(
+        std::path::Path::new("ip"),
+        &args,
+        None,
+        libc::SIGKILL,
+        DEADLINE,
+    );
+    let t = run.transcript();
+    assert!(!run.timed_out, "{t}");
+    assert!(!run.stdout.contains("skip net."), "no net device seen\n{t}");
+    let (passed, failed) = tally(&run.stdout).unwrap_or_else(|| panic!("no tally line\n{t}"));
+    assert_eq!(failed, 0, "{t}");
+    assert!(passed >= 14, "only {passed} net cases ran\n{t}");
+    assert_eq!(run.code, Some(0), "{t}");
+
+    let text = std::fs::read_to_string(&metrics).unwrap_or_default();
+    let last = text
+        .lines()
+        .last()
+        .unwrap_or_else(|| panic!("no metrics\n{t}"));
+    let m: serde_json::Value = serde_json::from_str(last).expect("metrics JSON");
+    let eth = &m["net"]["eth0"];
+    let count = |k: &str| eth[k].as_u64().unwrap_or(0);
+    // big_frame_dropped sends three frames that cannot fit.
+    assert!(
+        count("rx_dropped") >= 3,
+        "frames too big not counted: {eth}\n{t}"
+    );
+    assert!(
+        count("tx_errors") >= 10,
+        "bad TX chains not counted: {eth}\n{t}"
+    );
+    assert!(
+        count("rx_errors") >= 4,
+        "bad RX chains not counted: {eth}\n{t}"
+    );
+    eprintln!(
+        "vtest: {passed} net cases passed in {:?} ({eth})",
+        run.elapsed
+    );
+}

@@ -208,7 +208,11 @@ impl EventLoop {
             Ok(_) => {}
             // A signal interrupted the wait, or the completion queue is
             // full: either way, collect what is there below.
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => {}
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINTR | libc::EBUSY | libc::ETIME)
+                ) => {}
             Err(e) => return Err(e),
         }
         let first = out.len();

@@ -241,14 +241,28 @@ pub fn run(launch: Launch, start: Instant) -> i32 {
 }
 
 fn try_run(launch: Launch, start: Instant) -> Result<GuestExit, LaunchError> {
-    let api = match &launch.api_sock {
-        Some(path) => Some(
-            ApiServer::start(path, launch.max_payload)
-                .map_err(|e| LaunchError::Api(e.to_string()))?
-                .0,
-        ),
-        None => None,
+    let (api, api_thread) = match &launch.api_sock {
+        Some(path) => {
+            let (handle, thread) = ApiServer::start(path, launch.max_payload)
+                .map_err(|e| LaunchError::Api(e.to_string()))?;
+            (Some(handle), Some(thread))
+        }
+        None => (None, None),
     };
+    let result = boot_and_run(&launch, api, start);
+    // The API thread removes the socket file as it ends: wait for it, so
+    // no stale socket outlives the process.
+    if let Some(thread) = api_thread {
+        let _ = thread.join();
+    }
+    result
+}
+
+fn boot_and_run(
+    launch: &Launch,
+    api: Option<ApiHandle>,
+    start: Instant,
+) -> Result<GuestExit, LaunchError> {
     let mut pending_metrics = launch.metrics_path.clone();
     let mut controller = Controller::new(
         launch.id.clone(),
@@ -294,7 +308,10 @@ fn try_run(launch: Launch, start: Instant) -> Result<GuestExit, LaunchError> {
     if let Some(api) = api {
         vmm.attach_api(api, controller);
     }
-    Ok(vmm.run()?)
+    let exit = vmm.run()?;
+    // Dropping the VM drops the API handle, which stops the API thread.
+    drop(vmm);
+    Ok(exit)
 }
 
 #[cfg(test)]

@@ -23,6 +23,7 @@ mod cases;
 mod irq;
 mod mem;
 mod msg;
+mod net;
 mod probe;
 mod serial;
 mod time;
@@ -87,6 +88,7 @@ pub extern "C" fn kmain(zero_page: u64) -> ! {
     let mut ctx = Ctx {
         rw: None,
         ro: None,
+        net: None,
         ram_end: info.ram_end,
         low_ram_end: info.low_ram_end,
         tag: 0,
@@ -96,7 +98,8 @@ pub extern "C" fn kmain(zero_page: u64) -> ! {
             println!("vtest: no virtio-mmio v2 device at {:#x}", slot.base);
             continue;
         };
-        let ro = dev.offered & blk::F_RO != 0;
+        // F_RO (bit 5) means read-only only on a block device.
+        let ro = dev.device_id == blk::DEVICE_ID && dev.offered & blk::F_RO != 0;
         println!(
             "vtest: device {} at {:#x} ({} bytes) irq {}{}",
             dev.device_id,
@@ -111,6 +114,8 @@ pub extern "C" fn kmain(zero_page: u64) -> ! {
             } else if !ro && ctx.rw.is_none() {
                 ctx.rw = Some(dev);
             }
+        } else if dev.device_id == net::DEVICE_ID && ctx.net.is_none() {
+            ctx.net = Some(dev);
         }
     }
 
@@ -122,6 +127,7 @@ pub extern "C" fn kmain(zero_page: u64) -> ! {
         let missing = match case.need {
             Need::Rw if ctx.rw.is_none() => Some("no writable virtio-blk drive"),
             Need::Ro if ctx.ro.is_none() => Some("no read-only virtio-blk drive (--disk ...,ro)"),
+            Need::Net if ctx.net.is_none() => Some("no virtio-net device (--net tap=...)"),
             _ => None,
         };
         if let Some(why) = missing {
@@ -150,7 +156,7 @@ pub extern "C" fn kmain(zero_page: u64) -> ! {
             }
         }
         // Leave every device quiet for the next case.
-        for dev in [ctx.rw, ctx.ro].iter().flatten() {
+        for dev in [ctx.rw, ctx.ro, ctx.net].iter().flatten() {
             let _ = dev.reset();
         }
     }

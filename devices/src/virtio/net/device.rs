@@ -167,6 +167,9 @@ struct RxRead {
     hdr: Vec<Segment>,
     iov: Iovecs,
     capacity: usize,
+    /// One byte after the guest's buffers: a frame that reaches it did
+    /// not fit (a tap read returns at most the buffer space).
+    overflow: Box<[u8; 1]>,
 }
 
 impl RxRead {
@@ -819,6 +822,11 @@ impl<T: Tap> NetDevice<T> {
         };
         let mut submit_error = None;
         if broken.is_none() && !read.heads.is_empty() {
+            let ov = read.overflow.as_mut_ptr();
+            read.iov.0.push(libc::iovec {
+                iov_base: ov.cast(),
+                iov_len: 1,
+            });
             let op = IoOp::Readv {
                 fd,
                 iovecs: read.iov.0.as_ptr(),

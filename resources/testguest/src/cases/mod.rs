@@ -3,6 +3,7 @@
 mod blk;
 mod hostile;
 mod mmio;
+mod net;
 mod ring;
 
 use crate::msg::R;
@@ -14,6 +15,8 @@ pub struct Ctx {
     pub rw: Option<Dev>,
     /// The first read-only virtio-blk device.
     pub ro: Option<Dev>,
+    /// The first virtio-net device.
+    pub net: Option<Dev>,
     /// First byte past guest RAM.
     pub ram_end: u64,
     /// First byte past the RAM below 4 GiB.
@@ -29,12 +32,17 @@ impl Ctx {
     pub fn ro(&self) -> Dev {
         self.ro.expect("runner checked Need::Ro")
     }
+    pub fn net(&self) -> Dev {
+        self.net.expect("runner checked Need::Net")
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Need {
     Rw,
     Ro,
+    /// A virtio-net device whose tap peer answers ARP and pings.
+    Net,
 }
 
 pub struct Case {
@@ -47,7 +55,7 @@ const fn c(name: &'static str, need: Need, run: fn(&mut Ctx) -> R) -> Case {
     Case { name, need, run }
 }
 
-use Need::{Ro, Rw};
+use Need::{Net, Ro, Rw};
 
 pub static CASES: &[Case] = &[
     c("mmio.identity", Rw, mmio::identity),
@@ -102,4 +110,22 @@ pub static CASES: &[Case] = &[
     c("hostile.late_writes", Rw, hostile::late_writes),
     c("hostile.bad_queue_layout", Rw, hostile::bad_queue_layout),
     c("hostile.reset_in_flight", Rw, hostile::reset_in_flight),
+    c("net.identity", Net, net::identity),
+    c("net.arp", Net, net::arp),
+    c("net.ping", Net, net::ping),
+    c("net.rx_no_buffers", Net, net::rx_no_buffers),
+    c("net.rx_scatter", Net, net::rx_scatter),
+    c("net.big_frame_dropped", Net, net::big_frame_dropped),
+    c("net.big_frame_mrg", Net, net::big_frame_mrg),
+    c("net.reset_rx_parked", Net, net::reset_rx_parked),
+    c("net.hostile_tx_writable", Net, net::hostile_tx_writable),
+    c("net.hostile_tx_zero_len", Net, net::hostile_tx_zero_len),
+    c(
+        "net.hostile_tx_outside_ram",
+        Net,
+        net::hostile_tx_outside_ram,
+    ),
+    c("net.hostile_tx_size", Net, net::hostile_tx_size),
+    c("net.hostile_tx_broken", Net, net::hostile_tx_broken),
+    c("net.hostile_rx", Net, net::hostile_rx),
 ];
