@@ -87,7 +87,7 @@ pub const BATCH_THRESHOLD: usize = 4;
 /// `io_uring_enter` (and one guest interrupt) per batch instead of per
 /// completion. Below [`BATCH_THRESHOLD`] a turn returns at the first
 /// completion, so light loads see no added latency.
-pub const BATCH_WAIT_US: u32 = 20;
+pub const BATCH_WAIT_US: u32 = 10;
 
 impl std::fmt::Debug for EventLoop {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -190,7 +190,7 @@ impl EventLoop {
         if !self.min_timeout || self.batch_in_flight < BATCH_THRESHOLD {
             return None;
         }
-        Some(((self.batch_in_flight / 2).clamp(2, 64), BATCH_WAIT_US))
+        Some(((self.batch_in_flight / 4).clamp(2, 64), BATCH_WAIT_US))
     }
 
     /// One loop turn: submits everything queued, waits for at least one
@@ -402,7 +402,7 @@ mod tests {
         );
         ring.batch_in_flight = 32;
         if ring.min_timeout {
-            assert_eq!(ring.wait_plan(), Some((16, BATCH_WAIT_US)));
+            assert_eq!(ring.wait_plan(), Some((8, BATCH_WAIT_US)));
         } else {
             assert_eq!(ring.wait_plan(), None, "kernel without min-timeout");
         }
