@@ -17,7 +17,7 @@ RINGVM := $(CURDIR)/target/release/ringvm
 APT_PACKAGES := linux-source-6.1 build-essential bc bison flex libelf-dev \
 	libssl-dev busybox-static e2fsprogs cpio lz4 xz-utils iproute2 fio curl
 
-.PHONY: all deps build guest testguest broken run test unit-test integration-test lint clean bench bench-blk
+.PHONY: all deps build guest testguest broken run test unit-test integration-test lint clean bench bench-blk bench-net
 
 all: build
 
@@ -78,7 +78,14 @@ test: deps lint unit-test integration-test
 bench-blk: deps
 	$(CARGO) run --release --locked -p ringvm-tests --bin bench_blk -- $(BENCH_ARGS)
 
-bench: bench-blk
+# virtio-net data path (synthetic driver, real device + VMM loop + real taps
+# in a private network namespace, no KVM) against the same traffic on a tap
+# read and written directly; writes target/bench/net.{json,md}. Needs root.
+# Extra flags: make bench-net BENCH_NET_ARGS="--seconds 1 --repeats 1"
+bench-net: deps
+	$(CARGO) run --release --locked -p ringvm-tests --bin bench_net -- $(BENCH_NET_ARGS)
+
+bench: bench-blk bench-net
 
 clean:
 	$(CARGO) clean
