@@ -9,6 +9,7 @@ use std::io;
 use vm_memory::GuestMemoryMmap;
 
 use crate::event_loop::{Completion, DeviceIo, EventLoop, Token};
+use crate::metrics::DeviceMetrics;
 use crate::virtio_block::Drive;
 use crate::virtio_net::NetIface;
 
@@ -60,6 +61,46 @@ impl DeviceLoop {
     /// The network interfaces, for metrics.
     pub fn nets(&self) -> &[Box<NetIface>] {
         &self.nets
+    }
+
+    /// Every device's counters, for a metrics line or the API.
+    pub fn metrics(&self) -> Vec<DeviceMetrics> {
+        let nets = self.nets.iter().map(|n| {
+            let c = n.counters();
+            DeviceMetrics {
+                kind: "net",
+                id: n.id.clone(),
+                fields: serde_json::json!({
+                    "rx_packets": c.rx_packets,
+                    "rx_bytes": c.rx_bytes,
+                    "rx_errors": c.rx_errors,
+                    "rx_dropped": c.rx_dropped,
+                    "tx_packets": c.tx_packets,
+                    "tx_bytes": c.tx_bytes,
+                    "tx_errors": c.tx_errors,
+                    "tx_dropped": c.tx_dropped,
+                }),
+            }
+        });
+        self.drives
+            .iter()
+            .map(|d| {
+                let c = d.counters();
+                DeviceMetrics {
+                    kind: "block",
+                    id: d.id.clone(),
+                    fields: serde_json::json!({
+                        "requests": c.requests,
+                        "read_bytes": c.read_bytes,
+                        "write_bytes": c.write_bytes,
+                        "flushes": c.flushes,
+                        "errors": c.errors,
+                        "needs_reset": c.needs_reset,
+                    }),
+                }
+            })
+            .chain(nets)
+            .collect()
     }
 
     /// Whether a completion of `kind` is ours.

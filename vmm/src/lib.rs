@@ -8,6 +8,7 @@
 pub mod api;
 pub mod arch;
 pub mod boot;
+pub mod cmdline;
 pub mod config;
 pub mod device_loop;
 pub mod device_manager;

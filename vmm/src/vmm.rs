@@ -14,6 +14,7 @@ use crate::api::{ApiHandle, CommandOutput, Controller, Decision, VmCommand};
 use crate::arch::x86_64::cpuid::CpuTemplate;
 use crate::arch::x86_64::mptable::{setup_mptable, MptableError};
 use crate::boot::{load_kernel, write_boot_data, BootError};
+use crate::cmdline::{compose_cmdline, root_param};
 use crate::config::{ConfigError, VmConfig};
 use crate::device_loop::DeviceLoop;
 use crate::device_manager::{DeviceError, DeviceManager};
@@ -174,53 +175,6 @@ fn choose_template(config: &VmConfig) -> Result<CpuTemplate, VmmError> {
         Ok(CpuTemplate::PvmSafe)
     } else {
         Ok(CpuTemplate::Host)
-    }
-}
-
-/// Adds ringvm's parameters to the user's command line, before any
-/// " -- " (what follows it is init's arguments, not the kernel's).
-fn compose_cmdline(user: &str, extra: &[&str]) -> String {
-    let (kernel_part, init_part) = match user.find(" -- ") {
-        Some(at) => (&user[..at], Some(&user[at + 4..])),
-        None if user.starts_with("-- ") => ("", Some(&user[3..])),
-        None => (user, None),
-    };
-    let mut words: Vec<&str> = vec![kernel_part.trim()];
-    words.extend(extra.iter().copied());
-    let mut out = words
-        .into_iter()
-        .filter(|w| !w.is_empty())
-        .collect::<Vec<_>>()
-        .join(" ");
-    if let Some(init) = init_part {
-        out.push_str(" -- ");
-        out.push_str(init);
-    }
-    out
-}
-
-/// The `root=` parameter for the drive marked as root: by PARTUUID when
-/// given, else `/dev/vdX` by its position among the drives.
-fn root_param(config: &VmConfig) -> Option<String> {
-    let (index, drive) = config
-        .drives
-        .iter()
-        .enumerate()
-        .find(|(_, d)| d.is_root_device)?;
-    let mode = if drive.is_read_only { "ro" } else { "rw" };
-    Some(match &drive.partuuid {
-        Some(uuid) => format!("root=PARTUUID={uuid} {mode}"),
-        None => format!("root=/dev/vd{} {mode}", disk_letters(index)),
-    })
-}
-
-/// Linux's virtio-blk names: vda..vdz, then vdaa, vdab, ...
-fn disk_letters(index: usize) -> String {
-    let letter = |i: usize| char::from(b'a' + (i % 26) as u8);
-    if index < 26 {
-        letter(index).to_string()
-    } else {
-        format!("{}{}", letter(index / 26 - 1), letter(index))
     }
 }
 
@@ -539,43 +493,7 @@ impl Vmm {
 
     /// Every device's counters, for a metrics line or the API.
     pub fn device_metrics(&self) -> Vec<DeviceMetrics> {
-        let nets = self.device_loop.nets().iter().map(|n| {
-            let c = n.counters();
-            DeviceMetrics {
-                kind: "net",
-                id: n.id.clone(),
-                fields: serde_json::json!({
-                    "rx_packets": c.rx_packets,
-                    "rx_bytes": c.rx_bytes,
-                    "rx_errors": c.rx_errors,
-                    "rx_dropped": c.rx_dropped,
-                    "tx_packets": c.tx_packets,
-                    "tx_bytes": c.tx_bytes,
-                    "tx_errors": c.tx_errors,
-                    "tx_dropped": c.tx_dropped,
-                }),
-            }
-        });
-        self.device_loop
-            .drives()
-            .iter()
-            .map(|d| {
-                let c = d.counters();
-                DeviceMetrics {
-                    kind: "block",
-                    id: d.id.clone(),
-                    fields: serde_json::json!({
-                        "requests": c.requests,
-                        "read_bytes": c.read_bytes,
-                        "write_bytes": c.write_bytes,
-                        "flushes": c.flushes,
-                        "errors": c.errors,
-                        "needs_reset": c.needs_reset,
-                    }),
-                }
-            })
-            .chain(nets)
-            .collect()
+        self.device_loop.metrics()
     }
 
     /// Writes one metrics line now (`FlushMetrics`); a no-op without a
@@ -796,46 +714,5 @@ impl Drop for Vmm {
         self.shutdown();
         // SAFETY: the signalfd is ours and closed once.
         unsafe { libc::close(self.signal_fd) };
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ringvm_parameters_go_before_init_arguments() {
-        assert_eq!(
-            compose_cmdline("console=ttyS0", &["a=1", "b"]),
-            "console=ttyS0 a=1 b"
-        );
-        assert_eq!(
-            compose_cmdline("console=ttyS0 -- echo hi -- there", &["a=1"]),
-            "console=ttyS0 a=1 -- echo hi -- there"
-        );
-        assert_eq!(compose_cmdline("-- nproc", &["a=1"]), "a=1 -- nproc");
-        assert_eq!(compose_cmdline("", &[]), "");
-    }
-
-    #[test]
-    fn disks_are_named_like_linux_does() {
-        assert_eq!(disk_letters(0), "a");
-        assert_eq!(disk_letters(25), "z");
-        assert_eq!(disk_letters(26), "aa");
-        assert_eq!(disk_letters(27), "ab");
-    }
-
-    #[test]
-    fn root_parameter_follows_the_root_drive() {
-        let mut c = VmConfig::default();
-        assert_eq!(root_param(&c), None);
-        c.drives = vec![
-            "path=/a,id=a".parse().unwrap(),
-            "path=/b,id=b,root,ro".parse().unwrap(),
-        ];
-        assert_eq!(root_param(&c).as_deref(), Some("root=/dev/vdb ro"));
-        c.drives[1].partuuid = Some("1234-01".into());
-        c.drives[1].is_read_only = false;
-        assert_eq!(root_param(&c).as_deref(), Some("root=PARTUUID=1234-01 rw"));
     }
 }
