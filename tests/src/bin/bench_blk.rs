@@ -16,36 +16,29 @@
 //! holds the whole file). Results go to stdout and to
 //! `target/bench/blk.{json,md}`.
 
-use std::cell::Cell;
 use std::fmt::Write as _;
 use std::fs::OpenOptions;
-use std::io::{self, Write as _};
-use std::os::fd::AsRawFd;
-use std::os::unix::thread::JoinHandleExt;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
-use std::sync::atomic::{fence, AtomicBool, AtomicI32, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use devices::bus::Bus;
 use devices::virtio::NOTIFY_REG_OFFSET;
+use ringvm_tests::bench::clock::own_cpu_ns;
+use ringvm_tests::bench::host::{HostCpu, HostInfo, Own};
+use ringvm_tests::bench::irq::{need_event, wait_irq};
+use ringvm_tests::bench::mmio::MmioRegs;
+use ringvm_tests::bench::report;
+use ringvm_tests::bench::vmm_thread::{VmmHandle, VmmSnap};
+use ringvm_tests::bench::wiring::BenchWiring;
+use ringvm_tests::bench::Res;
 use serde_json::{json, Value};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
-use virtio_bindings::virtio_config::{
-    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
-    VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_VERSION_1,
-};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_mmio::{
-    VIRTIO_MMIO_CONFIG, VIRTIO_MMIO_DEVICE_FEATURES, VIRTIO_MMIO_DEVICE_FEATURES_SEL,
-    VIRTIO_MMIO_DEVICE_ID, VIRTIO_MMIO_DRIVER_FEATURES, VIRTIO_MMIO_DRIVER_FEATURES_SEL,
-    VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INTERRUPT_STATUS, VIRTIO_MMIO_MAGIC_VALUE,
-    VIRTIO_MMIO_QUEUE_AVAIL_HIGH, VIRTIO_MMIO_QUEUE_AVAIL_LOW, VIRTIO_MMIO_QUEUE_DESC_HIGH,
-    VIRTIO_MMIO_QUEUE_DESC_LOW, VIRTIO_MMIO_QUEUE_NUM, VIRTIO_MMIO_QUEUE_NUM_MAX,
-    VIRTIO_MMIO_QUEUE_READY, VIRTIO_MMIO_QUEUE_SEL, VIRTIO_MMIO_QUEUE_USED_HIGH,
-    VIRTIO_MMIO_QUEUE_USED_LOW, VIRTIO_MMIO_STATUS, VIRTIO_MMIO_VERSION,
+    VIRTIO_MMIO_CONFIG, VIRTIO_MMIO_QUEUE_NUM, VIRTIO_MMIO_QUEUE_NUM_MAX, VIRTIO_MMIO_QUEUE_SEL,
 };
 use virtio_bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT,
@@ -54,16 +47,9 @@ use virtio_bindings::virtio_ring::{
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm::config::DriveConfig;
 use vmm::device_loop::DeviceLoop;
-use vmm::device_manager::{DeviceError, DeviceManager, EventWiring};
-use vmm::event_loop::{EventLoop, Token};
+use vmm::device_manager::DeviceManager;
 use vmm::virtio_block::{open_backing_file, Drive};
 use vmm_sys_util::eventfd::EventFd;
-
-type Res<T> = Result<T, String>;
-
-/// Ring token kind of the bench's own stop eventfd (outside the device
-/// loop's kinds).
-const KIND_STOP: u8 = 200;
 
 // Guest memory layout of the synthetic driver.
 const MEM_SIZE: usize = 256 << 20;
@@ -170,178 +156,7 @@ fn workloads() -> Vec<Workload> {
 }
 
 // ---------------------------------------------------------------------------
-// The VMM side: the real drive in the real device loop on its own thread.
-
-/// The bench's stand-in for KVM: it keeps the eventfds the drive wires, so
-/// the driver writes the doorbell itself and reads the interrupt line.
-#[derive(Default)]
-struct BenchWiring {
-    irq: Cell<Option<EventFd>>,
-    doorbell: Cell<Option<(EventFd, u64, u32)>>,
-}
-
-impl EventWiring for BenchWiring {
-    fn wire_irq(&self, evt: &EventFd, _gsi: u32) -> Result<(), DeviceError> {
-        self.irq
-            .set(Some(evt.try_clone().map_err(DeviceError::EventFd)?));
-        Ok(())
-    }
-
-    fn wire_doorbell(&self, evt: &EventFd, addr: u64, value: u32) -> Result<(), DeviceError> {
-        let evt = evt.try_clone().map_err(DeviceError::EventFd)?;
-        self.doorbell.set(Some((evt, addr, value)));
-        Ok(())
-    }
-}
-
-/// What the VMM thread publishes for the measurements.
-#[derive(Default)]
-struct VmmShared {
-    tid: AtomicI32,
-    turns: AtomicU64,
-    deferred_taskrun: AtomicBool,
-}
-
-/// The VMM thread loop, as `Vmm::run` runs it for the devices, plus a stop
-/// eventfd and a counter of ring turns (one `io_uring_enter` each).
-fn vmm_thread(
-    drive: Box<Drive>,
-    mem: GuestMemoryMmap,
-    stop: EventFd,
-    shared: Arc<VmmShared>,
-) -> io::Result<()> {
-    // SAFETY: gettid has no preconditions and cannot fail.
-    shared
-        .tid
-        .store(unsafe { libc::gettid() }, Ordering::Release);
-    let mut stop_buf = [0u8; 8];
-    let mut devices = DeviceLoop::new(vec![drive], Vec::new());
-    // Declared after the buffers it reads into, so it is dropped (and its
-    // in-flight operations cancelled) before them.
-    let mut ring = EventLoop::new()?;
-    shared
-        .deferred_taskrun
-        .store(ring.deferred_taskrun(), Ordering::Release);
-    devices.arm(&mut ring)?;
-    // SAFETY: `stop_buf` lives on this frame until after `ring` is dropped.
-    unsafe { ring.arm_eventfd(stop.as_raw_fd(), &mut stop_buf, Token::new(KIND_STOP, 0, 0)) }?;
-    let mut done = Vec::with_capacity(1024);
-    let mut stopping = false;
-    while !stopping {
-        ring.turn(&mut done)?;
-        shared.turns.fetch_add(1, Ordering::Relaxed);
-        for c in done.drain(..) {
-            if DeviceLoop::owns(c.token.kind) {
-                devices.dispatch(c, &mut ring, &mem)?;
-            } else if c.token.kind == KIND_STOP {
-                stopping = true;
-            }
-        }
-        devices.resume(&mut ring, &mem);
-    }
-    drop(ring);
-    Ok(())
-}
-
-/// Counters of the VMM thread at one instant.
-#[derive(Clone, Copy, Debug, Default)]
-struct VmmSnap {
-    cpu_ns: u64,
-    turns: u64,
-    syscr: u64,
-    syscw: u64,
-    voluntary_switches: u64,
-}
-
-struct VmmHandle {
-    thread: Option<JoinHandle<io::Result<()>>>,
-    shared: Arc<VmmShared>,
-    stop: EventFd,
-}
-
-impl VmmHandle {
-    fn tid(&self) -> i32 {
-        self.shared.tid.load(Ordering::Acquire)
-    }
-
-    fn snap(&self) -> Res<VmmSnap> {
-        let thread = self
-            .thread
-            .as_ref()
-            .ok_or("the VMM thread is gone")?
-            .as_pthread_t();
-        let task = format!("/proc/self/task/{}", self.tid());
-        let io = std::fs::read_to_string(format!("{task}/io"))
-            .map_err(|e| format!("cannot read {task}/io: {e}"))?;
-        let status = std::fs::read_to_string(format!("{task}/status"))
-            .map_err(|e| format!("cannot read {task}/status: {e}"))?;
-        Ok(VmmSnap {
-            cpu_ns: thread_cpu_ns(thread)?,
-            turns: self.shared.turns.load(Ordering::Relaxed),
-            syscr: proc_field(&io, "syscr:")?,
-            syscw: proc_field(&io, "syscw:")?,
-            voluntary_switches: proc_field(&status, "voluntary_ctxt_switches:")?,
-        })
-    }
-
-    fn stop(mut self) -> Res<()> {
-        self.stop
-            .write(1)
-            .map_err(|e| format!("cannot signal the VMM thread to stop: {e}"))?;
-        match self.thread.take().map(JoinHandle::join) {
-            Some(Ok(Ok(()))) | None => Ok(()),
-            Some(Ok(Err(e))) => Err(format!("VMM thread failed: {e}")),
-            Some(Err(_)) => Err("VMM thread panicked".into()),
-        }
-    }
-}
-
-fn proc_field(text: &str, key: &str) -> Res<u64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.trim().parse().ok())
-        .ok_or_else(|| format!("no {key} in /proc task file"))
-}
-
-/// CPU time consumed so far by `thread` (user + system), in nanoseconds.
-fn thread_cpu_ns(thread: libc::pthread_t) -> Res<u64> {
-    let mut clock: libc::clockid_t = 0;
-    // SAFETY: `thread` is alive (the caller holds its JoinHandle and it
-    // only exits when told to) and `clock` is a valid out pointer.
-    let rc = unsafe { libc::pthread_getcpuclockid(thread, &mut clock) };
-    if rc != 0 {
-        return Err(format!(
-            "pthread_getcpuclockid: {}",
-            io::Error::from_raw_os_error(rc)
-        ));
-    }
-    clock_ns(clock)
-}
-
-/// CPU time consumed so far by the calling thread, in nanoseconds.
-fn own_cpu_ns() -> Res<u64> {
-    clock_ns(libc::CLOCK_THREAD_CPUTIME_ID)
-}
-
-fn clock_ns(clock: libc::clockid_t) -> Res<u64> {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid clock id and a valid out pointer.
-    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
-        return Err(format!("clock_gettime: {}", io::Error::last_os_error()));
-    }
-    Ok(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
-}
-
-// ---------------------------------------------------------------------------
 // The synthetic guest driver.
-
-/// `vring_need_event` from the virtio spec (§2.7.10).
-fn need_event(event: u16, new: u16, old: u16) -> bool {
-    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
-}
 
 fn indirect_table(slot: usize) -> u64 {
     INDIRECT_BASE + slot as u64 * 64
@@ -384,8 +199,7 @@ struct DriverStats {
 
 struct Driver {
     mem: GuestMemoryMmap,
-    bus: Bus,
-    base: u64,
+    regs: MmioRegs,
     kick: EventFd,
     irq: EventFd,
     qsize: u16,
@@ -400,38 +214,11 @@ struct Driver {
 }
 
 impl Driver {
-    fn read32(&self, reg: u32) -> u32 {
-        let mut b = [0u8; 4];
-        self.bus.read(0, self.base + u64::from(reg), &mut b);
-        u32::from_le_bytes(b)
-    }
-
-    fn write32(&self, reg: u32, v: u32) {
-        self.bus
-            .write(0, self.base + u64::from(reg), &v.to_le_bytes());
-    }
-
     /// Brings the device up exactly as a virtio-mmio v2 guest driver does.
     fn init(&mut self) -> Res<()> {
-        if self.read32(VIRTIO_MMIO_MAGIC_VALUE) != u32::from_le_bytes(*b"virt")
-            || self.read32(VIRTIO_MMIO_VERSION) != 2
-            || self.read32(VIRTIO_MMIO_DEVICE_ID) != 2
-        {
-            return Err(format!(
-                "no virtio-mmio v2 block device at {:#x}",
-                self.base
-            ));
-        }
-        self.write32(VIRTIO_MMIO_STATUS, 0);
-        let mut status = VIRTIO_CONFIG_S_ACKNOWLEDGE;
-        self.write32(VIRTIO_MMIO_STATUS, status);
-        status |= VIRTIO_CONFIG_S_DRIVER;
-        self.write32(VIRTIO_MMIO_STATUS, status);
-        self.write32(VIRTIO_MMIO_DEVICE_FEATURES_SEL, 0);
-        let low = self.read32(VIRTIO_MMIO_DEVICE_FEATURES);
-        self.write32(VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
-        let high = self.read32(VIRTIO_MMIO_DEVICE_FEATURES);
-        let offered = u64::from(low) | (u64::from(high) << 32);
+        let regs = &self.regs;
+        let status = regs.probe(2, "block")?;
+        let offered = regs.device_features();
         // Indirect descriptors, as Linux uses them: one ring slot per
         // request, so QD 128 fits a 256-entry queue.
         let want = (1u64 << VIRTIO_F_VERSION_1)
@@ -442,50 +229,18 @@ impl Driver {
                 "device offers features {offered:#x}, the driver needs {want:#x}"
             ));
         }
-        self.write32(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
-        self.write32(VIRTIO_MMIO_DRIVER_FEATURES, want as u32);
-        self.write32(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
-        self.write32(VIRTIO_MMIO_DRIVER_FEATURES, (want >> 32) as u32);
-        status |= VIRTIO_CONFIG_S_FEATURES_OK;
-        self.write32(VIRTIO_MMIO_STATUS, status);
-        if self.read32(VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_FEATURES_OK == 0 {
-            return Err("the device refused FEATURES_OK".into());
-        }
-        self.write32(VIRTIO_MMIO_QUEUE_SEL, 0);
-        let max = self.read32(VIRTIO_MMIO_QUEUE_NUM_MAX);
+        let status = regs.set_features(status, want)?;
+        regs.write32(VIRTIO_MMIO_QUEUE_SEL, 0);
+        let max = regs.read32(VIRTIO_MMIO_QUEUE_NUM_MAX);
         self.qsize = u16::try_from(max.min(u32::from(QUEUE_SIZE))).unwrap_or(0);
         if usize::from(self.qsize) < 128 {
             return Err(format!("queue maximum {max} is below the QD 128 we need"));
         }
-        self.write32(VIRTIO_MMIO_QUEUE_NUM, u32::from(self.qsize));
-        for (lo, hi, addr) in [
-            (
-                VIRTIO_MMIO_QUEUE_DESC_LOW,
-                VIRTIO_MMIO_QUEUE_DESC_HIGH,
-                DESC_TABLE,
-            ),
-            (
-                VIRTIO_MMIO_QUEUE_AVAIL_LOW,
-                VIRTIO_MMIO_QUEUE_AVAIL_HIGH,
-                AVAIL_RING,
-            ),
-            (
-                VIRTIO_MMIO_QUEUE_USED_LOW,
-                VIRTIO_MMIO_QUEUE_USED_HIGH,
-                USED_RING,
-            ),
-        ] {
-            self.write32(lo, addr as u32);
-            self.write32(hi, (addr >> 32) as u32);
-        }
-        self.write32(VIRTIO_MMIO_QUEUE_READY, 1);
-        status |= VIRTIO_CONFIG_S_DRIVER_OK;
-        self.write32(VIRTIO_MMIO_STATUS, status);
-        if self.read32(VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET != 0 {
-            return Err("the device asks for a reset right after DRIVER_OK".into());
-        }
-        let sectors = u64::from(self.read32(VIRTIO_MMIO_CONFIG))
-            | (u64::from(self.read32(VIRTIO_MMIO_CONFIG + 4)) << 32);
+        regs.write32(VIRTIO_MMIO_QUEUE_NUM, u32::from(self.qsize));
+        regs.set_queue_rings(DESC_TABLE, AVAIL_RING, USED_RING);
+        regs.driver_ok(status)?;
+        let sectors = u64::from(self.regs.read32(VIRTIO_MMIO_CONFIG))
+            | (u64::from(self.regs.read32(VIRTIO_MMIO_CONFIG + 4)) << 32);
         self.capacity = sectors * 512;
         // Touch every data buffer once so page faults stay out of the runs.
         let zeros = vec![0u8; MAX_BLOCK as usize];
@@ -663,35 +418,12 @@ impl Driver {
         if self.used_idx()? != self.last_used {
             return Ok(());
         }
-        let mut pfd = libc::pollfd {
-            fd: self.irq.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
+        let Some(signals) = wait_irq(&self.irq, 10_000)? else {
+            return Err("no interrupt for 10 s with requests in flight: device stalled".into());
         };
-        // SAFETY: one valid pollfd, count 1.
-        let rc = unsafe { libc::poll(&mut pfd, 1, 10_000) };
-        match rc {
-            0 => {
-                return Err("no interrupt for 10 s with requests in flight: device stalled".into())
-            }
-            r if r < 0 => {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(format!("poll on the irq eventfd: {e}"));
-                }
-            }
-            _ => {}
-        }
         self.stats.waits += 1;
-        match self.irq.read() {
-            Ok(n) => self.stats.irq_signals += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(format!("irq eventfd read: {e}")),
-        }
-        let isr = self.read32(VIRTIO_MMIO_INTERRUPT_STATUS);
-        if isr != 0 {
-            self.write32(VIRTIO_MMIO_INTERRUPT_ACK, isr);
-        }
+        self.stats.irq_signals += signals;
+        self.regs.ack_interrupt();
         Ok(())
     }
 
@@ -722,30 +454,20 @@ impl Harness {
         let file = open_backing_file(&cfg).map_err(|e| e.to_string())?;
         let drive = Drive::new(&cfg, file, &wiring, &mut devices).map_err(|e| e.to_string())?;
         let irq = wiring
-            .irq
-            .take()
+            .take_irq()
             .ok_or("the drive wired no interrupt line")?;
         let (kick, doorbell, _value) = wiring
-            .doorbell
-            .take()
+            .take_doorbells()
+            .into_iter()
+            .next()
             .ok_or("the drive wired no doorbell")?;
-        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
-        let shared = Arc::new(VmmShared::default());
-        let thread = {
-            let (mem, shared) = (mem.clone(), shared.clone());
-            let stop = stop.try_clone().map_err(|e| format!("eventfd: {e}"))?;
-            std::thread::Builder::new()
-                .name("vmm".into())
-                .spawn(move || vmm_thread(drive, mem, stop, shared))
-                .map_err(|e| format!("cannot start the VMM thread: {e}"))?
-        };
-        while shared.tid.load(Ordering::Acquire) == 0 {
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        let vmm = VmmHandle::spawn(move || DeviceLoop::new(vec![drive], Vec::new()), &mem)?;
         let mut driver = Driver {
             mem,
-            bus: devices.mmio.clone(),
-            base: doorbell - NOTIFY_REG_OFFSET,
+            regs: MmioRegs {
+                bus: devices.mmio.clone(),
+                base: doorbell - NOTIFY_REG_OFFSET,
+            },
             kick,
             irq,
             qsize: 0,
@@ -759,14 +481,7 @@ impl Harness {
             next_seq: 0,
         };
         driver.init()?;
-        Ok(Self {
-            driver,
-            vmm: VmmHandle {
-                thread: Some(thread),
-                shared,
-                stop,
-            },
-        })
+        Ok(Self { driver, vmm })
     }
 
     /// Runs `w` for warm-up + `secs`, measuring only the second part, then
@@ -1018,57 +733,6 @@ fn prepare_file(path: &Path, mib: u64) -> Res<()> {
         .map_err(|e| format!("cannot sync {}: {e}", path.display()))
 }
 
-/// CPU the rest of the machine used while we measured: busy time from
-/// /proc/stat minus this process's and its waited-for children's (fio's)
-/// CPU time. Other work on a 2-core machine skews both sides.
-#[derive(Clone, Copy, Debug)]
-struct HostCpu {
-    at: Instant,
-    busy_s: f64,
-    own_s: f64,
-}
-
-impl HostCpu {
-    fn sample() -> Res<Self> {
-        let stat = std::fs::read_to_string("/proc/stat")
-            .map_err(|e| format!("cannot read /proc/stat: {e}"))?;
-        let ticks: Vec<u64> = stat
-            .lines()
-            .next()
-            .and_then(|l| l.strip_prefix("cpu "))
-            .ok_or("no cpu line in /proc/stat")?
-            .split_whitespace()
-            .filter_map(|v| v.parse().ok())
-            .collect();
-        // user nice system idle iowait irq softirq steal (guest time is
-        // already inside user).
-        let total: u64 = ticks.iter().take(8).sum();
-        let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-        let own = |who| -> f64 {
-            // SAFETY: an all-zero rusage is a valid value of the plain C struct.
-            let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-            // SAFETY: `who` is RUSAGE_SELF or RUSAGE_CHILDREN and `ru` is a
-            // valid out pointer.
-            unsafe { libc::getrusage(who, &mut ru) };
-            let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-            tv(ru.ru_utime) + tv(ru.ru_stime)
-        };
-        Ok(Self {
-            at: Instant::now(),
-            busy_s: total.saturating_sub(idle) as f64 / hz,
-            own_s: own(libc::RUSAGE_SELF) + own(libc::RUSAGE_CHILDREN),
-        })
-    }
-
-    /// Average number of CPUs others kept busy since `earlier`.
-    fn others_since(&self, earlier: &Self) -> f64 {
-        let wall = (self.at - earlier.at).as_secs_f64().max(1e-9);
-        ((self.busy_s - earlier.busy_s) - (self.own_s - earlier.own_s)).max(0.0) / wall
-    }
-}
-
 /// Flushes dirty pages left by the previous point, so each run starts
 /// from the same clean, fully cached file.
 fn settle(path: &Path) -> Res<()> {
@@ -1136,13 +800,10 @@ impl Row {
 }
 
 struct Context {
-    kernel: String,
-    cpu: String,
-    cpus: usize,
+    host: HostInfo,
     fio: String,
     deferred_taskrun: bool,
     files: Vec<(String, String, String)>,
-    loadavg: String,
 }
 
 const METHOD: &[&str] = &[
@@ -1177,15 +838,15 @@ fn markdown(rows: &[Row], ctx: &Context, args: &Args) -> String {
     let _ = writeln!(
         s,
         "Kernel {}, {} x {}, {}, io_uring DEFER_TASKRUN: {}. Each point: {} x {} s measured per side (after {} s warm-up each), ringvm and fio alternating ABBA; buffered I/O (host page cache) on both sides. Load average at the start: {}.\n",
-        ctx.kernel,
-        ctx.cpus,
-        ctx.cpu,
+        ctx.host.kernel,
+        ctx.host.cpus,
+        ctx.host.cpu,
         ctx.fio,
         if ctx.deferred_taskrun { "yes" } else { "no" },
         args.repeats,
         args.seconds,
         args.warmup,
-        ctx.loadavg,
+        ctx.host.loadavg,
     );
     for (kind, path, fs) in &ctx.files {
         let _ = writeln!(s, "- {kind}: `{path}` ({fs})");
@@ -1263,15 +924,7 @@ fn markdown(rows: &[Row], ctx: &Context, args: &Args) -> String {
             if sc < 0.1 { "met" } else { "MISSED" },
         );
     }
-    let _ = writeln!(s, "\n## What bounds them\n");
-    for b in BOUNDS {
-        let _ = writeln!(s, "- {b}");
-    }
-    let _ = writeln!(s, "\n## Method\n");
-    for m in METHOD {
-        let _ = writeln!(s, "- {m}");
-    }
-    let _ = writeln!(s, "\n## QEMU\n\n{QEMU_NOTE}");
+    report::notes_markdown(&mut s, BOUNDS, METHOD, QEMU_NOTE);
     s
 }
 
@@ -1343,16 +996,11 @@ fn json_report(rows: &[Row], ctx: &Context, args: &Args) -> Value {
             })
         })
         .collect();
+    let mut host = ctx.host.json(ctx.deferred_taskrun);
+    host["fio"] = json!(ctx.fio);
     json!({
         "benchmark": "bench-blk",
-        "host": {
-            "kernel": ctx.kernel,
-            "cpu": ctx.cpu,
-            "cpus": ctx.cpus,
-            "fio": ctx.fio,
-            "io_uring_defer_taskrun": ctx.deferred_taskrun,
-            "loadavg_at_start": ctx.loadavg,
-        },
+        "host": host,
         "config": {
             "seconds_per_run": args.seconds,
             "runs_per_side": args.repeats,
@@ -1371,29 +1019,12 @@ fn json_report(rows: &[Row], ctx: &Context, args: &Args) -> Value {
 
 // ---------------------------------------------------------------------------
 
-fn host_line(path: &str, key: &str) -> String {
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with(key))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|v| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into())
-}
-
 fn run(args: &Args) -> Res<()> {
     let fio = fio_version()?;
     if args.seconds <= 0.0 || args.warmup < 0.0 || args.file_mib == 0 || args.repeats == 0 {
         return Err("--seconds must be > 0, --warmup >= 0, --file-mib and --repeats > 0".into());
     }
-    let out_dir = args
-        .out
-        .clone()
-        .unwrap_or_else(|| ringvm_tests::workspace_root().join("target/bench"));
-    std::fs::create_dir_all(&out_dir)
-        .map_err(|e| format!("cannot create {}: {e}", out_dir.display()))?;
+    let out_dir = report::out_dir(args.out.as_deref())?;
     let pid = std::process::id();
     let files = [
         TestFile {
@@ -1408,16 +1039,9 @@ fn run(args: &Args) -> Res<()> {
         },
     ];
     let mut ctx = Context {
-        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
-            .map(|s| s.trim().to_string())
-            .unwrap_or_else(|_| "unknown".into()),
-        cpu: host_line("/proc/cpuinfo", "model name"),
-        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        host: HostInfo::read(),
         fio,
         deferred_taskrun: false,
-        loadavg: std::fs::read_to_string("/proc/loadavg")
-            .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-            .unwrap_or_else(|_| "unknown".into()),
         files: files
             .iter()
             .map(|f| {
@@ -1458,7 +1082,7 @@ fn run(args: &Args) -> Res<()> {
             let mut h = Harness::new(&f.path)?;
             let result: Res<()> = (|| {
                 for w in points {
-                    let cpu0 = HostCpu::sample()?;
+                    let cpu0 = HostCpu::sample(Own::ProcessAndChildren)?;
                     let mut ringvm_runs = Vec::new();
                     let mut fio = Vec::new();
                     // ABBA order (ringvm, fio, fio, ringvm, ...) so a drift
@@ -1473,7 +1097,7 @@ fn run(args: &Args) -> Res<()> {
                             }
                         }
                     }
-                    let others_cpus = HostCpu::sample()?.others_since(&cpu0);
+                    let others_cpus = HostCpu::sample(Own::ProcessAndChildren)?.others_since(&cpu0);
                     let mut ringvm = RingvmResult::default();
                     for r in &ringvm_runs {
                         ringvm.add(r);
@@ -1501,7 +1125,7 @@ fn run(args: &Args) -> Res<()> {
                 }
                 Ok(())
             })();
-            ctx.deferred_taskrun = h.vmm.shared.deferred_taskrun.load(Ordering::Acquire);
+            ctx.deferred_taskrun = h.vmm.deferred_taskrun();
             let stopped = h.vmm.stop();
             result.and(stopped)
         });
@@ -1515,30 +1139,10 @@ fn run(args: &Args) -> Res<()> {
     outcome?;
     let md = markdown(&rows, &ctx, args);
     let report = json_report(&rows, &ctx, args);
-    let json_text = serde_json::to_string_pretty(&report)
-        .map_err(|e| format!("cannot encode the report: {e}"))?;
-    let md_path = out_dir.join("blk.md");
-    let json_path = out_dir.join("blk.json");
-    std::fs::write(&md_path, &md)
-        .map_err(|e| format!("cannot write {}: {e}", md_path.display()))?;
-    std::fs::write(&json_path, json_text + "\n")
-        .map_err(|e| format!("cannot write {}: {e}", json_path.display()))?;
-    println!("{md}");
-    eprintln!(
-        "bench-blk: wrote {} and {}",
-        md_path.display(),
-        json_path.display()
-    );
-    Ok(())
+    report::write(&out_dir, "blk", "bench-blk", &md, &report)
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    match run(&args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("bench-blk: error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    report::exit("bench-blk", run(&args))
 }

@@ -28,14 +28,12 @@
 //! for the direct tap in the same run (ABBA); ratio = ringvm / direct.
 //! Results go to stdout and to `target/bench/net.{json,md}`.
 
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::fs::File;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::thread::JoinHandleExt;
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 use std::sync::atomic::{fence, AtomicBool, AtomicI32, AtomicU64, Ordering};
@@ -44,22 +42,20 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use devices::bus::Bus;
 use devices::virtio::net::{tap_offloads, Tap, TapDevice, VNET_HDR_LEN};
 use devices::virtio::NOTIFY_REG_OFFSET;
+use ringvm_tests::bench::clock::own_cpu_ns;
+use ringvm_tests::bench::host::{HostCpu, HostInfo, Own};
+use ringvm_tests::bench::irq::{need_event, wait_irq};
+use ringvm_tests::bench::mmio::MmioRegs;
+use ringvm_tests::bench::report;
+use ringvm_tests::bench::vmm_thread::{VmmHandle, VmmSnap};
+use ringvm_tests::bench::wiring::BenchWiring;
+use ringvm_tests::bench::Res;
 use serde_json::{json, Value};
-use virtio_bindings::virtio_config::{
-    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
-    VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_VERSION_1,
-};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_mmio::{
-    VIRTIO_MMIO_CONFIG, VIRTIO_MMIO_DEVICE_FEATURES, VIRTIO_MMIO_DEVICE_FEATURES_SEL,
-    VIRTIO_MMIO_DEVICE_ID, VIRTIO_MMIO_DRIVER_FEATURES, VIRTIO_MMIO_DRIVER_FEATURES_SEL,
-    VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INTERRUPT_STATUS, VIRTIO_MMIO_MAGIC_VALUE,
-    VIRTIO_MMIO_QUEUE_AVAIL_HIGH, VIRTIO_MMIO_QUEUE_AVAIL_LOW, VIRTIO_MMIO_QUEUE_DESC_HIGH,
-    VIRTIO_MMIO_QUEUE_DESC_LOW, VIRTIO_MMIO_QUEUE_NUM, VIRTIO_MMIO_QUEUE_NUM_MAX,
-    VIRTIO_MMIO_QUEUE_READY, VIRTIO_MMIO_QUEUE_SEL, VIRTIO_MMIO_QUEUE_USED_HIGH,
-    VIRTIO_MMIO_QUEUE_USED_LOW, VIRTIO_MMIO_STATUS, VIRTIO_MMIO_VERSION,
+    VIRTIO_MMIO_QUEUE_NUM, VIRTIO_MMIO_QUEUE_NUM_MAX, VIRTIO_MMIO_QUEUE_SEL, VIRTIO_MMIO_STATUS,
 };
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
@@ -73,16 +69,9 @@ use virtio_bindings::virtio_ring::{
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm::config::NetConfig;
 use vmm::device_loop::DeviceLoop;
-use vmm::device_manager::{DeviceError, DeviceManager, EventWiring};
-use vmm::event_loop::{EventLoop, Token};
+use vmm::device_manager::DeviceManager;
 use vmm::virtio_net::{format_mac, open_tap, NetIface};
 use vmm_sys_util::eventfd::EventFd;
-
-type Res<T> = Result<T, String>;
-
-/// Ring token kind of the bench's own stop eventfd (outside the device
-/// loop's kinds).
-const KIND_STOP: u8 = 200;
 
 // ---------------------------------------------------------------------------
 // Addresses. Link-local only; nothing leaves the private namespace.
@@ -720,171 +709,7 @@ impl KernelDelta {
 }
 
 // ---------------------------------------------------------------------------
-// The VMM side: the real interface in the real device loop on its own thread.
-
-/// The bench's stand-in for KVM: it keeps the eventfds the interface
-/// wires, so the driver writes the doorbells itself and reads the
-/// interrupt line.
-#[derive(Default)]
-struct BenchWiring {
-    irq: RefCell<Option<EventFd>>,
-    /// (eventfd, MMIO address, queue index written to QueueNotify).
-    doorbells: RefCell<Vec<(EventFd, u64, u32)>>,
-}
-
-impl EventWiring for BenchWiring {
-    fn wire_irq(&self, evt: &EventFd, _gsi: u32) -> Result<(), DeviceError> {
-        *self.irq.borrow_mut() = Some(evt.try_clone().map_err(DeviceError::EventFd)?);
-        Ok(())
-    }
-
-    fn wire_doorbell(&self, evt: &EventFd, addr: u64, value: u32) -> Result<(), DeviceError> {
-        let evt = evt.try_clone().map_err(DeviceError::EventFd)?;
-        self.doorbells.borrow_mut().push((evt, addr, value));
-        Ok(())
-    }
-}
-
-/// What the VMM thread publishes for the measurements.
-#[derive(Default)]
-struct VmmShared {
-    tid: AtomicI32,
-    turns: AtomicU64,
-    deferred_taskrun: AtomicBool,
-}
-
-/// The VMM thread loop, as `Vmm::run` runs it for the devices, plus a stop
-/// eventfd and a counter of ring turns (one `io_uring_enter` each).
-fn vmm_thread(
-    net: Box<NetIface>,
-    mem: GuestMemoryMmap,
-    stop: EventFd,
-    shared: Arc<VmmShared>,
-) -> io::Result<()> {
-    // SAFETY: gettid has no preconditions and cannot fail.
-    shared
-        .tid
-        .store(unsafe { libc::gettid() }, Ordering::Release);
-    let mut stop_buf = [0u8; 8];
-    let mut devices = DeviceLoop::new(Vec::new(), vec![net]);
-    // Declared after the buffers it reads into, so it is dropped (and its
-    // in-flight operations cancelled) before them.
-    let mut ring = EventLoop::new()?;
-    shared
-        .deferred_taskrun
-        .store(ring.deferred_taskrun(), Ordering::Release);
-    devices.arm(&mut ring)?;
-    // SAFETY: `stop_buf` lives on this frame until after `ring` is dropped.
-    unsafe { ring.arm_eventfd(stop.as_raw_fd(), &mut stop_buf, Token::new(KIND_STOP, 0, 0)) }?;
-    let mut done = Vec::with_capacity(1024);
-    let mut stopping = false;
-    while !stopping {
-        ring.turn(&mut done)?;
-        shared.turns.fetch_add(1, Ordering::Relaxed);
-        for c in done.drain(..) {
-            if DeviceLoop::owns(c.token.kind) {
-                devices.dispatch(c, &mut ring, &mem)?;
-            } else if c.token.kind == KIND_STOP {
-                stopping = true;
-            }
-        }
-        devices.resume(&mut ring, &mem);
-    }
-    drop(ring);
-    Ok(())
-}
-
-/// Counters of the VMM thread at one instant.
-#[derive(Clone, Copy, Debug, Default)]
-struct VmmSnap {
-    cpu_ns: u64,
-    turns: u64,
-    syscr: u64,
-    syscw: u64,
-    voluntary_switches: u64,
-}
-
-struct VmmHandle {
-    thread: Option<JoinHandle<io::Result<()>>>,
-    shared: Arc<VmmShared>,
-    stop: EventFd,
-}
-
-impl VmmHandle {
-    fn tid(&self) -> i32 {
-        self.shared.tid.load(Ordering::Acquire)
-    }
-
-    fn snap(&self) -> Res<VmmSnap> {
-        let thread = self
-            .thread
-            .as_ref()
-            .ok_or("the VMM thread is gone")?
-            .as_pthread_t();
-        let task = format!("/proc/self/task/{}", self.tid());
-        let io = std::fs::read_to_string(format!("{task}/io"))
-            .map_err(|e| format!("cannot read {task}/io: {e}"))?;
-        let status = std::fs::read_to_string(format!("{task}/status"))
-            .map_err(|e| format!("cannot read {task}/status: {e}"))?;
-        Ok(VmmSnap {
-            cpu_ns: thread_cpu_ns(thread)?,
-            turns: self.shared.turns.load(Ordering::Relaxed),
-            syscr: proc_field(&io, "syscr:")?,
-            syscw: proc_field(&io, "syscw:")?,
-            voluntary_switches: proc_field(&status, "voluntary_ctxt_switches:")?,
-        })
-    }
-
-    fn stop(mut self) -> Res<()> {
-        self.stop
-            .write(1)
-            .map_err(|e| format!("cannot signal the VMM thread to stop: {e}"))?;
-        match self.thread.take().map(JoinHandle::join) {
-            Some(Ok(Ok(()))) | None => Ok(()),
-            Some(Ok(Err(e))) => Err(format!("VMM thread failed: {e}")),
-            Some(Err(_)) => Err("VMM thread panicked".into()),
-        }
-    }
-}
-
-fn proc_field(text: &str, key: &str) -> Res<u64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.trim().parse().ok())
-        .ok_or_else(|| format!("no {key} in /proc task file"))
-}
-
-/// CPU time consumed so far by `thread` (user + system), in nanoseconds.
-fn thread_cpu_ns(thread: libc::pthread_t) -> Res<u64> {
-    let mut clock: libc::clockid_t = 0;
-    // SAFETY: `thread` is alive (the caller holds its JoinHandle and it
-    // only exits when told to) and `clock` is a valid out pointer.
-    let rc = unsafe { libc::pthread_getcpuclockid(thread, &mut clock) };
-    if rc != 0 {
-        return Err(format!(
-            "pthread_getcpuclockid: {}",
-            io::Error::from_raw_os_error(rc)
-        ));
-    }
-    clock_ns(clock)
-}
-
-/// CPU time consumed so far by the calling thread, in nanoseconds.
-fn own_cpu_ns() -> Res<u64> {
-    clock_ns(libc::CLOCK_THREAD_CPUTIME_ID)
-}
-
-fn clock_ns(clock: libc::clockid_t) -> Res<u64> {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid clock id and a valid out pointer.
-    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
-        return Err(format!("clock_gettime: {}", io::Error::last_os_error()));
-    }
-    Ok(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
-}
+// Other threads' CPU time.
 
 /// CPU time of thread `tid` of this process (schedstat's run time, ns);
 /// 0 if it is gone.
@@ -1267,11 +1092,6 @@ impl Timer {
 // ---------------------------------------------------------------------------
 // The synthetic guest driver.
 
-/// `vring_need_event` from the virtio spec (§2.7.10).
-fn need_event(event: u16, new: u16, old: u16) -> bool {
-    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
-}
-
 fn gm(e: vm_memory::GuestMemoryError) -> String {
     format!("guest memory: {e}")
 }
@@ -1402,8 +1222,7 @@ fn rx_buf(id: u16, len: u32) -> u64 {
 
 struct Driver {
     mem: GuestMemoryMmap,
-    bus: Bus,
-    base: u64,
+    regs: MmioRegs,
     /// Doorbell eventfd per queue index.
     kicks: Vec<EventFd>,
     irq: EventFd,
@@ -1417,39 +1236,11 @@ struct Driver {
 }
 
 impl Driver {
-    fn read32(&self, reg: u32) -> u32 {
-        let mut b = [0u8; 4];
-        self.bus.read(0, self.base + u64::from(reg), &mut b);
-        u32::from_le_bytes(b)
-    }
-
-    fn write32(&self, reg: u32, v: u32) {
-        self.bus
-            .write(0, self.base + u64::from(reg), &v.to_le_bytes());
-    }
-
     /// Brings the device up as Linux's virtio-mmio + virtio_net do, and
     /// posts every RX buffer.
     fn init(&mut self) -> Res<()> {
-        if self.read32(VIRTIO_MMIO_MAGIC_VALUE) != u32::from_le_bytes(*b"virt")
-            || self.read32(VIRTIO_MMIO_VERSION) != 2
-            || self.read32(VIRTIO_MMIO_DEVICE_ID) != 1
-        {
-            return Err(format!(
-                "no virtio-mmio v2 network device at {:#x}",
-                self.base
-            ));
-        }
-        self.write32(VIRTIO_MMIO_STATUS, 0);
-        let mut status = VIRTIO_CONFIG_S_ACKNOWLEDGE;
-        self.write32(VIRTIO_MMIO_STATUS, status);
-        status |= VIRTIO_CONFIG_S_DRIVER;
-        self.write32(VIRTIO_MMIO_STATUS, status);
-        self.write32(VIRTIO_MMIO_DEVICE_FEATURES_SEL, 0);
-        let low = self.read32(VIRTIO_MMIO_DEVICE_FEATURES);
-        self.write32(VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
-        let high = self.read32(VIRTIO_MMIO_DEVICE_FEATURES);
-        let offered = u64::from(low) | (u64::from(high) << 32);
+        let status = self.regs.probe(1, "network")?;
+        let offered = self.regs.device_features();
         if offered & NEEDED_FEATURES != NEEDED_FEATURES {
             return Err(format!(
                 "device offers features {offered:#x}, the driver needs {NEEDED_FEATURES:#x}"
@@ -1457,15 +1248,7 @@ impl Driver {
         }
         let want = offered & LINUX_FEATURES;
         self.features = want;
-        self.write32(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
-        self.write32(VIRTIO_MMIO_DRIVER_FEATURES, want as u32);
-        self.write32(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
-        self.write32(VIRTIO_MMIO_DRIVER_FEATURES, (want >> 32) as u32);
-        status |= VIRTIO_CONFIG_S_FEATURES_OK;
-        self.write32(VIRTIO_MMIO_STATUS, status);
-        if self.read32(VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_FEATURES_OK == 0 {
-            return Err("the device refused FEATURES_OK".into());
-        }
+        let status = self.regs.set_features(status, want)?;
         for vq in [&self.rx, &self.tx] {
             // Fresh rings, as a driver allocates them (a re-init must not
             // see the used index of the device's previous life).
@@ -1475,45 +1258,21 @@ impl Driver {
                     .write_slice(&vec![0u8; bytes], GuestAddress(addr))
                     .map_err(gm)?;
             }
-            self.write32(VIRTIO_MMIO_QUEUE_SEL, vq.index);
-            let max = self.read32(VIRTIO_MMIO_QUEUE_NUM_MAX);
+            self.regs.write32(VIRTIO_MMIO_QUEUE_SEL, vq.index);
+            let max = self.regs.read32(VIRTIO_MMIO_QUEUE_NUM_MAX);
             if max < u32::from(vq.qsize) {
                 return Err(format!(
                     "queue {} maximum {max} is below {}",
                     vq.index, vq.qsize
                 ));
             }
-            self.write32(VIRTIO_MMIO_QUEUE_NUM, u32::from(vq.qsize));
-            for (lo, hi, addr) in [
-                (
-                    VIRTIO_MMIO_QUEUE_DESC_LOW,
-                    VIRTIO_MMIO_QUEUE_DESC_HIGH,
-                    vq.desc,
-                ),
-                (
-                    VIRTIO_MMIO_QUEUE_AVAIL_LOW,
-                    VIRTIO_MMIO_QUEUE_AVAIL_HIGH,
-                    vq.avail,
-                ),
-                (
-                    VIRTIO_MMIO_QUEUE_USED_LOW,
-                    VIRTIO_MMIO_QUEUE_USED_HIGH,
-                    vq.used,
-                ),
-            ] {
-                self.write32(lo, addr as u32);
-                self.write32(hi, (addr >> 32) as u32);
-            }
-            self.write32(VIRTIO_MMIO_QUEUE_READY, 1);
+            self.regs
+                .write32(VIRTIO_MMIO_QUEUE_NUM, u32::from(vq.qsize));
+            self.regs.set_queue_rings(vq.desc, vq.avail, vq.used);
         }
-        status |= VIRTIO_CONFIG_S_DRIVER_OK;
-        self.write32(VIRTIO_MMIO_STATUS, status);
-        if self.read32(VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET != 0 {
-            return Err("the device asks for a reset right after DRIVER_OK".into());
-        }
+        self.regs.driver_ok(status)?;
         let mut mac = [0u8; 6];
-        self.bus
-            .read(0, self.base + u64::from(VIRTIO_MMIO_CONFIG), &mut mac);
+        self.regs.read_config(&mut mac);
         self.mac = mac;
         // Touch every buffer once so page faults stay out of the runs.
         let len = self.rx_buf_len;
@@ -1534,9 +1293,9 @@ impl Driver {
     /// Stops the device (status 0) and waits for the reset to finish, so
     /// the VMM thread cancels its parked tap read before it stops.
     fn reset(&self) {
-        self.write32(VIRTIO_MMIO_STATUS, 0);
+        self.regs.write32(VIRTIO_MMIO_STATUS, 0);
         let until = Instant::now() + Duration::from_secs(1);
-        while self.read32(VIRTIO_MMIO_STATUS) != 0 && Instant::now() < until {
+        while self.regs.read32(VIRTIO_MMIO_STATUS) != 0 && Instant::now() < until {
             std::thread::sleep(Duration::from_millis(1));
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -1553,33 +1312,12 @@ impl Driver {
         if vq.used_idx(&self.mem)? != vq.last_used {
             return Ok(true);
         }
-        let mut pfd = libc::pollfd {
-            fd: self.irq.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
+        let Some(signals) = wait_irq(&self.irq, timeout_ms)? else {
+            return Ok(false);
         };
-        // SAFETY: one valid pollfd, count 1.
-        let rc = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
-        match rc {
-            0 => return Ok(false),
-            r if r < 0 => {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(format!("poll on the irq eventfd: {e}"));
-                }
-            }
-            _ => {}
-        }
         self.c.waits += 1;
-        match self.irq.read() {
-            Ok(n) => self.c.irq_signals += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(format!("irq eventfd read: {e}")),
-        }
-        let isr = self.read32(VIRTIO_MMIO_INTERRUPT_STATUS);
-        if isr != 0 {
-            self.write32(VIRTIO_MMIO_INTERRUPT_ACK, isr);
-        }
+        self.c.irq_signals += signals;
+        self.regs.ack_interrupt();
         Ok(true)
     }
 
@@ -1726,39 +1464,21 @@ impl Harness {
         let iface =
             NetIface::new(&cfg, tap, mac, &wiring, &mut devices).map_err(|e| e.to_string())?;
         let irq = wiring
-            .irq
-            .borrow_mut()
-            .take()
+            .take_irq()
             .ok_or("the interface wired no interrupt line")?;
-        let mut doorbells = std::mem::take(&mut *wiring.doorbells.borrow_mut());
-        doorbells.sort_by_key(|d| d.2);
+        let doorbells = wiring.take_doorbells();
         if doorbells.iter().map(|d| d.2).collect::<Vec<_>>() != [0, 1] {
             return Err("the interface did not wire one doorbell per queue".into());
         }
         let base = doorbells[0].1 - NOTIFY_REG_OFFSET;
         let kicks: Vec<EventFd> = doorbells.into_iter().map(|d| d.0).collect();
-        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
-        let shared = Arc::new(VmmShared::default());
-        let thread = {
-            let (mem, shared) = (mem.clone(), shared.clone());
-            let stop = stop.try_clone().map_err(|e| format!("eventfd: {e}"))?;
-            std::thread::Builder::new()
-                .name("vmm".into())
-                .spawn(move || vmm_thread(iface, mem, stop, shared))
-                .map_err(|e| format!("cannot start the VMM thread: {e}"))?
-        };
-        while shared.tid.load(Ordering::Acquire) == 0 {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        let vmm = VmmHandle {
-            thread: Some(thread),
-            shared,
-            stop,
-        };
+        let vmm = VmmHandle::spawn(move || DeviceLoop::new(Vec::new(), vec![iface]), &mem)?;
         let mut driver = Driver {
             mem,
-            bus: devices.mmio.clone(),
-            base,
+            regs: MmioRegs {
+                bus: devices.mmio.clone(),
+                base,
+            },
             kicks,
             irq,
             rx: Vq::new(0, RX_DESC, RX_AVAIL, RX_USED),
@@ -2156,50 +1876,6 @@ fn check_rx_frames(got: &[Vec<u8>], seqs: &[u64], plen: usize) -> Res<()> {
 // ---------------------------------------------------------------------------
 // The rest of the machine.
 
-/// CPU the rest of the machine used while we measured: busy time from
-/// /proc/stat minus this process's CPU time.
-#[derive(Clone, Copy, Debug)]
-struct HostCpu {
-    at: Instant,
-    busy_s: f64,
-    own_s: f64,
-}
-
-impl HostCpu {
-    fn sample() -> Res<Self> {
-        let stat = std::fs::read_to_string("/proc/stat")
-            .map_err(|e| format!("cannot read /proc/stat: {e}"))?;
-        let ticks: Vec<u64> = stat
-            .lines()
-            .next()
-            .and_then(|l| l.strip_prefix("cpu "))
-            .ok_or("no cpu line in /proc/stat")?
-            .split_whitespace()
-            .filter_map(|v| v.parse().ok())
-            .collect();
-        let total: u64 = ticks.iter().take(8).sum();
-        let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-        // SAFETY: an all-zero rusage is a valid value of the plain C struct.
-        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-        // SAFETY: RUSAGE_SELF and a valid out pointer.
-        unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
-        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-        Ok(Self {
-            at: Instant::now(),
-            busy_s: total.saturating_sub(idle) as f64 / hz,
-            own_s: tv(ru.ru_utime) + tv(ru.ru_stime),
-        })
-    }
-
-    /// Average number of CPUs others kept busy since `earlier`.
-    fn others_since(&self, earlier: &Self) -> f64 {
-        let wall = (self.at - earlier.at).as_secs_f64().max(1e-9);
-        ((self.busy_s - earlier.busy_s) - (self.own_s - earlier.own_s)).max(0.0) / wall
-    }
-}
-
 // ---------------------------------------------------------------------------
 // Report.
 
@@ -2247,11 +1923,8 @@ fn fmt_pps(v: f64) -> String {
 }
 
 struct Context {
-    kernel: String,
-    cpu: String,
-    cpus: usize,
+    host: HostInfo,
     deferred_taskrun: bool,
-    loadavg: String,
     features: u64,
     tso_skipped: Option<String>,
     namespace: String,
@@ -2288,9 +1961,9 @@ fn markdown(rows: &[Row], ctx: &Context, args: &Args) -> String {
     let _ = writeln!(
         s,
         "Kernel {}, {} x {}, io_uring DEFER_TASKRUN: {}. Namespace `{}`. Each point: {} x {} s measured per side (after {} s warm-up each), ringvm and direct alternating ABBA. Negotiated features {:#x}; RX buffers posted: {} B. Load average at the start: {}.\n",
-        ctx.kernel,
-        ctx.cpus,
-        ctx.cpu,
+        ctx.host.kernel,
+        ctx.host.cpus,
+        ctx.host.cpu,
         if ctx.deferred_taskrun { "yes" } else { "no" },
         ctx.namespace,
         args.repeats,
@@ -2298,7 +1971,7 @@ fn markdown(rows: &[Row], ctx: &Context, args: &Args) -> String {
         args.warmup,
         ctx.features,
         args.rx_buffer,
-        ctx.loadavg,
+        ctx.host.loadavg,
     );
     let _ = writeln!(
         s,
@@ -2429,15 +2102,7 @@ fn markdown(rows: &[Row], ctx: &Context, args: &Args) -> String {
             if r.ratio() >= 0.8 { "met" } else { "MISSED" }
         );
     }
-    let _ = writeln!(s, "\n## What bounds them\n");
-    for b in BOUNDS {
-        let _ = writeln!(s, "- {b}");
-    }
-    let _ = writeln!(s, "\n## Method\n");
-    for m in METHOD {
-        let _ = writeln!(s, "- {m}");
-    }
-    let _ = writeln!(s, "\n## QEMU\n\n{QEMU_NOTE}");
+    report::notes_markdown(&mut s, BOUNDS, METHOD, QEMU_NOTE);
     s
 }
 
@@ -2500,13 +2165,7 @@ fn json_report(rows: &[Row], ctx: &Context, args: &Args) -> Value {
         .collect();
     json!({
         "benchmark": "bench-net",
-        "host": {
-            "kernel": ctx.kernel,
-            "cpu": ctx.cpu,
-            "cpus": ctx.cpus,
-            "io_uring_defer_taskrun": ctx.deferred_taskrun,
-            "loadavg_at_start": ctx.loadavg,
-        },
+        "host": ctx.host.json(ctx.deferred_taskrun),
         "config": {
             "seconds_per_run": args.seconds,
             "runs_per_side": args.repeats,
@@ -2530,18 +2189,6 @@ fn json_report(rows: &[Row], ctx: &Context, args: &Args) -> Value {
 
 // ---------------------------------------------------------------------------
 
-fn host_line(path: &str, key: &str) -> String {
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with(key))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|v| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into())
-}
-
 fn measure(h: &mut Harness, args: &Args, ctx: &mut Context) -> Res<Vec<Row>> {
     let tso_skipped = h.verify(!args.no_tso)?;
     eprintln!("bench-net: frames checked both ways on both taps");
@@ -2555,7 +2202,7 @@ fn measure(h: &mut Harness, args: &Args, ctx: &mut Context) -> Res<Vec<Row>> {
     ctx.tso_skipped = tso_skipped;
     let mut rows = Vec::new();
     for w in points {
-        let cpu0 = HostCpu::sample()?;
+        let cpu0 = HostCpu::sample(Own::Process)?;
         let mut ringvm_runs = Vec::new();
         let mut direct_runs = Vec::new();
         for rep in 0..args.repeats {
@@ -2577,7 +2224,7 @@ fn measure(h: &mut Harness, args: &Args, ctx: &mut Context) -> Res<Vec<Row>> {
                 }
             }
         }
-        let others_cpus = HostCpu::sample()?.others_since(&cpu0);
+        let others_cpus = HostCpu::sample(Own::Process)?.others_since(&cpu0);
         let mut ringvm = Sample::default();
         ringvm_runs.iter().for_each(|r| ringvm.add(r));
         let mut direct = Sample::default();
@@ -2616,7 +2263,7 @@ fn measure(h: &mut Harness, args: &Args, ctx: &mut Context) -> Res<Vec<Row>> {
             diag_buf: Some(RX_BUF_MAX),
             ..rows[base].w
         };
-        let cpu0 = HostCpu::sample()?;
+        let cpu0 = HostCpu::sample(Own::Process)?;
         let mut ringvm_runs = Vec::new();
         for _ in 0..args.repeats {
             ringvm_runs.push(h.ringvm_rx(&w, args.warmup, args.seconds)?);
@@ -2629,7 +2276,7 @@ fn measure(h: &mut Harness, args: &Args, ctx: &mut Context) -> Res<Vec<Row>> {
             direct: rows[base].direct,
             ringvm_runs,
             direct_runs: Vec::new(),
-            others_cpus: HostCpu::sample()?.others_since(&cpu0),
+            others_cpus: HostCpu::sample(Own::Process)?.others_since(&cpu0),
         };
         eprintln!(
             "  {} ringvm {} pkt/s {:.2} Gbit/s, VMM {:.2} µs/pkt",
@@ -2647,12 +2294,7 @@ fn run(args: &Args) -> Res<()> {
     if args.seconds <= 0.0 || args.warmup < 0.0 || args.repeats == 0 {
         return Err("--seconds must be > 0, --warmup >= 0 and --repeats > 0".into());
     }
-    let out_dir = args
-        .out
-        .clone()
-        .unwrap_or_else(|| ringvm_tests::workspace_root().join("target/bench"));
-    std::fs::create_dir_all(&out_dir)
-        .map_err(|e| format!("cannot create {}: {e}", out_dir.display()))?;
+    let out_dir = report::out_dir(args.out.as_deref())?;
     if !std::path::Path::new(devices::virtio::net::tap::TUN_PATH).exists() {
         return Err(format!(
             "{} is missing: this kernel has no tun/tap support",
@@ -2661,15 +2303,8 @@ fn run(args: &Args) -> Res<()> {
     }
     clean_stale_namespaces();
     let mut ctx = Context {
-        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
-            .map(|s| s.trim().to_string())
-            .unwrap_or_else(|_| "unknown".into()),
-        cpu: host_line("/proc/cpuinfo", "model name"),
-        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        host: HostInfo::read(),
         deferred_taskrun: false,
-        loadavg: std::fs::read_to_string("/proc/loadavg")
-            .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-            .unwrap_or_else(|_| "unknown".into()),
         features: 0,
         tso_skipped: None,
         namespace: format!("ringvm-bench-{}", std::process::id()),
@@ -2691,28 +2326,14 @@ fn run(args: &Args) -> Res<()> {
     let mut h = Harness::new(args.rx_buffer)?;
     ctx.features = h.driver.features;
     let measured = measure(&mut h, args, &mut ctx);
-    ctx.deferred_taskrun = h.vmm.shared.deferred_taskrun.load(Ordering::Acquire);
+    ctx.deferred_taskrun = h.vmm.deferred_taskrun();
     let stopped = h.shutdown();
     let rows = measured?;
     stopped?;
     drop(ns);
     let md = markdown(&rows, &ctx, args);
     let report = json_report(&rows, &ctx, args);
-    let json_text = serde_json::to_string_pretty(&report)
-        .map_err(|e| format!("cannot encode the report: {e}"))?;
-    let md_path = out_dir.join("net.md");
-    let json_path = out_dir.join("net.json");
-    std::fs::write(&md_path, &md)
-        .map_err(|e| format!("cannot write {}: {e}", md_path.display()))?;
-    std::fs::write(&json_path, json_text + "\n")
-        .map_err(|e| format!("cannot write {}: {e}", json_path.display()))?;
-    println!("{md}");
-    eprintln!(
-        "bench-net: wrote {} and {}",
-        md_path.display(),
-        json_path.display()
-    );
-    Ok(())
+    report::write(&out_dir, "net", "bench-net", &md, &report)
 }
 
 fn main() -> ExitCode {
@@ -2724,11 +2345,5 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(1);
     }
-    match run(&args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("bench-net: error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    report::exit("bench-net", run(&args))
 }

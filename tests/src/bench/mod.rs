@@ -1,0 +1,17 @@
+//! What the `bench_blk` and `bench_net` binaries share: both drive a real
+//! virtio device inside the real device loop without KVM, measure the VMM
+//! thread the same way and report the same way, so those parts live here
+//! once and the binaries keep only what is specific to their device.
+
+pub mod clock;
+pub mod host;
+pub mod irq;
+pub mod mmio;
+pub mod report;
+pub mod task;
+pub mod vmm_thread;
+pub mod wiring;
+
+/// Result of the benchmarks' fallible steps: the error is a message meant
+/// for the person running the benchmark, printed as is.
+pub type Res<T> = Result<T, String>;
