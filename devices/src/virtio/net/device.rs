@@ -9,16 +9,23 @@
 //! ```
 //!
 //! TX: one `writev(tap, chain)` per chain, many in flight, each answered
-//! with a used length of 0. RX: at most one `readv(tap, buffers)` in
-//! flight, and only while the driver has posted buffers (see the module
-//! docs of [`super`] for how MRG_RXBUF gathers chains without a copy).
+//! with a used length of 0. RX: `readv(tap, buffers)` straight into the
+//! guest's buffers, only while the driver has posted some: one in flight,
+//! or up to `MAX_RX_READS` (4) while the buffers give each read room for the
+//! largest frame, each on its own chains and answered in completion order
+//! (see the module docs of [`super`] for how MRG_RXBUF gathers chains
+//! without a copy). Chains a frame did not need stay popped and walked in
+//! the device for the next read instead of going back to the available
+//! ring; a reset forgets them.
 //!
 //! A readv parked on an idle tap may stay in the kernel indefinitely, so a
 //! reset cannot simply wait for it: the device orphans it like any op and
-//! names its tag in [`NetDevice::stale_rx_tag`], which the VMM should
-//! cancel on its ring; until that completion arrives no new readv is
-//! submitted, so frames are never read into two buffer sets at once.
+//! names its tag in [`NetDevice::stale_rx_tag`] (one at a time), which the
+//! VMM should cancel on its ring; until every such completion arrives no
+//! new readv is submitted, so frames are never read into two buffer sets
+//! at once.
 
+use std::collections::VecDeque;
 use std::mem::ManuallyDrop;
 use std::os::fd::RawFd;
 use std::sync::Arc;
@@ -27,14 +34,14 @@ use log::{error, warn};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemory;
 
-use super::frame::{self, ChainError, Direction, Segment};
+use super::frame::{self, Direction, Segment};
 use super::tap::{Tap, TapError};
 use super::{
     config_bytes, generate_mac, tap_offloads, MacAddr, NetCounters, DEVICE_TYPE, FEATURES,
     F_MRG_RXBUF, MAX_BUFFER_LEN, NUM_BUFFERS_OFFSET, NUM_QUEUES, QUEUE_MAX_SIZE, RX_QUEUE,
     TX_QUEUE, VNET_HDR_LEN,
 };
-use crate::io::{InterruptLine, IoOp, IoSubmit, IoSubmitError};
+use crate::io::{InterruptLine, IoOp, IoSubmit, IoSubmitError, IOV_MAX};
 use crate::virtio::{
     Activation, DeviceShared, Interrupt, QueueConfigError, TransportEvent, VirtioDeviceInfo,
     F_EVENT_IDX, F_VERSION_1,
@@ -44,6 +51,10 @@ const SLOT_BITS: u32 = 16;
 const GEN_BITS: u32 = 24;
 const QUEUE_SHIFT: u32 = SLOT_BITS + GEN_BITS;
 const GEN_MASK: u32 = (1 << GEN_BITS) - 1;
+
+/// Tap reads in flight at most: with buffers for several, one loop turn
+/// can complete several frames.
+const MAX_RX_READS: usize = 4;
 
 /// Packs (queue, generation, slot) into a 48-bit tag.
 fn encode_tag(queue: usize, generation: u32, slot: u16) -> u64 {
@@ -156,15 +167,27 @@ struct Tx {
     blocked: bool,
 }
 
+/// A receive chain popped from the available ring and walked once, kept
+/// by the device until a frame fills it (or a reset drops it): later reads
+/// reuse its iovecs instead of walking it again.
+#[derive(Debug, Default)]
+struct RxChain {
+    head: u16,
+    /// Capacity in bytes.
+    len: usize,
+    iov: Iovecs,
+    /// The chain's guest segments, where the header goes if a frame
+    /// starts in it.
+    segs: Vec<Segment>,
+}
+
 /// One tap read: the chains it fills and the iovecs the kernel writes
 /// through.
 #[derive(Debug, Default)]
 struct RxRead {
     tag: u64,
-    /// (head, capacity in bytes) in the order popped.
-    heads: Vec<(u16, usize)>,
-    /// The first chain's segments, where the header goes.
-    hdr: Vec<Segment>,
+    /// The chains, in the order the frame fills them.
+    chains: Vec<RxChain>,
     iov: Iovecs,
     capacity: usize,
     /// One byte after the guest's buffers: a frame that reaches it did
@@ -175,8 +198,7 @@ struct RxRead {
 impl RxRead {
     fn clear(&mut self) {
         self.tag = u64::MAX;
-        self.heads.clear();
-        self.hdr.clear();
+        self.chains.clear();
         self.iov.0.clear();
         self.capacity = 0;
     }
@@ -187,16 +209,42 @@ struct Rx {
     max: u16,
     queue: Option<Queue>,
     broken: bool,
-    /// The live read, if any.
-    read: Option<RxRead>,
-    /// Reads from before a reset (at most one: no read is submitted while
-    /// one is here).
+    /// The live reads (at most [`MAX_RX_READS`]), each on its own chains.
+    reads: Vec<RxRead>,
+    /// Reads from before a reset (no read is submitted while one is
+    /// here).
     stale: Vec<RxRead>,
     /// A read failed (or the tap said EAGAIN): wait for the VMM to call
     /// `process_queue(RX_QUEUE)` when the tap is readable.
     stalled: bool,
-    /// A finished read's vectors, kept to avoid reallocating.
-    spare: RxRead,
+    /// Finished reads' vectors, kept to avoid reallocating.
+    spare: Vec<RxRead>,
+    /// Tells concurrent reads' tags apart.
+    next_slot: u16,
+    /// Chains popped and walked but in no read yet.
+    ready: VecDeque<RxChain>,
+    /// Heads in `ready` or in a live read, to refuse a driver posting one
+    /// twice.
+    held: Vec<bool>,
+    /// Used chains' vectors, kept to avoid reallocating.
+    pool: Vec<RxChain>,
+}
+
+impl Rx {
+    /// Forgets the chains held for the queue (which is gone).
+    fn drop_ready(&mut self) {
+        while let Some(c) = self.ready.pop_front() {
+            self.pool.push(c);
+        }
+        self.held.fill(false);
+    }
+
+    /// Recycles a finished read; its chains must be gone already.
+    fn recycle(&mut self, mut read: RxRead) {
+        self.pool.append(&mut read.chains);
+        read.clear();
+        self.spare.push(read);
+    }
 }
 
 /// A virtio-net device backend, owned by the VMM thread.
@@ -260,10 +308,14 @@ impl<T: Tap> NetDevice<T> {
                 max,
                 queue: None,
                 broken: false,
-                read: None,
+                reads: Vec::new(),
                 stale: Vec::new(),
                 stalled: false,
-                spare: RxRead::default(),
+                spare: Vec::new(),
+                next_slot: 0,
+                ready: VecDeque::new(),
+                held: vec![false; usize::from(max)],
+                pool: Vec::new(),
             },
             tx: Tx {
                 max,
@@ -325,7 +377,7 @@ impl<T: Tap> NetDevice<T> {
     /// device (or unmap guest memory) before this reaches 0; if it does,
     /// the device leaks its iovec arrays and its tap rather than free them.
     pub fn in_flight(&self) -> usize {
-        self.tx.busy + self.tx.orphans + usize::from(self.rx.read.is_some()) + self.rx.stale.len()
+        self.tx.busy + self.tx.orphans + self.rx.reads.len() + self.rx.stale.len()
     }
 
     /// Whether a tap read failed or found nothing (EAGAIN) and RX now
@@ -337,7 +389,7 @@ impl<T: Tap> NetDevice<T> {
     }
 
     /// The tag of a tap read submitted before the last reset and still in
-    /// the kernel, if any. It may wait for a frame indefinitely and would
+    /// the kernel, if any (one at a time: the next once it completed). It may wait for a frame indefinitely and would
     /// then write into buffers the driver has taken back: the VMM should
     /// cancel it on its ring (IORING_OP_ASYNC_CANCEL on this device's
     /// token with this tag) and deliver the completion as usual.
@@ -416,6 +468,7 @@ impl<T: Tap> NetDevice<T> {
             .map_err(NetError::Offload)?;
         let mut built = built.into_iter();
         self.rx.queue = built.next();
+        self.rx.drop_ready();
         self.tx.queue = built.next();
         self.rx.broken = false;
         self.rx.stalled = false;
@@ -433,7 +486,10 @@ impl<T: Tap> NetDevice<T> {
         self.rx.queue = None;
         self.rx.broken = false;
         self.rx.stalled = false;
-        if let Some(read) = self.rx.read.take() {
+        self.rx.drop_ready();
+        for mut read in std::mem::take(&mut self.rx.reads) {
+            // Only the iovec array matters until the completion.
+            self.rx.pool.append(&mut read.chains);
             self.rx.stale.push(read);
         }
         self.tx.queue = None;
@@ -731,38 +787,75 @@ impl<T: Tap> NetDevice<T> {
 
     // ---- RX -------------------------------------------------------------
 
-    /// Starts a tap read into the posted buffers, unless one is in flight.
+    /// Starts tap reads into the posted buffers: one if none is in flight,
+    /// more (up to [`MAX_RX_READS`]) while the buffers give each its full
+    /// size. Chains popped for an earlier read that its frame did not need
+    /// are kept walked in `Rx::ready` and come first; the available ring is
+    /// only walked for what they lack.
     fn rx_fill<M: GuestMemory>(
         &mut self,
         mem: &M,
         io: &mut dyn IoSubmit,
     ) -> Result<ProcessOutcome, NetError> {
         let mut out = ProcessOutcome::default();
-        if !self.activated || self.rx.read.is_some() || !self.rx.stale.is_empty() {
-            return Ok(out);
+        while self.activated && self.rx.reads.len() < MAX_RX_READS && self.rx.stale.is_empty() {
+            let one = self.rx_fill_one(mem, io)?;
+            out.popped = out.popped.saturating_add(one.popped);
+            out.submitted += one.submitted;
+            out.more |= one.more;
+            out.blocked |= one.blocked;
+            if one.submitted == 0 {
+                break;
+            }
         }
+        Ok(out)
+    }
+
+    fn rx_fill_one<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        io: &mut dyn IoSubmit,
+    ) -> Result<ProcessOutcome, NetError> {
+        let mut out = ProcessOutcome::default();
         let mrg = self.acked_features & F_MRG_RXBUF != 0;
         let fd = self.tap.as_raw_fd();
-        let tag = encode_tag(RX_QUEUE, self.generation, 0);
+        let tag = encode_tag(RX_QUEUE, self.generation, self.rx.next_slot);
         let counters = &mut self.counters;
         let Rx {
             queue: Some(queue),
             broken: false,
+            reads,
             spare,
+            ready,
+            held,
+            pool,
+            next_slot,
             ..
         } = &mut self.rx
         else {
             return Ok(out);
         };
-        let mut read = std::mem::take(spare);
-        read.clear();
+        // What a read gathers: one chain, or with MRG_RXBUF chains up to
+        // the largest frame. Only the first read in flight may have less.
+        let want = if mrg { MAX_BUFFER_LEN } else { 1 };
+        let need_full = !reads.is_empty();
+        let mut have = 0usize;
+        for c in ready.iter() {
+            if have >= want {
+                break;
+            }
+            have += c.len;
+        }
         let mut used = 0u32;
         let budget = queue.size();
         let broken: Option<String> = 'fill: loop {
+            if have >= want {
+                break 'fill None;
+            }
             if let Err(e) = queue.disable_notification(mem) {
                 break 'fill Some(format!("disabling notifications: {e}"));
             }
-            while out.popped < budget {
+            while out.popped < budget && have < want {
                 let chain = match queue.iter(mem) {
                     Ok(mut it) => it.next(),
                     Err(e) => break 'fill Some(e.to_string()),
@@ -775,37 +868,33 @@ impl<T: Tap> NetDevice<T> {
                 if head >= queue.size() {
                     break 'fill Some(format!("head index {head} outside the queue"));
                 }
-                if read.heads.iter().any(|&(h, _)| h == head) {
+                if held[usize::from(head)] {
                     break 'fill Some(format!("head index {head} posted twice"));
                 }
-                let first = read.heads.is_empty();
-                let segs = first.then_some(&mut read.hdr);
-                match frame::walk(mem, chain, Direction::Rx, &mut read.iov.0, segs) {
+                let mut c = pool.pop().unwrap_or_default();
+                c.iov.0.clear();
+                c.segs.clear();
+                match frame::walk(mem, chain, Direction::Rx, &mut c.iov.0, Some(&mut c.segs)) {
                     Ok(len) => {
-                        read.heads.push((head, len));
-                        read.capacity = read.capacity.saturating_add(len);
-                    }
-                    Err(ChainError::TooManyIovecs) if !first => {
-                        // This chain waits for the next read.
-                        queue.go_to_previous_position();
-                        out.popped -= 1;
-                        break;
+                        c.head = head;
+                        c.len = len;
+                        held[usize::from(head)] = true;
+                        ready.push_back(c);
+                        have = have.saturating_add(len);
                     }
                     Err(e) => {
+                        pool.push(c);
                         counters.rx_errors += 1;
                         warn!("virtio-net: receive chain {head} refused: {e}");
                         if let Err(e) = queue.add_used(mem, head, 0) {
                             break 'fill Some(format!("used ring: {e}"));
                         }
                         used += 1;
-                        continue;
                     }
                 }
-                if !mrg || read.capacity >= MAX_BUFFER_LEN {
-                    break;
-                }
             }
-            if !read.heads.is_empty() {
+            if !ready.is_empty() || need_full {
+                // A read in flight comes back to the ring when it ends.
                 break 'fill None;
             }
             if out.popped >= budget {
@@ -821,12 +910,41 @@ impl<T: Tap> NetDevice<T> {
             }
         };
         let mut submit_error = None;
-        if broken.is_none() && !read.heads.is_empty() {
-            let ov = read.overflow.as_mut_ptr();
-            read.iov.0.push(libc::iovec {
-                iov_base: ov.cast(),
-                iov_len: 1,
-            });
+        if broken.is_none() && !ready.is_empty() && (!need_full || have >= want) {
+            let mut read = spare.pop().unwrap_or_default();
+            read.clear();
+            while let Some(c) = ready.front() {
+                // The overflow byte needs one iovec too.
+                if !read.chains.is_empty()
+                    && (read.capacity >= want || read.iov.0.len() + c.iov.0.len() >= IOV_MAX)
+                {
+                    break;
+                }
+                let Some(c) = ready.pop_front() else {
+                    break;
+                };
+                // Buffers a driver carved one after another out of a page
+                // are contiguous in guest (and so host) memory: one iovec
+                // covers them, and the kernel fills it the same way.
+                let mut iovs = c.iov.0.iter();
+                if let (Some(last), Some(next)) = (read.iov.0.last_mut(), c.iov.0.first()) {
+                    if (last.iov_base as usize).wrapping_add(last.iov_len) == next.iov_base as usize
+                    {
+                        last.iov_len += next.iov_len;
+                        iovs.next();
+                    }
+                }
+                read.iov.0.extend(iovs);
+                read.capacity = read.capacity.saturating_add(c.len);
+                read.chains.push(c);
+            }
+            if read.iov.0.len() < IOV_MAX {
+                let ov = read.overflow.as_mut_ptr();
+                read.iov.0.push(libc::iovec {
+                    iov_base: ov.cast(),
+                    iov_len: 1,
+                });
+            }
             let op = IoOp::Readv {
                 fd,
                 iovecs: read.iov.0.as_ptr(),
@@ -834,7 +952,7 @@ impl<T: Tap> NetDevice<T> {
                 offset: u64::MAX,
             };
             // SAFETY: the iovec array lives in `read`, which moves into
-            // `self.rx.read` below (the Vec's heap buffer does not move)
+            // `self.rx.reads` below (the Vec's heap buffer does not move)
             // and is neither touched nor dropped until this tag's
             // completion: a reset moves it to `stale`, and dropping the
             // device with it in flight leaks it (see Drop). The buffers are
@@ -844,12 +962,17 @@ impl<T: Tap> NetDevice<T> {
             match unsafe { io.submit(op, tag) } {
                 Ok(()) => {
                     read.tag = tag;
+                    *next_slot = next_slot.wrapping_add(1);
                     out.submitted = 1;
+                    reads.push(read);
                 }
                 Err(e) => {
-                    let n = read.heads.len() as u16;
-                    queue.set_next_avail(queue.next_avail().wrapping_sub(n));
+                    // The chains wait in `ready` for the next attempt.
+                    while let Some(c) = read.chains.pop() {
+                        ready.push_front(c);
+                    }
                     read.clear();
+                    spare.push(read);
                     match e {
                         IoSubmitError::QueueFull => out.blocked = true,
                         e => {
@@ -859,12 +982,6 @@ impl<T: Tap> NetDevice<T> {
                     }
                 }
             }
-        }
-        if out.submitted == 1 {
-            self.rx.read = Some(read);
-        } else {
-            read.clear();
-            self.rx.spare = read;
         }
         if used > 0 {
             self.signal_used(RX_QUEUE, mem);
@@ -887,22 +1004,21 @@ impl<T: Tap> NetDevice<T> {
         io: &mut dyn IoSubmit,
     ) -> Result<ProcessOutcome, NetError> {
         if let Some(i) = self.rx.stale.iter().position(|r| r.tag == tag) {
-            let mut old = self.rx.stale.swap_remove(i);
+            let old = self.rx.stale.swap_remove(i);
             if res > 0 {
                 // A frame went into buffers from before the reset.
                 self.counters.rx_dropped += 1;
             }
-            old.clear();
-            self.rx.spare = old;
+            self.rx.recycle(old);
             return self.rx_fill(mem, io);
         }
-        let Some(mut read) = self.rx.read.take_if(|r| r.tag == tag) else {
+        let Some(i) = self.rx.reads.iter().position(|r| r.tag == tag) else {
             warn!("virtio-net: completion for unknown tag {tag:#x}");
             return Ok(ProcessOutcome::default());
         };
-        let delivered = self.rx_deliver(&read, res, mem);
-        read.clear();
-        self.rx.spare = read;
+        let mut read = self.rx.reads.swap_remove(i);
+        let delivered = self.rx_deliver(&mut read, res, mem);
+        self.rx.recycle(read);
         delivered?;
         if self.rx.stalled {
             return Ok(ProcessOutcome::default());
@@ -910,24 +1026,31 @@ impl<T: Tap> NetDevice<T> {
         self.rx_fill(mem, io)
     }
 
-    /// Gives a finished read's chains back to the driver: the ones the
-    /// frame filled as used, the rest to the available ring.
+    /// Answers a finished read: the chains the frame filled go to the used
+    /// ring, the rest back to `Rx::ready` for the next read.
     fn rx_deliver<M: GuestMemory>(
         &mut self,
-        read: &RxRead,
+        read: &mut RxRead,
         res: i32,
         mem: &M,
     ) -> Result<(), NetError> {
-        let Some(queue) = self.rx.queue.as_mut() else {
+        let Rx {
+            queue: Some(queue),
+            ready,
+            held,
+            ..
+        } = &mut self.rx
+        else {
             return Ok(());
         };
-        let popped = read.heads.len() as u16;
-        let give_back = |queue: &mut Queue, n: u16| {
-            queue.set_next_avail(queue.next_avail().wrapping_sub(n));
+        let mut give_back = |read: &mut RxRead, keep: usize| {
+            for c in read.chains.drain(keep..).rev() {
+                ready.push_front(c);
+            }
         };
         let n = match usize::try_from(res) {
             Err(_) => {
-                give_back(queue, popped);
+                give_back(read, 0);
                 if res != -libc::EAGAIN {
                     self.counters.rx_errors += 1;
                     warn!("virtio-net: tap read failed: errno {}", -res);
@@ -940,7 +1063,7 @@ impl<T: Tap> NetDevice<T> {
                 // A tap reports a frame's full length even when it had to
                 // cut it short; a frame that did not fit is dropped and the
                 // buffers are reused.
-                give_back(queue, popped);
+                give_back(read, 0);
                 self.counters.rx_dropped += 1;
                 warn!(
                     "virtio-net: dropped a {n}-byte frame ({} bytes of buffers posted)",
@@ -953,35 +1076,32 @@ impl<T: Tap> NetDevice<T> {
         // How many chains the n bytes span (each filled before the next).
         let mut left = n;
         let mut chains_used = 0usize;
-        for &(_, cap) in &read.heads {
+        for c in &read.chains {
             if left == 0 {
                 break;
             }
-            left -= cap.min(left);
+            left -= c.len.min(left);
             chains_used += 1;
         }
+        give_back(read, chains_used);
         let num_buffers = chains_used as u16;
         // num_buffers first: the driver may read the frame as soon as the
         // first used entry is published.
-        if !frame::write_at(
-            mem,
-            &read.hdr,
-            NUM_BUFFERS_OFFSET,
-            &num_buffers.to_le_bytes(),
-        ) {
+        let hdr = read.chains.first().map_or(&[][..], |c| &c.segs[..]);
+        if !frame::write_at(mem, hdr, NUM_BUFFERS_OFFSET, &num_buffers.to_le_bytes()) {
             warn!("virtio-net: writing num_buffers failed");
         }
         let mut left = n;
         let mut failed = None;
-        for &(head, cap) in read.heads.iter().take(chains_used) {
-            let len = cap.min(left);
+        for c in &read.chains {
+            let len = c.len.min(left);
             left -= len;
-            if let Err(e) = queue.add_used(mem, head, len as u32) {
+            held[usize::from(c.head)] = false;
+            if let Err(e) = queue.add_used(mem, c.head, len as u32) {
                 failed = Some(e);
                 break;
             }
         }
-        give_back(queue, popped - num_buffers);
         if let Some(e) = failed {
             return Err(self.break_queue(RX_QUEUE, format!("used ring: {e}")));
         }
@@ -1002,7 +1122,7 @@ impl<T: Tap> Drop for NetDevice<T> {
             // through them, and queued ops name the tap's fd number:
             // closing it could redirect I/O to a file opened later.
             std::mem::forget(std::mem::take(&mut self.tx.slots));
-            std::mem::forget(self.rx.read.take());
+            std::mem::forget(std::mem::take(&mut self.rx.reads));
             std::mem::forget(std::mem::take(&mut self.rx.stale));
             return;
         }

@@ -12,18 +12,19 @@
 //!
 //! # RX buffering
 //!
-//! Zero-copy in every case. At most one `readv` is in flight, and only
-//! while the driver has posted buffers: io_uring parks it in its internal
-//! poll on the tap until a frame arrives, so a frame waits in the tap's
-//! kernel queue (not in our memory) while the guest has no room. Without
-//! VIRTIO_NET_F_MRG_RXBUF the readv covers one chain. With it, the readv
-//! gathers as many posted chains as cover [`MAX_BUFFER_LEN`] (or all that
-//! are posted); on completion the device uses as many chains as the frame
-//! filled, writes `num_buffers`, and gives the rest back by rewinding its
-//! position in the available ring. That rewind is sound because nothing
-//! else pops RX chains while the readv is in flight, and the chains handed
-//! back are exactly the last ones popped. A frame longer than the gathered
-//! buffers is dropped (counted), and the buffers are reused.
+//! Zero-copy in every case. Reads are only in flight while the driver has
+//! posted buffers: io_uring parks each in its internal poll on the tap
+//! until a frame arrives, so a frame waits in the tap's kernel queue (not
+//! in our memory) while the guest has no room. Up to four `readv`s are in
+//! flight, each on its own chains, so one loop turn can complete several
+//! frames. Without VIRTIO_NET_F_MRG_RXBUF a read covers one chain; with it,
+//! a read gathers chains until they cover [`MAX_BUFFER_LEN`] (neighbouring
+//! buffers share one iovec). On completion the device uses as many chains
+//! as the frame filled, in completion order, and writes `num_buffers`;
+//! chains a frame did not fill stay popped in the device for the next read
+//! (never walked twice), and a reset drops them. One byte of device memory
+//! after the guest's buffers tells a frame too big for them: it is dropped
+//! (counted), and the buffers are reused.
 
 mod device;
 mod frame;

@@ -894,3 +894,131 @@ fn event_idx_suppresses_interrupts_the_driver_did_not_ask_for() -> TestResult {
     assert_eq!(rig.line.count(), 1);
     Ok(())
 }
+
+#[test]
+fn plain_rx_keeps_several_reads_in_flight_each_on_its_own_buffer() -> TestResult {
+    let mem = memory();
+    let mut rig = Rig::new(&mem, PLAIN);
+    let heads: Vec<u16> = (0..6)
+        .map(|i| rig.rxq.push(&[(rx_buf(i), 2048, W)]))
+        .collect();
+    rig.kick(RX_QUEUE)?;
+    assert_eq!(rig.io.parked.len(), 4, "several reads while buffers last");
+    assert_eq!(rig.dev.in_flight(), 4);
+    let pkts: Vec<Vec<u8>> = (0..5).map(|i| packet(100 + i, i as u8)).collect();
+    for p in &pkts {
+        rig.host_send(p);
+    }
+    rig.settle();
+    // Every frame in its own buffer, in the order the tap gave them, each
+    // buffer used once.
+    let used = rig.rxq.used_entries();
+    assert_eq!(used.len(), 5);
+    let mut seen = Vec::new();
+    for (i, &(id, len)) in used.iter().enumerate() {
+        let n = heads
+            .iter()
+            .position(|&h| u32::from(h) == id)
+            .expect("a posted head");
+        assert!(!seen.contains(&n), "head {id} used twice");
+        seen.push(n);
+        assert_eq!(len as usize, pkts[i].len());
+        assert_eq!(
+            rig.read(rx_buf(n as u64) + 12, pkts[i].len() - 12),
+            &pkts[i][12..]
+        );
+    }
+    assert_eq!(rig.dev.counters().rx_packets, 5);
+    assert_eq!(rig.dev.in_flight(), 1, "one buffer left, one read");
+    Ok(())
+}
+
+#[test]
+fn mrg_rxbuf_coalesces_contiguous_buffers_into_one_iovec() -> TestResult {
+    let mem = memory();
+    let mut rig = Rig::new(&mem, MRG);
+    // Eight 1536-byte buffers one after another, as a driver carves them
+    // out of a page.
+    let heads: Vec<u16> = (0..8)
+        .map(|i| rig.rxq.push(&[(rx_buf(0) + i * 1536, 1536, W)]))
+        .collect();
+    rig.kick(RX_QUEUE)?;
+    match rig.io.parked.first() {
+        Some((IoOp::Readv { iovcnt, .. }, _)) => assert_eq!(*iovcnt, 2),
+        other => panic!("unexpected {other:?}"),
+    }
+    let big = packet(4000, 4);
+    rig.host_send(&big);
+    rig.settle();
+    assert_eq!(
+        rig.rxq.used_entries(),
+        vec![
+            (u32::from(heads[0]), 1536),
+            (u32::from(heads[1]), 1536),
+            (u32::from(heads[2]), 4012 - 2 * 1536),
+        ]
+    );
+    let got = rig.read(rx_buf(0), 4012);
+    assert_eq!(num_buffers(&got), 3);
+    assert_eq!(&got[12..], &big[12..]);
+    Ok(())
+}
+
+#[test]
+fn mrg_rxbuf_chains_held_for_later_frames_stay_the_devices() -> TestResult {
+    let mem = memory();
+    let mut rig = Rig::new(&mem, MRG);
+    let heads: Vec<u16> = (0..4)
+        .map(|i| rig.rxq.push(&[(rx_buf(i), 1536, W)]))
+        .collect();
+    rig.kick(RX_QUEUE)?;
+    let small = packet(60, 1);
+    rig.host_send(&small);
+    rig.settle();
+    assert_eq!(rig.rxq.used_entries(), vec![(u32::from(heads[0]), 72)]);
+    // The other three wait in the device for the next frames.
+    let next = packet(70, 2);
+    rig.host_send(&next);
+    rig.settle();
+    assert_eq!(rig.rxq.used_entries()[1], (u32::from(heads[1]), 82));
+    assert_eq!(rig.read(rx_buf(1) + 12, 70), &next[12..]);
+    // A driver posting a head the device still holds is broken.
+    rig.rxq.publish(heads[3]);
+    rig.rxq.push(&[(rx_buf(5), 1536, W)]);
+    rig.host_send(&packet(80, 3));
+    rig.settle();
+    assert!(rig.needs_reset(), "head posted twice");
+    Ok(())
+}
+
+#[test]
+fn mrg_rxbuf_reset_forgets_held_chains() -> TestResult {
+    let mem = memory();
+    let mut rig = Rig::new(&mem, MRG);
+    for i in 0..4 {
+        rig.rxq.push(&[(rx_buf(i), 1536, W)]);
+    }
+    rig.kick(RX_QUEUE)?;
+    rig.host_send(&packet(60, 1));
+    rig.settle();
+    assert_eq!(rig.rxq.used_entries().len(), 1);
+    let stale = rig.io.parked[0].1;
+    rig.dev.reset();
+    rig.dev.info().shared.clear();
+    rig.rxq.clear();
+    rig.rxq.next_desc = 0;
+    let a = rig.activation(MRG);
+    rig.dev.activate(&mem, &a)?;
+    assert!(rig.io.cancel(stale));
+    rig.settle();
+    // Only what the new driver posts takes frames.
+    let head = rig.rxq.push(&[(rx_buf(8), 1536, W)]);
+    rig.kick(RX_QUEUE)?;
+    let pkt = packet(90, 5);
+    rig.host_send(&pkt);
+    rig.settle();
+    assert_eq!(rig.rxq.used_entries(), vec![(u32::from(head), 102)]);
+    assert_eq!(rig.read(rx_buf(8) + 12, 90), &pkt[12..]);
+    assert!(!rig.needs_reset());
+    Ok(())
+}
