@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use devices::virtio::block::{BlockConfig, BlockCounters, BlockDevice, BlockError};
 use devices::virtio::mmio::TransportEvents;
-use devices::virtio::{MmioTransport, TransportEvent, NOTIFY_REG_OFFSET};
+use devices::virtio::{MmioTransport, TransportEvent, VirtioBackend, NOTIFY_REG_OFFSET};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 

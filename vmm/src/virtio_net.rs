@@ -12,7 +12,7 @@ use devices::virtio::mmio::TransportEvents;
 use devices::virtio::net::{
     NetConfig as DeviceNetConfig, NetCounters, NetDevice, TapDevice, TapError, RX_QUEUE, TX_QUEUE,
 };
-use devices::virtio::{MmioTransport, TransportEvent, NOTIFY_REG_OFFSET};
+use devices::virtio::{MmioTransport, TransportEvent, VirtioBackend, NOTIFY_REG_OFFSET};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 

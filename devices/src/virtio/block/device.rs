@@ -28,7 +28,7 @@ use super::{
 };
 use crate::io::{InterruptLine, IoSubmit};
 use crate::virtio::{
-    Activation, DeviceShared, Interrupt, QueueConfigError, TransportEvent, VirtioDeviceInfo,
+    Activation, DeviceShared, Interrupt, QueueConfigError, VirtioBackend, VirtioDeviceInfo,
     F_EVENT_IDX, F_VERSION_1,
 };
 
@@ -257,42 +257,7 @@ impl BlockDevice {
         }
     }
 
-    /// Applies a message from the transport.
-    pub fn handle_event<M: GuestMemory>(
-        &mut self,
-        mem: &M,
-        event: &TransportEvent,
-    ) -> Result<(), BlockError> {
-        match event {
-            TransportEvent::Activate(a) => self.activate(mem, a),
-            TransportEvent::Reset => {
-                self.reset();
-                // No used-ring write or interrupt can come from us now:
-                // let the driver see the reset complete.
-                self.irq.shared().finish_reset();
-                Ok(())
-            }
-        }
-    }
-
-    /// Takes ownership of the queues the driver set up. On error the
-    /// device stays inactive and asks the driver for a reset.
-    pub fn activate<M: GuestMemory>(
-        &mut self,
-        mem: &M,
-        activation: &Activation,
-    ) -> Result<(), BlockError> {
-        if self.activated {
-            self.reset();
-        }
-        let result = self.try_activate(mem, activation);
-        if result.is_err() {
-            self.request_reset();
-        }
-        result
-    }
-
-    fn try_activate<M: GuestMemory>(
+    fn activate_queues<M: GuestMemory>(
         &mut self,
         mem: &M,
         activation: &Activation,
@@ -337,7 +302,7 @@ impl BlockDevice {
         self.activated = false;
     }
 
-    fn request_reset(&mut self) {
+    fn ask_for_reset(&mut self) {
         self.counters.needs_reset += 1;
         if let Err(e) = self.irq.needs_reset() {
             error!("virtio-blk: raising the config interrupt failed: {e}");
@@ -350,7 +315,7 @@ impl BlockDevice {
             q.broken = true;
         }
         error!("virtio-blk: queue {qidx} is corrupt, device needs reset: {why}");
-        self.request_reset();
+        self.ask_for_reset();
         BlockError::QueueBroken(qidx, why)
     }
 
@@ -702,4 +667,32 @@ fn write_id<M: GuestMemory>(mem: &M, req: &Request, id: &[u8; ID_BYTES]) -> u32 
         done += n;
     }
     done as u32
+}
+
+impl VirtioBackend for BlockDevice {
+    type Error = BlockError;
+
+    fn is_active(&self) -> bool {
+        self.activated
+    }
+
+    fn try_activate<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        activation: &Activation,
+    ) -> Result<(), BlockError> {
+        self.activate_queues(mem, activation)
+    }
+
+    fn drop_queues(&mut self) {
+        self.reset();
+    }
+
+    fn request_reset(&mut self) {
+        self.ask_for_reset();
+    }
+
+    fn interrupt(&self) -> &Interrupt {
+        &self.irq
+    }
 }

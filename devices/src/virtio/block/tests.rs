@@ -24,7 +24,9 @@ use vmm_sys_util::tempfile::TempFile;
 use super::*;
 use crate::io::fake::{CountingLine, ExecutingIo, PanicIo, RecordingIo};
 use crate::io::{IoOp, IoSubmit};
-use crate::virtio::{Activation, QueueConfig, TransportEvent, INT_CONFIG, INT_VRING};
+use crate::virtio::{
+    Activation, QueueConfig, TransportEvent, VirtioBackend, INT_CONFIG, INT_VRING,
+};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 

@@ -43,7 +43,7 @@ use super::{
 };
 use crate::io::{InterruptLine, IoOp, IoSubmit, IoSubmitError, IOV_MAX};
 use crate::virtio::{
-    Activation, DeviceShared, Interrupt, QueueConfigError, TransportEvent, VirtioDeviceInfo,
+    Activation, DeviceShared, Interrupt, QueueConfigError, VirtioBackend, VirtioDeviceInfo,
     F_EVENT_IDX, F_VERSION_1,
 };
 
@@ -397,45 +397,7 @@ impl<T: Tap> NetDevice<T> {
         self.rx.stale.first().map(|r| r.tag)
     }
 
-    /// Applies a message from the transport. After a successful
-    /// activation the VMM should call `process_queue` for both queues:
-    /// a driver may have posted buffers (and kicked) before DRIVER_OK.
-    pub fn handle_event<M: GuestMemory>(
-        &mut self,
-        mem: &M,
-        event: &TransportEvent,
-    ) -> Result<(), NetError> {
-        match event {
-            TransportEvent::Activate(a) => self.activate(mem, a),
-            TransportEvent::Reset => {
-                self.reset();
-                // No used-ring write or interrupt can come from us now:
-                // let the driver see the reset complete.
-                self.irq.shared().finish_reset();
-                Ok(())
-            }
-        }
-    }
-
-    /// Takes ownership of the queues the driver set up and gives the tap
-    /// the negotiated offloads. On error the device stays inactive and
-    /// asks the driver for a reset.
-    pub fn activate<M: GuestMemory>(
-        &mut self,
-        mem: &M,
-        activation: &Activation,
-    ) -> Result<(), NetError> {
-        if self.activated {
-            self.reset();
-        }
-        let result = self.try_activate(mem, activation);
-        if result.is_err() {
-            self.request_reset();
-        }
-        result
-    }
-
-    fn try_activate<M: GuestMemory>(
+    fn activate_queues<M: GuestMemory>(
         &mut self,
         mem: &M,
         activation: &Activation,
@@ -512,7 +474,7 @@ impl<T: Tap> NetDevice<T> {
         }
     }
 
-    fn request_reset(&mut self) {
+    fn ask_for_reset(&mut self) {
         self.counters.needs_reset += 1;
         if let Err(e) = self.irq.needs_reset() {
             error!("virtio-net: raising the config interrupt failed: {e}");
@@ -526,7 +488,7 @@ impl<T: Tap> NetDevice<T> {
             _ => self.tx.broken = true,
         }
         error!("virtio-net: queue {qidx} is corrupt, device needs reset: {why}");
-        self.request_reset();
+        self.ask_for_reset();
         NetError::QueueBroken(qidx, why)
     }
 
@@ -1129,5 +1091,33 @@ impl<T: Tap> Drop for NetDevice<T> {
         // SAFETY: the tap is dropped exactly once, here, and never used
         // again; no op names its fd any more.
         unsafe { ManuallyDrop::drop(&mut self.tap) };
+    }
+}
+
+impl<T: Tap> VirtioBackend for NetDevice<T> {
+    type Error = NetError;
+
+    fn is_active(&self) -> bool {
+        self.activated
+    }
+
+    fn try_activate<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        activation: &Activation,
+    ) -> Result<(), NetError> {
+        self.activate_queues(mem, activation)
+    }
+
+    fn drop_queues(&mut self) {
+        self.reset();
+    }
+
+    fn request_reset(&mut self) {
+        self.ask_for_reset();
+    }
+
+    fn interrupt(&self) -> &Interrupt {
+        &self.irq
     }
 }

@@ -16,7 +16,7 @@ use super::tap::fake::FakeTap;
 use super::*;
 use crate::io::fake::{CountingLine, PanicIo, RecordingIo};
 use crate::io::{IoOp, IoSubmit, IoSubmitError, TAG_MAX};
-use crate::virtio::{feature, Activation, QueueConfig, TransportEvent, INT_CONFIG};
+use crate::virtio::{feature, Activation, QueueConfig, TransportEvent, VirtioBackend, INT_CONFIG};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
