@@ -13,6 +13,9 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::x86_64::layout::{BOOT_TIMER_START, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
 use crate::vstate::vm::{Vm, VmError};
 use devices::bus::SharedDevice;
+use devices::virtio::mmio::TransportEvents;
+use devices::virtio::{MmioTransport, TransportEvent, VirtioDeviceInfo, NOTIFY_REG_OFFSET};
+use std::sync::mpsc::{channel, Receiver};
 
 /// COM1's ports and IRQ.
 pub const COM1_PORT: u64 = 0x3f8;
@@ -58,6 +61,17 @@ impl EventWiring for Vm {
     }
 }
 
+/// The VMM thread's ends of a virtio device placed on the machine.
+#[derive(Debug)]
+pub struct VirtioEndpoints {
+    /// One doorbell per queue, in queue order, to arm on the ring.
+    pub kicks: Vec<EventFd>,
+    /// Written by the transport after each activation or reset message.
+    pub wake: EventFd,
+    /// The transport's activation and reset messages.
+    pub messages: Receiver<TransportEvent>,
+}
+
 /// Errors placing devices.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -98,7 +112,9 @@ pub struct DeviceManager {
     virtio_cmdline: Vec<String>,
 }
 
-fn new_eventfd() -> Result<EventFd, DeviceError> {
+/// A non-blocking eventfd: the interrupt lines, doorbells and wake-ups
+/// that tie devices to KVM and to the VMM thread's ring.
+pub fn new_eventfd() -> Result<EventFd, DeviceError> {
     EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::EventFd)
 }
 
@@ -138,8 +154,44 @@ impl DeviceManager {
         Ok(())
     }
 
+    /// Places a virtio device on the machine: a virtio-mmio window and IRQ
+    /// line, `irq` wired to that line, one doorbell per queue (a guest's
+    /// QueueNotify write of the queue index signals it inside KVM), and the
+    /// transport on the MMIO bus. Returns the VMM thread's ends.
+    pub fn add_virtio_device(
+        &mut self,
+        wire: &dyn EventWiring,
+        irq: &EventFd,
+        info: VirtioDeviceInfo,
+    ) -> Result<VirtioEndpoints, DeviceError> {
+        let slot = self.allocate_virtio_slot()?;
+        wire.wire_irq(irq, slot.irq)?;
+        let mut kicks = Vec::with_capacity(info.queue_max_sizes.len());
+        for queue in 0..info.queue_max_sizes.len() {
+            let kick = new_eventfd()?;
+            wire.wire_doorbell(&kick, slot.base + NOTIFY_REG_OFFSET, queue as u32)?;
+            kicks.push(kick);
+        }
+        let wake = new_eventfd()?;
+        let clone = |e: &EventFd| e.try_clone().map_err(DeviceError::EventFd);
+        let (sender, messages) = channel();
+        let events = TransportEvents {
+            sender,
+            wake: clone(&wake)?,
+        };
+        let transport_kicks = kicks.iter().map(clone).collect::<Result<Vec<_>, _>>()?;
+        let transport = MmioTransport::new(info, events, transport_kicks)
+            .map_err(|e| DeviceError::Transport(e.to_string()))?;
+        self.add_virtio_mmio(Arc::new(Mutex::new(transport)), slot)?;
+        Ok(VirtioEndpoints {
+            kicks,
+            wake,
+            messages,
+        })
+    }
+
     /// Reserves the next virtio-mmio window and IRQ line.
-    pub fn allocate_virtio_slot(&mut self) -> Result<VirtioSlot, DeviceError> {
+    fn allocate_virtio_slot(&mut self) -> Result<VirtioSlot, DeviceError> {
         let irq = VIRTIO_IRQ_BASE + self.next_virtio;
         if irq > VIRTIO_IRQ_LAST {
             return Err(DeviceError::OutOfIrqs);
@@ -151,7 +203,7 @@ impl DeviceManager {
 
     /// Puts a virtio-mmio transport at `slot` and records the
     /// `virtio_mmio.device=` parameter that tells Linux where it is.
-    pub fn add_virtio_mmio(
+    fn add_virtio_mmio(
         &mut self,
         transport: SharedDevice,
         slot: VirtioSlot,

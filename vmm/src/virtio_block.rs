@@ -9,17 +9,15 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
-use std::sync::mpsc::{channel, Receiver};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::Receiver;
 
 use devices::virtio::block::{BlockConfig, BlockCounters, BlockDevice, BlockError};
-use devices::virtio::mmio::TransportEvents;
-use devices::virtio::{MmioTransport, TransportEvent, VirtioBackend, NOTIFY_REG_OFFSET};
+use devices::virtio::{TransportEvent, VirtioBackend};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{CacheType, DriveConfig};
-use crate::device_manager::{DeviceError, DeviceManager, EventWiring};
+use crate::device_manager::{new_eventfd, DeviceError, DeviceManager, EventWiring};
 use crate::event_loop::{DeviceIo, EventLoop};
 
 /// Errors setting up a drive; all are found before the guest starts.
@@ -100,46 +98,32 @@ impl Drive {
             id: id.clone(),
             source,
         };
-        let eventfd = || EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::EventFd);
-        let irq = eventfd().map_err(wiring)?;
-        let kick = eventfd().map_err(wiring)?;
-        let wake = eventfd().map_err(wiring)?;
-        let slot = devices.allocate_virtio_slot().map_err(wiring)?;
-        wire.wire_irq(&irq, slot.irq).map_err(wiring)?;
-        // Queue 0's notify write is caught by KVM and only bumps `kick`.
-        wire.wire_doorbell(&kick, slot.base + NOTIFY_REG_OFFSET, 0)
-            .map_err(wiring)?;
-        let device = BlockDevice::new(
+        let irq = new_eventfd().map_err(wiring)?;
+        let line = irq
+            .try_clone()
+            .map_err(|e| wiring(DeviceError::EventFd(e)))?;
+        let mut device = BlockDevice::new(
             BlockConfig {
                 file,
                 read_only: cfg.is_read_only,
                 flush: cfg.cache_type == CacheType::Writeback,
                 id: cfg.drive_id.clone(),
             },
-            Box::new(irq),
+            Box::new(line),
         )
         .map_err(|source| DriveError::Device {
             id: id.clone(),
             source,
         })?;
         // One interrupt decision per loop turn, not per completion.
-        let mut device = device;
         device.set_batch_interrupts(true);
-        let (sender, messages) = channel();
-        let events = TransportEvents {
-            sender,
-            wake: wake
-                .try_clone()
-                .map_err(|e| wiring(DeviceError::EventFd(e)))?,
-        };
-        let kick_clone = kick
-            .try_clone()
-            .map_err(|e| wiring(DeviceError::EventFd(e)))?;
-        let transport = MmioTransport::new(device.info(), events, vec![kick_clone])
-            .map_err(|e| wiring(DeviceError::Transport(e.to_string())))?;
-        devices
-            .add_virtio_mmio(Arc::new(Mutex::new(transport)), slot)
+        let ends = devices
+            .add_virtio_device(wire, &irq, device.info())
             .map_err(wiring)?;
+        let Some(kick) = ends.kicks.into_iter().next() else {
+            return Err(wiring(DeviceError::Transport("no queue to kick".into())));
+        };
+        let (wake, messages) = (ends.wake, ends.messages);
         Ok(Box::new(Self {
             id,
             device,

@@ -5,19 +5,17 @@
 //! the guest's posted buffers, on the same ring as the drives.
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::mpsc::{channel, Receiver};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::Receiver;
 
-use devices::virtio::mmio::TransportEvents;
 use devices::virtio::net::{
     NetConfig as DeviceNetConfig, NetCounters, NetDevice, TapDevice, TapError, RX_QUEUE, TX_QUEUE,
 };
-use devices::virtio::{MmioTransport, TransportEvent, VirtioBackend, NOTIFY_REG_OFFSET};
+use devices::virtio::{TransportEvent, VirtioBackend};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::NetConfig;
-use crate::device_manager::{DeviceError, DeviceManager, EventWiring};
+use crate::device_manager::{new_eventfd, DeviceError, DeviceManager, EventWiring};
 use crate::event_loop::DeviceIo;
 
 /// Errors setting up an interface; all are found before the guest starts.
@@ -129,37 +127,24 @@ impl NetIface {
             id: id.clone(),
             source,
         };
-        let eventfd = || EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::EventFd);
-        let irq = eventfd().map_err(wiring)?;
-        let kicks = [eventfd().map_err(wiring)?, eventfd().map_err(wiring)?];
-        let wake = eventfd().map_err(wiring)?;
-        let slot = devices.allocate_virtio_slot().map_err(wiring)?;
-        wire.wire_irq(&irq, slot.irq).map_err(wiring)?;
-        for (queue, kick) in kicks.iter().enumerate() {
-            wire.wire_doorbell(kick, slot.base + NOTIFY_REG_OFFSET, queue as u32)
-                .map_err(wiring)?;
-        }
-        let device = NetDevice::new(DeviceNetConfig { tap, mac }, Box::new(irq));
+        let irq = new_eventfd().map_err(wiring)?;
+        let line = irq
+            .try_clone()
+            .map_err(|e| wiring(DeviceError::EventFd(e)))?;
+        let device = NetDevice::new(DeviceNetConfig { tap, mac }, Box::new(line));
         log::info!(
             "network interface {id}: tap {} guest MAC {}",
             cfg.host_dev_name,
             format_mac(&device.mac())
         );
-        let (sender, messages) = channel();
-        let clone = |e: &EventFd| e.try_clone().map_err(|e| wiring(DeviceError::EventFd(e)));
-        let events = TransportEvents {
-            sender,
-            wake: clone(&wake)?,
-        };
-        let transport = MmioTransport::new(
-            device.info(),
-            events,
-            vec![clone(&kicks[0])?, clone(&kicks[1])?],
-        )
-        .map_err(|e| wiring(DeviceError::Transport(e.to_string())))?;
-        devices
-            .add_virtio_mmio(Arc::new(Mutex::new(transport)), slot)
+        let ends = devices
+            .add_virtio_device(wire, &irq, device.info())
             .map_err(wiring)?;
+        let kicks: [EventFd; 2] = ends
+            .kicks
+            .try_into()
+            .map_err(|_| wiring(DeviceError::Transport("expected 2 queues".into())))?;
+        let (wake, messages) = (ends.wake, ends.messages);
         Ok(Box::new(Self {
             id,
             device,
