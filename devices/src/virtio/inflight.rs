@@ -340,6 +340,7 @@ mod tests {
     #[test]
     fn slots_are_bounded_and_orphans_wait_for_their_completion() {
         let mut t: InFlight<u32> = InFlight::new(0, 2);
+        t.heads = vec![false; 8];
         let gen = Generation::default();
         let (a, _) = t.reserve(gen).expect("slot");
         let ta = a.tag;

@@ -26,7 +26,35 @@ use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRI
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
-use super::QueueConfig;
+use super::{DeviceError, QueueConfig, TransportEvent, VirtioDevice};
+
+/// Applies a transport message to `dev` the way the VMM's device slot does
+/// (`vmm/src/ring/slot.rs`): an activation of a live device resets it
+/// first, a refused activation asks the driver for a reset, and a reset
+/// drops the queues. (The slot also waits for in-flight I/O before it
+/// reports the reset done; device tests check `in_flight()` for that.)
+pub fn transport_event<M: GuestMemory, D: VirtioDevice<M> + ?Sized>(
+    dev: &mut D,
+    mem: &M,
+    event: &TransportEvent,
+) -> Result<(), DeviceError> {
+    match event {
+        TransportEvent::Activate(activation) => {
+            if dev.is_active() {
+                dev.reset();
+            }
+            let result = dev.activate(mem, activation);
+            if result.is_err() {
+                dev.request_reset();
+            }
+            result
+        }
+        TransportEvent::Reset => {
+            dev.reset();
+            Ok(())
+        }
+    }
+}
 
 /// Offset of the available ring from the queue's base.
 pub const AVAIL_OFFSET: u64 = 0x1000;
@@ -116,6 +144,13 @@ impl<M: GuestMemory> DriverQueue<M> {
         let _ = self.mem.write_slice(&zeros, GuestAddress(self.base));
         self.next_desc = 0;
         self.seen_used = 0;
+    }
+
+    /// Reserves the next free descriptor index for a hand-built entry.
+    pub fn take_desc(&mut self) -> u16 {
+        let idx = self.next_desc;
+        self.next_desc = (self.next_desc + 1) % self.size;
+        idx
     }
 
     /// Writes descriptor `idx` of the table as it is (no link added).

@@ -259,3 +259,35 @@ pub struct NetCounters {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod mac_tests {
+    use super::*;
+
+    #[test]
+    fn macs_parse_print_and_refuse_multicast_in_one_place() {
+        let mac: MacAddr = "06:00:AC:10:00:02".parse().expect("mac");
+        assert_eq!(mac.bytes(), [6, 0, 0xac, 0x10, 0, 2]);
+        assert_eq!(mac.to_string(), "06:00:ac:10:00:02");
+        for bad in [
+            "",
+            "02:00:00:aa:bb",
+            "02:00:00:aa:bb:0c:01",
+            "0g:00:00:00:00:00",
+            "2:0:0:0:0:0",
+        ] {
+            assert!(
+                matches!(bad.parse::<MacAddr>(), Err(MacAddrError::Syntax(_))),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            "01:00:5e:00:00:01".parse::<MacAddr>(),
+            Err(MacAddrError::Multicast(_))
+        ));
+        let json: MacAddr = serde_json::from_str("\"02:00:00:00:00:01\"").expect("json");
+        assert_eq!(serde_json::to_string(&json).ok().as_deref(), Some("\"02:00:00:00:00:01\""));
+        assert!(serde_json::from_str::<MacAddr>("\"03:00:00:00:00:01\"").is_err());
+        assert_eq!(generate_mac().bytes()[0] & 3, 2, "local, unicast");
+    }
+}

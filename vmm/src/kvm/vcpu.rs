@@ -20,7 +20,7 @@ use crate::arch::x86_64::cpuid::{filter_cpuid, CpuTemplate};
 use crate::arch::x86_64::regs::{boot_fpu, boot_msrs, boot_regs, setup_sregs};
 use crate::boot::KernelEntry;
 use crate::metrics::VcpuExitCounters;
-use crate::vstate::vm::Vm;
+use crate::kvm::vm::Vm;
 
 /// Errors setting up a vCPU.
 #[derive(Debug, thiserror::Error)]
