@@ -395,7 +395,14 @@ mod tests {
     fn net_options_parse() {
         let n: NetConfig = "tap=tap0,mac=02:00:00:00:00:01,id=eth0".parse().unwrap();
         assert_eq!(n.host_dev_name, "tap0");
-        assert_eq!(n.guest_mac.as_deref(), Some("02:00:00:00:00:01"));
+        assert_eq!(
+            n.guest_mac.map(|m| m.to_string()).as_deref(),
+            Some("02:00:00:00:00:01")
+        );
+        assert!(
+            "tap=t,mac=01:00:00:00:00:01".parse::<NetConfig>().is_err(),
+            "multicast refused"
+        );
         assert_eq!(n.iface_id, "eth0");
         assert_eq!(
             "mac=02:00:00:00:00:01".parse::<NetConfig>(),

@@ -377,12 +377,7 @@ impl Vmm {
             return Ok(());
         };
         let fd = api.handle.requests_fd();
-        Self::arm_eventfd(
-            &mut self.ring,
-            fd,
-            &mut self.bufs.api,
-            Token::Api,
-        )
+        Self::arm_eventfd(&mut self.ring, fd, &mut self.bufs.api, Token::Api)
     }
 
     /// Answers every queued API request, then re-arms the requests eventfd
@@ -500,18 +495,14 @@ impl Vmm {
     fn arm_metrics_timer(&mut self) -> Result<(), VmmError> {
         let timeout = opcode::Timeout::new(&self.bufs.metrics_period).build();
         // SAFETY: the timespec is in the boxed buffers, which outlive the ring.
-        unsafe {
-            self.ring
-                .push(timeout, Token::MetricsTimer)
-        }
-        .map_err(host("arming the metrics timer"))
+        unsafe { self.ring.push(timeout, Token::MetricsTimer) }
+            .map_err(host("arming the metrics timer"))
     }
 
     fn arm_halt_probe(&mut self) -> Result<(), VmmError> {
         let timeout = opcode::Timeout::new(&self.bufs.halt_probe).build();
         // SAFETY: the timespec is in the boxed buffers, which outlive the ring.
-        unsafe { self.ring.push(timeout, Token::HaltProbe) }
-            .map_err(host("arming the halt probe"))
+        unsafe { self.ring.push(timeout, Token::HaltProbe) }.map_err(host("arming the halt probe"))
     }
 
     fn arm_signal(&mut self) -> Result<(), VmmError> {
@@ -522,8 +513,7 @@ impl Vmm {
         )
         .build();
         // SAFETY: as for the other boxed buffers.
-        unsafe { self.ring.push(read, Token::Signal) }
-            .map_err(host("arming the signalfd"))
+        unsafe { self.ring.push(read, Token::Signal) }.map_err(host("arming the signalfd"))
     }
 
     /// Moves stdin bytes into the UART as far as its FIFO has room.

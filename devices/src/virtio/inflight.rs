@@ -84,7 +84,10 @@ impl Iovecs {
 #[derive(Debug)]
 enum SlotState<T> {
     Free,
-    Busy { head: u16, pending: T },
+    Busy {
+        head: u16,
+        pending: T,
+    },
     /// Submitted before a reset; waits only for its completion.
     Orphaned,
 }
@@ -363,7 +366,10 @@ mod tests {
         assert_eq!(t.outstanding(), 1);
         assert_eq!(t.busy(), 0);
         assert_eq!(t.orphaned_tags().collect::<Vec<_>>(), vec![tb]);
-        assert!(!t.head_in_flight(6), "the driver may reuse heads after reset");
+        assert!(
+            !t.head_in_flight(6),
+            "the driver may reuse heads after reset"
+        );
         assert_eq!(t.take(tb), Some(Taken::Stale));
         assert_eq!(t.outstanding(), 0);
     }
@@ -375,13 +381,25 @@ mod tests {
             (GuestAddress(0x1000), 0x1000),
         ])?;
         let mut out = Vec::new();
-        map_guest_buffer(&mem, GuestAddress(0xf00), 0x200, Permissions::Write, &mut out)?;
+        map_guest_buffer(
+            &mem,
+            GuestAddress(0xf00),
+            0x200,
+            Permissions::Write,
+            &mut out,
+        )?;
         assert_eq!(out.len(), 2);
         assert_eq!(out[0].iov_len, 0x100);
         assert_eq!(out[1].iov_len, 0x100);
         out.clear();
         assert_eq!(
-            map_guest_buffer(&mem, GuestAddress(0x1f00), 0x200, Permissions::Read, &mut out),
+            map_guest_buffer(
+                &mem,
+                GuestAddress(0x1f00),
+                0x200,
+                Permissions::Read,
+                &mut out
+            ),
             Err(MapError::OutsideMemory(0x1f00))
         );
         Ok(())

@@ -40,7 +40,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::io::InterruptLine;
 
 pub use device::{DeviceError, PollRequest, ProcessOutcome, VirtioDevice};
-pub use inflight::{map_guest_buffer, Generation, InFlight, Iovecs, MapError, Reserved, Tag, Taken};
+pub use inflight::{
+    map_guest_buffer, Generation, InFlight, Iovecs, MapError, Reserved, Tag, Taken,
+};
 pub use mmio::{MmioTransport, TransportError, MMIO_SIZE, NOTIFY_REG_OFFSET};
 pub use queue::{QueueConfig, QueueConfigError};
 pub use virtqueues::{drain, ChainTaken, Virtqueues};

@@ -151,7 +151,8 @@ impl RngDevice {
             Ok(()) => self.fill_mapped(),
             Err(e) => {
                 self.counters.errors += 1;
-                self.log.warn("refused", format_args!("request refused: {e}"));
+                self.log
+                    .warn("refused", format_args!("request refused: {e}"));
                 0
             }
         };

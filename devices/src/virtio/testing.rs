@@ -294,7 +294,10 @@ mod tests {
         let mem =
             GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("memory");
         let mut q = DriverQueue::new(mem.clone(), 0x4000, 8);
-        let h = q.push(&[(0x9000, 16, 0), (0x9100, 1, DriverQueue::<GuestMemoryMmap>::WRITE)]);
+        let h = q.push(&[
+            (0x9000, 16, 0),
+            (0x9100, 1, DriverQueue::<GuestMemoryMmap>::WRITE),
+        ]);
         assert_eq!(h, 0);
         let d0: RawDescriptor = mem.read_obj(GuestAddress(0x4000)).expect("desc");
         let d0 = Descriptor::from(d0);

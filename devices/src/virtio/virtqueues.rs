@@ -265,11 +265,7 @@ pub enum ChainTaken {
 /// raced in). Refuses a head index outside the queue; `take` refuses one
 /// the device still holds (a driver that reuses a head corrupts its own
 /// ring). An error string means the queue is corrupt: break it.
-pub fn drain<M, F>(
-    queue: &mut Queue,
-    mem: &M,
-    mut take: F,
-) -> (ProcessOutcome, Result<(), String>)
+pub fn drain<M, F>(queue: &mut Queue, mem: &M, mut take: F) -> (ProcessOutcome, Result<(), String>)
 where
     M: GuestMemory,
     F: FnMut(&mut Queue, DescriptorChain<&M>, u16) -> Result<ChainTaken, String>,

@@ -210,7 +210,13 @@ impl VirtioBuilder {
                     id: id.clone(),
                     source,
                 })?;
-            out.push(DeviceSlot::new(id, device, ends.kicks, ends.wake, ends.messages));
+            out.push(DeviceSlot::new(
+                id,
+                device,
+                ends.kicks,
+                ends.wake,
+                ends.messages,
+            ));
         }
         Ok(out)
     }

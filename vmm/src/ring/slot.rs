@@ -183,7 +183,11 @@ impl DeviceSlot {
                             }
                         }
                         Err(e) => {
-                            log::warn!("{} {}: activation refused: {e}", self.device.kind(), self.id);
+                            log::warn!(
+                                "{} {}: activation refused: {e}",
+                                self.device.kind(),
+                                self.id
+                            );
                             self.device.request_reset();
                         }
                     }
@@ -312,15 +316,13 @@ impl VirtioDevices {
             Token::Kick { device, .. }
             | Token::TransportMessage { device }
             | Token::DeviceIo { device, .. }
-            | Token::DevicePoll { device } => {
-                match self.slots.get_mut(usize::from(device)) {
-                    Some(slot) => (device, slot),
-                    None => {
-                        log::warn!("completion for unknown device {device}");
-                        return Ok(());
-                    }
+            | Token::DevicePoll { device } => match self.slots.get_mut(usize::from(device)) {
+                Some(slot) => (device, slot),
+                None => {
+                    log::warn!("completion for unknown device {device}");
+                    return Ok(());
                 }
-            }
+            },
             _ => return Ok(()),
         };
         match token {
@@ -371,8 +373,6 @@ impl VirtioDevices {
     /// loop for (a drain that stopped at its budget): the next turn must
     /// not sleep.
     pub fn has_work_now(&self) -> bool {
-        self.slots
-            .iter()
-            .any(|s| s.rerun.iter().any(|r| *r == Rerun::Now))
+        self.slots.iter().any(|s| s.rerun.contains(&Rerun::Now))
     }
 }

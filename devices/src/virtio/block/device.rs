@@ -64,7 +64,9 @@ pub struct BlockConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
     /// Too many swapped-out files still wait for their I/O or a FLUSH.
-    #[error("{MAX_RETIRED_DISKS} previous disk files still have I/O in flight or unflushed writes")]
+    #[error(
+        "{MAX_RETIRED_DISKS} previous disk files still have I/O in flight or unflushed writes"
+    )]
     SwapBusy,
     /// Reading the backing file's size failed.
     #[error("cannot size the backing file: {0}")]
@@ -285,15 +287,16 @@ impl BlockDevice {
         }
         self.counters.requests += 1;
         let limits = self.limits();
-        let parsed = request::parse(chain, mem, &limits).and_then(|r| {
-            match request::check_request(&r, &limits) {
-                Ok(()) => Ok(r),
-                Err(error) => Err(request::ParseError {
-                    status: Some(r.status),
-                    error,
-                }),
-            }
-        });
+        let parsed =
+            request::parse(chain, mem, &limits).and_then(|r| {
+                match request::check_request(&r, &limits) {
+                    Ok(()) => Ok(r),
+                    Err(error) => Err(request::ParseError {
+                        status: Some(r.status),
+                        error,
+                    }),
+                }
+            });
         let req = match parsed {
             Ok(r) => r,
             Err(e) => {
@@ -329,8 +332,10 @@ impl BlockDevice {
             }
             Err(e) => {
                 self.counters.errors += 1;
-                self.log
-                    .warn("not-submitted", format_args!("request failed before I/O: {e}"));
+                self.log.warn(
+                    "not-submitted",
+                    format_args!("request failed before I/O: {e}"),
+                );
                 let status = Some((req.status, VIRTIO_BLK_S_IOERR as u8));
                 answer(queue, mem, head, status, 1)?;
                 Ok(ChainTaken::Answered)
@@ -367,8 +372,14 @@ impl BlockDevice {
         // names its epoch.
         match unsafe { io.submit(op, slot.tag) } {
             Ok(()) => {
-                self.inflight
-                    .commit(slot, head, BlockPending { req: pending, epoch });
+                self.inflight.commit(
+                    slot,
+                    head,
+                    BlockPending {
+                        req: pending,
+                        epoch,
+                    },
+                );
                 self.disk.ops += 1;
                 Ok(true)
             }

@@ -844,7 +844,10 @@ fn avail_index_jump_marks_needs_reset_and_stops_the_queue() -> TestResult {
     let mut rig = Rig::new(&mem, false);
     rig.vq.set_avail_idx(QSIZE + 5);
     let err = rig.process(&mut PanicIo);
-    assert!(matches!(err, Err(DeviceError::QueueBroken(0, _))), "{err:?}");
+    assert!(
+        matches!(err, Err(DeviceError::QueueBroken(0, _))),
+        "{err:?}"
+    );
     assert!(rig.needs_reset());
     assert_eq!(rig.isr() & INT_CONFIG, INT_CONFIG);
     assert_eq!(rig.line.count(), 1);
@@ -1013,7 +1016,11 @@ fn a_flush_after_a_swap_syncs_the_swapped_out_file_too() -> TestResult {
         panic!("unexpected {first:?}");
     };
     rig.dev.complete(tag, 0, &mem, &mut io);
-    assert_eq!(rig.status(1), 0xee, "not answered before the old file is synced");
+    assert_eq!(
+        rig.status(1),
+        0xee,
+        "not answered before the old file is synced"
+    );
     let (second, tag) = io.ops[1];
     assert!(matches!(second, IoOp::Fsync { fd, datasync: true } if fd != new_fd));
     rig.dev.complete(tag, 0, &mem, &mut io);

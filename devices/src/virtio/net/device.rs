@@ -19,7 +19,6 @@
 //! the device for the next read instead of going back to the available
 //! ring; a reset forgets them.
 
-
 use std::any::Any;
 use std::mem::ManuallyDrop;
 use std::os::fd::RawFd;

@@ -286,7 +286,10 @@ mod mac_tests {
             Err(MacAddrError::Multicast(_))
         ));
         let json: MacAddr = serde_json::from_str("\"02:00:00:00:00:01\"").expect("json");
-        assert_eq!(serde_json::to_string(&json).ok().as_deref(), Some("\"02:00:00:00:00:01\""));
+        assert_eq!(
+            serde_json::to_string(&json).ok().as_deref(),
+            Some("\"02:00:00:00:00:01\"")
+        );
         assert!(serde_json::from_str::<MacAddr>("\"03:00:00:00:00:01\"").is_err());
         assert_eq!(generate_mac().bytes()[0] & 3, 2, "local, unicast");
     }

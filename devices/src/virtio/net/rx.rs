@@ -251,7 +251,10 @@ impl<T: Tap> NetDevice<T> {
                     Err(e) => {
                         pool.push(c);
                         counters.rx_errors += 1;
-                        log.warn("rx-chain", format_args!("receive chain {head} refused: {e}"));
+                        log.warn(
+                            "rx-chain",
+                            format_args!("receive chain {head} refused: {e}"),
+                        );
                         if let Err(e) = queue.add_used(mem, head, 0) {
                             break 'fill Some(format!("used ring: {e}"));
                         }

@@ -384,7 +384,11 @@ fn activation_refuses_bad_features_and_asks_for_reset() {
         Box::new(CountingLine::default()),
     );
     assert!(matches!(
-        transport_event(&mut dev, &mem, &TransportEvent::Activate(rig.activation(FEATURES))),
+        transport_event(
+            &mut dev,
+            &mem,
+            &TransportEvent::Activate(rig.activation(FEATURES))
+        ),
         Err(DeviceError::Host(_))
     ));
     assert!(!VirtioDevice::<GuestMemoryMmap>::is_active(&dev));

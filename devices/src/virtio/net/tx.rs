@@ -62,8 +62,10 @@ impl<T: Tap> NetDevice<T> {
             Err(e) => {
                 self.tx.release(slot);
                 self.counters.tx_errors += 1;
-                self.log
-                    .warn("tx-chain", format_args!("transmit chain {head} refused: {e}"));
+                self.log.warn(
+                    "tx-chain",
+                    format_args!("transmit chain {head} refused: {e}"),
+                );
                 queue
                     .add_used(mem, head, 0)
                     .map_err(|e| format!("used ring: {e}"))?;
@@ -122,8 +124,10 @@ impl<T: Tap> NetDevice<T> {
             self.counters.tx_bytes += pending.len.saturating_sub(VNET_HDR_LEN) as u64;
         } else {
             self.counters.tx_dropped += 1;
-            self.log
-                .warn("tx-failed", format_args!("tap write failed: errno {}", -res));
+            self.log.warn(
+                "tx-failed",
+                format_args!("tap write failed: errno {}", -res),
+            );
         }
         // A corrupt used ring breaks the queue; the driver hears of it
         // through NEEDS_RESET, so the error needs no other handling here.

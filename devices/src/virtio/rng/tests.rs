@@ -63,7 +63,9 @@ impl Rig {
 
     fn bytes(&self, addr: u64, len: usize) -> Vec<u8> {
         let mut v = vec![0u8; len];
-        self.mem.read_slice(&mut v, GuestAddress(addr)).expect("read");
+        self.mem
+            .read_slice(&mut v, GuestAddress(addr))
+            .expect("read");
         v
     }
 }
@@ -113,7 +115,10 @@ fn readable_and_zero_length_buffers_are_refused_untouched() -> Result<(), Device
     assert_eq!(rig.bytes(0x8000, 16), vec![0; 16]);
     assert_eq!(rig.bytes(0xa000, 8), vec![0; 8]);
     assert_eq!(rig.dev.counters().errors, 3);
-    assert!(!rig.dev.info_shared_needs_reset(), "bad requests never break the device");
+    assert!(
+        !rig.dev.info_shared_needs_reset(),
+        "bad requests never break the device"
+    );
     Ok(())
 }
 
@@ -123,7 +128,10 @@ fn buffers_outside_memory_and_dry_hosts_give_empty_answers() -> Result<(), Devic
     rig.q.push(&[(0x8000, 16, W)]);
     rig.q.push(&[(0x10_0000_0000, 16, W)]);
     rig.run()?;
-    assert_eq!(rig.q.used_entries().iter().map(|e| e.1).collect::<Vec<_>>(), vec![0, 0]);
+    assert_eq!(
+        rig.q.used_entries().iter().map(|e| e.1).collect::<Vec<_>>(),
+        vec![0, 0]
+    );
     assert_eq!(rig.dev.counters().errors, 2);
     Ok(())
 }
