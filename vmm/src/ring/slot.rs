@@ -376,3 +376,158 @@ impl VirtioDevices {
         self.slots.iter().any(|s| s.rerun.contains(&Rerun::Now))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsRawFd;
+    use std::sync::mpsc::{channel, Sender};
+
+    use devices::io::fake::CountingLine;
+    use devices::virtio::net::tap::fake::FakeTap;
+    use devices::virtio::net::{NetConfig, NetDevice, FEATURES, F_MRG_RXBUF, RX_QUEUE};
+    use devices::virtio::testing::DriverQueue;
+    use devices::virtio::{Activation, DeviceShared, F_EVENT_IDX};
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+
+    struct Rig {
+        mem: GuestMemoryMmap,
+        ring: Ring,
+        devices: VirtioDevices,
+        shared: std::sync::Arc<DeviceShared>,
+        messages: Sender<TransportEvent>,
+        wake: EventFd,
+        kicks: Vec<EventFd>,
+        host: std::os::fd::OwnedFd,
+        rxq: DriverQueue<GuestMemoryMmap>,
+    }
+
+    impl Rig {
+        fn new() -> Self {
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("mem");
+            let (tap, host) = FakeTap::new().expect("socketpair");
+            let dev = NetDevice::new(
+                NetConfig { tap, mac: None },
+                Box::new(CountingLine::default()),
+            );
+            let shared = VirtioDevice::<GuestMemoryMmap>::info(&dev).shared;
+            let kicks: Vec<EventFd> = (0..2)
+                .map(|_| EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"))
+                .collect();
+            let wake = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+            let (tx, rx) = channel();
+            let slot = DeviceSlot::new(
+                "eth0".into(),
+                Box::new(dev),
+                kicks
+                    .iter()
+                    .map(|k| k.try_clone().expect("clone"))
+                    .collect(),
+                wake.try_clone().expect("clone"),
+                rx,
+            );
+            let mut devices = VirtioDevices::default();
+            devices.push(slot);
+            let mut ring = Ring::new().expect("ring");
+            devices.arm(&mut ring).expect("arm");
+            let rxq = DriverQueue::new(mem.clone(), 0x1_0000, 16);
+            Self {
+                mem,
+                ring,
+                devices,
+                shared,
+                messages: tx,
+                wake,
+                kicks,
+                host,
+                rxq,
+            }
+        }
+
+        /// Turns the ring until nothing more arrives within a few turns.
+        fn settle(&mut self) {
+            let mut out = Vec::new();
+            for _ in 0..8 {
+                out.clear();
+                let ts = io_uring::types::Timespec::new().nsec(20_000_000);
+                let timeout = io_uring::opcode::Timeout::new(&ts).build();
+                // SAFETY: `ts` outlives the turn below, which waits for the
+                // timeout (or an earlier completion; the timeout is then
+                // cancelled with the ring at the end of the test).
+                unsafe { self.ring.push(timeout, Token::HaltProbe) }.expect("timeout");
+                self.ring.turn(&mut out, true).expect("turn");
+                for c in out.iter().copied() {
+                    if VirtioDevices::owns(c.token) {
+                        self.devices
+                            .dispatch(c.token, c.result, &mut self.ring, &self.mem)
+                            .expect("dispatch");
+                    }
+                }
+                self.devices
+                    .end_turn(&mut self.ring, &self.mem)
+                    .expect("end turn");
+            }
+        }
+
+        fn send(&self, event: TransportEvent) {
+            self.messages.send(event).expect("send");
+            self.wake.write(1).expect("wake");
+        }
+    }
+
+    /// Bug: a reset was reported done (Status read 0) while a tap read the
+    /// kernel still held could write into the driver's buffers.
+    #[test]
+    fn a_reset_is_reported_done_only_after_the_kernel_let_go_of_the_buffers() {
+        let mut rig = Rig::new();
+        let txq = DriverQueue::new(rig.mem.clone(), 0x2_0000, 16);
+        rig.send(TransportEvent::Activate(Activation {
+            features: FEATURES & !F_MRG_RXBUF & !F_EVENT_IDX,
+            queues: vec![rig.rxq.config(), txq.config()],
+        }));
+        rig.settle();
+        // A posted buffer: the device parks a read on the idle tap.
+        rig.mem
+            .write_slice(&[0xaa; 2048], GuestAddress(0x8_0000))
+            .expect("fill");
+        rig.rxq
+            .push(&[(0x8_0000, 2048, DriverQueue::<GuestMemoryMmap>::WRITE)]);
+        rig.kicks[RX_QUEUE].write(1).expect("kick");
+        rig.settle();
+        assert!(rig.ring.in_flight() >= 1, "a read is parked on the tap");
+
+        // The driver resets; the transport marks the reset pending.
+        rig.shared.begin_reset();
+        rig.messages.send(TransportEvent::Reset).expect("send");
+        rig.devices
+            .dispatch(
+                Token::TransportMessage { device: 0 },
+                8,
+                &mut rig.ring,
+                &rig.mem,
+            )
+            .expect("dispatch");
+        assert!(
+            rig.shared.reset_pending(),
+            "Status must not read 0 while the parked read may still land"
+        );
+        // The slot cancelled the read; once its completion is in, the reset
+        // is done, and a frame sent now reaches no guest buffer.
+        rig.settle();
+        assert!(!rig.shared.reset_pending(), "the reset never completed");
+        // SAFETY: sends from a live buffer.
+        let sent = unsafe { libc::send(rig.host.as_raw_fd(), [0x55u8; 64].as_ptr().cast(), 64, 0) };
+        assert_eq!(sent, 64);
+        rig.settle();
+        let mut page = [0u8; 2048];
+        rig.mem
+            .read_slice(&mut page, GuestAddress(0x8_0000))
+            .expect("read");
+        assert!(
+            page.iter().all(|b| *b == 0xaa),
+            "a frame landed after the reset"
+        );
+        assert!(rig.rxq.used_entries().is_empty());
+    }
+}
