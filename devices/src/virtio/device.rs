@@ -20,18 +20,20 @@
 //! ```
 //!
 //! To add a device: write one file (or folder) in `devices/src/virtio/`
-//! implementing this trait on top of [`Virtqueues`](super::Virtqueues) (queues,
-//! activation checks, used ring and interrupt policy) and, if it does host
-//! I/O, [`InFlight`](super::InFlight) (tagged slots that keep iovecs alive);
-//! then add one `add_*` line to the VMM's machine builder. `rng.rs` is the
-//! smallest complete example.
+//! implementing this trait on top of [`Virtqueues`] (queues, activation
+//! checks, used ring and interrupt policy, which the trait's default
+//! methods use), [`drain_queue`](super::drain_queue) (the bounded pop loop)
+//! and, if it does host I/O, [`InFlight`](super::InFlight) (tagged slots that
+//! keep iovecs alive); then add one `add_*` method to the VMM's machine
+//! builder (`vmm/src/machine/builder.rs`). `rng.rs` is the smallest
+//! complete example.
 
 use std::any::Any;
 use std::os::fd::RawFd;
 
 use vm_memory::GuestMemory;
 
-use super::{Activation, QueueConfigError, VirtioDeviceInfo};
+use super::{Activation, QueueConfigError, VirtioDeviceInfo, Virtqueues};
 use crate::io::IoSubmit;
 
 /// Errors the VMM thread sees from a device. Request-level problems never
@@ -119,17 +121,42 @@ pub trait VirtioDevice<M: GuestMemory>: Send + std::fmt::Debug {
     /// Short name of the device kind for logs and metrics ("block", "net").
     fn kind(&self) -> &'static str;
 
+    /// Virtio device ID (`VIRTIO_ID_*`).
+    fn device_type(&self) -> u32;
+
+    /// Feature bits the device offers (VERSION_1 always among them).
+    fn features(&self) -> u64;
+
+    /// The device's queues and interrupt.
+    fn queues(&self) -> &Virtqueues;
+
+    /// The device's queues and interrupt, to change.
+    fn queues_mut(&mut self) -> &mut Virtqueues;
+
     /// What the transport presents to the driver: device type, offered
     /// features, queue sizes, and the state shared with the transport.
-    fn info(&self) -> VirtioDeviceInfo;
+    fn info(&self) -> VirtioDeviceInfo {
+        VirtioDeviceInfo {
+            device_type: self.device_type(),
+            avail_features: self.features(),
+            queue_max_sizes: self.queues().max_sizes(),
+            shared: self.queues().interrupt().shared().clone(),
+        }
+    }
 
     /// Takes the queues the driver set up at DRIVER_OK. Called only on an
     /// inactive device (the slot resets an active one first). On error the
     /// device stays inactive; the slot asks the driver for a reset.
-    fn activate(&mut self, mem: &M, activation: &Activation) -> Result<(), DeviceError>;
+    /// Devices with host state to set up (a tap's offloads) extend it.
+    fn activate(&mut self, mem: &M, activation: &Activation) -> Result<(), DeviceError> {
+        let offered = self.features();
+        self.queues_mut().activate(mem, activation, offered)
+    }
 
     /// Whether the queues are live.
-    fn is_active(&self) -> bool;
+    fn is_active(&self) -> bool {
+        self.queues().is_active()
+    }
 
     /// Device reset: drops the queues and orphans in-flight work, whose
     /// completions must still be delivered (and are then ignored). The
@@ -139,6 +166,7 @@ pub trait VirtioDevice<M: GuestMemory>: Send + std::fmt::Debug {
 
     /// Serves queue `queue`: after its kick, a resume the last
     /// [`ProcessOutcome`] asked for, or the [`PollRequest`] firing.
+    /// [`drain_queue`](super::drain_queue) does the popping.
     fn process_queue(
         &mut self,
         queue: usize,
@@ -155,7 +183,9 @@ pub trait VirtioDevice<M: GuestMemory>: Send + std::fmt::Debug {
     /// Once per loop turn: raises the interrupt for the used buffers of
     /// this turn, if the driver wants one (one decision per device per
     /// turn, however many completions the turn had).
-    fn end_turn(&mut self, mem: &M);
+    fn end_turn(&mut self, mem: &M) {
+        self.queues_mut().signal_used(mem);
+    }
 
     /// Operations the kernel may still be working on (live or orphaned).
     /// The VMM never unmaps guest memory or drops a device before this is 0.
@@ -180,7 +210,9 @@ pub trait VirtioDevice<M: GuestMemory>: Send + std::fmt::Debug {
     }
 
     /// Sets DEVICE_NEEDS_RESET and raises the config interrupt.
-    fn request_reset(&mut self);
+    fn request_reset(&mut self) {
+        self.queues_mut().request_reset();
+    }
 
     /// The device's counters for metrics and the API, as one JSON object.
     fn metrics(&self) -> serde_json::Value;

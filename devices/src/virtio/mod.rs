@@ -45,7 +45,7 @@ pub use inflight::{
 };
 pub use mmio::{MmioTransport, TransportError, MMIO_SIZE, NOTIFY_REG_OFFSET};
 pub use queue::{QueueConfig, QueueConfigError};
-pub use virtqueues::{drain, ChainTaken, Virtqueues};
+pub use virtqueues::{drain, drain_queue, ChainTaken, Virtqueues};
 
 /// ISR bit: the device put buffers in a used ring.
 pub const INT_VRING: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;

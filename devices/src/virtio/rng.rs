@@ -20,9 +20,8 @@ use vm_memory::{GuestMemory, Permissions};
 use crate::guest_log::GuestLog;
 use crate::io::{InterruptLine, IoSubmit, IOV_MAX};
 use crate::virtio::{
-    drain, map_guest_buffer, Activation, ChainTaken, DeviceError, DeviceShared, Interrupt,
-    ProcessOutcome, VirtioDevice, VirtioDeviceInfo, Virtqueues, F_EVENT_IDX, F_INDIRECT_DESC,
-    F_VERSION_1,
+    drain_queue, map_guest_buffer, ChainTaken, DeviceError, DeviceShared, Interrupt,
+    ProcessOutcome, VirtioDevice, Virtqueues, F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1,
 };
 
 /// virtio device ID of an entropy device.
@@ -231,25 +230,24 @@ impl<M: GuestMemory> VirtioDevice<M> for RngDevice {
         "rng"
     }
 
-    fn info(&self) -> VirtioDeviceInfo {
-        VirtioDeviceInfo {
-            device_type: DEVICE_TYPE,
-            avail_features: FEATURES,
-            queue_max_sizes: self.queues.max_sizes(),
-            shared: self.queues.interrupt().shared().clone(),
-        }
+    fn device_type(&self) -> u32 {
+        DEVICE_TYPE
     }
 
-    fn activate(&mut self, mem: &M, activation: &Activation) -> Result<(), DeviceError> {
-        self.queues.activate(mem, activation, FEATURES)
+    fn features(&self) -> u64 {
+        FEATURES
     }
 
-    fn is_active(&self) -> bool {
-        self.queues.is_active()
+    fn queues(&self) -> &Virtqueues {
+        &self.queues
+    }
+
+    fn queues_mut(&mut self) -> &mut Virtqueues {
+        &mut self.queues
     }
 
     fn reset(&mut self) {
-        // Requests are answered synchronously: nothing is ever in flight.
+        // Requests are answered at once: nothing is ever in flight.
         self.queues.reset();
     }
 
@@ -262,36 +260,21 @@ impl<M: GuestMemory> VirtioDevice<M> for RngDevice {
         if qidx != REQUEST_QUEUE {
             return Err(DeviceError::NoSuchQueue(qidx));
         }
-        let Some(mut queue) = self.queues.take_live(qidx) else {
-            return Ok(ProcessOutcome::default());
-        };
-        let (out, result) = drain(&mut queue, mem, |q, chain, head| {
-            self.take_chain(q, mem, head, chain)
-        });
-        self.queues.restore(qidx, queue);
-        if out.answered > 0 {
-            self.queues.mark_used(qidx);
-        }
-        match result {
-            Ok(()) => Ok(out),
-            Err(why) => Err(self.queues.break_queue(qidx, why)),
-        }
+        drain_queue(
+            self,
+            |d| &mut d.queues,
+            qidx,
+            mem,
+            |d, q, chain, head| d.take_chain(q, mem, head, chain),
+        )
     }
 
     fn complete(&mut self, tag: u64, _res: i32, _mem: &M, _io: &mut dyn IoSubmit) {
         log::debug!("virtio-rng: completion for unknown tag {tag:#x}");
     }
 
-    fn end_turn(&mut self, mem: &M) {
-        self.queues.signal_used(mem);
-    }
-
     fn in_flight(&self) -> usize {
         0
-    }
-
-    fn request_reset(&mut self) {
-        self.queues.request_reset();
     }
 
     fn metrics(&self) -> serde_json::Value {

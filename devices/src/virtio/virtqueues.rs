@@ -247,6 +247,38 @@ impl Virtqueues {
     }
 }
 
+/// Serves queue `qidx` of `dev` with [`drain`]: takes the live queue out of
+/// the device's [`Virtqueues`] (reached through `queues`) so `take` may use
+/// the whole device, puts it back, records used entries for the turn's
+/// interrupt decision, and breaks the queue on a corrupt ring. The body of
+/// most devices' `process_queue`.
+pub fn drain_queue<D, M, F>(
+    dev: &mut D,
+    queues: fn(&mut D) -> &mut Virtqueues,
+    qidx: usize,
+    mem: &M,
+    mut take: F,
+) -> Result<ProcessOutcome, DeviceError>
+where
+    D: ?Sized,
+    M: GuestMemory,
+    F: FnMut(&mut D, &mut Queue, DescriptorChain<&M>, u16) -> Result<ChainTaken, String>,
+{
+    let Some(mut queue) = queues(dev).take_live(qidx) else {
+        return Ok(ProcessOutcome::default());
+    };
+    let (out, result) = drain(&mut queue, mem, |q, chain, head| take(dev, q, chain, head));
+    let qs = queues(dev);
+    qs.restore(qidx, queue);
+    if out.answered > 0 {
+        qs.mark_used(qidx);
+    }
+    match result {
+        Ok(()) => Ok(out),
+        Err(why) => Err(qs.break_queue(qidx, why)),
+    }
+}
+
 /// What a device did with one chain [`drain`] handed it.
 #[derive(Debug)]
 pub enum ChainTaken {

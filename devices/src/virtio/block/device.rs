@@ -37,8 +37,8 @@ use super::{
 use crate::guest_log::GuestLog;
 use crate::io::{InterruptLine, IoOp, IoSubmit, IoSubmitError};
 use crate::virtio::{
-    drain, Activation, ChainTaken, DeviceError, DeviceShared, Generation, InFlight, Interrupt,
-    ProcessOutcome, Taken, VirtioDevice, VirtioDeviceInfo, Virtqueues,
+    drain_queue, ChainTaken, DeviceError, DeviceShared, Generation, InFlight, Interrupt,
+    ProcessOutcome, Taken, VirtioDevice, Virtqueues,
 };
 
 /// Retired files kept at most; a further swap waits (SwapBusy) until the
@@ -580,22 +580,20 @@ impl<M: GuestMemory> VirtioDevice<M> for BlockDevice {
         "block"
     }
 
-    fn info(&self) -> VirtioDeviceInfo {
-        VirtioDeviceInfo {
-            device_type: DEVICE_TYPE,
-            avail_features: features(self.read_only, self.flush),
-            queue_max_sizes: self.queues.max_sizes(),
-            shared: self.queues.interrupt().shared().clone(),
-        }
+    fn device_type(&self) -> u32 {
+        DEVICE_TYPE
     }
 
-    fn activate(&mut self, mem: &M, activation: &Activation) -> Result<(), DeviceError> {
-        self.queues
-            .activate(mem, activation, features(self.read_only, self.flush))
+    fn features(&self) -> u64 {
+        features(self.read_only, self.flush)
     }
 
-    fn is_active(&self) -> bool {
-        self.queues.is_active()
+    fn queues(&self) -> &Virtqueues {
+        &self.queues
+    }
+
+    fn queues_mut(&mut self) -> &mut Virtqueues {
+        &mut self.queues
     }
 
     fn reset(&mut self) {
@@ -613,22 +611,13 @@ impl<M: GuestMemory> VirtioDevice<M> for BlockDevice {
         if qidx != REQUEST_QUEUE {
             return Err(DeviceError::NoSuchQueue(qidx));
         }
-        // The queue leaves `self.queues` for the drain so the chain handler
-        // may use the rest of the device; it goes back right after.
-        let Some(mut queue) = self.queues.take_live(qidx) else {
-            return Ok(ProcessOutcome::default());
-        };
-        let (out, result) = drain(&mut queue, mem, |q, chain, head| {
-            self.take_chain(q, mem, io, head, chain)
-        });
-        self.queues.restore(qidx, queue);
-        if out.answered > 0 {
-            self.queues.mark_used(qidx);
-        }
-        match result {
-            Ok(()) => Ok(out),
-            Err(why) => Err(self.queues.break_queue(qidx, why)),
-        }
+        drain_queue(
+            self,
+            |d| &mut d.queues,
+            qidx,
+            mem,
+            |d, q, chain, head| d.take_chain(q, mem, io, head, chain),
+        )
     }
 
     fn complete(&mut self, tag: u64, res: i32, mem: &M, io: &mut dyn IoSubmit) {
@@ -645,20 +634,12 @@ impl<M: GuestMemory> VirtioDevice<M> for BlockDevice {
         self.release_retired();
     }
 
-    fn end_turn(&mut self, mem: &M) {
-        self.queues.signal_used(mem);
-    }
-
     fn in_flight(&self) -> usize {
         self.inflight.outstanding()
     }
 
     fn batch_completions(&self) -> bool {
         true
-    }
-
-    fn request_reset(&mut self) {
-        self.queues.request_reset();
     }
 
     fn metrics(&self) -> serde_json::Value {

@@ -37,7 +37,7 @@ use crate::guest_log::GuestLog;
 use crate::io::{InterruptLine, IoSubmit};
 use crate::virtio::{
     Activation, DeviceError, DeviceShared, Generation, InFlight, Interrupt, PollRequest,
-    ProcessOutcome, Tag, VirtioDevice, VirtioDeviceInfo, Virtqueues,
+    ProcessOutcome, Tag, VirtioDevice, Virtqueues,
 };
 
 /// What a network device is made of.
@@ -169,13 +169,20 @@ impl<T: Tap + 'static, M: GuestMemory> VirtioDevice<M> for NetDevice<T> {
         "net"
     }
 
-    fn info(&self) -> VirtioDeviceInfo {
-        VirtioDeviceInfo {
-            device_type: DEVICE_TYPE,
-            avail_features: FEATURES,
-            queue_max_sizes: self.queues.max_sizes(),
-            shared: self.queues.interrupt().shared().clone(),
-        }
+    fn device_type(&self) -> u32 {
+        DEVICE_TYPE
+    }
+
+    fn features(&self) -> u64 {
+        FEATURES
+    }
+
+    fn queues(&self) -> &Virtqueues {
+        &self.queues
+    }
+
+    fn queues_mut(&mut self) -> &mut Virtqueues {
+        &mut self.queues
     }
 
     fn activate(&mut self, mem: &M, activation: &Activation) -> Result<(), DeviceError> {
@@ -186,10 +193,6 @@ impl<T: Tap + 'static, M: GuestMemory> VirtioDevice<M> for NetDevice<T> {
         }
         self.rx.activated();
         Ok(())
-    }
-
-    fn is_active(&self) -> bool {
-        self.queues.is_active()
     }
 
     fn reset(&mut self) {
@@ -234,10 +237,6 @@ impl<T: Tap + 'static, M: GuestMemory> VirtioDevice<M> for NetDevice<T> {
         }
     }
 
-    fn end_turn(&mut self, mem: &M) {
-        self.queues.signal_used(mem);
-    }
-
     fn in_flight(&self) -> usize {
         self.ops_in_flight()
     }
@@ -256,10 +255,6 @@ impl<T: Tap + 'static, M: GuestMemory> VirtioDevice<M> for NetDevice<T> {
                 queue: RX_QUEUE,
             }
         })
-    }
-
-    fn request_reset(&mut self) {
-        self.queues.request_reset();
     }
 
     fn metrics(&self) -> serde_json::Value {

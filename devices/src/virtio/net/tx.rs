@@ -9,7 +9,7 @@ use super::frame::{self, Direction};
 use super::tap::Tap;
 use super::{TX_QUEUE, VNET_HDR_LEN};
 use crate::io::{IoOp, IoSubmit, IoSubmitError};
-use crate::virtio::{drain, ChainTaken, DeviceError, ProcessOutcome, Taken};
+use crate::virtio::{drain_queue, ChainTaken, DeviceError, ProcessOutcome, Taken};
 
 /// What a TX slot remembers until its write completes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,20 +25,13 @@ impl<T: Tap> NetDevice<T> {
         mem: &M,
         io: &mut dyn IoSubmit,
     ) -> Result<ProcessOutcome, DeviceError> {
-        let Some(mut queue) = self.queues.take_live(TX_QUEUE) else {
-            return Ok(ProcessOutcome::default());
-        };
-        let (out, result) = drain(&mut queue, mem, |q, chain, head| {
-            self.tx_take(q, mem, io, head, chain)
-        });
-        self.queues.restore(TX_QUEUE, queue);
-        if out.answered > 0 {
-            self.queues.mark_used(TX_QUEUE);
-        }
-        match result {
-            Ok(()) => Ok(out),
-            Err(why) => Err(self.queues.break_queue(TX_QUEUE, why)),
-        }
+        drain_queue(
+            self,
+            |d| &mut d.queues,
+            TX_QUEUE,
+            mem,
+            |d, q, chain, head| d.tx_take(q, mem, io, head, chain),
+        )
     }
 
     fn tx_take<M: GuestMemory>(
