@@ -62,7 +62,7 @@ struct Cli {
     rng: bool,
     /// Boot the VM described by this Firecracker-style JSON file
     /// (boot-source, machine-config, drives, network-interfaces, logger,
-    /// metrics).
+    /// metrics, entropy).
     #[arg(long, value_name = "PATH", conflicts_with = "kernel")]
     config_file: Option<PathBuf>,
     /// Serve the Firecracker-compatible JSON API on this Unix socket. Alone,
