@@ -24,6 +24,8 @@
 
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+use std::sync::atomic::{fence, Ordering};
+
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 use super::{DeviceError, QueueConfig, TransportEvent, VirtioDevice};
@@ -168,13 +170,49 @@ impl<M: GuestMemory> DriverQueue<M> {
     /// The available ring's index.
     pub fn avail_idx(&self) -> u16 {
         self.mem
-            .read_obj(GuestAddress(self.avail_ring() + 2))
+            .load(GuestAddress(self.avail_ring() + 2), Ordering::Acquire)
+            .map(u16::from_le)
             .unwrap_or(0)
     }
 
-    /// Sets the available ring's index.
+    /// Sets the available ring's index, after every entry written before
+    /// (release): a device on another thread may read it at once.
     pub fn set_avail_idx(&self, v: u16) {
-        let _ = self.mem.write_obj(v, GuestAddress(self.avail_ring() + 2));
+        let _ = self
+            .mem
+            .store(v.to_le(), GuestAddress(self.avail_ring() + 2), Ordering::Release);
+    }
+
+    /// Makes every head of `heads` available with one index update, as a
+    /// driver batching requests does; returns the index before and after,
+    /// for [`Self::kick_wanted`].
+    pub fn publish_all(&self, heads: impl IntoIterator<Item = u16>) -> (u16, u16) {
+        let old = self.avail_idx();
+        let mut idx = old;
+        for head in heads {
+            self.set_avail_entry(idx, head);
+            idx = idx.wrapping_add(1);
+        }
+        self.set_avail_idx(idx);
+        (old, idx)
+    }
+
+    /// `avail_event` (EVENT_IDX: the device wants a kick once the avail
+    /// index passes it), after the driver's own writes (full fence).
+    pub fn avail_event(&self) -> u16 {
+        fence(Ordering::SeqCst);
+        let at = GuestAddress(self.used_ring() + 4 + 8 * u64::from(self.size));
+        self.mem
+            .load(at, Ordering::Acquire)
+            .map(u16::from_le)
+            .unwrap_or(0)
+    }
+
+    /// Whether a driver that moved the avail index from `old` to `new` must
+    /// kick (VIRTIO 1.2 §2.7.10: `vring_need_event` on `avail_event`).
+    pub fn kick_wanted(&self, old: u16, new: u16) -> bool {
+        let event = self.avail_event();
+        new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
     }
 
     /// Writes entry `i` (mod size) of the available ring.
@@ -193,9 +231,14 @@ impl<M: GuestMemory> DriverQueue<M> {
         GuestAddress(self.avail_ring() + 4 + 2 * u64::from(self.size))
     }
 
-    /// Sets `used_event` (EVENT_IDX: interrupt me when used idx passes it).
+    /// Sets `used_event` (EVENT_IDX: interrupt me when used idx passes
+    /// it), visible to the device before the driver reads the used index
+    /// again (full fence).
     pub fn set_used_event(&self, v: u16) {
-        let _ = self.mem.write_obj(v, self.used_event_addr());
+        let _ = self
+            .mem
+            .store(v.to_le(), self.used_event_addr(), Ordering::Release);
+        fence(Ordering::SeqCst);
     }
 
     /// Makes chain `head` available.
@@ -246,10 +289,11 @@ impl<M: GuestMemory> DriverQueue<M> {
         self.push(&[(table, len, Self::INDIRECT)])
     }
 
-    /// The used ring's index.
+    /// The used ring's index (acquire: the entries before it are visible).
     pub fn used_idx(&self) -> u16 {
         self.mem
-            .read_obj(GuestAddress(self.used_ring() + 2))
+            .load(GuestAddress(self.used_ring() + 2), Ordering::Acquire)
+            .map(u16::from_le)
             .unwrap_or(0)
     }
 
@@ -273,13 +317,24 @@ impl<M: GuestMemory> DriverQueue<M> {
 
     /// Used entries the device added since the last call, as (head, len).
     pub fn take_used(&mut self) -> Vec<(u32, u32)> {
-        let end = self.used_idx();
-        let mut out = Vec::new();
-        while self.seen_used != end {
-            out.push(self.used_entry(self.seen_used));
-            self.seen_used = self.seen_used.wrapping_add(1);
+        std::iter::from_fn(|| self.next_used()).collect()
+    }
+
+    /// The next used entry not yet seen, as (head, len), without
+    /// allocating (for a driver's hot loop).
+    pub fn next_used(&mut self) -> Option<(u32, u32)> {
+        if self.seen_used == self.used_idx() {
+            return None;
         }
-        out
+        let entry = self.used_entry(self.seen_used);
+        self.seen_used = self.seen_used.wrapping_add(1);
+        Some(entry)
+    }
+
+    /// Used entries seen so far by [`Self::next_used`] (the value a driver
+    /// writes to `used_event` to hear of the next one).
+    pub fn seen_used(&self) -> u16 {
+        self.seen_used
     }
 }
 
@@ -309,5 +364,17 @@ mod tests {
         assert_eq!(q.config().avail_ring, 0x5000);
         assert_eq!(q.used_event_addr(), GuestAddress(0x5000 + 4 + 16));
         assert!(q.take_used().is_empty());
+        // A device that used one entry and asks for a kick after index 2.
+        mem.write_obj(7u32, GuestAddress(0x6000 + 4)).expect("id");
+        mem.write_obj(3u32, GuestAddress(0x6000 + 8)).expect("len");
+        mem.write_obj(1u16, GuestAddress(0x6000 + 2)).expect("used idx");
+        assert_eq!(q.next_used(), Some((7, 3)));
+        assert_eq!(q.next_used(), None);
+        assert_eq!(q.seen_used(), 1);
+        mem.write_obj(2u16, GuestAddress(0x6000 + 4 + 8 * 8)).expect("avail_event");
+        let (old, new) = q.publish_all([0, 1]);
+        assert_eq!((old, new), (2, 4));
+        assert!(q.kick_wanted(old, new), "index passed avail_event 2");
+        assert!(!q.kick_wanted(4, 4));
     }
 }

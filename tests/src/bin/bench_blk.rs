@@ -21,14 +21,14 @@ use std::fs::OpenOptions;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
-use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use devices::virtio::testing::DriverQueue;
 use devices::virtio::NOTIFY_REG_OFFSET;
 use ringvm_tests::bench::clock::own_cpu_ns;
 use ringvm_tests::bench::host::{HostCpu, HostInfo, Own};
-use ringvm_tests::bench::irq::{need_event, wait_irq};
+use ringvm_tests::bench::irq::wait_irq;
 use ringvm_tests::bench::mmio::MmioRegs;
 use ringvm_tests::bench::report;
 use ringvm_tests::bench::vmm_thread::{VmmHandle, VmmSnap};
@@ -44,6 +44,7 @@ use virtio_bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
 };
+use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm::config::DriveConfig;
 use vmm::machine::builder::VirtioBuilder;
@@ -53,9 +54,9 @@ use vmm_sys_util::eventfd::EventFd;
 // Guest memory layout of the synthetic driver.
 const MEM_SIZE: usize = 256 << 20;
 const QUEUE_SIZE: u16 = 256;
-const DESC_TABLE: u64 = 0x1000;
-const AVAIL_RING: u64 = 0x3000;
-const USED_RING: u64 = 0x4000;
+/// Where the queue's rings start (the shared driver mock's layout: table,
+/// then avail ring at +0x1000, used ring at +0x2000).
+const QUEUE_BASE: u64 = 0x1000;
 /// One 3-entry indirect table per slot, 64 bytes apart.
 const INDIRECT_BASE: u64 = 0x1_0000;
 /// One 16-byte request header per slot.
@@ -173,13 +174,8 @@ fn data_addr(slot: usize) -> u64 {
     DATA_BASE + slot as u64 * MAX_BLOCK
 }
 
-fn descriptor(addr: u64, len: u32, flags: u32, next: u16) -> [u8; 16] {
-    let mut d = [0u8; 16];
-    d[0..8].copy_from_slice(&addr.to_le_bytes());
-    d[8..12].copy_from_slice(&len.to_le_bytes());
-    d[12..14].copy_from_slice(&(flags as u16).to_le_bytes());
-    d[14..16].copy_from_slice(&next.to_le_bytes());
-    d
+fn descriptor(addr: u64, len: u32, flags: u32, next: u16) -> Descriptor {
+    Descriptor::new(addr, len, flags as u16, next)
 }
 
 /// What the driver saw, cumulative.
@@ -202,9 +198,11 @@ struct Driver {
     kick: EventFd,
     irq: EventFd,
     qsize: u16,
+    /// The queue's rings, written and read as a guest driver does.
+    vq: DriverQueue<GuestMemoryMmap>,
+    /// Heads filled this round, published with one index update.
+    staged: Vec<u16>,
     capacity: u64,
-    avail_idx: u16,
-    last_used: u16,
     free: Vec<usize>,
     busy: Vec<bool>,
     stats: DriverStats,
@@ -236,7 +234,9 @@ impl Driver {
             return Err(format!("queue maximum {max} is below the QD 128 we need"));
         }
         regs.write32(VIRTIO_MMIO_QUEUE_NUM, u32::from(self.qsize));
-        regs.set_queue_rings(DESC_TABLE, AVAIL_RING, USED_RING);
+        self.vq = DriverQueue::new(self.mem.clone(), QUEUE_BASE, self.qsize);
+        let vq = &self.vq;
+        regs.set_queue_rings(vq.desc_table(), vq.avail_ring(), vq.used_ring());
         regs.driver_ok(status)?;
         let sectors = u64::from(self.regs.read32(VIRTIO_MMIO_CONFIG))
             | (u64::from(self.regs.read32(VIRTIO_MMIO_CONFIG + 4)) << 32);
@@ -251,17 +251,8 @@ impl Driver {
         Ok(())
     }
 
-    fn used_event_addr(&self) -> GuestAddress {
-        GuestAddress(AVAIL_RING + 4 + 2 * u64::from(self.qsize))
-    }
-
-    fn avail_event_addr(&self) -> GuestAddress {
-        GuestAddress(USED_RING + 4 + 8 * u64::from(self.qsize))
-    }
-
     /// Points `qd` descriptors at their indirect tables for workload `w`.
     fn configure(&mut self, w: &Workload) -> Res<()> {
-        let gm = |e: vm_memory::GuestMemoryError| format!("guest memory: {e}");
         let data_flags = VRING_DESC_F_NEXT
             | if w.op == Op::Read {
                 VRING_DESC_F_WRITE
@@ -270,19 +261,15 @@ impl Driver {
             };
         for slot in 0..w.qd {
             let table = indirect_table(slot);
-            let head = descriptor(table, 48, VRING_DESC_F_INDIRECT, 0);
-            self.mem
-                .write_slice(&head, GuestAddress(DESC_TABLE + 16 * slot as u64))
-                .map_err(gm)?;
+            self.vq
+                .store(slot as u16, descriptor(table, 48, VRING_DESC_F_INDIRECT, 0));
             let entries = [
                 descriptor(header_addr(slot), 16, VRING_DESC_F_NEXT, 1),
                 descriptor(data_addr(slot), w.bs as u32, data_flags, 2),
                 descriptor(status_addr(slot), 1, VRING_DESC_F_WRITE, 0),
             ];
-            for (i, d) in entries.iter().enumerate() {
-                self.mem
-                    .write_slice(d, GuestAddress(table + 16 * i as u64))
-                    .map_err(gm)?;
+            for (i, d) in entries.into_iter().enumerate() {
+                self.vq.store_indirect(table, i as u16, d);
             }
         }
         self.free = (0..w.qd).rev().collect();
@@ -313,7 +300,6 @@ impl Driver {
             return Ok(());
         }
         let gm = |e: vm_memory::GuestMemoryError| format!("guest memory: {e}");
-        let old = self.avail_idx;
         let kind = if w.op == Op::Read {
             VIRTIO_BLK_T_IN
         } else {
@@ -330,27 +316,11 @@ impl Driver {
             self.mem
                 .write_obj(0xffu8, GuestAddress(status_addr(slot)))
                 .map_err(gm)?;
-            let entry = AVAIL_RING + 4 + 2 * u64::from(self.avail_idx % self.qsize);
-            self.mem
-                .write_obj((slot as u16).to_le(), GuestAddress(entry))
-                .map_err(gm)?;
             self.busy[slot] = true;
-            self.avail_idx = self.avail_idx.wrapping_add(1);
+            self.staged.push(slot as u16);
         }
-        self.mem
-            .store(
-                self.avail_idx.to_le(),
-                GuestAddress(AVAIL_RING + 2),
-                Ordering::Release,
-            )
-            .map_err(gm)?;
-        fence(Ordering::SeqCst);
-        let event = u16::from_le(
-            self.mem
-                .load(self.avail_event_addr(), Ordering::Acquire)
-                .map_err(gm)?,
-        );
-        if need_event(event, self.avail_idx, old) {
+        let (old, new) = self.vq.publish_all(self.staged.drain(..));
+        if self.vq.kick_wanted(old, new) {
             self.kick
                 .write(1)
                 .map_err(|e| format!("doorbell write: {e}"))?;
@@ -359,22 +329,12 @@ impl Driver {
         Ok(())
     }
 
-    fn used_idx(&self) -> Res<u16> {
-        self.mem
-            .load(GuestAddress(USED_RING + 2), Ordering::Acquire)
-            .map(u16::from_le)
-            .map_err(|e| format!("guest memory: {e}"))
-    }
-
     /// Takes every used element; checks id, length and status.
     fn harvest(&mut self, w: &Workload) -> Res<u64> {
         let gm = |e: vm_memory::GuestMemoryError| format!("guest memory: {e}");
-        let used = self.used_idx()?;
         let mut n = 0;
-        while self.last_used != used {
-            let elem = USED_RING + 4 + 8 * u64::from(self.last_used % self.qsize);
-            let id = u32::from_le(self.mem.read_obj(GuestAddress(elem)).map_err(gm)?) as usize;
-            let len = u32::from_le(self.mem.read_obj(GuestAddress(elem + 4)).map_err(gm)?);
+        while let Some((id, len)) = self.vq.next_used() {
+            let id = id as usize;
             if !self.busy.get(id).copied().unwrap_or(false) {
                 return Err(format!(
                     "device returned descriptor {id}, which is not in flight"
@@ -393,7 +353,6 @@ impl Driver {
             }
             self.busy[id] = false;
             self.free.push(id);
-            self.last_used = self.last_used.wrapping_add(1);
             n += 1;
         }
         self.stats.completed += n;
@@ -405,16 +364,8 @@ impl Driver {
     /// does what Linux's virtio-mmio interrupt handler does: read and
     /// acknowledge InterruptStatus.
     fn wait_irq(&mut self) -> Res<()> {
-        let gm = |e: vm_memory::GuestMemoryError| format!("guest memory: {e}");
-        self.mem
-            .store(
-                self.last_used.to_le(),
-                self.used_event_addr(),
-                Ordering::Release,
-            )
-            .map_err(gm)?;
-        fence(Ordering::SeqCst);
-        if self.used_idx()? != self.last_used {
+        self.vq.set_used_event(self.vq.seen_used());
+        if self.vq.used_idx() != self.vq.seen_used() {
             return Ok(());
         }
         let Some(signals) = wait_irq(&self.irq, 10_000)? else {
@@ -465,6 +416,7 @@ impl Harness {
             .ok_or("the drive wired no doorbell")?;
         let vmm = VmmHandle::spawn(move || virtio, &mem)?;
         let mut driver = Driver {
+            vq: DriverQueue::new(mem.clone(), QUEUE_BASE, QUEUE_SIZE),
             mem,
             regs: MmioRegs {
                 bus: devices.mmio.clone(),
@@ -473,9 +425,8 @@ impl Harness {
             kick,
             irq,
             qsize: 0,
+            staged: Vec::with_capacity(MAX_QD),
             capacity: 0,
-            avail_idx: 0,
-            last_used: 0,
             free: Vec::new(),
             busy: Vec::new(),
             stats: DriverStats::default(),

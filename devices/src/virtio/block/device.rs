@@ -535,6 +535,22 @@ impl BlockDevice {
     }
 }
 
+impl Drop for BlockDevice {
+    fn drop(&mut self) {
+        if self.inflight.outstanding() > 0 {
+            // At VMM exit the ring is dropped first and has already waited
+            // for (cancelled) every op, so this is not expected there.
+            log::debug!("virtio-blk: dropped with I/O in flight; leaking its files");
+            // Queued ops name these fds' numbers: closing them could
+            // redirect I/O to a file opened later.
+            if let Ok(f) = self.disk.file.try_clone() {
+                std::mem::forget(std::mem::replace(&mut self.disk.file, f));
+            }
+            std::mem::forget(std::mem::take(&mut self.retired));
+        }
+    }
+}
+
 /// Writes the status byte (if any) and returns the chain to the driver.
 fn answer<M: GuestMemory>(
     queue: &mut Queue,
