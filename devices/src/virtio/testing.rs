@@ -22,9 +22,9 @@
 //! assert!(q.used_entries().is_empty());
 //! ```
 
+use std::sync::atomic::{fence, Ordering};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
-use std::sync::atomic::{fence, Ordering};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
@@ -178,9 +178,11 @@ impl<M: GuestMemory> DriverQueue<M> {
     /// Sets the available ring's index, after every entry written before
     /// (release): a device on another thread may read it at once.
     pub fn set_avail_idx(&self, v: u16) {
-        let _ = self
-            .mem
-            .store(v.to_le(), GuestAddress(self.avail_ring() + 2), Ordering::Release);
+        let _ = self.mem.store(
+            v.to_le(),
+            GuestAddress(self.avail_ring() + 2),
+            Ordering::Release,
+        );
     }
 
     /// Makes every head of `heads` available with one index update, as a
@@ -367,11 +369,13 @@ mod tests {
         // A device that used one entry and asks for a kick after index 2.
         mem.write_obj(7u32, GuestAddress(0x6000 + 4)).expect("id");
         mem.write_obj(3u32, GuestAddress(0x6000 + 8)).expect("len");
-        mem.write_obj(1u16, GuestAddress(0x6000 + 2)).expect("used idx");
+        mem.write_obj(1u16, GuestAddress(0x6000 + 2))
+            .expect("used idx");
         assert_eq!(q.next_used(), Some((7, 3)));
         assert_eq!(q.next_used(), None);
         assert_eq!(q.seen_used(), 1);
-        mem.write_obj(2u16, GuestAddress(0x6000 + 4 + 8 * 8)).expect("avail_event");
+        mem.write_obj(2u16, GuestAddress(0x6000 + 4 + 8 * 8))
+            .expect("avail_event");
         let (old, new) = q.publish_all([0, 1]);
         assert_eq!((old, new), (2, 4));
         assert!(q.kick_wanted(old, new), "index passed avail_event 2");
