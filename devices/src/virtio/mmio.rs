@@ -508,7 +508,10 @@ impl MmioTransport {
         for (i, q) in self.regs.queues.iter().enumerate() {
             let max = self.info.queue_max_sizes.get(i).copied().unwrap_or(0);
             if let (true, Err(e)) = (q.ready, q.check(max)) {
-                error!("{}: queue {i} refused at DRIVER_OK: {e}", self.label);
+                self.log_once(
+                    LOG_BAD_QUEUE,
+                    format_args!("queue {i} refused at DRIVER_OK: {e}"),
+                );
                 return false;
             }
         }

@@ -120,7 +120,11 @@ impl RngDevice {
         let shared = Arc::new(DeviceShared::new(Vec::new(), Vec::new()));
         Self {
             source,
-            queues: Virtqueues::new("rng", &[QUEUE_MAX_SIZE], Interrupt::new(shared, line)),
+            queues: Virtqueues::new(
+                "virtio-rng",
+                &[QUEUE_MAX_SIZE],
+                Interrupt::new(shared, line),
+            ),
             counters: RngCounters::default(),
             log: GuestLog::new("virtio-rng"),
             iov: Vec::new(),
@@ -131,7 +135,7 @@ impl RngDevice {
     pub fn counters(&self) -> RngCounters {
         RngCounters {
             needs_reset: self.queues.resets_requested(),
-            log_lines_suppressed: self.log.suppressed(),
+            log_lines_suppressed: self.log.suppressed() + self.queues.log_lines_suppressed(),
             ..self.counters
         }
     }

@@ -11,6 +11,7 @@ use vm_memory::GuestMemory;
 use super::device::{DeviceError, ProcessOutcome};
 use super::queue::driver_wants_interrupt;
 use super::{Activation, Interrupt, F_EVENT_IDX, F_VERSION_1};
+use crate::guest_log::GuestLog;
 
 #[derive(Debug)]
 struct QueueSlot {
@@ -33,11 +34,14 @@ pub struct Virtqueues {
     active: bool,
     /// Times the device asked the driver for a reset.
     resets_requested: u64,
+    /// A driver can break its queue, reset and break it again at will.
+    log: GuestLog,
 }
 
 impl Virtqueues {
     /// Queues of the given maximum sizes (their count is the device's queue
-    /// count), signalling through `irq`; `kind` names the device in logs.
+    /// count), signalling through `irq`; `kind` names the device in logs
+    /// ("virtio-blk").
     pub fn new(kind: &'static str, max_sizes: &[u16], irq: Interrupt) -> Self {
         Self {
             kind,
@@ -54,6 +58,7 @@ impl Virtqueues {
             acked_features: 0,
             active: false,
             resets_requested: 0,
+            log: GuestLog::new(kind),
         }
     }
 
@@ -80,6 +85,11 @@ impl Virtqueues {
     /// Times the device asked the driver for a reset.
     pub fn resets_requested(&self) -> u64 {
         self.resets_requested
+    }
+
+    /// Warnings about broken queues not logged (rate limit).
+    pub fn log_lines_suppressed(&self) -> u64 {
+        self.log.suppressed()
     }
 
     /// Checks what the driver negotiated against `offered` and builds
@@ -203,9 +213,9 @@ impl Virtqueues {
         if let Some(s) = self.queues.get_mut(qidx) {
             s.broken = true;
         }
-        log::error!(
-            "virtio-{}: queue {qidx} is corrupt, device needs reset: {why}",
-            self.kind
+        self.log.warn(
+            "queue-broken",
+            format_args!("queue {qidx} is corrupt, device needs reset: {why}"),
         );
         self.request_reset();
         DeviceError::QueueBroken(qidx, why)
@@ -215,10 +225,7 @@ impl Virtqueues {
     pub fn request_reset(&mut self) {
         self.resets_requested += 1;
         if let Err(e) = self.irq.needs_reset() {
-            log::error!(
-                "virtio-{}: raising the config interrupt failed: {e}",
-                self.kind
-            );
+            log::error!("{}: raising the config interrupt failed: {e}", self.kind);
         }
     }
 
@@ -236,12 +243,12 @@ impl Virtqueues {
             };
             match driver_wants_interrupt(queue, mem) {
                 Ok(w) => wanted |= w,
-                Err(e) => log::debug!("virtio-{}: reading used_event failed: {e}", self.kind),
+                Err(e) => log::debug!("{}: reading used_event failed: {e}", self.kind),
             }
         }
         if wanted {
             if let Err(e) = self.irq.used_buffer() {
-                log::error!("virtio-{}: interrupt failed: {e}", self.kind);
+                log::error!("{}: interrupt failed: {e}", self.kind);
             }
         }
     }

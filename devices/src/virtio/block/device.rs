@@ -169,7 +169,7 @@ impl BlockDevice {
             id,
             capacity_sectors,
             queues: Virtqueues::new(
-                "blk",
+                "virtio-blk",
                 &[QUEUE_MAX_SIZE; NUM_QUEUES],
                 Interrupt::new(shared, line),
             ),
@@ -189,7 +189,7 @@ impl BlockDevice {
     pub fn counters(&self) -> BlockCounters {
         BlockCounters {
             needs_reset: self.queues.resets_requested(),
-            log_lines_suppressed: self.log.suppressed(),
+            log_lines_suppressed: self.log.suppressed() + self.queues.log_lines_suppressed(),
             ..self.counters
         }
     }

@@ -101,7 +101,7 @@ impl<T: Tap> NetDevice<T> {
             tap: ManuallyDrop::new(config.tap),
             mac,
             queues: Virtqueues::new(
-                "net",
+                "virtio-net",
                 &[QUEUE_MAX_SIZE; NUM_QUEUES],
                 Interrupt::new(shared, line),
             ),
@@ -127,7 +127,7 @@ impl<T: Tap> NetDevice<T> {
     pub fn counters(&self) -> NetCounters {
         NetCounters {
             needs_reset: self.queues.resets_requested(),
-            log_lines_suppressed: self.log.suppressed(),
+            log_lines_suppressed: self.log.suppressed() + self.queues.log_lines_suppressed(),
             ..self.counters
         }
     }
