@@ -1149,7 +1149,7 @@ fn transport_activation_drives_the_device() -> TestResult {
         },
         Box::new(line.clone()),
     )?;
-    let (sender, rx) = std::sync::mpsc::channel();
+    let (sender, rx) = std::sync::mpsc::sync_channel(crate::virtio::mmio::TRANSPORT_QUEUE_DEPTH);
     let wake = EventFd::new(libc::EFD_NONBLOCK)?;
     let mut t = MmioTransport::new(
         info(&dev),
