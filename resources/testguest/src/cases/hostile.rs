@@ -767,17 +767,15 @@ const ROUNDS: [RaceAt; 5] = [
 ];
 
 /// Resets while 32 READs of 256 KiB (8 MiB from the disk into RAM) are in
-/// flight, in three rounds: once the device has taken every READ (it
-/// publishes avail_event = 32 with EVENT_IDX), once it has also answered
-/// one, and straight after the kick. VIRTIO 1.2 §2.4.1: once Status reads
-/// 0 the device must not write the driver's buffers. The moment Status
-/// reads 0 the driver marks the last word of every READ's buffer (the
-/// last READ first), then every 4 KiB page of them and their status
-/// bytes; 25 ms later every mark must be intact, the old used index
-/// unmoved, InterruptStatus 0. Runs on the second writable drive when
-/// there is one: given `direct=on`, its reads take real disk time, so
-/// the reset lands while they are in flight (from a cached file they are
-/// done before ringvm sees the reset).
+/// flight, in the [`ROUNDS`]. VIRTIO 1.2 §2.4.1: once Status reads 0 the
+/// device must not write the driver's buffers. The moment Status reads 0
+/// the driver marks the last word of every READ's buffer (the last READ
+/// first; a late READ writes its whole buffer), then every 16 KiB of them
+/// and their status bytes; 20 ms later every mark must be intact, the old
+/// used index unmoved, InterruptStatus 0. Runs on the second writable
+/// drive when there is one: given `direct=on`, its reads take real disk
+/// time, so the reset lands while they are in flight (from a cached file
+/// they are all done before ringvm sees the reset).
 pub fn reset_read_race(ctx: &mut Ctx) -> R {
     const N: u64 = 32;
     const LEN: u64 = 256 << 10;

@@ -202,8 +202,8 @@ pub fn head_out_of_range(ctx: &mut Ctx) -> R {
     good_request(&d, &mut vq, ctx.tag)
 }
 
-/// Bytes in a buffer; as many as the rounds' buffers.
-const RESET_BUF: usize = 512;
+/// Bytes in each buffer of [`reset_in_flight`].
+const RESET_BUF: usize = 256;
 
 /// A reset with requests posted and kicked (VIRTIO 1.2 §2.4.1): once
 /// Status reads 0 the device must not write the old used ring, the old
@@ -235,7 +235,7 @@ pub fn reset_in_flight(ctx: &mut Ctx) -> R {
         crate::note!("rng reset round {round}: reset after {after} answers");
         // A kick on the old, no longer live queue must be ignored too.
         d.notify(0);
-        sleep_ms(30);
+        sleep_ms(20);
         let isr = d.r(INTERRUPT_STATUS);
         ensure!(
             isr == 0,
