@@ -6,8 +6,8 @@
 //! queue's doorbell eventfd (what KVM's ioeventfd does on a QueueNotify
 //! write) and sleeps on the irq eventfd (what KVM's irqfd would inject).
 //! The device side is exactly what `ringvm` runs for a booted guest:
-//! [`Drive`] (the real `BlockDevice`) inside a [`DeviceLoop`] on its own
-//! thread, turning one [`EventLoop`] io_uring ring.
+//! the real `BlockDevice` in its generic device slot (`VirtioDevices`) on its
+//! own thread, turning one `Ring` (io_uring).
 //!
 //! Each point is measured for ringvm and then for
 //! `fio --ioengine=io_uring` on the same file in the same run; the ratio
@@ -46,9 +46,8 @@ use virtio_bindings::virtio_ring::{
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm::config::DriveConfig;
-use vmm::device_loop::DeviceLoop;
-use vmm::device_manager::DeviceManager;
-use vmm::virtio_block::{open_backing_file, Drive};
+use vmm::machine::builder::VirtioBuilder;
+use vmm::machine::device_manager::DeviceManager;
 use vmm_sys_util::eventfd::EventFd;
 
 // Guest memory layout of the synthetic driver.
@@ -451,8 +450,11 @@ impl Harness {
             path_on_host: path.to_path_buf(),
             ..DriveConfig::default()
         };
-        let file = open_backing_file(&cfg).map_err(|e| e.to_string())?;
-        let drive = Drive::new(&cfg, file, &wiring, &mut devices).map_err(|e| e.to_string())?;
+        let mut builder = VirtioBuilder::new();
+        builder.add_drive(&cfg).map_err(|e| e.to_string())?;
+        let virtio = builder
+            .place(&mut devices, &wiring)
+            .map_err(|e| e.to_string())?;
         let irq = wiring
             .take_irq()
             .ok_or("the drive wired no interrupt line")?;
@@ -461,7 +463,7 @@ impl Harness {
             .into_iter()
             .next()
             .ok_or("the drive wired no doorbell")?;
-        let vmm = VmmHandle::spawn(move || DeviceLoop::new(vec![drive], Vec::new()), &mem)?;
+        let vmm = VmmHandle::spawn(move || virtio, &mem)?;
         let mut driver = Driver {
             mem,
             regs: MmioRegs {
@@ -807,12 +809,12 @@ struct Context {
 }
 
 const METHOD: &[&str] = &[
-    "Device side: the real `Drive` (virtio-blk `BlockDevice` + virtio-mmio transport on the MMIO bus) in the real `DeviceLoop`, on its own thread turning one `EventLoop` io_uring ring, as `Vmm::run` does for a booted guest. No KVM.",
+    "Device side: the real virtio-blk `BlockDevice` + virtio-mmio transport on the MMIO bus, in the real generic device slot (`VirtioDevices`), on its own thread turning one `Ring` (io_uring), as `Vmm::run` does for a booted guest. No KVM.",
     "Driver side: a split-virtqueue driver on the main thread (queue size 256, VERSION_1 + EVENT_IDX + INDIRECT_DESC, one indirect 3-descriptor chain per request: 16-byte header, data, 1-byte status), set up through the virtio-mmio v2 registers. It kicks by writing the doorbell eventfd (KVM's ioeventfd) only when vring_need_event says so, and sleeps on the irq eventfd (KVM's irqfd) only when it has nothing to submit or reap, after re-arming used_event; on wake it reads and acks InterruptStatus like Linux's vm_interrupt.",
     "Files: 1 GiB (default) of non-zero data, buffered I/O through the host page cache for both ringvm and fio (drive opened without O_DIRECT; fio --direct=0 --invalidate=0); the file is fdatasync'ed before every run so dirty pages of a previous write run do not carry over.",
     "Host limit: fio --ioengine=io_uring, numjobs=1, same file, same rw/bs/iodepth, --norandommap, same warm-up (--ramp_time) and duration, alternating with the ringvm runs of the same point (ABBA). ratio = ringvm rate over all its runs / mean fio rate.",
     "VMM CPU: CLOCK_THREAD_CPUTIME of the VMM thread (pthread_getcpuclockid) over the measured window, divided by requests completed in it. Work io_uring hands to io-wq kernel workers (e.g. buffered writes that cannot complete inline) is not in that thread's time; fio's figure is (usr_cpu+sys_cpu) x runtime / ios of its job thread, with the same blind spot.",
-    "VMM syscalls: io_uring_enter calls counted around `EventLoop::turn` (one per turn) + read/write syscalls from /proc/self/task/<tid>/io (syscr+syscw; the only write(2)s are irq eventfd signals, cross-checked against the counter values the driver read from the irq eventfd). The loop takes no locks and makes no other syscalls on the data path; SQ-full submits inside `EventLoop::push` are not counted (cannot happen at QD <= 128 with a 256-entry SQ).",
+    "VMM syscalls: io_uring_enter calls counted around `Ring::turn` (one per turn) + read/write syscalls from /proc/self/task/<tid>/io (syscr+syscw; the only write(2)s are irq eventfd signals, cross-checked against the counter values the driver read from the irq eventfd). The loop takes no locks and makes no other syscalls on the data path; SQ-full submits inside `Ring::push` are not counted (cannot happen at QD <= 128 with a 256-entry SQ).",
     "VMM sleeps: voluntary context switches of the VMM thread (/proc/self/task/<tid>/status), i.e. turns that blocked in io_uring_enter. Driver CPU: CLOCK_THREAD_CPUTIME of the synthetic driver thread (the guest's share, not ringvm's).",
     "Others' CPUs: how many CPUs other processes kept busy on average during the point (/proc/stat busy time minus this process's and fio's CPU time). This benchmark shares the machine; with 2 CPUs, ringvm needs one for the VMM thread and one for the guest driver, fio one for itself, so anything else running skews ringvm more.",
     "Method cross-check (done once by hand): `perf stat -e raw_syscalls:sys_enter -t <vmm tid>` over a tmpfs randread QD32 run counted only io_uring_enter and write, at the same rate as the counters above.",
@@ -821,7 +823,7 @@ const METHOD: &[&str] = &[
 /// What bounds the figures, as the breakdown table shows it.
 const BOUNDS: &[&str] = &[
     "Syscalls per request = (io_uring_enter + irq writes) / requests, so staying under 0.1 needs about 20 requests per turn and at most one irq write per turn. At QD 32 that means nearly the whole queue must be popped in one drain and completed in one turn.",
-    "Requests per turn: `EventLoop::turn` is `submit_and_wait(1)`, so a turn ends at the first completion. Where io_uring completes inline (ext4 page-cache reads), a kick's whole drain completes in one turn. Where it punts to io-wq (every tmpfs request here: an iou-wrk thread shows up, and buffered ext4 writes), completions come back one or two at a time, and each one wakes the thread for a turn of its own. Waiting for more (min_complete > 1 with a short IORING_ENTER_EXT_ARG timeout / min-wait) or leaving the queue's notifications off while I/O is in flight (popping new requests on each completion turn instead of taking a kick) would make batches bigger.",
+    "Requests per turn: `Ring::turn` is `submit_and_wait(1)`, so a turn ends at the first completion. Where io_uring completes inline (ext4 page-cache reads), a kick's whole drain completes in one turn. Where it punts to io-wq (every tmpfs request here: an iou-wrk thread shows up, and buffered ext4 writes), completions come back one or two at a time, and each one wakes the thread for a turn of its own. Waiting for more (min_complete > 1 with a short IORING_ENTER_EXT_ARG timeout / min-wait) or leaving the queue's notifications off while I/O is in flight (popping new requests on each completion turn instead of taking a kick) would make batches bigger.",
     "Irq writes: `BlockDevice::complete` runs `needs_notification` after every completion. While the VMM thread works through a batch, the guest (on the other CPU) can wake up, reap, and re-arm used_event, and then the next completion in the same batch signals again. So irq writes per turn can go above 1 (see the disk randread rows). Signalling once per queue at the end of a turn's batch would cap them at one per turn.",
     "QD 1: every request costs two cross-thread wake-ups (doorbell -> VMM thread, irqfd -> guest). fio does one syscall with an inline completion. On this nested VM a cross-CPU wake-up costs several µs, which is why the VMM thread's CPU per request is high there. A real guest pays those two hops too (ioeventfd exit, irq injection).",
     "Throughput ratio: on 2 CPUs the VMM thread and the guest driver take one CPU each, plus io-wq workers, while fio's single thread has the machine to itself. Whatever else runs (the others' CPUs column) costs ringvm more than fio. Ratios vary by ±20-30% between runs on this shared machine, so treat single points as rough.",

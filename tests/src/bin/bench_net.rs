@@ -8,8 +8,8 @@
 //! eventfds (what KVM's ioeventfd does on a QueueNotify write) and sleeps on
 //! the irq eventfd (what KVM's irqfd would inject). The device side is
 //! exactly what `ringvm` runs for a booted guest: [`NetIface`] (the real
-//! `NetDevice` on a real tap) inside a [`DeviceLoop`] on its own thread,
-//! turning one [`EventLoop`] io_uring ring.
+//! `NetDevice` on a real tap) in its generic device slot (`VirtioDevices`) on
+//! its own thread, turning one `Ring` (io_uring).
 //!
 //! Everything runs in a private network namespace (`ringvm-bench-<pid>`)
 //! with two taps, link-local addresses only:
@@ -42,7 +42,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use devices::virtio::net::{tap_offloads, Tap, TapDevice, VNET_HDR_LEN};
+use devices::virtio::net::{tap_offloads, MacAddr, Tap, TapDevice, VNET_HDR_LEN};
 use devices::virtio::NOTIFY_REG_OFFSET;
 use ringvm_tests::bench::clock::own_cpu_ns;
 use ringvm_tests::bench::host::{HostCpu, HostInfo, Own};
@@ -68,9 +68,8 @@ use virtio_bindings::virtio_ring::{
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm::config::NetConfig;
-use vmm::device_loop::DeviceLoop;
-use vmm::device_manager::DeviceManager;
-use vmm::virtio_net::{format_mac, open_tap, NetIface};
+use vmm::machine::builder::VirtioBuilder;
+use vmm::machine::device_manager::DeviceManager;
 use vmm_sys_util::eventfd::EventFd;
 
 // ---------------------------------------------------------------------------
@@ -538,7 +537,7 @@ fn setup_namespace(ns: &Netns) -> Res<()> {
             "dev",
             lane.tap,
             "address",
-            &format_mac(&lane.host_mac),
+            &format_mac(lane.host_mac),
         ])?;
         ns.ip(&["addr", "add", &host, "dev", lane.tap])?;
         ns.ip(&["link", "set", "dev", lane.tap, "up"])?;
@@ -547,7 +546,7 @@ fn setup_namespace(ns: &Netns) -> Res<()> {
             "replace",
             &peer,
             "lladdr",
-            &format_mac(&lane.peer_mac),
+            &format_mac(lane.peer_mac),
             "dev",
             lane.tap,
             "nud",
@@ -1457,12 +1456,14 @@ impl Harness {
         let cfg = NetConfig {
             iface_id: "bench0".into(),
             host_dev_name: VM_LANE.tap.into(),
-            guest_mac: Some(format_mac(&VM_LANE.peer_mac)),
+            guest_mac: Some(MacAddr::from_bytes(VM_LANE.peer_mac).map_err(|e| e.to_string())?),
             ..NetConfig::default()
         };
-        let (tap, mac) = open_tap(&cfg).map_err(|e| e.to_string())?;
-        let iface =
-            NetIface::new(&cfg, tap, mac, &wiring, &mut devices).map_err(|e| e.to_string())?;
+        let mut builder = VirtioBuilder::new();
+        builder.add_net(&cfg).map_err(|e| e.to_string())?;
+        let virtio = builder
+            .place(&mut devices, &wiring)
+            .map_err(|e| e.to_string())?;
         let irq = wiring
             .take_irq()
             .ok_or("the interface wired no interrupt line")?;
@@ -1472,7 +1473,7 @@ impl Harness {
         }
         let base = doorbells[0].1 - NOTIFY_REG_OFFSET;
         let kicks: Vec<EventFd> = doorbells.into_iter().map(|d| d.0).collect();
-        let vmm = VmmHandle::spawn(move || DeviceLoop::new(Vec::new(), vec![iface]), &mem)?;
+        let vmm = VmmHandle::spawn(move || virtio, &mem)?;
         let mut driver = Driver {
             mem,
             regs: MmioRegs {
@@ -1497,8 +1498,8 @@ impl Harness {
             let _ = vmm.stop();
             return Err(format!(
                 "the device's config space has MAC {}, configured {}",
-                format_mac(&driver.mac),
-                format_mac(&VM_LANE.peer_mac)
+                format_mac(driver.mac),
+                format_mac(VM_LANE.peer_mac)
             ));
         }
         if let Err(e) = direct.set_offload(tap_offloads(driver.features)) {
@@ -1931,7 +1932,7 @@ struct Context {
 }
 
 const METHOD: &[&str] = &[
-    "Device side: the real `NetIface` (virtio-net `NetDevice` on a real tap, opened by `open_tap` with IFF_TAP|IFF_NO_PI|IFF_VNET_HDR, + the virtio-mmio transport on the MMIO bus) in the real `DeviceLoop`, on its own thread turning one `EventLoop` io_uring ring, as `Vmm::run` does for a booted guest. No KVM.",
+    "Device side: the real virtio-net `NetDevice` on a real tap (opened by `TapDevice::open` with IFF_TAP|IFF_NO_PI|IFF_VNET_HDR) + the virtio-mmio transport on the MMIO bus, in the real generic device slot (`VirtioDevices`), on its own thread turning one `Ring` (io_uring), as `Vmm::run` does for a booted guest. No KVM.",
     "Driver side: a split-virtqueue driver on the main thread, set up through the virtio-mmio v2 registers, negotiating what Linux's virtio_net takes (VERSION_1, EVENT_IDX, INDIRECT_DESC, MAC, STATUS, MRG_RXBUF, CSUM, GUEST_CSUM/TSO4/TSO6/ECN/UFO, HOST_TSO4/TSO6/ECN/UFO). Queues of 256. TX: one descriptor per frame holding the 12-byte virtio_net_hdr_v1 and the frame; all free slots are posted each round, kicks only when vring_need_event says so, and the driver sleeps on the irq eventfd with used_event set 3/4 of the in-flight frames ahead (virtqueue_enable_cb_delayed). RX: 256 posted buffers of 1536 bytes (Linux's mergeable-buffer size for a 1500 MTU), refilled after each harvest, used_event = last seen (interrupt on the next frame). On wake the driver reads and acks InterruptStatus like vm_interrupt.",
     "Network: a private namespace `ringvm-bench-<pid>` (ip netns add; deleted at the end, also on error), IPv6 off, two taps made with `ip tuntap add`: tapb0 169.254.77.1/24 (ringvm's; guest 169.254.77.2) and tapb1 169.254.78.1/24 (the direct program's; peer 169.254.78.2); static permanent neighbour entries for the guest/peer MACs; txqueuelen 1000. Only link-local addresses; nothing leaves the namespace.",
     "TX: UDP frames (checksum 0) from the guest/peer to the tap's own address, port 5001, where a UDP socket is bound and not read: the kernel runs the whole receive path (tap write -> netif_receive_skb -> IP -> UDP socket lookup -> enqueue, or drop with RcvbufErrors once the buffer is full). Frames are counted when the device answers the chain (ringvm) or write(2) returns (direct); the check column compares with the namespace's Udp InDatagrams + RcvbufErrors.",
@@ -1939,7 +1940,7 @@ const METHOD: &[&str] = &[
     "RX: a host UDP socket on the tap's address sends datagrams (sendmmsg, 32 per call) to the guest/peer address; the kernel writes them to the tap with a vnet header (offloads set as the guest negotiated, via TUNSETOFFLOAD; the direct tap gets the same flags). The sender keeps at most 512 datagrams not yet received (below the tap's 1000-frame queue) and sleeps on an eventfd the receiver signals, so it never floods the tap and drops stay near zero; frames counted = frames of the right length and UDP port in guest buffers (ringvm) or from read(2) (direct).",
     "Host limit (direct): the same program, same namespace, same traffic, on tapb1 opened by TapDevice::open (same flags and vnet header size), one plain write(2) per TX frame and one read(2) per RX frame (poll when EAGAIN), on one thread. ratio = ringvm packets/s / direct packets/s; runs alternate ABBA and are summed.",
     "VMM CPU: CLOCK_THREAD_CPUTIME of the VMM thread over the measured window / frames. io-wq CPU: schedstat run time of this process's iou-wrk threads over the window (work io_uring punts off the VMM thread; 0 means every tap read/write completed inline). Driver CPU: the synthetic guest's thread (the guest's share, not ringvm's). Sender CPU (RX): the host thread generating the traffic, on both sides.",
-    "VMM syscalls: io_uring_enter calls counted around `EventLoop::turn` (one per turn) + read/write syscalls from /proc/self/task/<tid>/io (syscr+syscw; the VMM thread's only write(2)s are irq eventfd signals). io_uring's own tap reads and writes are not syscalls. The direct side's syscalls are its write/read/poll calls.",
+    "VMM syscalls: io_uring_enter calls counted around `Ring::turn` (one per turn) + read/write syscalls from /proc/self/task/<tid>/io (syscr+syscw; the VMM thread's only write(2)s are irq eventfd signals). io_uring's own tap reads and writes are not syscalls. The direct side's syscalls are its write/read/poll calls.",
     "Gbit/s counts Ethernet frame bytes (header + payload, no FCS, no vnet header). Frame sizes: 64 B (UDP payload 22) and 1514 B (a full 1500-byte-MTU IP packet, UDP payload 1472).",
 ];
 
@@ -2346,4 +2347,13 @@ fn main() -> ExitCode {
         return ExitCode::from(1);
     }
     report::exit("bench-net", run(&args))
+}
+
+/// A MAC as `ip` prints it (any six bytes: the bench's host ends may be
+/// anything the tests chose).
+fn format_mac(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }

@@ -11,7 +11,7 @@ use std::sync::atomic::AtomicU32;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::layout::{BOOT_TIMER_START, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
-use crate::vstate::vm::{Vm, VmError};
+use crate::kvm::vm::{Vm, VmError};
 use devices::bus::SharedDevice;
 use devices::virtio::mmio::TransportEvents;
 use devices::virtio::{MmioTransport, TransportEvent, VirtioDeviceInfo, NOTIFY_REG_OFFSET};
