@@ -27,6 +27,7 @@ const PATHS: &[&str] = &[
     "/drives/",
     "/network-interfaces/",
     "/logger",
+    "/entropy",
     "/metrics",
     "/mmds",
     "/vm",

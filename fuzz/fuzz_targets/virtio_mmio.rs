@@ -1,6 +1,6 @@
 //! The virtio-mmio register window from a hostile driver: any sequence of
 //! reads and writes of any size at any offset, through the MMIO bus as a
-//! vCPU exit would arrive, with the backend (a real block or net device on
+//! vCPU exit would arrive, with the backend (a real block, net or rng device on
 //! the VMM thread's side) applying the activations and resets the
 //! transport sends it.
 //!
@@ -19,9 +19,11 @@ use devices::bus::Bus;
 use devices::io::fake::{CountingLine, RecordingIo};
 use devices::virtio::block::{BlockConfig, BlockDevice};
 use devices::virtio::mmio::TransportEvents;
-use devices::virtio::net::{NetConfig, NetDevice};
+use devices::virtio::net::{MacAddr, NetConfig, NetDevice};
+use devices::virtio::rng::{EntropySource, RngDevice};
+use devices::virtio::testing::transport_event;
 use devices::virtio::{
-    MmioTransport, TransportEvent, VirtioBackend, VirtioDeviceInfo, F_VERSION_1, MMIO_SIZE,
+    MmioTransport, TransportEvent, VirtioDevice, VirtioDeviceInfo, F_VERSION_1, MMIO_SIZE,
 };
 use libfuzzer_sys::fuzz_target;
 use ringvm_fuzz::ops::{Auditor, Outcome};
@@ -71,66 +73,47 @@ enum Access {
 }
 
 #[derive(Arbitrary, Debug)]
+enum Kind {
+    Block { read_only: bool },
+    Net,
+    Rng,
+}
+
+#[derive(Arbitrary, Debug)]
 struct Input {
-    net: bool,
-    read_only: bool,
+    kind: Kind,
     accesses: Vec<Access>,
 }
 
-enum Backend {
-    Block(BlockDevice),
-    Net(NetDevice<NullTap>),
+type Backend = Box<dyn VirtioDevice<GuestMemoryMmap>>;
+
+/// Entropy that never runs out and costs nothing.
+#[derive(Debug)]
+struct Counter(u8);
+
+impl EntropySource for Counter {
+    fn fill(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        for b in buf.iter_mut() {
+            self.0 = self.0.wrapping_add(1);
+            *b = self.0;
+        }
+        Ok(buf.len())
+    }
 }
 
-impl Backend {
-    fn info(&self) -> VirtioDeviceInfo {
-        match self {
-            Backend::Block(d) => d.info(),
-            Backend::Net(d) => d.info(),
-        }
+fn serve(dev: &mut Backend, mem: &GuestMemoryMmap, io: &mut RecordingIo, audit: &mut Auditor) {
+    for q in 0..dev.info().queue_max_sizes.len() {
+        let _ = dev.process_queue(q, mem, io);
+        audit.take(io, true, |_, _| {});
     }
-
-    fn handle(&mut self, mem: &GuestMemoryMmap, event: &TransportEvent) {
-        let _ = match self {
-            Backend::Block(d) => d.handle_event(mem, event).map_err(|_| ()),
-            Backend::Net(d) => d.handle_event(mem, event).map_err(|_| ()),
+    for _ in 0..64 {
+        let Some((tag, res)) = audit.finish(0, Outcome::Full, &[]) else {
+            break;
         };
+        dev.complete(tag, res, mem, io);
+        audit.take(io, true, |_, _| {});
     }
-
-    fn serve(&mut self, mem: &GuestMemoryMmap, io: &mut RecordingIo, audit: &mut Auditor) {
-        let queues = self.info().queue_max_sizes.len();
-        for q in 0..queues {
-            let _ = match self {
-                Backend::Block(d) => d.process_queue(q, mem, io).map(|_| ()).map_err(|_| ()),
-                Backend::Net(d) => d.process_queue(q, mem, io).map(|_| ()).map_err(|_| ()),
-            };
-            audit.take(io, true, |_, _| {});
-        }
-        for _ in 0..64 {
-            let Some((tag, res)) = audit.finish(0, Outcome::Full, &[]) else {
-                break;
-            };
-            match self {
-                Backend::Block(d) => d.complete(tag, res, mem),
-                Backend::Net(d) => d.complete(tag, res, mem, io),
-            }
-            audit.take(io, true, |_, _| {});
-        }
-    }
-
-    fn request_reset(&mut self) {
-        match self {
-            Backend::Block(d) => d.request_reset(),
-            Backend::Net(d) => d.request_reset(),
-        }
-    }
-
-    fn in_flight(&self) -> usize {
-        match self {
-            Backend::Block(d) => d.in_flight(),
-            Backend::Net(d) => d.in_flight(),
-        }
-    }
+    dev.end_turn(mem);
 }
 
 fn evt() -> EventFd {
@@ -158,35 +141,39 @@ fn apply_events(
                 }
             }
         }
-        backend.handle(mem, &event);
+        let _ = transport_event(backend.as_mut(), mem, &event);
+        if matches!(event, TransportEvent::Reset) && backend.in_flight() == 0 {
+            // What the VMM's slot does once the backend let go of everything.
+            info.shared.finish_reset();
+        }
     }
 }
 
 fuzz_target!(|input: Input| with_guest_memory(|mem| run(mem, &input)));
 
 fn run(mem: &GuestMemoryMmap, input: &Input) {
-    let mut backend = if input.net {
-        Backend::Net(NetDevice::new(
-            NetConfig {
-                tap: NullTap::default(),
-                mac: Some([2, 0, 0, 0, 0, 2]),
-            },
-            Box::new(CountingLine::default()),
-        ))
-    } else {
-        let file = memfd(1 << 20);
-        Backend::Block(
+    let line = || Box::new(CountingLine::default());
+    let mut backend: Backend = match input.kind {
+        Kind::Block { read_only } => Box::new(
             BlockDevice::new(
                 BlockConfig {
-                    file,
-                    read_only: input.read_only,
+                    file: memfd(1 << 20),
+                    read_only,
                     flush: true,
                     id: "fuzz".into(),
                 },
-                Box::new(CountingLine::default()),
+                line(),
             )
             .expect("harness: device"),
-        )
+        ),
+        Kind::Net => Box::new(NetDevice::new(
+            NetConfig {
+                tap: NullTap::default(),
+                mac: MacAddr::from_bytes([2, 0, 0, 0, 0, 2]).ok(),
+            },
+            line(),
+        )),
+        Kind::Rng => Box::new(RngDevice::new(Box::new(Counter(0)), line())),
     };
     let info = backend.info();
     let (sender, rx) = mpsc::channel();
@@ -254,7 +241,7 @@ fn run(mem: &GuestMemoryMmap, input: &Input) {
             Access::Backend => apply_events(&rx, &info, &mut backend, mem),
             Access::Serve => {
                 apply_events(&rx, &info, &mut backend, mem);
-                backend.serve(mem, &mut io, &mut audit);
+                serve(&mut backend, mem, &mut io, &mut audit);
             }
             Access::NeedsReset => backend.request_reset(),
             Access::Interrupt => {
@@ -270,11 +257,11 @@ fn run(mem: &GuestMemoryMmap, input: &Input) {
         let Some((tag, res)) = audit.finish(0, Outcome::Errno(3), &[]) else {
             break;
         };
-        match &mut backend {
-            Backend::Block(d) => d.complete(tag, res, mem),
-            Backend::Net(d) => d.complete(tag, res, mem, &mut io),
-        }
+        backend.complete(tag, res, mem, &mut io);
         audit.take(&mut io, true, |_, _| {});
+    }
+    if info.shared.reset_pending() && backend.in_flight() == 0 {
+        info.shared.finish_reset();
     }
     assert_eq!(backend.in_flight(), 0, "ops still counted in flight");
     let mut status = [0u8; 4];

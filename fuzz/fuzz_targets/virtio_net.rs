@@ -17,9 +17,11 @@ use arbitrary::Arbitrary;
 use devices::io::fake::{CountingLine, RecordingIo};
 use devices::io::IoOp;
 use devices::virtio::net::{
-    NetConfig, NetDevice, FEATURES, MAX_BUFFER_LEN, MIN_TX_LEN, NUM_QUEUES, RX_QUEUE, TX_QUEUE,
+    MacAddr, NetConfig, NetDevice, FEATURES, MAX_BUFFER_LEN, MIN_TX_LEN, NUM_QUEUES, RX_QUEUE,
+    TX_QUEUE,
 };
-use devices::virtio::{Activation, TransportEvent, VirtioBackend, F_VERSION_1};
+use devices::virtio::testing::transport_event;
+use devices::virtio::{Activation, TransportEvent, VirtioDevice, F_VERSION_1};
 use libfuzzer_sys::fuzz_target;
 use ringvm_fuzz::driver::{Alloc, DriverQueue, FuzzDesc, UsedCounter, QUEUE_SLOT};
 use ringvm_fuzz::ops::{Auditor, Outcome};
@@ -57,6 +59,7 @@ enum Action {
     RefuseOffload(bool),
     Reset,
     Reactivate(u8, u8, u64),
+    EndTurn,
 }
 
 struct Rig<'m> {
@@ -118,15 +121,21 @@ impl Rig<'_> {
             features: (features & FEATURES) | F_VERSION_1,
             queues: self.queues.iter().map(|q| q.config()).collect(),
         };
-        let _ = self
-            .dev
-            .handle_event(self.mem, &TransportEvent::Activate(activation));
+        let _ = transport_event(
+            &mut self.dev,
+            self.mem,
+            &TransportEvent::Activate(activation),
+        );
     }
 
     fn complete(&mut self, pick: usize, outcome: Outcome, frame: &[u8]) {
         if let Some((tag, res)) = self.audit.finish(pick, outcome, frame) {
             self.dev.complete(tag, res, self.mem, &mut self.io);
         }
+    }
+
+    fn reset(&mut self) {
+        let _ = transport_event(&mut self.dev, self.mem, &TransportEvent::Reset);
     }
 
     fn complete_all(&mut self, outcome: Outcome) {
@@ -150,7 +159,7 @@ fn run(mem: &GuestMemoryMmap, input: &Input) {
     let dev = NetDevice::new(
         NetConfig {
             tap,
-            mac: Some([2, 0, 0, 0, 0, 1]),
+            mac: MacAddr::from_bytes([2, 0, 0, 0, 0, 1]).ok(),
         },
         Box::new(CountingLine::default()),
     );
@@ -198,7 +207,9 @@ fn run(mem: &GuestMemoryMmap, input: &Input) {
             Action::CompleteAll(outcome) => rig.complete_all(*outcome),
             Action::CancelStale => {
                 // What the VMM does for a read parked across a reset.
-                if let Some(tag) = rig.dev.stale_rx_tag() {
+                let stale =
+                    <NetDevice<NullTap> as VirtioDevice<GuestMemoryMmap>>::stale_tags(&rig.dev);
+                for tag in stale {
                     let at = rig.audit.pending.iter().position(|p| p.tag == tag);
                     let at = at.expect("stale tag names no op in flight");
                     rig.complete(at, Outcome::Errno(3), &[]);
@@ -211,13 +222,12 @@ fn run(mem: &GuestMemoryMmap, input: &Input) {
             }
             Action::Full(full) => rig.io.full = *full,
             Action::RefuseOffload(on) => rig.refuse.store(*on, Ordering::Relaxed),
-            Action::Reset => {
-                let _ = rig.dev.handle_event(mem, &TransportEvent::Reset);
-            }
+            Action::Reset => rig.reset(),
             Action::Reactivate(rx, tx, features) => {
-                let _ = rig.dev.handle_event(mem, &TransportEvent::Reset);
+                rig.reset();
                 rig.activate(*rx, *tx, *features);
             }
+            Action::EndTurn => rig.dev.end_turn(mem),
         }
         rig.audit();
         rig.audit.verify_in_flight();
@@ -227,11 +237,15 @@ fn run(mem: &GuestMemoryMmap, input: &Input) {
     // op complete; nothing may be left in flight.
     rig.io.full = false;
     rig.complete_all(Outcome::Full);
-    let _ = rig.dev.handle_event(mem, &TransportEvent::Reset);
+    rig.reset();
     rig.complete_all(Outcome::Errno(3));
     assert!(
         rig.audit.pending.is_empty(),
         "ops keep coming after a reset"
     );
-    assert_eq!(rig.dev.in_flight(), 0, "ops still counted in flight");
+    assert_eq!(
+        <NetDevice<NullTap> as VirtioDevice<GuestMemoryMmap>>::in_flight(&rig.dev),
+        0,
+        "ops still counted in flight"
+    );
 }

@@ -1,28 +1,21 @@
 //! The driver's side of split virtqueues, from fuzz input.
 //!
-//! Each queue sits in its own 8 KiB slot at the bottom of guest memory,
-//! laid out with virtio-queue's mock rings (descriptor table, available
-//! ring, used ring); virtio-queue 0.18's `MockSplitQueue` itself is not
-//! used because it places the used ring over the available ring. Buffers
-//! go into the data area above the rings, placed by a bump allocator
-//! unless the input names an address itself.
+//! Each queue sits in its own slot at the bottom of guest memory, laid out
+//! by the devices crate's driver-side mock (`virtio::testing`). Buffers go
+//! into the data area above the rings, placed by a bump allocator unless
+//! the input names an address itself.
 
 use arbitrary::Arbitrary;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
-use virtio_queue::mock::{AvailRing, DescriptorTable, UsedRing};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use devices::virtio::QueueConfig;
+use devices::virtio::{testing, QueueConfig};
 
 use crate::{MEM_END, REGION_SIZE};
 
 /// Bytes of guest memory each queue's rings occupy.
-pub const QUEUE_SLOT: u64 = 0x2000;
-/// Largest queue the harness lays out (the devices' maximum).
-pub const MAX_QUEUE: u16 = 256;
-const AVAIL_OFFSET: u64 = 0x1000;
-const USED_OFFSET: u64 = 0x1400;
+pub const QUEUE_SLOT: u64 = testing::QUEUE_FOOTPRINT;
 
 const NEXT: u16 = VRING_DESC_F_NEXT as u16;
 const WRITE: u16 = VRING_DESC_F_WRITE as u16;
@@ -208,14 +201,11 @@ fn build(
     }
 }
 
-/// The driver's view of one queue.
+/// The driver's view of one queue: the devices crate's driver-side mock
+/// (`devices::virtio::testing::DriverQueue`) fed from fuzz input.
 pub struct DriverQueue<'m> {
     mem: &'m GuestMemoryMmap,
-    base: u64,
-    size: u16,
-    desc: DescriptorTable<'m, GuestMemoryMmap>,
-    avail: AvailRing<'m, GuestMemoryMmap>,
-    _used: UsedRing<'m, GuestMemoryMmap>,
+    q: testing::DriverQueue<GuestMemoryMmap>,
     /// Available entries published so far (forward moves of avail.idx).
     published: u64,
     next_desc: u16,
@@ -225,15 +215,9 @@ impl<'m> DriverQueue<'m> {
     /// Lays out queue `index` of `size` entries (a power of two up to 256)
     /// with fresh, zeroed rings.
     pub fn new(mem: &'m GuestMemoryMmap, index: u64, size: u16) -> Self {
-        let base = index * QUEUE_SLOT;
-        let _ = mem.write_slice(&[0u8; QUEUE_SLOT as usize], GuestAddress(base));
         Self {
             mem,
-            base,
-            size,
-            desc: DescriptorTable::new(mem, GuestAddress(base), size),
-            avail: AvailRing::new(mem, GuestAddress(base + AVAIL_OFFSET), size),
-            _used: UsedRing::new(mem, GuestAddress(base + USED_OFFSET), size),
+            q: testing::DriverQueue::new(mem.clone(), index * QUEUE_SLOT, size),
             published: 0,
             next_desc: 0,
         }
@@ -241,32 +225,26 @@ impl<'m> DriverQueue<'m> {
 
     /// The layout the driver writes into the transport's registers.
     pub fn config(&self) -> QueueConfig {
-        QueueConfig {
-            size: self.size,
-            ready: true,
-            desc_table: self.base,
-            avail_ring: self.base + AVAIL_OFFSET,
-            used_ring: self.base + USED_OFFSET,
-        }
+        self.q.config()
     }
 
     /// Queue size.
     pub fn size(&self) -> u16 {
-        self.size
+        self.q.size()
     }
 
     /// Whether `[addr, addr + len)` touches this queue's used ring, which
     /// only the device writes.
     pub fn overlaps_used(&self, addr: u64, len: u64) -> bool {
-        let start = self.base + USED_OFFSET;
-        let end = start + 6 + 8 * u64::from(self.size);
+        let start = self.q.used_ring();
+        let end = start + 6 + 8 * u64::from(self.size());
         addr < end && addr.saturating_add(len) > start
     }
 
     /// Stores `d` raw at table index `index % size`.
     pub fn set_desc(&mut self, alloc: &mut Alloc, index: u16, d: &FuzzDesc) {
         let raw = build(self.mem, alloc, d, None);
-        let _ = self.desc.store(index % self.size, RawDescriptor::from(raw));
+        self.q.store(index, raw);
     }
 
     /// Stores `descs` as one chain in consecutive table entries (wrapping)
@@ -275,56 +253,49 @@ impl<'m> DriverQueue<'m> {
         if descs.is_empty() {
             return;
         }
+        let size = self.size();
         let head = self.next_desc;
-        let n = descs.len().min(usize::from(self.size));
+        let n = descs.len().min(usize::from(size));
         for (i, d) in descs[..n].iter().enumerate() {
-            let index = (head as usize + i) % usize::from(self.size);
+            let index = (head as usize + i) % usize::from(size);
             let mut raw = build(self.mem, alloc, d, Some((i, n, head)));
             if raw.has_next() && d.flags & 8 == 0 {
-                raw = Descriptor::new(raw.addr().0, raw.len(), raw.flags(), raw.next() % self.size);
+                raw = Descriptor::new(raw.addr().0, raw.len(), raw.flags(), raw.next() % size);
             }
-            let _ = self.desc.store(index as u16, RawDescriptor::from(raw));
+            self.q.store(index as u16, raw);
         }
-        self.next_desc = ((head as usize + n) % usize::from(self.size)) as u16;
+        self.next_desc = ((head as usize + n) % usize::from(size)) as u16;
         self.publish(&[head]);
     }
 
     /// Appends `heads` to the available ring and moves its index.
     pub fn publish(&mut self, heads: &[u16]) {
-        let mut idx = self.avail.idx().load();
+        let mut idx = self.q.avail_idx();
         for &h in heads {
-            if let Ok(slot) = self.avail.ring().ref_at(usize::from(idx % self.size)) {
-                slot.store(h);
-            }
+            self.q.set_avail_entry(idx, h);
             idx = idx.wrapping_add(1);
             self.published += 1;
         }
-        self.avail.idx().store(idx);
+        self.q.set_avail_idx(idx);
     }
 
     /// Moves the available index by `delta` without writing entries
     /// (whatever the ring holds is offered again, or the index jumps).
     pub fn bump_avail_idx(&mut self, delta: u16) {
-        let idx = self.avail.idx().load();
-        self.avail.idx().store(idx.wrapping_add(delta));
+        let idx = self.q.avail_idx();
+        self.q.set_avail_idx(idx.wrapping_add(delta));
         self.published += u64::from(delta);
     }
 
     /// Writes the available ring's flags (NO_INTERRUPT) and used_event.
     pub fn set_suppression(&mut self, flags: u16, used_event: u16) {
-        let avail = self.base + AVAIL_OFFSET;
-        let _ = self.mem.write_obj(flags, GuestAddress(avail));
-        let _ = self.mem.write_obj(
-            used_event,
-            GuestAddress(avail + 4 + 2 * u64::from(self.size)),
-        );
+        self.q.set_avail_flags(flags);
+        self.q.set_used_event(used_event);
     }
 
     /// How many entries the device has put in the used ring.
     pub fn used_idx(&self) -> u16 {
-        self.mem
-            .read_obj(GuestAddress(self.base + USED_OFFSET + 2))
-            .unwrap_or(0)
+        self.q.used_idx()
     }
 
     /// Available entries offered since the queue was laid out.
@@ -340,16 +311,13 @@ impl<'m> DriverQueue<'m> {
             "device used {used_total} chains but only {} were offered",
             self.published
         );
-        let n = new.min(u64::from(self.size));
+        let size = self.size();
         let idx = self.used_idx();
-        for k in 0..n {
-            let slot = u64::from(idx.wrapping_sub(1 + k as u16) % self.size);
-            let at = self.base + USED_OFFSET + 4 + 8 * slot;
-            let id: u32 = self.mem.read_obj(GuestAddress(at)).unwrap_or(0);
+        for k in 0..new.min(u64::from(size)) {
+            let (id, _) = self.q.used_entry(idx.wrapping_sub(1 + k as u16));
             assert!(
-                id < u32::from(self.size),
-                "used ring names descriptor {id} outside a queue of {}",
-                self.size
+                id < u32::from(size),
+                "used ring names descriptor {id} outside a queue of {size}"
             );
         }
     }

@@ -15,6 +15,7 @@ pub const KEYS: &[&str] = &[
     "direct",
     "drive_id",
     "drives",
+    "entropy",
     "guest_mac",
     "host_dev_name",
     "huge_pages",
