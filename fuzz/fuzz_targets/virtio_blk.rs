@@ -18,7 +18,7 @@ use devices::virtio::{Activation, TransportEvent, VirtioDevice, F_VERSION_1};
 use libfuzzer_sys::fuzz_target;
 use ringvm_fuzz::driver::{Alloc, DriverQueue, FuzzDesc, UsedCounter, QUEUE_SLOT};
 use ringvm_fuzz::ops::{Auditor, Outcome};
-use ringvm_fuzz::{fresh_disk, memfd, with_guest_memory};
+use ringvm_fuzz::{assert_unchanged, fresh_disk, memfd, snapshot, with_guest_memory};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 #[derive(Arbitrary, Debug)]
@@ -61,6 +61,9 @@ struct Rig<'m> {
     alloc: Alloc,
     io: RecordingIo,
     audit: Auditor,
+    /// Set by a reset, cleared by the next activation: the device may not
+    /// write guest memory in between (only the kernel finishing its ops).
+    after_reset: bool,
     read_only: bool,
     flush: bool,
 }
@@ -113,11 +116,17 @@ impl Rig<'_> {
             self.mem,
             &TransportEvent::Activate(activation),
         );
+        // A refused activation leaves the device as a reset left it.
+        self.after_reset = !<BlockDevice as VirtioDevice<GuestMemoryMmap>>::is_active(&self.dev);
     }
 
     fn complete(&mut self, pick: usize, outcome: Outcome) {
         if let Some((tag, res)) = self.audit.finish(pick, outcome, &[]) {
+            let before = self.after_reset.then(|| snapshot(self.mem));
             self.dev.complete(tag, res, self.mem, &mut self.io);
+            if let Some(before) = before {
+                assert_unchanged(self.mem, &before, "orphan completion");
+            }
         }
     }
 
@@ -135,6 +144,7 @@ impl Rig<'_> {
 
     fn reset(&mut self) {
         let _ = transport_event(&mut self.dev, self.mem, &TransportEvent::Reset);
+        self.after_reset = true;
     }
 }
 
@@ -160,6 +170,7 @@ fn run(mem: &GuestMemoryMmap, input: &Input) {
         alloc: Alloc::new(QUEUE_SLOT, input.skew),
         io: RecordingIo::default(),
         audit: Auditor::new(mem),
+        after_reset: false,
         read_only: input.read_only,
         flush: input.flush,
     };

@@ -25,7 +25,7 @@ use devices::virtio::{Activation, TransportEvent, VirtioDevice, F_VERSION_1};
 use libfuzzer_sys::fuzz_target;
 use ringvm_fuzz::driver::{Alloc, DriverQueue, FuzzDesc, UsedCounter, QUEUE_SLOT};
 use ringvm_fuzz::ops::{Auditor, Outcome};
-use ringvm_fuzz::{with_guest_memory, NullTap, TAP_FD};
+use ringvm_fuzz::{assert_unchanged, snapshot, with_guest_memory, NullTap, TAP_FD};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// Most tap reads the device may have in the kernel at once.
@@ -71,6 +71,9 @@ struct Rig<'m> {
     alloc: Alloc,
     io: RecordingIo,
     audit: Auditor,
+    /// Set by a reset, cleared by the next activation: the device may not
+    /// write guest memory in between (only the kernel finishing its ops).
+    after_reset: bool,
 }
 
 fn queue_index(tx: bool) -> usize {
@@ -126,16 +129,24 @@ impl Rig<'_> {
             self.mem,
             &TransportEvent::Activate(activation),
         );
+        // A refused activation leaves the device as a reset left it.
+        self.after_reset =
+            !<NetDevice<NullTap> as VirtioDevice<GuestMemoryMmap>>::is_active(&self.dev);
     }
 
     fn complete(&mut self, pick: usize, outcome: Outcome, frame: &[u8]) {
         if let Some((tag, res)) = self.audit.finish(pick, outcome, frame) {
+            let before = self.after_reset.then(|| snapshot(self.mem));
             self.dev.complete(tag, res, self.mem, &mut self.io);
+            if let Some(before) = before {
+                assert_unchanged(self.mem, &before, "orphan completion");
+            }
         }
     }
 
     fn reset(&mut self) {
         let _ = transport_event(&mut self.dev, self.mem, &TransportEvent::Reset);
+        self.after_reset = true;
     }
 
     fn complete_all(&mut self, outcome: Outcome) {
@@ -172,6 +183,7 @@ fn run(mem: &GuestMemoryMmap, input: &Input) {
         alloc: Alloc::new(NUM_QUEUES as u64 * QUEUE_SLOT, input.skew),
         io: RecordingIo::default(),
         audit: Auditor::new(mem),
+        after_reset: false,
     };
     rig.activate(input.rx_log2, input.tx_log2, input.features);
 

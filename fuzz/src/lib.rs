@@ -111,3 +111,20 @@ impl devices::virtio::net::Tap for NullTap {
         Ok(())
     }
 }
+
+/// A copy of all guest memory, to prove a device wrote nothing (after a
+/// reset, a device may not touch the driver's memory any more).
+pub fn snapshot(mem: &GuestMemoryMmap) -> Vec<u8> {
+    let mut copy = vec![0u8; MEM_END as usize];
+    mem.read_slice(&mut copy, GuestAddress(0))
+        .expect("harness: reading guest memory");
+    copy
+}
+
+/// Panics with the first changed address if memory differs from `before`.
+pub fn assert_unchanged(mem: &GuestMemoryMmap, before: &[u8], what: &str) {
+    let now = snapshot(mem);
+    if let Some(at) = now.iter().zip(before).position(|(a, b)| a != b) {
+        panic!("{what}: guest memory at {at:#x} written after a reset");
+    }
+}
