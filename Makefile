@@ -60,6 +60,7 @@ broken:
 lint: deps
 	$(CARGO) fmt --all -- --check
 	cd fuzz && $(CARGO) fmt -- --check
+	cd fuzz && $(CARGO) clippy --locked --target-dir $(FUZZ_TARGET_DIR)-clippy --all-targets -- -D warnings
 	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
 
 unit-test:
