@@ -105,6 +105,9 @@ impl Rig<'_> {
     fn activate(&mut self, size_log2: u8, features: u64) {
         let size = 1u16 << (size_log2 % 9);
         self.vq = DriverQueue::new(self.mem, 0, size);
+        self.audit.unprotect_all();
+        let (used, len) = self.vq.used_range();
+        self.audit.protect(self.mem, used, len);
         self.used = UsedCounter::default();
         let offered = block::features(self.read_only, self.flush);
         let activation = Activation {

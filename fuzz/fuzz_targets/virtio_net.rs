@@ -120,6 +120,11 @@ impl Rig<'_> {
             .map(|(i, l)| DriverQueue::new(self.mem, i as u64, 1u16 << (l % 9)))
             .collect();
         self.used = (0..NUM_QUEUES).map(|_| UsedCounter::default()).collect();
+        self.audit.unprotect_all();
+        for q in &self.queues {
+            let (used, len) = q.used_range();
+            self.audit.protect(self.mem, used, len);
+        }
         let activation = Activation {
             features: (features & FEATURES) | F_VERSION_1,
             queues: self.queues.iter().map(|q| q.config()).collect(),

@@ -233,6 +233,11 @@ impl<'m> DriverQueue<'m> {
         self.q.size()
     }
 
+    /// This queue's used ring as (guest address, length).
+    pub fn used_range(&self) -> (u64, usize) {
+        (self.q.used_ring(), 6 + 8 * usize::from(self.size()))
+    }
+
     /// Whether `[addr, addr + len)` touches this queue's used ring, which
     /// only the device writes.
     pub fn overlaps_used(&self, addr: u64, len: u64) -> bool {

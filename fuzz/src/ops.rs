@@ -56,6 +56,11 @@ const ERRNOS: [i32; 6] = [
 #[derive(Debug)]
 pub struct Auditor {
     regions: Vec<(usize, usize)>,
+    /// Host ranges the harness never writes when it plays a read: the used
+    /// rings. A driver may post buffers over its own used ring, and the
+    /// kernel would then write there; skipping those bytes keeps the used
+    /// ring the device's alone, so the used-ring checks stay sound.
+    protected: Vec<(usize, usize)>,
     /// Ops in flight, oldest first.
     pub pending: Vec<Pending>,
 }
@@ -74,8 +79,23 @@ impl Auditor {
             .collect();
         Self {
             regions,
+            protected: Vec::new(),
             pending: Vec::new(),
         }
+    }
+
+    /// Keeps the harness from writing guest bytes `[addr, addr + len)`
+    /// when it plays a read (see `protected`).
+    pub fn protect(&mut self, mem: &GuestMemoryMmap, addr: u64, len: usize) {
+        if let Ok(host) = mem.get_host_address(GuestAddress(addr)) {
+            let host = host as usize;
+            self.protected.push((host, host + len));
+        }
+    }
+
+    /// Forgets every protected range (the rings moved).
+    pub fn unprotect_all(&mut self) {
+        self.protected.clear();
     }
 
     fn in_guest(&self, v: &libc::iovec) -> bool {
@@ -176,7 +196,7 @@ impl Auditor {
             let moved = (res as usize).min(total);
             // SAFETY: the iovecs were checked at submission to lie in guest
             // memory (or be the device's own byte) and are unchanged.
-            unsafe { play(&p, moved, fill) };
+            unsafe { play(&p, moved, fill, &self.protected) };
         }
         Some((p.tag, res))
     }
@@ -186,7 +206,7 @@ impl Auditor {
 ///
 /// # Safety
 /// The iovecs must point at live memory of their length.
-unsafe fn play(p: &Pending, mut n: usize, fill: &[u8]) {
+unsafe fn play(p: &Pending, mut n: usize, fill: &[u8], protected: &[(usize, usize)]) {
     let read = matches!(p.op, IoOp::Readv { .. });
     let mut k = 0usize;
     let mut sink = 0u8;
@@ -199,10 +219,11 @@ unsafe fn play(p: &Pending, mut n: usize, fill: &[u8]) {
         for i in 0..len {
             // SAFETY: `i < v.iov_len`, inside the buffer the caller vouches for.
             unsafe {
-                if read {
+                let at = base.add(i) as usize;
+                if read && protected.iter().all(|&(s, e)| at < s || at >= e) {
                     let b = fill.get(k).copied().unwrap_or(k as u8);
                     base.add(i).write_volatile(b);
-                } else {
+                } else if !read {
                     sink ^= base.add(i).read_volatile();
                 }
             }
