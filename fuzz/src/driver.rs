@@ -93,11 +93,19 @@ pub struct FuzzDesc {
     pub next: u16,
 }
 
-/// Hands out data-area addresses, wrapping around when full.
+/// Hands out data-area addresses, wrapping around when full, and notes
+/// when the guest aimed a buffer at a used ring.
 #[derive(Debug)]
 pub struct Alloc {
     start: u64,
     cursor: u64,
+    /// The used rings, as guest ranges.
+    used_rings: Vec<(u64, u64)>,
+    /// A buffer (or a descriptor the harness cannot follow: raw bytes
+    /// behind an INDIRECT flag, a poke) may let the device write into a
+    /// used ring on the guest's behalf (a status byte, a vnet header):
+    /// the used-ring checks no longer hold, by the guest's own doing.
+    pub tainted: bool,
 }
 
 impl Alloc {
@@ -105,7 +113,25 @@ impl Alloc {
     /// so inputs can make buffers straddle the region boundary.
     pub fn new(start: u64, skew: u16) -> Self {
         let cursor = start + u64::from(skew) % (MEM_END - start);
-        Self { start, cursor }
+        Self {
+            start,
+            cursor,
+            used_rings: Vec::new(),
+            tainted: false,
+        }
+    }
+
+    /// Sets the used rings buffers must not overlap for the checks to hold.
+    pub fn set_used_rings(&mut self, rings: Vec<(u64, u64)>) {
+        self.used_rings = rings;
+        self.tainted = false;
+    }
+
+    fn note(&mut self, addr: u64, len: u32) {
+        let end = addr.saturating_add(u64::from(len));
+        if self.used_rings.iter().any(|&(s, e)| addr < e && end > s) {
+            self.tainted = true;
+        }
     }
 
     fn take(&mut self, len: u64) -> u64 {
@@ -130,6 +156,12 @@ fn edge(which: u8, delta: i16) -> u64 {
 
 /// Places a buffer of `len` bytes as `place` says; returns its address.
 fn place(mem: &GuestMemoryMmap, alloc: &mut Alloc, place: &Place, len: u32) -> u64 {
+    let at = place_inner(mem, alloc, place, len);
+    alloc.note(at, len);
+    at
+}
+
+fn place_inner(mem: &GuestMemoryMmap, alloc: &mut Alloc, place: &Place, len: u32) -> u64 {
     match place {
         Place::Data(content) => {
             let at = alloc.take(u64::from(len));
@@ -183,6 +215,10 @@ fn build(
         Buffer::Plain(p, len) => {
             let len = len.get();
             let addr = place(mem, alloc, p, len);
+            if flags & INDIRECT != 0 {
+                // A table of raw input bytes: descriptors not followed here.
+                alloc.tainted = true;
+            }
             Descriptor::new(addr, len, flags, next)
         }
         Buffer::Indirect(leaves) => {
@@ -236,6 +272,12 @@ impl<'m> DriverQueue<'m> {
     /// This queue's used ring as (guest address, length).
     pub fn used_range(&self) -> (u64, usize) {
         (self.q.used_ring(), 6 + 8 * usize::from(self.size()))
+    }
+
+    /// This queue's used ring as a guest range `(start, end)`.
+    pub fn used_span(&self) -> (u64, u64) {
+        let (at, len) = self.used_range();
+        (at, at + len as u64)
     }
 
     /// Whether `[addr, addr + len)` touches this queue's used ring, which
@@ -310,6 +352,8 @@ impl<'m> DriverQueue<'m> {
 
     /// Checks the device's used ring: it never returns more chains than
     /// the driver offered, and the `new` latest ids are table indexes.
+    /// Only meaningful while no buffer overlaps a used ring (see
+    /// [`Alloc::tainted`]).
     pub fn check_used(&self, used_total: u64, new: u64) {
         assert!(
             used_total <= self.published,
