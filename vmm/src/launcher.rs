@@ -84,15 +84,11 @@ impl LaunchError {
     }
 }
 
-/// Feeds a config file to the controller as the API requests it stands
-/// for, so the file is checked exactly as the API checks them.
-fn apply_config_file(controller: &mut Controller, path: &Path) -> Result<(), LaunchError> {
-    let err = |why: String| LaunchError::ConfigFile {
-        path: path.to_path_buf(),
-        why,
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-    let file: ConfigFile = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+/// Parses a config file's text into the API requests it stands for, in
+/// the order the API would receive them. Public so the fuzzer reaches the
+/// parser without touching the filesystem.
+pub fn config_file_requests(text: &str) -> Result<Vec<ApiRequest>, serde_json::Error> {
+    let file: ConfigFile = serde_json::from_str(text)?;
     let mut requests = vec![ApiRequest::PutBootSource(file.boot_source)];
     if let Some(m) = file.machine_config {
         requests.push(ApiRequest::PutMachineConfig(m));
@@ -106,6 +102,18 @@ fn apply_config_file(controller: &mut Controller, path: &Path) -> Result<(), Lau
     requests.extend(file.logger.map(ApiRequest::PutLogger));
     requests.extend(file.metrics.map(ApiRequest::PutMetrics));
     requests.extend(file.entropy.map(ApiRequest::PutEntropy));
+    Ok(requests)
+}
+
+/// Feeds a config file to the controller as the API requests it stands
+/// for, so the file is checked exactly as the API checks them.
+fn apply_config_file(controller: &mut Controller, path: &Path) -> Result<(), LaunchError> {
+    let err = |why: String| LaunchError::ConfigFile {
+        path: path.to_path_buf(),
+        why,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let requests = config_file_requests(&text).map_err(|e| err(e.to_string()))?;
     let mut pending_metrics = None;
     for request in requests {
         let answer = match controller.handle(request) {
