@@ -9,4 +9,5 @@
 pub mod bus;
 pub mod io;
 pub mod legacy;
+pub mod rate_limiter;
 pub mod virtio;
