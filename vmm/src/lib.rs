@@ -10,6 +10,7 @@ pub mod arch;
 pub mod boot;
 pub mod cmdline;
 pub mod config;
+pub mod console;
 pub mod device_loop;
 pub mod device_manager;
 pub mod event_loop;

@@ -139,6 +139,7 @@ impl Cli {
                 drives,
                 network_interfaces,
                 boot_timer: self.boot_timer,
+                serial: Default::default(),
             }
         });
         Launch {

@@ -37,6 +37,7 @@
 //! ```
 
 pub mod controller;
+pub mod host_check;
 pub mod http;
 pub mod routes;
 pub mod server;
