@@ -163,7 +163,6 @@ fn execute_before_boot(
             *pending_metrics = Some(m.metrics_path.clone());
             Ok(CommandOutput::Done)
         }
-        VmCommand::FlushMetrics => Ok(CommandOutput::Done),
         _ => Err("the microVM is not running".into()),
     }
 }
