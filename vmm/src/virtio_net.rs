@@ -89,6 +89,13 @@ pub fn open_tap(cfg: &NetConfig) -> Result<(TapDevice, Option<[u8; 6]>), NetSetu
         tap: cfg.host_dev_name.clone(),
         source,
     })?;
+    if let Some(mtu) = cfg.mtu {
+        tap.set_mtu(mtu).map_err(|source| NetSetupError::Tap {
+            id: cfg.iface_id.clone(),
+            tap: cfg.host_dev_name.clone(),
+            source,
+        })?;
+    }
     Ok((tap, mac))
 }
 
@@ -131,7 +138,7 @@ impl NetIface {
         let line = irq
             .try_clone()
             .map_err(|e| wiring(DeviceError::EventFd(e)))?;
-        let device = NetDevice::new(DeviceNetConfig { tap, mac }, Box::new(line));
+        let device = NetDevice::with_mtu(DeviceNetConfig { tap, mac }, Box::new(line), cfg.mtu);
         log::info!(
             "network interface {id}: tap {} guest MAC {}",
             cfg.host_dev_name,

@@ -61,10 +61,16 @@ impl HostCheck for HostFiles {
         }
     }
 
+    /// Only attaches and detaches: the MTU is set when the VM is built.
     fn tap(&self, iface: &NetConfig) -> Result<(), String> {
-        crate::virtio_net::open_tap(iface).map(drop).map_err(|e| {
-            format!("Network config error: Could not create the network device: Open tap device failed: {e}")
-        })
+        devices::virtio::net::TapDevice::open(&iface.host_dev_name)
+            .map(drop)
+            .map_err(|e| {
+                format!(
+                    "Network config error: Could not create the network device: Open tap device \
+                     failed: {e}"
+                )
+            })
     }
 }
 

@@ -37,7 +37,7 @@ use vm_memory::GuestMemory;
 use super::frame::{self, Direction, Segment};
 use super::tap::{Tap, TapError};
 use super::{
-    config_bytes, generate_mac, tap_offloads, MacAddr, NetCounters, DEVICE_TYPE, FEATURES,
+    config_bytes, features, generate_mac, tap_offloads, MacAddr, NetCounters, DEVICE_TYPE,
     F_MRG_RXBUF, MAX_BUFFER_LEN, NUM_BUFFERS_OFFSET, NUM_QUEUES, QUEUE_MAX_SIZE, RX_QUEUE,
     TX_QUEUE, VNET_HDR_LEN,
 };
@@ -282,6 +282,8 @@ pub struct NetDevice<T: Tap> {
     tap: ManuallyDrop<T>,
     mac: MacAddr,
     irq: Interrupt,
+    /// What the device offers ([`features`]).
+    features: u64,
     acked_features: u64,
     activated: bool,
     generation: u32,
@@ -294,13 +296,19 @@ impl<T: Tap> NetDevice<T> {
     /// Builds an inactive device; `line` is the irqfd the VMM wired to the
     /// device's interrupt.
     pub fn new(config: NetConfig<T>, line: Box<dyn InterruptLine>) -> Self {
+        Self::with_mtu(config, line, None)
+    }
+
+    /// As [`Self::new`], offering the guest `mtu` (VIRTIO_NET_F_MTU).
+    pub fn with_mtu(config: NetConfig<T>, line: Box<dyn InterruptLine>, mtu: Option<u16>) -> Self {
         let mac = config.mac.unwrap_or_else(generate_mac);
-        let shared = Arc::new(DeviceShared::new(config_bytes(mac), Vec::new()));
+        let shared = Arc::new(DeviceShared::new(config_bytes(mac, mtu), Vec::new()));
         let max = QUEUE_MAX_SIZE;
         Self {
             tap: ManuallyDrop::new(config.tap),
             mac,
             irq: Interrupt::new(shared, line),
+            features: features(mtu),
             acked_features: 0,
             activated: false,
             generation: 0,
@@ -341,7 +349,7 @@ impl<T: Tap> NetDevice<T> {
     pub fn info(&self) -> VirtioDeviceInfo {
         VirtioDeviceInfo {
             device_type: DEVICE_TYPE,
-            avail_features: FEATURES,
+            avail_features: self.features,
             queue_max_sizes: vec![self.rx.max, self.tx.max],
             shared: self.irq.shared().clone(),
         }
@@ -403,7 +411,7 @@ impl<T: Tap> NetDevice<T> {
         activation: &Activation,
     ) -> Result<(), NetError> {
         let f = activation.features;
-        if f & !FEATURES != 0 || f & F_VERSION_1 == 0 {
+        if f & !self.features != 0 || f & F_VERSION_1 == 0 {
             return Err(NetError::BadFeatures(f));
         }
         if activation.queues.len() != NUM_QUEUES {
