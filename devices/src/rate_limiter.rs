@@ -70,8 +70,12 @@ impl ManualClock {
     /// Moves time forward by `by` (saturating at the end of time).
     pub fn advance(&self, by: Duration) {
         let ns = u64::try_from(by.as_nanos()).unwrap_or(u64::MAX);
-        let now = self.0.load(Ordering::Acquire);
-        self.0.store(now.saturating_add(ns), Ordering::Release);
+        // The closure never returns None, so the update always happens.
+        let _ = self
+            .0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |now| {
+                Some(now.saturating_add(ns))
+            });
     }
 }
 
