@@ -47,10 +47,10 @@ impl HostCheck for HostFiles {
     }
 
     fn drive(&self, drive: &DriveConfig) -> Result<(), String> {
-        use crate::virtio_block::{open_backing_file, DriveError};
+        use crate::machine::builder::{open_backing_file, DeviceSetupError};
         match open_backing_file(drive) {
             Ok(_) => Ok(()),
-            Err(DriveError::Open { path, source, .. }) => Err(format!(
+            Err(DeviceSetupError::OpenDrive { path, source, .. }) => Err(format!(
                 "Drive config error: Unable to create the virtio block device: Virtio backend \
                  error: Error manipulating the backing file: {source} {}",
                 path.display()

@@ -16,7 +16,6 @@ use crate::config::{BootSource, DriveConfig, NetConfig, SerialConfig};
 const NOT_IMPLEMENTED: &[&str] = &[
     "balloon",
     "cpu-config",
-    "entropy",
     "hotplug",
     "memory-hotplug",
     "mmds",
@@ -229,6 +228,10 @@ pub fn parse(method: &Method, path: &str, body: &[u8]) -> Result<ApiRequest, Rou
         (Method::Patch, "vm", None) => {
             needs_body(RouteError::EmptyPatch)?;
             ApiRequest::PatchVmState(json::<VmStateBody>(body)?.state)
+        }
+        (Method::Put, "entropy", None) => {
+            needs_body(RouteError::EmptyPut)?;
+            ApiRequest::PutEntropy(json(body)?)
         }
         _ => return Err(invalid()),
     };

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::config::{
-    BootSource, DriveConfig, NetConfig, RateLimiterConfig, SerialConfig, VmConfig,
+    BootSource, DriveConfig, EntropyConfig, NetConfig, RateLimiterConfig, SerialConfig, VmConfig,
 };
 
 /// Firecracker's `huge_pages` machine setting. Checked (memory must be a
@@ -286,6 +286,8 @@ pub enum ApiRequest {
     PutSerial(SerialConfig),
     /// `PATCH /vm`.
     PatchVmState(VmStateRequest),
+    /// `PUT /entropy`.
+    PutEntropy(EntropyConfig),
 }
 
 /// Status and JSON body of one answer. Bodies are JSON text already, so
@@ -373,6 +375,9 @@ pub struct FullVmConfig {
     pub logger: Option<LoggerConfig>,
     /// Metrics settings, if set through the API.
     pub metrics: Option<MetricsConfig>,
+    /// The entropy device, if configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entropy: Option<EntropyConfig>,
 }
 
 /// The settings of [`MachineConfigBody`] that [`VmConfig`] has no place

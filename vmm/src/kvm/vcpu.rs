@@ -19,9 +19,9 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 use crate::arch::x86_64::cpuid::{filter_cpuid, CpuTemplate};
 use crate::arch::x86_64::regs::{boot_fpu, boot_msrs, boot_regs, setup_sregs};
 use crate::boot::KernelEntry;
+use crate::kvm::pause::PauseGate;
+use crate::kvm::vm::Vm;
 use crate::metrics::VcpuExitCounters;
-use crate::vstate::pause::PauseGate;
-use crate::vstate::vm::Vm;
 
 /// Errors setting up a vCPU.
 #[derive(Debug, thiserror::Error)]
