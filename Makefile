@@ -17,7 +17,7 @@ RINGVM := $(CURDIR)/target/release/ringvm
 APT_PACKAGES := linux-source-6.1 build-essential bc bison flex libelf-dev \
 	libssl-dev busybox-static e2fsprogs cpio lz4 xz-utils iproute2 fio curl
 
-.PHONY: all deps build guest testguest broken run test unit-test integration-test lint clean bench bench-blk bench-net fuzz fuzz-check fuzz-deps
+.PHONY: all deps build guest testguest broken run test unit-test integration-test api-conformance lint clean bench bench-blk bench-net fuzz fuzz-check fuzz-deps
 
 all: build
 
@@ -30,6 +30,7 @@ deps:
 	fi
 	@rustup component list --installed 2>/dev/null | grep -q clippy || rustup component add clippy rustfmt
 	@python3 -c 'import requests_unixsocket' 2>/dev/null || python3 -m pip install -q requests-unixsocket
+	@python3 -c 'import schemathesis' 2>/dev/null || python3 -m pip install -q schemathesis
 
 build:
 	$(CARGO) build --release --locked -p vmm
@@ -72,7 +73,14 @@ integration-test: build guest testguest broken
 		RINGVM_BROKEN_BIN=$(CURDIR)/target/broken/release/ringvm \
 		$(CARGO) test --locked --release -p ringvm-tests -- --nocapture --test-threads=1
 
-test: deps lint unit-test fuzz-check integration-test
+# ringvm against its own OpenAPI description (resources/api/ringvm.yaml):
+# schemathesis' stateless phases, bounded (about 90 s): no 5xx, every
+# status, content type and body as described, schema-violating requests
+# refused. See resources/api/conformance.py.
+api-conformance: deps build
+	python3 resources/api/conformance.py $(RINGVM)
+
+test: deps lint unit-test fuzz-check integration-test api-conformance
 
 # virtio-blk data path (synthetic driver, real device + VMM loop, no KVM)
 # against fio io_uring on the same files; writes target/bench/blk.{json,md}.

@@ -155,7 +155,6 @@ fn execute_before_boot(
             *pending_metrics = Some(m.metrics_path.clone());
             Ok(CommandOutput::Done)
         }
-        VmCommand::FlushMetrics => Ok(CommandOutput::Done),
         _ => Err("the microVM is not running".into()),
     }
 }
@@ -318,16 +317,23 @@ mod tests {
 
     #[test]
     fn a_firecracker_config_file_fills_the_config() {
-        let p = write(
-            "good",
-            r#"{"boot-source":{"kernel_image_path":"/k","boot_args":"console=ttyS0"},
+        // The files it names are opened, as Firecracker opens them.
+        let kernel = write("kernel", "not really a kernel");
+        let rootfs = write("rootfs", "");
+        let text = r#"{"boot-source":{"kernel_image_path":"KERNEL","boot_args":"console=ttyS0"},
                 "machine-config":{"vcpu_count":2,"mem_size_mib":256,"smt":false},
-                "drives":[{"drive_id":"rootfs","path_on_host":"/r.ext4","is_root_device":true,"is_read_only":false}],
-                "network-interfaces":[]}"#,
-        );
+                "drives":[{"drive_id":"rootfs","path_on_host":"ROOTFS","is_root_device":true,"is_read_only":false,
+                           "rate_limiter":{"bandwidth":{"size":1048576,"refill_time":100}}}],
+                "network-interfaces":[]}"#
+            .replace("KERNEL", &kernel.to_string_lossy())
+            .replace("ROOTFS", &rootfs.to_string_lossy());
+        let p = write("good", &text);
         let mut c = Controller::new("t", VmConfig::default());
         apply_config_file(&mut c, &p).unwrap();
-        std::fs::remove_file(&p).unwrap();
+        for f in [&p, &kernel, &rootfs] {
+            std::fs::remove_file(f).unwrap();
+        }
+        assert!(c.config().drives[0].rate_limiter.is_some());
         assert_eq!(c.config().machine_config.vcpu_count, 2);
         assert_eq!(c.config().drives[0].drive_id, "rootfs");
         assert_eq!(c.config().base_cmdline(), "console=ttyS0");
@@ -336,6 +342,17 @@ mod tests {
     #[test]
     fn bad_config_files_are_one_line_errors() {
         for (name, text, needle) in [
+            (
+                "kernel",
+                r#"{"boot-source":{"kernel_image_path":"/nonexistent/vmlinux"}}"#,
+                "The kernel file cannot be opened",
+            ),
+            (
+                "vcpus",
+                r#"{"boot-source":{"kernel_image_path":"/proc/self/stat"},
+                   "machine-config":{"vcpu_count":33,"mem_size_mib":128}}"#,
+                "number of vCPUs",
+            ),
             ("json", "{not json", "key must be a string"),
             (
                 "field",
@@ -344,9 +361,9 @@ mod tests {
             ),
             (
                 "twoRoots",
-                r#"{"boot-source":{"kernel_image_path":"/k"},"drives":[
-                   {"drive_id":"a","path_on_host":"/a","is_root_device":true,"is_read_only":false},
-                   {"drive_id":"b","path_on_host":"/b","is_root_device":true,"is_read_only":false}]}"#,
+                r#"{"boot-source":{"kernel_image_path":"/proc/self/stat"},"drives":[
+                   {"drive_id":"a","path_on_host":"/proc/self/stat","is_root_device":true,"is_read_only":true},
+                   {"drive_id":"b","path_on_host":"/proc/self/stat","is_root_device":true,"is_read_only":true}]}"#,
                 "root",
             ),
         ] {

@@ -12,6 +12,7 @@ pub mod arch;
 pub mod boot;
 pub mod cmdline;
 pub mod config;
+pub mod console;
 pub mod exit_code;
 pub mod kvm;
 pub mod launcher;

@@ -33,7 +33,8 @@ struct Cli {
     /// any " -- ".
     #[arg(long, value_name = "ARGS", requires = "kernel")]
     cmdline: Option<String>,
-    /// Number of vCPUs (1-254).
+    /// Number of vCPUs (1-254; the API and --config-file keep Firecracker's
+    /// 1-32).
     #[arg(long, value_name = "N", default_value_t = 1)]
     cpus: u8,
     /// Guest memory in MiB.
@@ -46,14 +47,18 @@ struct Cli {
     #[arg(long, value_name = "NAME")]
     cpu_template: Option<String>,
     /// A virtio-blk drive: path=FILE[,id=NAME][,ro][,root][,direct=on]
-    /// [,cache=unsafe|writeback]. Repeat for more drives (vda, vdb, ...).
-    /// `root` adds root=/dev/vdX to the command line; `ro` makes the drive
-    /// read-only for the guest.
+    /// [,cache=unsafe|writeback][,bw=SIZE/MS[+BURST]][,ops=N/MS[+BURST]].
+    /// Repeat for more drives (vda, vdb, ...). `root` adds root=/dev/vdX to
+    /// the command line; `ro` makes the drive read-only for the guest;
+    /// bw/ops are Firecracker's token buckets: SIZE bytes (K, M, G) or N
+    /// requests per MS milliseconds, plus a one-time BURST.
     #[arg(long, value_name = "OPTIONS", requires = "kernel")]
     disk: Vec<DriveConfig>,
     /// A virtio-net interface on an existing tap: tap=NAME[,mac=02:..]
-    /// [,id=eth0]. ringvm opens the tap (IFF_TAP | IFF_NO_PI |
-    /// IFF_VNET_HDR); it never creates host interfaces. Repeat for more.
+    /// [,id=eth0][,mtu=N][,rx_bw=..][,rx_ops=..][,tx_bw=..][,tx_ops=..]
+    /// (buckets as in --disk). ringvm opens the tap (IFF_TAP | IFF_NO_PI |
+    /// IFF_VNET_HDR); it never creates host interfaces. mtu is offered to
+    /// the guest and set on the tap. Repeat for more.
     #[arg(long, value_name = "OPTIONS", requires = "kernel")]
     net: Vec<NetConfig>,
     /// A virtio-rng entropy device fed by the host's getrandom (the guest's
@@ -144,6 +149,7 @@ impl Cli {
                 network_interfaces,
                 entropy: self.rng.then(EntropyConfig::default),
                 boot_timer: self.boot_timer,
+                serial: Default::default(),
             }
         });
         Launch {

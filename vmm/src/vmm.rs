@@ -5,7 +5,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use io_uring::{opcode, types};
 use vmm_sys_util::eventfd::EventFd;
@@ -17,8 +17,10 @@ use crate::arch::x86_64::cpuid::CpuTemplate;
 use crate::arch::x86_64::mptable::{setup_mptable, MptableError};
 use crate::boot::{load_kernel, write_boot_data, BootError};
 use crate::cmdline::{compose_cmdline, root_param};
-use crate::config::{ConfigError, VmConfig};
+use crate::config::{ConfigError, RateLimiterConfig, VmConfig};
+use crate::console::ConsoleOut;
 use crate::exit_code;
+use crate::kvm::pause::PauseGate;
 use crate::kvm::vcpu::{
     create_vcpu, install_kick_handler, VcpuError, VcpuEvent, VcpuHandle, VcpuShared,
 };
@@ -93,6 +95,9 @@ pub enum GuestExit {
 /// Period of the automatic metrics flush, as Firecracker's.
 const METRICS_PERIOD_S: u64 = 60;
 
+/// How long `PATCH /vm` Paused waits for every vCPU to park.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How often the VMM thread checks whether every vCPU halted for good.
 const HALT_PROBE_NS: u32 = 500_000_000;
 
@@ -131,6 +136,9 @@ pub struct Vmm {
     virtio: VirtioDevices,
     vcpus: Vec<VcpuHandle>,
     stop: Arc<AtomicBool>,
+    /// Closed while the guest is paused; the flag a device slot reads to
+    /// stop draining its queues meanwhile ([`Vmm::is_paused`]).
+    pause: Arc<PauseGate>,
     vcpu_events: Receiver<VcpuEvent>,
     vcpu_events_ready: Arc<EventFd>,
     halted_for_good: Arc<Vec<AtomicBool>>,
@@ -232,12 +240,15 @@ impl Vmm {
         if let Some(entropy) = &config.entropy {
             virtio.add_rng(entropy)?;
         }
+        let console =
+            ConsoleOut::open(&config.serial).map_err(host("opening the serial output"))?;
+        let console_is_stdout = console.is_stdout();
         let template = choose_template(config)?;
         let vcpu_count = config.machine_config.vcpu_count;
 
         let vm = Vm::new(config.machine_config.mem_size_mib)?;
         let mut devices = DeviceManager::new()?;
-        devices.add_serial(&vm)?;
+        devices.add_serial(&vm, console)?;
         devices.add_i8042(&vm)?;
         let debug_exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(host("eventfd"))?;
         let verdict =
@@ -273,6 +284,7 @@ impl Vmm {
         let (tx, rx) = channel();
         let events_ready = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(host("eventfd"))?);
         let stop = Arc::new(AtomicBool::new(false));
+        let pause = Arc::new(PauseGate::default());
         let exits = Arc::new(VcpuExitCounters::default());
         let halted_for_good: Arc<Vec<AtomicBool>> =
             Arc::new((0..vcpu_count).map(|_| AtomicBool::new(false)).collect());
@@ -284,6 +296,7 @@ impl Vmm {
             events_ready: events_ready.clone(),
             halted_for_good: halted_for_good.clone(),
             exits: exits.clone(),
+            pause: pause.clone(),
         };
         let mut fds = Vec::with_capacity(usize::from(vcpu_count));
         for cpu in 0..vcpu_count {
@@ -307,6 +320,7 @@ impl Vmm {
             virtio,
             vcpus: Vec::new(),
             stop,
+            pause,
             vcpu_events: rx,
             vcpu_events_ready: events_ready,
             halted_for_good,
@@ -318,7 +332,9 @@ impl Vmm {
             verdict,
             config: config.clone(),
             api: None,
-            stdin_open: true,
+            // With the console in a file, stdin is not the guest's (as in
+            // Firecracker).
+            stdin_open: console_is_stdout,
             pending_input: Vec::new(),
             _terminal: None,
         };
@@ -432,6 +448,7 @@ impl Vmm {
             VmCommand::UpdateDrive {
                 drive_id,
                 path_on_host,
+                rate_limiter,
             } => {
                 let Some(index) = self
                     .config
@@ -441,17 +458,52 @@ impl Vmm {
                 else {
                     return Err(format!("no drive {drive_id:?}"));
                 };
-                let mut cfg = self.config.drives[index].clone();
-                cfg.path_on_host = path_on_host.clone();
-                let file = open_backing_file(&cfg).map_err(|e| e.to_string())?;
-                let drive = self
-                    .virtio
-                    .device_mut::<BlockDevice>(drive_id)
-                    .ok_or_else(|| format!("no drive {drive_id:?}"))?;
-                drive
-                    .swap_disk(file)
-                    .map_err(|e| format!("drive {drive_id}: {e}"))?;
-                self.config.drives[index] = cfg;
+                if let Some(path) = path_on_host {
+                    let mut cfg = self.config.drives[index].clone();
+                    cfg.path_on_host = path.clone();
+                    let file = open_backing_file(&cfg).map_err(|e| e.to_string())?;
+                    let drive = self
+                        .virtio
+                        .device_mut::<BlockDevice>(drive_id)
+                        .ok_or_else(|| format!("no drive {drive_id:?}"))?;
+                    drive
+                        .swap_disk(file)
+                        .map_err(|e| format!("drive {drive_id}: {e}"))?;
+                    self.config.drives[index] = cfg;
+                }
+                if let Some(update) = rate_limiter {
+                    let d = &mut self.config.drives[index];
+                    d.rate_limiter = RateLimiterConfig::patched(d.rate_limiter, update);
+                    self.rate_limiter_updated(drive_id, "", update);
+                }
+                Ok(CommandOutput::Done)
+            }
+            VmCommand::UpdateNetRateLimiters { iface_id, rx, tx } => {
+                let Some(n) = self
+                    .config
+                    .network_interfaces
+                    .iter_mut()
+                    .find(|n| &n.iface_id == iface_id)
+                else {
+                    return Err(format!("no network interface {iface_id:?}"));
+                };
+                if let Some(update) = rx {
+                    n.rx_rate_limiter = RateLimiterConfig::patched(n.rx_rate_limiter, update);
+                }
+                if let Some(update) = tx {
+                    n.tx_rate_limiter = RateLimiterConfig::patched(n.tx_rate_limiter, update);
+                }
+                for (side, update) in [("rx", rx), ("tx", tx)] {
+                    if let Some(update) = update {
+                        self.rate_limiter_updated(iface_id, side, update);
+                    }
+                }
+                Ok(CommandOutput::Done)
+            }
+            VmCommand::Pause => self.pause_guest().map(|()| CommandOutput::Done),
+            VmCommand::Resume => {
+                self.pause.open();
+                log::info!("guest resumed");
                 Ok(CommandOutput::Done)
             }
             VmCommand::ConfigureLogger(l) => crate::logger::configure(
@@ -467,6 +519,44 @@ impl Vmm {
                 .map(|()| CommandOutput::Done)
                 .map_err(|e| e.to_string()),
         }
+    }
+
+    /// Whether the guest is paused (`PATCH /vm`): its vCPUs are parked.
+    /// Devices keep completing what is in flight; a device slot that must
+    /// also stop draining its queues reads this on the VMM thread.
+    pub fn is_paused(&self) -> bool {
+        self.pause.is_paused()
+    }
+
+    /// Parks every running vCPU; fails (leaving the guest running) if one
+    /// does not leave `KVM_RUN` within [`PAUSE_TIMEOUT`].
+    fn pause_guest(&mut self) -> Result<(), String> {
+        let vcpus = &self.vcpus;
+        let paused = self.pause.close(
+            || vcpus.iter().filter(|v| !v.is_finished()).count(),
+            || vcpus.iter().for_each(VcpuHandle::kick),
+            PAUSE_TIMEOUT,
+        );
+        if !paused {
+            return Err(format!(
+                "a vCPU did not stop within {} s",
+                PAUSE_TIMEOUT.as_secs()
+            ));
+        }
+        log::info!("guest paused ({} vCPUs parked)", self.pause.parked());
+        Ok(())
+    }
+
+    /// A live limiter update (`PATCH`) reached the VMM and is recorded in
+    /// the running configuration (`GET /vm/config` shows it). The device
+    /// data paths take their limiters from the device contract, which
+    /// applies `update.as_update()` to the device's
+    /// [`devices::rate_limiter::RateLimiter`]; until then this records.
+    fn rate_limiter_updated(&mut self, device: &str, side: &str, update: &RateLimiterConfig) {
+        log::info!(
+            "rate limiter of {device}{}{side} updated: {update:?}",
+            if side.is_empty() { "" } else { " " }
+        );
     }
 
     /// Sends metrics to `path` from now on (`--metrics-path`, `PUT /metrics`).
@@ -537,7 +627,9 @@ impl Vmm {
     /// Runs the VMM thread loop until the guest stops; then stops and
     /// joins every vCPU.
     pub fn run(&mut self) -> Result<GuestExit, VmmError> {
-        self._terminal = RawTerminal::enter(libc::STDIN_FILENO);
+        if self.stdin_open {
+            self._terminal = RawTerminal::enter(libc::STDIN_FILENO);
+        }
         let events_fd = self.vcpu_events_ready.as_raw_fd();
         let reset_fd = self.devices.reset_evt.as_raw_fd();
         Self::arm_eventfd(
@@ -654,6 +746,12 @@ impl Vmm {
             Token::HaltProbe => {
                 // Flags set by the previous probe's kicks: every vCPU asleep
                 // with interrupts off means the guest halted or powered off.
+                // Parked vCPUs do not refresh their flags: no verdict and
+                // no kicks while the guest is paused.
+                if self.pause.is_paused() {
+                    self.arm_halt_probe()?;
+                    return Ok(None);
+                }
                 if self
                     .halted_for_good
                     .iter()
@@ -689,6 +787,7 @@ impl Vmm {
             }
         }
         self.stop.store(true, Ordering::Release);
+        self.pause.release();
         for vcpu in &mut self.vcpus {
             vcpu.stop_and_join();
         }

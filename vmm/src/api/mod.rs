@@ -5,7 +5,8 @@
 //!
 //! - [`http`]: strict HTTP/1.1 parsing and response framing.
 //! - [`routes`]: method + path + body → [`ApiRequest`] (pure).
-//! - [`controller`]: the pre-boot / post-boot state machine (pure).
+//! - [`controller`]: the pre-boot / post-boot / paused state machine
+//!   (pure but for [`host_check`], which opens the files a PUT names).
 //! - [`server`]: the API thread (event-manager loop) and the
 //!   [`ApiHandle`] / [`Responder`] pair the VMM thread uses.
 //!
@@ -37,6 +38,7 @@
 //! ```
 
 pub mod controller;
+pub mod host_check;
 pub mod http;
 pub mod routes;
 pub mod server;

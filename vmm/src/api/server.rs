@@ -797,7 +797,8 @@ mod tests {
             let stop = Arc::new(AtomicBool::new(false));
             let stop2 = stop.clone();
             let thread = std::thread::spawn(move || {
-                let mut controller = Controller::new("test-vm", VmConfig::default());
+                let mut controller = Controller::new("test-vm", VmConfig::default())
+                    .with_host_check(Box::new(crate::api::host_check::AcceptAll));
                 let mut pfd = libc::pollfd {
                     fd: handle.requests_fd(),
                     events: libc::POLLIN,
@@ -1004,7 +1005,7 @@ mod tests {
         let r = c.request(
             "PUT",
             "/drives/rootfs",
-            r#"{"drive_id":"other","path_on_host":"/img"}"#,
+            r#"{"drive_id":"other","path_on_host":"/img","is_root_device":false}"#,
         );
         assert_eq!(r.status, 400);
         assert_eq!(
@@ -1282,7 +1283,8 @@ mod tests {
         );
         let mut clients: Vec<Client> = (0..200).map(|_| vmm.connect()).collect();
         for (i, c) in clients.iter_mut().enumerate() {
-            let body = format!(r#"{{"drive_id":"d{i}","path_on_host":"/img{i}"}}"#);
+            let body =
+                format!(r#"{{"drive_id":"d{i}","path_on_host":"/img{i}","is_root_device":false}}"#);
             c.send(
                 format!(
                     "PUT /drives/d{i} HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",

@@ -19,6 +19,7 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 use crate::arch::x86_64::cpuid::{filter_cpuid, CpuTemplate};
 use crate::arch::x86_64::regs::{boot_fpu, boot_msrs, boot_regs, setup_sregs};
 use crate::boot::KernelEntry;
+use crate::kvm::pause::PauseGate;
 use crate::kvm::vm::Vm;
 use crate::metrics::VcpuExitCounters;
 
@@ -102,6 +103,8 @@ pub struct VcpuShared {
     pub halted_for_good: Arc<Vec<AtomicBool>>,
     /// Exit counts for metrics.
     pub exits: Arc<VcpuExitCounters>,
+    /// Where each vCPU parks while the guest is paused.
+    pub pause: Arc<PauseGate>,
 }
 
 /// Creates vCPU `cpu` of `count` and loads its boot state: CPUID, MSRs,
@@ -214,7 +217,13 @@ impl VcpuHandle {
         })
     }
 
-    /// Interrupts `KVM_RUN` once, so the thread re-reads its halt state.
+    /// Whether the thread has ended (it reported a stop or a crash).
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// Interrupts `KVM_RUN` once, so the thread re-reads its halt state
+    /// and the pause gate.
     pub fn kick(&self) {
         use std::os::unix::thread::JoinHandleExt;
         if let Some(thread) = &self.thread {
@@ -268,6 +277,10 @@ enum Next {
 fn run_vcpu(mut vcpu: VcpuFd, cpu: u8, shared: VcpuShared, _mem: GuestMemoryMmap) {
     let idx = usize::from(cpu);
     while !shared.stop.load(Ordering::Acquire) {
+        shared.pause.wait_if_closed();
+        if shared.stop.load(Ordering::Acquire) {
+            break;
+        }
         let next = match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
                 VcpuExitCounters::bump(&shared.exits.io_in);

@@ -162,19 +162,25 @@ impl VirtioBuilder {
         })
     }
 
-    /// A virtio-net interface on an existing tap.
+    /// A virtio-net interface on an existing tap; with an `mtu`, the tap is
+    /// set to it and the guest is offered it.
     pub fn add_net(&mut self, cfg: &NetConfig) -> Result<(), DeviceSetupError> {
-        let tap = TapDevice::open(&cfg.host_dev_name).map_err(|source| DeviceSetupError::Tap {
+        let tap_error = |source| DeviceSetupError::Tap {
             id: cfg.iface_id.clone(),
             source,
-        })?;
+        };
+        let tap = TapDevice::open(&cfg.host_dev_name).map_err(tap_error)?;
+        if let Some(mtu) = cfg.mtu {
+            tap.set_mtu(mtu).map_err(tap_error)?;
+        }
         self.add(&cfg.iface_id, |line| {
-            let device = NetDevice::new(
+            let device = NetDevice::with_mtu(
                 NetDeviceConfig {
                     tap,
                     mac: cfg.guest_mac,
                 },
                 line,
+                cfg.mtu,
             );
             log::info!(
                 "network interface {}: tap {} guest MAC {}",

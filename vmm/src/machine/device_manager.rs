@@ -1,7 +1,6 @@
 //! Places devices on the buses, hands out MMIO windows and IRQ lines, and
 //! tells the kernel where its command-line virtio-mmio devices are.
 
-use std::io::Stdout;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -11,6 +10,7 @@ use std::sync::atomic::AtomicU32;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::layout::{BOOT_TIMER_START, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
+use crate::console::ConsoleOut;
 use crate::kvm::vm::{Vm, VmError};
 use devices::bus::SharedDevice;
 use devices::virtio::mmio::{TransportEvents, TRANSPORT_QUEUE_DEPTH};
@@ -93,7 +93,7 @@ pub enum DeviceError {
 }
 
 /// The console as the VMM thread sees it.
-pub type SharedSerial = Arc<Mutex<Serial<Stdout>>>;
+pub type SharedSerial = Arc<Mutex<Serial<ConsoleOut>>>;
 
 /// The buses and the legacy devices the VMM thread talks to directly.
 #[derive(Debug)]
@@ -132,11 +132,12 @@ impl DeviceManager {
         })
     }
 
-    /// COM1 at 0x3f8, IRQ 4, printing to stdout.
-    pub fn add_serial(&mut self, vm: &Vm) -> Result<(), DeviceError> {
+    /// COM1 at 0x3f8, IRQ 4, printing to `out` (stdout or `PUT /serial`'s
+    /// file).
+    pub fn add_serial(&mut self, vm: &Vm, out: ConsoleOut) -> Result<(), DeviceError> {
         let irq = new_eventfd()?;
         vm.register_irqfd(&irq, COM1_IRQ)?;
-        let serial = Arc::new(Mutex::new(Serial::new(irq, std::io::stdout())));
+        let serial = Arc::new(Mutex::new(Serial::new(irq, out)));
         self.pio.insert(serial.clone(), COM1_PORT, 8)?;
         self.serial = Some(serial);
         Ok(())
