@@ -17,6 +17,8 @@ pub mod exit_code;
 pub mod launcher;
 pub mod logger;
 pub mod metrics;
+pub mod seccomp;
+pub mod stop_signals;
 pub mod terminal;
 pub mod virtio_block;
 pub mod virtio_net;

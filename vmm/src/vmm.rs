@@ -1,7 +1,7 @@
 //! The machine: builds a VM from a [`VmConfig`] and runs its VMM thread
 //! loop on the ring until the guest stops.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::Arc;
@@ -20,6 +20,7 @@ use crate::device_loop::DeviceLoop;
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::event_loop::{Completion, EventLoop, Token};
 use crate::metrics::{ApiCounters, DeviceMetrics, MetricsSink, VcpuExitCounters};
+use crate::seccomp::{Filters, SeccompError, ThreadKind};
 use crate::terminal::RawTerminal;
 use crate::virtio_block::{open_backing_file, Drive, DriveError};
 use crate::virtio_net::{open_tap, NetIface, NetSetupError};
@@ -52,6 +53,9 @@ pub enum VmmError {
     /// A network interface could not be set up.
     #[error("{0}")]
     Net(#[from] NetSetupError),
+    /// A seccomp filter could not be installed.
+    #[error("{0}")]
+    Seccomp(#[from] SeccompError),
     /// The MP table could not be written.
     #[error("MP table: {0}")]
     Mptable(#[from] MptableError),
@@ -178,30 +182,6 @@ fn choose_template(config: &VmConfig) -> Result<CpuTemplate, VmmError> {
     }
 }
 
-/// Blocks the stop signals in this thread (and so in every thread spawned
-/// after) and returns a signalfd that reads them on the ring.
-fn signal_fd() -> Result<RawFd, VmmError> {
-    // SAFETY: sigset_t is plain data and sigemptyset initialises it.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: all calls below take pointers to `set`, which we own.
-    unsafe {
-        libc::sigemptyset(&mut set);
-        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
-            libc::sigaddset(&mut set, sig);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-    }
-    // SAFETY: `set` is initialised; signalfd returns a new fd or -1.
-    let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
-    if fd < 0 {
-        return Err(VmmError::Host {
-            what: "signalfd",
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    Ok(fd)
-}
-
 impl Vmm {
     /// Builds the VM: memory, devices, kernel, boot tables and vCPUs. The
     /// vCPUs do not run until [`Vmm::run`].
@@ -274,7 +254,9 @@ impl Vmm {
         log::debug!("kernel entry {:?}; command line: {cmdline}", kernel.entry());
 
         let ring = EventLoop::new().map_err(host("creating the io_uring ring"))?;
-        let signal_fd = signal_fd()?;
+        let signal_fd = crate::stop_signals::signal_fd()
+            .map_err(host("signalfd"))?
+            .into_raw_fd();
         install_kick_handler()?;
 
         let (tx, rx) = channel();
@@ -552,9 +534,17 @@ impl Vmm {
     }
 
     /// Runs the VMM thread loop until the guest stops; then stops and
-    /// joins every vCPU.
-    pub fn run(&mut self) -> Result<GuestExit, VmmError> {
+    /// joins every vCPU. The VMM thread's seccomp filter from `filters` is
+    /// installed first, then each vCPU thread installs its own and only
+    /// then enters the guest.
+    pub fn run(&mut self, filters: &Filters) -> Result<GuestExit, VmmError> {
         self._terminal = RawTerminal::enter(libc::STDIN_FILENO);
+        filters.install(ThreadKind::Vmm)?;
+        #[cfg(feature = "broken-seccomp")]
+        crate::seccomp::broken::forbidden_call();
+        for vcpu in &mut self.vcpus {
+            vcpu.start(filters.clone());
+        }
         let events_fd = self.vcpu_events_ready.as_raw_fd();
         let reset_fd = self.devices.reset_evt.as_raw_fd();
         Self::arm_eventfd(
