@@ -6,7 +6,8 @@
 //! is one `io_uring_enter`: it submits what the last turn queued and waits
 //! for at least one completion. The ring is created `SINGLE_ISSUER |
 //! DEFER_TASKRUN` where the kernel has them, so completions are only run
-//! when this thread asks for them, in one batch.
+//! when this thread asks for them, in one batch, and is limited to the
+//! opcodes ringvm uses (`ring_lockdown.rs`).
 
 use std::io;
 use std::os::fd::RawFd;
@@ -106,6 +107,7 @@ impl EventLoop {
             .setup_cqsize(RING_ENTRIES * 2)
             .setup_single_issuer()
             .setup_defer_taskrun()
+            .setup_r_disabled()
             .build(RING_ENTRIES);
         let (ring, deferred_taskrun) = match tuned {
             Ok(ring) => (ring, true),
@@ -114,11 +116,13 @@ impl EventLoop {
                 (
                     IoUring::builder()
                         .setup_cqsize(RING_ENTRIES * 2)
+                        .setup_r_disabled()
                         .build(RING_ENTRIES)?,
                     false,
                 )
             }
         };
+        crate::ring_lockdown::restrict_and_enable(&ring)?;
         let min_timeout = ring.params().is_feature_min_timeout();
         Ok(Self {
             ring,

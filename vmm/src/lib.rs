@@ -17,6 +17,7 @@ pub mod exit_code;
 pub mod launcher;
 pub mod logger;
 pub mod metrics;
+pub mod ring_lockdown;
 pub mod seccomp;
 pub mod stop_signals;
 pub mod terminal;
