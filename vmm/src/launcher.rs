@@ -164,10 +164,7 @@ fn execute_before_boot(
         .map_err(|e| e.to_string()),
         VmCommand::ConfigureMetrics(m) => {
             // Open it now so a bad path is refused at once.
-            std::fs::OpenOptions::new()
-                .append(true)
-                .create(true)
-                .open(&m.metrics_path)
+            crate::host_file::open_sink(&m.metrics_path)
                 .map_err(|e| format!("{}: {e}", m.metrics_path.display()))?;
             *pending_metrics = Some(m.metrics_path.clone());
             Ok(CommandOutput::Done)

@@ -14,6 +14,7 @@ pub mod device_loop;
 pub mod device_manager;
 pub mod event_loop;
 pub mod exit_code;
+pub mod host_file;
 pub mod launcher;
 pub mod logger;
 pub mod metrics;

@@ -5,9 +5,8 @@
 //! The transport (register file) lives on the MMIO bus for the vCPU
 //! threads; everything here is owned by the VMM thread alone.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::mpsc::Receiver;
 
@@ -19,6 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::config::{CacheType, DriveConfig};
 use crate::device_manager::{new_eventfd, DeviceError, DeviceManager, EventWiring};
 use crate::event_loop::{DeviceIo, EventLoop};
+use crate::host_file::{open_image, ImageAccess};
 
 /// Errors setting up a drive; all are found before the guest starts.
 #[derive(Debug, thiserror::Error)]
@@ -51,19 +51,18 @@ pub enum DriveError {
     },
 }
 
-/// Opens a drive's backing file as its config asks (read-only, O_DIRECT).
+/// Opens a drive's backing file as its config asks (read-only, O_DIRECT):
+/// a regular file or block device, without ever blocking in `open`.
 pub fn open_backing_file(cfg: &DriveConfig) -> Result<File, DriveError> {
-    let mut opts = OpenOptions::new();
-    opts.read(true).write(!cfg.is_read_only);
-    if cfg.direct {
-        opts.custom_flags(libc::O_DIRECT);
-    }
-    opts.open(&cfg.path_on_host)
-        .map_err(|source| DriveError::Open {
-            id: cfg.drive_id.clone(),
-            path: cfg.path_on_host.clone(),
-            source,
-        })
+    let access = ImageAccess {
+        write: !cfg.is_read_only,
+        direct: cfg.direct,
+    };
+    open_image(&cfg.path_on_host, access).map_err(|source| DriveError::Open {
+        id: cfg.drive_id.clone(),
+        path: cfg.path_on_host.clone(),
+        source,
+    })
 }
 
 /// One drive on the VMM thread.

@@ -13,7 +13,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::api::{ApiHandle, CommandOutput, Controller, Decision, VmCommand};
 use crate::arch::x86_64::cpuid::CpuTemplate;
 use crate::arch::x86_64::mptable::{setup_mptable, MptableError};
-use crate::boot::{load_kernel, write_boot_data, BootError};
+use crate::boot::{load_kernel, write_boot_data, BootError, BootFiles};
 use crate::cmdline::{compose_cmdline, root_param};
 use crate::config::{ConfigError, VmConfig};
 use crate::device_loop::DeviceLoop;
@@ -187,19 +187,10 @@ impl Vmm {
     /// vCPUs do not run until [`Vmm::run`].
     pub fn new(config: &VmConfig, process_start: Instant) -> Result<Self, VmmError> {
         config.validate()?;
-        // Check the files before touching KVM, so a typo is a config error
+        // Open the files before touching KVM, so a typo is a config error
         // even on a host without /dev/kvm.
         let boot = &config.boot_source;
-        std::fs::File::open(&boot.kernel_image_path).map_err(|source| BootError::OpenKernel {
-            path: boot.kernel_image_path.clone(),
-            source,
-        })?;
-        if let Some(initrd) = &boot.initrd_path {
-            std::fs::File::open(initrd).map_err(|source| BootError::Initrd {
-                path: initrd.clone(),
-                source,
-            })?;
-        }
+        let boot_files = BootFiles::open(&boot.kernel_image_path, boot.initrd_path.as_deref())?;
         // Drives too: a missing or unreadable image is a config error, found
         // before KVM is touched.
         let drive_files = config
@@ -244,11 +235,7 @@ impl Vmm {
         extra.extend(root.as_deref());
         extra.extend(template.kernel_params());
         let cmdline = compose_cmdline(config.base_cmdline(), &extra);
-        let kernel = load_kernel(
-            vm.memory(),
-            &boot.kernel_image_path,
-            boot.initrd_path.as_deref(),
-        )?;
+        let kernel = load_kernel(vm.memory(), boot_files)?;
         write_boot_data(vm.memory(), &kernel, &cmdline)?;
         setup_mptable(vm.memory(), vcpu_count)?;
         log::debug!("kernel entry {:?}; command line: {cmdline}", kernel.entry());
