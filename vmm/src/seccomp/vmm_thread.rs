@@ -34,12 +34,8 @@ pub fn rules(kick_signal: i32) -> Vec<Rule> {
             }
         ),
         allow_call!(
-            SYS_newfstatat,
-            "type check of a PATCH /drives file (glibc's fstat)"
-        ),
-        allow_call!(
-            SYS_fstat,
-            "type check of a PATCH /drives file (fstat on older glibc)"
+            SYS_statx,
+            "type check of a PATCH /drives file (std's File::metadata)"
         ),
         allow_call!(
             SYS_fcntl,
