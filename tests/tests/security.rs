@@ -99,11 +99,29 @@ fn exit_within(child: &mut Child, within: Duration) -> Option<std::process::Exit
     None
 }
 
-/// Every task of `pid` as (name, Seccomp value, real uid).
+/// `PF_USER_WORKER`: a kernel worker living in the process (io_uring's
+/// `iou-wrk`, KVM's NX-recovery task). They run no user code and make no
+/// syscalls; whether they show the filter depends on which thread the
+/// kernel created them from.
+const PF_USER_WORKER: u64 = 0x4000;
+
+/// Every user thread of `pid` as (name, Seccomp value, real uid).
 fn tasks(pid: u32) -> Vec<(String, String, String)> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(format!("/proc/{pid}/task")).expect("task dir") {
         let Ok(entry) = entry else { continue };
+        let flags = std::fs::read_to_string(entry.path().join("stat"))
+            .ok()
+            .and_then(|stat| {
+                // Fields after the parenthesised name: state is field 3,
+                // flags field 9.
+                let rest = stat.rsplit_once(") ")?.1.to_string();
+                rest.split_whitespace().nth(6)?.parse::<u64>().ok()
+            })
+            .unwrap_or(0);
+        if flags & PF_USER_WORKER != 0 {
+            continue;
+        }
         let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
             continue; // the task ended meanwhile
         };

@@ -21,6 +21,8 @@ struct Target {
     file: Option<LineSink>,
     show_level: bool,
     show_origin: bool,
+    /// Whether stderr is a terminal (raw mode needs "\r\n").
+    stderr_is_terminal: bool,
 }
 
 static TARGET: OnceLock<Mutex<Target>> = OnceLock::new();
@@ -39,6 +41,9 @@ fn target() -> &'static Mutex<Target> {
             file: None,
             show_level: true,
             show_origin: false,
+            // Asked once, here: isatty is an ioctl, which the seccomp
+            // filters do not let every thread make.
+            stderr_is_terminal: std::io::stderr().is_terminal(),
         })
     })
 }
@@ -86,11 +91,7 @@ impl Log for RingvmLogger {
             None => {
                 // A terminal in raw mode (while the guest owns stdin) needs
                 // an explicit carriage return.
-                let eol = if std::io::stderr().is_terminal() {
-                    "\r\n"
-                } else {
-                    "\n"
-                };
+                let eol = if t.stderr_is_terminal { "\r\n" } else { "\n" };
                 let _ = write!(std::io::stderr().lock(), "{prefix} {}{eol}", record.args());
             }
         }
@@ -101,6 +102,7 @@ impl Log for RingvmLogger {
 
 /// Installs the logger once; later calls only change the level.
 pub fn init(level: LevelFilter) {
+    let _ = target();
     let _ = log::set_logger(&RingvmLogger);
     log::set_max_level(level);
 }
