@@ -53,10 +53,12 @@ run: build guest
 testguest:
 	bash resources/testguest/build.sh $(CURDIR)/target/testguest
 
-# A test-only ringvm whose block device reports refused requests as OK: the
-# test guest must catch it. Built apart so it never replaces the real one.
+# A test-only ringvm whose block device reports refused requests as OK (the
+# test guest must catch it) and whose VMM thread makes a forbidden syscall
+# when RINGVM_TEST_FORBIDDEN_SYSCALL=1 (seccomp must kill it). Built apart
+# so it never replaces the real one.
 broken:
-	$(CARGO) build --release --locked -p vmm --features broken-status --target-dir $(CURDIR)/target/broken
+	$(CARGO) build --release --locked -p vmm --features broken-status,broken-seccomp --target-dir $(CURDIR)/target/broken
 
 lint: deps
 	$(CARGO) fmt --all -- --check

@@ -14,6 +14,8 @@ use crate::api::{
 };
 use crate::config::{BootSource, DriveConfig, EntropyConfig, NetConfig, VmConfig};
 use crate::exit_code;
+use crate::seccomp::{self, Filters, SeccompChoice, SeccompError};
+use crate::stop_signals;
 use crate::vmm::{GuestExit, Vmm, VmmError};
 
 /// How this run was asked for.
@@ -33,6 +35,8 @@ pub struct Launch {
     pub metrics_path: Option<PathBuf>,
     /// `--boot-timer`, applied to whatever config is booted.
     pub boot_timer: bool,
+    /// `--no-seccomp` / `--seccomp-filter`.
+    pub seccomp: SeccompChoice,
 }
 
 /// Firecracker's configuration file: the `GET /vm/config` shape.
@@ -69,6 +73,9 @@ pub enum LaunchError {
     /// The API socket cannot be served.
     #[error("API socket: {0}")]
     Api(String),
+    /// The seccomp filters cannot be built (e.g. a bad `--seccomp-filter`).
+    #[error("{0}")]
+    Seccomp(#[from] SeccompError),
     /// Building or running the VM failed.
     #[error("{0}")]
     Vmm(#[from] VmmError),
@@ -78,7 +85,9 @@ impl LaunchError {
     /// The documented exit code for this error.
     pub fn exit_code(&self) -> i32 {
         match self {
-            LaunchError::ConfigFile { .. } | LaunchError::Api(_) => exit_code::BAD_CONFIG,
+            LaunchError::ConfigFile { .. } | LaunchError::Api(_) | LaunchError::Seccomp(_) => {
+                exit_code::BAD_CONFIG
+            }
             LaunchError::Vmm(e) => e.exit_code(),
         }
     }
@@ -147,10 +156,7 @@ fn execute_before_boot(
         .map_err(|e| e.to_string()),
         VmCommand::ConfigureMetrics(m) => {
             // Open it now so a bad path is refused at once.
-            std::fs::OpenOptions::new()
-                .append(true)
-                .create(true)
-                .open(&m.metrics_path)
+            crate::host_file::open_sink(&m.metrics_path)
                 .map_err(|e| format!("{}: {e}", m.metrics_path.display()))?;
             *pending_metrics = Some(m.metrics_path.clone());
             Ok(CommandOutput::Done)
@@ -159,24 +165,63 @@ fn execute_before_boot(
     }
 }
 
-/// Blocks until the API thread has queued requests (or was shut down).
-fn wait_for_requests(api: &ApiHandle) {
-    let mut counter = [0u8; 8];
-    // SAFETY: reads at most 8 bytes into our stack buffer from the API's
-    // eventfd, which lives as long as `api`.
-    unsafe { libc::read(api.requests_fd(), counter.as_mut_ptr().cast(), 8) };
+/// What ended the wait for `InstanceStart`.
+enum Configured {
+    /// A VM was built.
+    Built(Box<Vmm>),
+    /// A stop signal arrived first.
+    Stopped(i32),
 }
 
-/// Serves the socket until `InstanceStart` builds a VM.
+/// Blocks until the API thread has queued requests, or a stop signal is
+/// pending; returns that signal.
+fn wait_for_requests(api: &ApiHandle, signals: &std::os::fd::OwnedFd) -> Option<i32> {
+    use std::os::fd::AsRawFd;
+    let mut fds = [
+        libc::pollfd {
+            fd: api.requests_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: signals.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    // SAFETY: `fds` is an array of two valid pollfds for the whole call.
+    unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+    if fds[1].revents != 0 {
+        if let Some(sig) = stop_signals::take_pending(signals) {
+            return Some(sig);
+        }
+    }
+    if fds[0].revents != 0 {
+        let mut counter = [0u8; 8];
+        // SAFETY: reads at most 8 bytes into our stack buffer from the
+        // API's eventfd, which lives as long as `api`; it is readable.
+        unsafe { libc::read(api.requests_fd(), counter.as_mut_ptr().cast(), 8) };
+    }
+    None
+}
+
+/// Serves the socket until `InstanceStart` builds a VM or a stop signal
+/// arrives.
 fn configure_over_api(
     api: &ApiHandle,
     controller: &mut Controller,
     pending_metrics: &mut Option<PathBuf>,
     boot_timer: bool,
     start: Instant,
-) -> Vmm {
+) -> Result<Configured, LaunchError> {
+    let signals = stop_signals::signal_fd().map_err(|source| VmmError::Host {
+        what: "signalfd",
+        source,
+    })?;
     loop {
-        wait_for_requests(api);
+        if let Some(sig) = wait_for_requests(api, &signals) {
+            return Ok(Configured::Stopped(sig));
+        }
         while let Some((request, responder)) = api.try_recv() {
             let answer = match controller.handle(request) {
                 Decision::Respond(r) => r,
@@ -190,7 +235,7 @@ fn configure_over_api(
                     match Vmm::new(&config, start) {
                         Ok(vmm) => {
                             responder.respond(controller.start_result(Ok::<(), String>(())));
-                            return vmm;
+                            return Ok(Configured::Built(Box::new(vmm)));
                         }
                         Err(e) => controller.start_result(Err(e)),
                     }
@@ -232,15 +277,19 @@ pub fn run(launch: Launch, start: Instant) -> i32 {
 }
 
 fn try_run(launch: Launch, start: Instant) -> Result<GuestExit, LaunchError> {
+    // Before any thread exists, so every thread inherits the mask.
+    stop_signals::block();
+    let filters = Filters::load(&launch.seccomp)?;
+    seccomp::install_violation_handler()?;
     let (api, api_thread) = match &launch.api_sock {
         Some(path) => {
-            let (handle, thread) = ApiServer::start(path, launch.max_payload)
+            let (handle, thread) = ApiServer::start(path, launch.max_payload, filters.clone())
                 .map_err(|e| LaunchError::Api(e.to_string()))?;
             (Some(handle), Some(thread))
         }
         None => (None, None),
     };
-    let result = boot_and_run(&launch, api, start);
+    let result = boot_and_run(&launch, api, &filters, start);
     // The API thread removes the socket file as it ends: wait for it, so
     // no stale socket outlives the process.
     if let Some(thread) = api_thread {
@@ -252,6 +301,7 @@ fn try_run(launch: Launch, start: Instant) -> Result<GuestExit, LaunchError> {
 fn boot_and_run(
     launch: &Launch,
     api: Option<ApiHandle>,
+    filters: &Filters,
     start: Instant,
 ) -> Result<GuestExit, LaunchError> {
     let mut pending_metrics = launch.metrics_path.clone();
@@ -273,13 +323,17 @@ fn boot_and_run(
             vmm
         }
         (None, Some(api)) => {
-            let vmm = configure_over_api(
+            let configured = configure_over_api(
                 api,
                 &mut controller,
                 &mut pending_metrics,
                 launch.boot_timer,
                 start,
-            );
+            )?;
+            let vmm = match configured {
+                Configured::Built(vmm) => *vmm,
+                Configured::Stopped(sig) => return Ok(GuestExit::Signal(sig)),
+            };
             controller.mark_running();
             vmm
         }
@@ -299,7 +353,7 @@ fn boot_and_run(
     if let Some(api) = api {
         vmm.attach_api(api, controller);
     }
-    let exit = vmm.run()?;
+    let exit = vmm.run(filters)?;
     // Dropping the VM drops the API handle, which stops the API thread.
     drop(vmm);
     Ok(exit)

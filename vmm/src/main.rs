@@ -10,6 +10,7 @@ use vmm::api::http::DEFAULT_MAX_PAYLOAD;
 use vmm::config::{BootSource, DriveConfig, EntropyConfig, MachineConfig, NetConfig, VmConfig};
 use vmm::exit_code;
 use vmm::launcher::{self, Launch};
+use vmm::seccomp::SeccompChoice;
 
 /// Boot a Linux guest with KVM; its block and network I/O are served from
 /// one io_uring ring on one VMM thread.
@@ -100,6 +101,15 @@ struct Cli {
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     log_level: log::LevelFilter,
+    /// Run without seccomp filters (they are on by default: each thread
+    /// may make only the syscalls its job needs).
+    #[arg(long)]
+    no_seccomp: bool,
+    /// Use these seccomp filters instead of the built-in ones: a JSON file
+    /// in seccompiler's format (not Firecracker's compiled BPF) with one
+    /// filter per thread kind, keyed "vmm", "api" and "vcpu".
+    #[arg(long, value_name = "PATH", conflicts_with = "no_seccomp")]
+    seccomp_filter: Option<PathBuf>,
 }
 
 /// Gives unnamed drives and NICs the ids the guest will know them by.
@@ -160,12 +170,19 @@ impl Cli {
             max_payload: self.http_api_max_payload_size,
             metrics_path: self.metrics_path,
             boot_timer: self.boot_timer,
+            seccomp: match (self.no_seccomp, self.seccomp_filter) {
+                (true, _) => SeccompChoice::Off,
+                (false, Some(path)) => SeccompChoice::File(path),
+                (false, None) => SeccompChoice::Builtin,
+            },
         }
     }
 }
 
 fn main() -> ExitCode {
     let start = Instant::now();
+    // First of all: threads inherit the mask (see stop_signals.rs).
+    vmm::stop_signals::block();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

@@ -1,7 +1,7 @@
 //! The machine: builds a VM from a [`VmConfig`] and runs its VMM thread
 //! loop on the ring until the guest stops.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::Arc;
@@ -15,7 +15,7 @@ use devices::virtio::block::BlockDevice;
 use crate::api::{ApiHandle, CommandOutput, Controller, Decision, VmCommand};
 use crate::arch::x86_64::cpuid::CpuTemplate;
 use crate::arch::x86_64::mptable::{setup_mptable, MptableError};
-use crate::boot::{load_kernel, write_boot_data, BootError};
+use crate::boot::{load_kernel, write_boot_data, BootError, BootFiles};
 use crate::cmdline::{compose_cmdline, root_param};
 use crate::config::{ConfigError, RateLimiterConfig, VmConfig};
 use crate::console::ConsoleOut;
@@ -29,6 +29,7 @@ use crate::machine::builder::{open_backing_file, DeviceSetupError, VirtioBuilder
 use crate::machine::device_manager::{DeviceError, DeviceManager};
 use crate::metrics::{ApiCounters, DeviceMetrics, MetricsSink, VcpuExitCounters};
 use crate::ring::{Completion, Ring, Token, VirtioDevices};
+use crate::seccomp::{Filters, SeccompError, ThreadKind};
 use crate::terminal::RawTerminal;
 
 /// Everything that can stop a VM from being built or run.
@@ -52,6 +53,9 @@ pub enum VmmError {
     /// A virtio device could not be set up.
     #[error("{0}")]
     Setup(#[from] DeviceSetupError),
+    /// A seccomp filter could not be installed.
+    #[error("{0}")]
+    Seccomp(#[from] SeccompError),
     /// The MP table could not be written.
     #[error("MP table: {0}")]
     Mptable(#[from] MptableError),
@@ -186,48 +190,15 @@ fn choose_template(config: &VmConfig) -> Result<CpuTemplate, VmmError> {
     }
 }
 
-/// Blocks the stop signals in this thread (and so in every thread spawned
-/// after) and returns a signalfd that reads them on the ring.
-fn signal_fd() -> Result<RawFd, VmmError> {
-    // SAFETY: sigset_t is plain data and sigemptyset initialises it.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: all calls below take pointers to `set`, which we own.
-    unsafe {
-        libc::sigemptyset(&mut set);
-        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
-            libc::sigaddset(&mut set, sig);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-    }
-    // SAFETY: `set` is initialised; signalfd returns a new fd or -1.
-    let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
-    if fd < 0 {
-        return Err(VmmError::Host {
-            what: "signalfd",
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    Ok(fd)
-}
-
 impl Vmm {
     /// Builds the VM: memory, devices, kernel, boot tables and vCPUs. The
     /// vCPUs do not run until [`Vmm::run`].
     pub fn new(config: &VmConfig, process_start: Instant) -> Result<Self, VmmError> {
         config.validate()?;
-        // Check the files before touching KVM, so a typo is a config error
+        // Open the files before touching KVM, so a typo is a config error
         // even on a host without /dev/kvm.
         let boot = &config.boot_source;
-        std::fs::File::open(&boot.kernel_image_path).map_err(|source| BootError::OpenKernel {
-            path: boot.kernel_image_path.clone(),
-            source,
-        })?;
-        if let Some(initrd) = &boot.initrd_path {
-            std::fs::File::open(initrd).map_err(|source| BootError::Initrd {
-                path: initrd.clone(),
-                source,
-            })?;
-        }
+        let boot_files = BootFiles::open(&boot.kernel_image_path, boot.initrd_path.as_deref())?;
         // Drives and taps too: a missing or unreadable image is a config
         // error, found before KVM is touched.
         let mut virtio = VirtioBuilder::new();
@@ -268,17 +239,15 @@ impl Vmm {
         extra.extend(root.as_deref());
         extra.extend(template.kernel_params());
         let cmdline = compose_cmdline(config.base_cmdline(), &extra);
-        let kernel = load_kernel(
-            vm.memory(),
-            &boot.kernel_image_path,
-            boot.initrd_path.as_deref(),
-        )?;
+        let kernel = load_kernel(vm.memory(), boot_files)?;
         write_boot_data(vm.memory(), &kernel, &cmdline)?;
         setup_mptable(vm.memory(), vcpu_count)?;
         log::debug!("kernel entry {:?}; command line: {cmdline}", kernel.entry());
 
         let ring = Ring::new().map_err(host("creating the io_uring ring"))?;
-        let signal_fd = signal_fd()?;
+        let signal_fd = crate::stop_signals::signal_fd()
+            .map_err(host("signalfd"))?
+            .into_raw_fd();
         install_kick_handler()?;
 
         let (tx, rx) = channel();
@@ -625,10 +594,18 @@ impl Vmm {
     }
 
     /// Runs the VMM thread loop until the guest stops; then stops and
-    /// joins every vCPU.
-    pub fn run(&mut self) -> Result<GuestExit, VmmError> {
+    /// joins every vCPU. The VMM thread's seccomp filter from `filters` is
+    /// installed first, then each vCPU thread installs its own and only
+    /// then enters the guest.
+    pub fn run(&mut self, filters: &Filters) -> Result<GuestExit, VmmError> {
         if self.stdin_open {
             self._terminal = RawTerminal::enter(libc::STDIN_FILENO);
+        }
+        filters.install(ThreadKind::Vmm)?;
+        #[cfg(feature = "broken-seccomp")]
+        crate::seccomp::broken::forbidden_call();
+        for vcpu in &mut self.vcpus {
+            vcpu.start(filters.clone());
         }
         let events_fd = self.vcpu_events_ready.as_raw_fd();
         let reset_fd = self.devices.reset_evt.as_raw_fd();

@@ -9,8 +9,7 @@
 //! each on the machine (MMIO window, IRQ, doorbells, transport) and hands
 //! back the [`VirtioDevices`] the VMM thread serves.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs::File;
 use std::path::PathBuf;
 
 use devices::io::InterruptLine;
@@ -22,6 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::device_manager::{new_eventfd, DeviceError, DeviceManager, EventWiring};
 use crate::config::{CacheType, DriveConfig, EntropyConfig, NetConfig};
 use crate::exit_code;
+use crate::host_file::{open_image, ImageAccess};
 use crate::ring::slot::DynDevice;
 use crate::ring::{DeviceSlot, VirtioDevices};
 
@@ -80,19 +80,18 @@ impl DeviceSetupError {
     }
 }
 
-/// Opens a drive's backing file as its config asks (read-only, O_DIRECT).
+/// Opens a drive's backing file as its config asks (read-only, O_DIRECT):
+/// a regular file or block device, without ever blocking in `open`.
 pub fn open_backing_file(cfg: &DriveConfig) -> Result<File, DeviceSetupError> {
-    let mut opts = OpenOptions::new();
-    opts.read(true).write(!cfg.is_read_only);
-    if cfg.direct {
-        opts.custom_flags(libc::O_DIRECT);
-    }
-    opts.open(&cfg.path_on_host)
-        .map_err(|source| DeviceSetupError::OpenDrive {
-            id: cfg.drive_id.clone(),
-            path: cfg.path_on_host.clone(),
-            source,
-        })
+    let access = ImageAccess {
+        write: !cfg.is_read_only,
+        direct: cfg.direct,
+    };
+    open_image(&cfg.path_on_host, access).map_err(|source| DeviceSetupError::OpenDrive {
+        id: cfg.drive_id.clone(),
+        path: cfg.path_on_host.clone(),
+        source,
+    })
 }
 
 /// A device built but not yet on the machine.
