@@ -261,6 +261,10 @@ pub struct VmConfig {
     /// Log the time from process start to the guest's boot-timer write.
     #[serde(skip)]
     pub boot_timer: bool,
+    /// Run a command in the guest (`ringvm -- CMD`): the shares, the
+    /// control tree and the exit status. Command line only.
+    #[serde(skip)]
+    pub runner: Option<crate::runner::RunnerConfig>,
 }
 
 impl VmConfig {
@@ -291,7 +295,9 @@ impl VmConfig {
                 return Err(ConfigError::IfaceId(n.iface_id.clone()));
             }
         }
-        let devices = self.drives.len() + self.network_interfaces.len();
+        let devices = self.drives.len()
+            + self.network_interfaces.len()
+            + self.runner.as_ref().map_or(0, |r| r.device_count());
         if devices > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(devices));
         }
@@ -304,10 +310,12 @@ impl VmConfig {
     /// The kernel command line the user asked for, before ringvm adds its
     /// own parameters.
     pub fn base_cmdline(&self) -> &str {
-        self.boot_source
-            .boot_args
-            .as_deref()
-            .unwrap_or(DEFAULT_CMDLINE)
+        let default = if self.runner.is_some() {
+            crate::runner::RUNNER_CMDLINE
+        } else {
+            DEFAULT_CMDLINE
+        };
+        self.boot_source.boot_args.as_deref().unwrap_or(default)
     }
 }
 

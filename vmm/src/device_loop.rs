@@ -10,6 +10,7 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::event_loop::{Completion, DeviceIo, EventLoop, Token};
 use crate::metrics::DeviceMetrics;
+use crate::virtio_9p::Share;
 use crate::virtio_block::Drive;
 use crate::virtio_net::NetIface;
 
@@ -29,6 +30,12 @@ pub const KIND_NET_IO: u8 = 26;
 pub const KIND_NET_TAP_POLL: u8 = 27;
 /// A cancel we asked for finished (nothing to do).
 pub const KIND_CANCEL: u8 = 28;
+/// A share's queue was kicked.
+pub const KIND_P9_KICK: u8 = 32;
+/// A share's transport sent an activation or reset message.
+pub const KIND_P9_WAKE: u8 = 33;
+/// One of a share's reads, writes or fsyncs completed.
+pub const KIND_P9_IO: u8 = 34;
 
 /// The virtio devices the VMM thread serves.
 #[derive(Debug, Default)]
@@ -39,13 +46,27 @@ pub struct DeviceLoop {
     drives: Vec<Box<Drive>>,
     #[allow(clippy::vec_box)]
     nets: Vec<Box<NetIface>>,
+    #[allow(clippy::vec_box)]
+    shares: Vec<Box<Share>>,
 }
 
 impl DeviceLoop {
     /// Serves `drives` and `nets`; device `i` of each gets ring index `i`.
     #[allow(clippy::vec_box)]
     pub fn new(drives: Vec<Box<Drive>>, nets: Vec<Box<NetIface>>) -> Self {
-        Self { drives, nets }
+        Self {
+            drives,
+            nets,
+            shares: Vec::new(),
+        }
+    }
+
+    /// Adds the virtio-9p shares (`ringvm -- CMD`); share `i` gets ring
+    /// index `i`.
+    #[allow(clippy::vec_box)]
+    pub fn with_shares(mut self, shares: Vec<Box<Share>>) -> Self {
+        self.shares = shares;
+        self
     }
 
     /// The drives, for metrics and management.
@@ -82,6 +103,20 @@ impl DeviceLoop {
                 }),
             }
         });
+        let shares = self.shares.iter().map(|s| {
+            let c = s.counters();
+            DeviceMetrics {
+                kind: "9p",
+                id: s.tag.clone(),
+                fields: serde_json::json!({
+                    "requests": c.requests,
+                    "read_bytes": c.read_bytes,
+                    "write_bytes": c.write_bytes,
+                    "errors": c.errors,
+                    "needs_reset": c.needs_reset,
+                }),
+            }
+        });
         self.drives
             .iter()
             .map(|d| {
@@ -100,6 +135,7 @@ impl DeviceLoop {
                 }
             })
             .chain(nets)
+            .chain(shares)
             .collect()
     }
 
@@ -115,6 +151,9 @@ impl DeviceLoop {
                 | KIND_NET_IO
                 | KIND_NET_TAP_POLL
                 | KIND_CANCEL
+                | KIND_P9_KICK
+                | KIND_P9_WAKE
+                | KIND_P9_IO
         )
     }
 
@@ -131,6 +170,50 @@ impl DeviceLoop {
             self.arm_net(ring, index, KIND_NET_KICK, 0)?;
             self.arm_net(ring, index, KIND_NET_KICK, 1)?;
             self.arm_net(ring, index, KIND_NET_WAKE, 0)?;
+        }
+        for index in 0..self.shares.len() {
+            self.arm_share(ring, index, KIND_P9_KICK)?;
+            self.arm_share(ring, index, KIND_P9_WAKE)?;
+        }
+        Ok(())
+    }
+
+    fn arm_share(&mut self, ring: &mut EventLoop, index: usize, kind: u8) -> io::Result<()> {
+        let Some(share) = self.shares.get_mut(index) else {
+            return Ok(());
+        };
+        let (fd, buf) = if kind == KIND_P9_KICK {
+            (share.kick_fd(), &mut share.kick_buf)
+        } else {
+            (share.wake_fd(), &mut share.wake_buf)
+        };
+        let token = Token::new(kind, index as u8, 0);
+        // SAFETY: the buffer lives in the boxed Share, kept as the drives'.
+        unsafe { ring.arm_eventfd(fd, buf, token) }
+    }
+
+    fn dispatch_share(
+        &mut self,
+        c: Completion,
+        ring: &mut EventLoop,
+        mem: &GuestMemoryMmap,
+    ) -> io::Result<()> {
+        let index = usize::from(c.token.index);
+        let Some(share) = self.shares.get_mut(index) else {
+            log::warn!("completion for unknown share {index}");
+            return Ok(());
+        };
+        match c.token.kind {
+            KIND_P9_KICK => {
+                share.on_kick(mem, ring, KIND_P9_IO, c.token.index);
+                self.arm_share(ring, index, KIND_P9_KICK)?;
+            }
+            KIND_P9_WAKE => {
+                share.on_transport_message(mem);
+                share.on_kick(mem, ring, KIND_P9_IO, c.token.index);
+                self.arm_share(ring, index, KIND_P9_WAKE)?;
+            }
+            _ => share.on_completion(c.token.tag, c.result, mem, ring, KIND_P9_IO, c.token.index),
         }
         Ok(())
     }
@@ -181,6 +264,7 @@ impl DeviceLoop {
         let index = usize::from(c.token.index);
         match c.token.kind {
             KIND_BLK_KICK | KIND_BLK_WAKE | KIND_BLK_IO => self.dispatch_drive(c, ring, mem),
+            KIND_P9_KICK | KIND_P9_WAKE | KIND_P9_IO => self.dispatch_share(c, ring, mem),
             KIND_CANCEL => Ok(()),
             _ => {
                 self.dispatch_net(c, ring, mem)?;
@@ -273,6 +357,12 @@ impl DeviceLoop {
                 drive.on_kick(mem, ring, KIND_BLK_IO, index as u8);
             }
             drive.flush_interrupts(mem);
+        }
+        for (index, share) in self.shares.iter_mut().enumerate() {
+            if share.wants_rerun() {
+                share.on_kick(mem, ring, KIND_P9_IO, index as u8);
+            }
+            share.end_turn(mem);
         }
         for (index, net) in self.nets.iter_mut().enumerate() {
             let queues: Vec<usize> = net.queues_to_resume().collect();

@@ -1,13 +1,14 @@
 //! Places devices on the buses, hands out MMIO windows and IRQ lines, and
 //! tells the kernel where its command-line virtio-mmio devices are.
 
-use std::io::Stdout;
+use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use devices::bus::{Bus, BusError};
-use devices::legacy::{BootTimer, DebugExit, Serial, DEBUG_EXIT_PORT, I8042, NO_VERDICT};
-use std::sync::atomic::AtomicU32;
+use devices::legacy::{
+    BootTimer, DebugExit, ExitCell, Serial, DEBUG_EXIT_LEN, DEBUG_EXIT_PORT, I8042,
+};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::layout::{BOOT_TIMER_START, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
@@ -93,7 +94,11 @@ pub enum DeviceError {
 }
 
 /// The console as the VMM thread sees it.
-pub type SharedSerial = Arc<Mutex<Serial<Stdout>>>;
+pub type SharedSerial = Arc<Mutex<Serial<ConsoleOut>>>;
+
+/// Where the console's output goes: stdout, or elsewhere for a command
+/// run (`ringvm -- CMD`), whose stdout is the command's alone.
+pub type ConsoleOut = Box<dyn Write + Send>;
 
 /// The buses and the legacy devices the VMM thread talks to directly.
 #[derive(Debug)]
@@ -132,11 +137,11 @@ impl DeviceManager {
         })
     }
 
-    /// COM1 at 0x3f8, IRQ 4, printing to stdout.
-    pub fn add_serial(&mut self, vm: &Vm) -> Result<(), DeviceError> {
+    /// COM1 at 0x3f8, IRQ 4, printing to `out`.
+    pub fn add_serial(&mut self, vm: &Vm, out: ConsoleOut) -> Result<(), DeviceError> {
         let irq = new_eventfd()?;
         vm.register_irqfd(&irq, COM1_IRQ)?;
-        let serial = Arc::new(Mutex::new(Serial::new(irq, std::io::stdout())));
+        let serial = Arc::new(Mutex::new(Serial::new(irq, out)));
         self.pio.insert(serial.clone(), COM1_PORT, 8)?;
         self.serial = Some(serial);
         Ok(())
@@ -221,13 +226,14 @@ impl DeviceManager {
         &self.virtio_cmdline
     }
 
-    /// The test-exit port (0x501): the guest's verdict lands in the
-    /// returned cell and `notify` wakes the VMM thread.
-    pub fn add_debug_exit(&mut self, notify: EventFd) -> Result<Arc<AtomicU32>, DeviceError> {
-        let verdict = Arc::new(AtomicU32::new(NO_VERDICT));
-        let dev = Arc::new(Mutex::new(DebugExit::new(verdict.clone(), notify)));
-        self.pio.insert(dev, DEBUG_EXIT_PORT, 1)?;
-        Ok(verdict)
+    /// The exit ports (0x501 test verdict, 0x504 command status): the
+    /// guest's report lands in the returned cell and `notify` wakes the
+    /// VMM thread.
+    pub fn add_debug_exit(&mut self, notify: EventFd) -> Result<Arc<ExitCell>, DeviceError> {
+        let cell = Arc::new(ExitCell::default());
+        let dev = Arc::new(Mutex::new(DebugExit::new(cell.clone(), notify)));
+        self.pio.insert(dev, DEBUG_EXIT_PORT, DEBUG_EXIT_LEN)?;
+        Ok(cell)
     }
 
     /// The boot timer at the start of the MMIO hole.

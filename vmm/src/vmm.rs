@@ -20,13 +20,17 @@ use crate::device_loop::DeviceLoop;
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::event_loop::{Completion, EventLoop, Token};
 use crate::metrics::{ApiCounters, DeviceMetrics, MetricsSink, VcpuExitCounters};
+use crate::runner::{self, ConsoleTail, RunnerConfig};
 use crate::terminal::RawTerminal;
+use crate::virtio_9p::{Share, ShareError};
 use crate::virtio_block::{open_backing_file, Drive, DriveError};
 use crate::virtio_net::{open_tap, NetIface, NetSetupError};
 use crate::vstate::vcpu::{
     create_vcpu, install_kick_handler, VcpuError, VcpuEvent, VcpuHandle, VcpuShared,
 };
 use crate::vstate::vm::{host_is_pvm_native, Vm, VmError};
+use devices::legacy::{CommandStatus, ExitCell, ExitReport};
+use devices::virtio::p9::ControlFs;
 
 /// Everything that can stop a VM from being built or run.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +56,9 @@ pub enum VmmError {
     /// A network interface could not be set up.
     #[error("{0}")]
     Net(#[from] NetSetupError),
+    /// A shared directory could not be set up.
+    #[error("{0}")]
+    Share(#[from] ShareError),
     /// The MP table could not be written.
     #[error("MP table: {0}")]
     Mptable(#[from] MptableError),
@@ -77,6 +84,8 @@ pub enum GuestExit {
     /// A test guest wrote its verdict to the test-exit port: 0 means every
     /// case passed.
     TestVerdict(u32),
+    /// The guest init of `ringvm -- CMD` reported the command's status.
+    Command(CommandStatus),
 }
 
 // Token kinds on the ring.
@@ -139,7 +148,11 @@ pub struct Vmm {
     metrics: MetricsSink,
     signal_fd: RawFd,
     debug_exit_evt: EventFd,
-    verdict: Arc<std::sync::atomic::AtomicU32>,
+    exit_report: Arc<ExitCell>,
+    /// Running a command (`ringvm -- CMD`): stdin belongs to the command,
+    /// not to the console.
+    runs_command: bool,
+    console_tail: Option<ConsoleTail>,
     /// The configuration booted, kept current (drive paths) for the API.
     config: VmConfig,
     api: Option<ApiRuntime>,
@@ -237,10 +250,18 @@ impl Vmm {
 
         let vm = Vm::new(config.machine_config.mem_size_mib)?;
         let mut devices = DeviceManager::new()?;
-        devices.add_serial(&vm)?;
+        let (console, console_tail): (crate::device_manager::ConsoleOut, _) = match &config.runner {
+            None => (Box::new(std::io::stdout()), None),
+            Some(r) if r.verbose => (Box::new(std::io::stderr()), None),
+            Some(_) => {
+                let tail = ConsoleTail::default();
+                (Box::new(tail.clone()), Some(tail))
+            }
+        };
+        devices.add_serial(&vm, console)?;
         devices.add_i8042(&vm)?;
         let debug_exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(host("eventfd"))?;
-        let verdict =
+        let exit_report =
             devices.add_debug_exit(debug_exit_evt.try_clone().map_err(host("eventfd"))?)?;
         if config.boot_timer {
             devices.add_boot_timer(process_start)?;
@@ -255,6 +276,16 @@ impl Vmm {
             nets.push(NetIface::new(iface, tap, mac, &vm, &mut devices)?);
         }
 
+        let shares = match &config.runner {
+            Some(r) => add_runner_shares(r, &vm, &mut devices)?,
+            None => Vec::new(),
+        };
+        let runner_params = config
+            .runner
+            .as_ref()
+            .map(RunnerConfig::kernel_params)
+            .unwrap_or_default();
+
         let mut extra: Vec<&str> = devices
             .virtio_cmdline()
             .iter()
@@ -262,6 +293,7 @@ impl Vmm {
             .collect();
         let root = root_param(config);
         extra.extend(root.as_deref());
+        extra.extend(runner_params.iter().map(String::as_str));
         extra.extend(template.kernel_params());
         let cmdline = compose_cmdline(config.base_cmdline(), &extra);
         let kernel = load_kernel(
@@ -311,7 +343,7 @@ impl Vmm {
             }),
             vm,
             devices,
-            device_loop: DeviceLoop::new(drives, nets),
+            device_loop: DeviceLoop::new(drives, nets).with_shares(shares),
             vcpus: Vec::new(),
             stop,
             vcpu_events: rx,
@@ -322,7 +354,9 @@ impl Vmm {
             metrics: MetricsSink::default(),
             signal_fd,
             debug_exit_evt,
-            verdict,
+            exit_report,
+            runs_command: config.runner.is_some(),
+            console_tail,
             config: config.clone(),
             api: None,
             stdin_open: true,
@@ -491,6 +525,11 @@ impl Vmm {
         self.api_counters.clone()
     }
 
+    /// The console's last bytes, kept when a command ran quietly.
+    pub fn console_tail(&self) -> Option<Vec<u8>> {
+        self.console_tail.as_ref().map(ConsoleTail::contents)
+    }
+
     /// Every device's counters, for a metrics line or the API.
     pub fn device_metrics(&self) -> Vec<DeviceMetrics> {
         self.device_loop.metrics()
@@ -554,7 +593,13 @@ impl Vmm {
     /// Runs the VMM thread loop until the guest stops; then stops and
     /// joins every vCPU.
     pub fn run(&mut self) -> Result<GuestExit, VmmError> {
-        self._terminal = RawTerminal::enter(libc::STDIN_FILENO);
+        if self.runs_command {
+            // The command reads stdin through its own file; the terminal
+            // stays as it is (^C stops ringvm).
+            self.stdin_open = false;
+        } else {
+            self._terminal = RawTerminal::enter(libc::STDIN_FILENO);
+        }
         let events_fd = self.vcpu_events_ready.as_raw_fd();
         let reset_fd = self.devices.reset_evt.as_raw_fd();
         Self::arm_eventfd(
@@ -655,8 +700,11 @@ impl Vmm {
             }
             KIND_API => self.serve_api()?,
             KIND_DEBUG_EXIT => {
-                let value = self.verdict.load(Ordering::Acquire);
-                return Ok(Some(GuestExit::TestVerdict(value)));
+                return Ok(match self.exit_report.get() {
+                    Some(ExitReport::TestVerdict(v)) => Some(GuestExit::TestVerdict(u32::from(v))),
+                    Some(ExitReport::Command(status)) => Some(GuestExit::Command(status)),
+                    None => None,
+                });
             }
             KIND_METRICS_TIMER => {
                 if let Err(e) = self.flush_metrics() {
@@ -707,6 +755,35 @@ impl Vmm {
         }
         self._terminal = None;
     }
+}
+
+/// The virtio-9p devices of `ringvm -- CMD`: the control tree (the
+/// kernel's first root), the root share and every `--share`.
+fn add_runner_shares(
+    r: &RunnerConfig,
+    vm: &Vm,
+    devices: &mut DeviceManager,
+) -> Result<Vec<Box<Share>>, VmmError> {
+    runner::raise_fd_limit();
+    let max_fids = runner::max_fids_per_share(1 + r.shares.len());
+    let control = ControlFs::new(runner::GUEST_INIT, &r.init_config(), [0, 1, 2])
+        .map_err(ShareError::from)?;
+    let mut shares = vec![Share::control(control, runner::CONTROL_TAG, vm, devices)?];
+    shares.push(Share::host(
+        &r.root,
+        false,
+        runner::ROOT_TAG,
+        max_fids,
+        vm,
+        devices,
+    )?);
+    for (i, s) in r.shares.iter().enumerate() {
+        let tag = runner::share_tag(i);
+        shares.push(Share::host(
+            &s.host, s.writable, &tag, max_fids, vm, devices,
+        )?);
+    }
+    Ok(shares)
 }
 
 impl Drop for Vmm {

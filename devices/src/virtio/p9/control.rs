@@ -8,6 +8,7 @@
 //!   /stdout   ringvm's stdout  } host descriptor at its own position,
 //!   /stderr   ringvm's stderr  } one at a time, byte for byte
 //!   /mnt      an empty directory where init mounts a tmpfs
+//!   /dev      an empty directory where the kernel mounts devtmpfs
 //! ```
 //!
 //! The files are host descriptors (two sealed memfds and duplicates of
@@ -50,8 +51,6 @@ struct Entry {
 
 /// Index of the root directory.
 const ROOT: usize = 0;
-/// Index of the `/mnt` directory.
-const MNT: usize = 6;
 /// `V9FS_MAGIC`, what statfs reports.
 const V9FS_MAGIC: u32 = 0x0102_1997;
 
@@ -145,6 +144,10 @@ impl ControlFs {
                 name: b"mnt",
                 kind: Kind::Dir,
             },
+            Entry {
+                name: b"dev",
+                kind: Kind::Dir,
+            },
         ];
         let born = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -232,7 +235,8 @@ impl Filesystem for ControlFs {
                 if wants_write {
                     return Err(errno(libc::EISDIR));
                 }
-                // Readdir needs no descriptor here; any will do as the handle.
+                // Readdir lists the table and never touches a descriptor;
+                // the init file's stands in as the handle.
                 let fd = match &self.entries.get(1).map(|e| &e.kind) {
                     Some(Kind::File { fd, .. }) => fd.clone(),
                     _ => return Err(errno(libc::EIO)),
@@ -317,12 +321,5 @@ impl Filesystem for ControlFs {
 
     fn readlink(&mut self, _node: &usize) -> Result<Vec<u8>, Errno> {
         Err(errno(libc::EINVAL))
-    }
-}
-
-impl ControlFs {
-    /// Whether `node` is the `/mnt` directory (for tests).
-    pub fn is_mnt(node: usize) -> bool {
-        node == MNT
     }
 }

@@ -46,9 +46,9 @@ pub struct OpenFile {
 /// Every method that takes a name gets one path component the server has
 /// already checked (non-empty, at most 255 bytes, no `/`, no NUL, not `.`
 /// or `..`). Methods that change anything return `EROFS` by default.
-pub trait Filesystem {
+pub trait Filesystem: std::fmt::Debug {
     /// What a fid points at (an `O_PATH` descriptor, a node index, ...).
-    type Node;
+    type Node: std::fmt::Debug;
 
     /// The root of the tree, for Tattach.
     fn root(&mut self) -> Result<(Self::Node, Qid), Errno>;

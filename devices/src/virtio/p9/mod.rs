@@ -17,16 +17,21 @@
 //!   asks the server, and runs reads, writes and fsyncs on the ring
 //!   straight between the host descriptor and guest memory.
 
+mod chain;
 pub mod control;
+mod device;
 pub mod fs;
 pub mod hostfs;
 pub mod server;
 pub mod wire;
 
 #[cfg(test)]
+mod device_tests;
+#[cfg(test)]
 mod tests;
 
 pub use control::{ControlFs, ControlFsError};
+pub use device::{P9Counters, P9Device, P9Error, ProcessOutcome, FEATURES};
 pub use fs::{Errno, Filesystem, OpenFile};
 pub use hostfs::{HostFs, HostFsError};
 pub use server::{Action, Server};

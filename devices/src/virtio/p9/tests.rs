@@ -16,10 +16,10 @@ const EINVAL: u32 = libc::EINVAL as u32;
 const EROFS: u32 = libc::EROFS as u32;
 
 /// A scratch directory removed at the end of the test.
-struct Scratch(PathBuf);
+pub(super) struct Scratch(PathBuf);
 
 impl Scratch {
-    fn new(name: &str) -> Self {
+    pub(super) fn new(name: &str) -> Self {
         let p = std::env::temp_dir().join(format!(
             "ringvm-p9-{name}-{}-{:?}",
             std::process::id(),
@@ -30,7 +30,7 @@ impl Scratch {
         Self(p)
     }
 
-    fn path(&self) -> &Path {
+    pub(super) fn path(&self) -> &Path {
         &self.0
     }
 }
