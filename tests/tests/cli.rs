@@ -126,11 +126,25 @@ fn runner_options_are_checked_before_any_guest() {
     // configuration exit code, at once, in one line naming the culprit.
     for (args, needle) in [
         (
-            &["--kernel", "/k", "--share", "/nonexistent/share", "--", "true"][..],
+            &[
+                "--kernel",
+                "/k",
+                "--share",
+                "/nonexistent/share",
+                "--",
+                "true",
+            ][..],
             "/nonexistent/share",
         ),
         (
-            &["--kernel", "/k", "--root-share", "/nonexistent/root", "--", "true"],
+            &[
+                "--kernel",
+                "/k",
+                "--root-share",
+                "/nonexistent/root",
+                "--",
+                "true",
+            ],
             "/nonexistent/root",
         ),
         (
@@ -138,7 +152,10 @@ fn runner_options_are_checked_before_any_guest() {
             "relative",
         ),
         (&["--kernel", "/k", "--cwd", "rel", "--", "true"], "rel"),
-        (&["--kernel", "/nonexistent/vmlinux", "--", "true"], "/nonexistent/vmlinux"),
+        (
+            &["--kernel", "/nonexistent/vmlinux", "--", "true"],
+            "/nonexistent/vmlinux",
+        ),
     ] {
         let run = run_ringvm(args, QUICK);
         let t = run.transcript();

@@ -12,10 +12,9 @@ use crate::api::types::{LoggerConfig, MachineConfigBody, MetricsConfig};
 use crate::api::{
     ApiHandle, ApiRequest, ApiServer, CommandOutput, Controller, Decision, VmCommand,
 };
-use crate::config::{BootSource, DriveConfig, NetConfig, VmConfig};
+use crate::config::{BootSource, DriveConfig, EntropyConfig, NetConfig, VmConfig};
 use crate::exit_code;
 use crate::vmm::{GuestExit, Vmm, VmmError};
-use crate::vstate::vm::VmError;
 
 /// How this run was asked for.
 #[derive(Debug)]
@@ -52,6 +51,8 @@ struct ConfigFile {
     logger: Option<LoggerConfig>,
     #[serde(default)]
     metrics: Option<MetricsConfig>,
+    #[serde(default)]
+    entropy: Option<EntropyConfig>,
 }
 
 /// Errors before any guest runs, each one line and an exit code.
@@ -78,27 +79,8 @@ impl LaunchError {
     pub fn exit_code(&self) -> i32 {
         match self {
             LaunchError::ConfigFile { .. } | LaunchError::Api(_) => exit_code::BAD_CONFIG,
-            LaunchError::Vmm(e) => vmm_error_exit_code(e),
+            LaunchError::Vmm(e) => e.exit_code(),
         }
-    }
-}
-
-/// The documented exit code for a VMM error.
-pub fn vmm_error_exit_code(e: &VmmError) -> i32 {
-    use crate::virtio_block::DriveError;
-    use crate::virtio_net::NetSetupError;
-    match e {
-        VmmError::Config(_)
-        | VmmError::Boot(_)
-        | VmmError::Drive(DriveError::Open { .. })
-        | VmmError::Share(crate::virtio_9p::ShareError::Host { .. })
-        | VmmError::Net(NetSetupError::Tap { .. } | NetSetupError::Mac { .. }) => {
-            exit_code::BAD_CONFIG
-        }
-        VmmError::Vm(VmError::KvmUnavailable(_) | VmError::MissingCap(_)) => {
-            exit_code::KVM_UNAVAILABLE
-        }
-        _ => exit_code::INTERNAL,
     }
 }
 
@@ -123,6 +105,7 @@ fn apply_config_file(controller: &mut Controller, path: &Path) -> Result<(), Lau
     );
     requests.extend(file.logger.map(ApiRequest::PutLogger));
     requests.extend(file.metrics.map(ApiRequest::PutMetrics));
+    requests.extend(file.entropy.map(ApiRequest::PutEntropy));
     let mut pending_metrics = None;
     for request in requests {
         let answer = match controller.handle(request) {

@@ -24,12 +24,12 @@
 //! reach freed memory); a flushed request still waiting for its stream is
 //! answered at once with EINTR.
 
+use std::any::Any;
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
-use log::{error, warn};
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{GuestMemory, Permissions};
 
 use super::chain::{self, Segment, Streams};
@@ -40,10 +40,12 @@ use super::wire::{
     WRITE_HEADER_LEN,
 };
 use super::{config_bytes, DEVICE_TYPE, F_MOUNT_TAG, MAX_MSIZE, QUEUE_MAX_SIZE};
+use crate::guest_log::GuestLog;
 use crate::io::{InterruptLine, IoOp, IoSubmit, IoSubmitError};
 use crate::virtio::{
-    Activation, DeviceShared, Interrupt, QueueConfigError, VirtioDeviceInfo, F_EVENT_IDX,
-    F_INDIRECT_DESC, F_VERSION_1,
+    drain_queue, ChainTaken, DeviceError, DeviceShared, Generation, InFlight, Interrupt,
+    ProcessOutcome, Tag, Taken, VirtioDevice, Virtqueues, F_EVENT_IDX, F_INDIRECT_DESC,
+    F_VERSION_1,
 };
 
 /// Features the device offers.
@@ -53,11 +55,11 @@ pub const FEATURES: u64 = F_VERSION_1 | F_EVENT_IDX | F_INDIRECT_DESC | F_MOUNT_
 /// of the longest string the parser takes, with room to spare.
 const COPY_CAP: usize = 16 * (2 + wire::MAX_STRING) + 64;
 
-const SLOT_BITS: u32 = 16;
-const GEN_MASK: u32 = (1 << 24) - 1;
+/// The device's one queue.
+const REQUEST_QUEUE: usize = 0;
 
 /// Counters for metrics; the device only adds to them.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct P9Counters {
     /// Requests popped (good or bad).
     pub requests: u64,
@@ -69,37 +71,8 @@ pub struct P9Counters {
     pub errors: u64,
     /// Times the device asked the driver for a reset.
     pub needs_reset: u64,
-}
-
-/// Errors the VMM thread sees from the device. Request-level problems
-/// never surface here: they become Rlerror replies.
-#[derive(Debug, thiserror::Error)]
-pub enum P9Error {
-    /// The driver negotiated features we did not offer.
-    #[error("driver features {0:#x} were not offered")]
-    BadFeatures(u64),
-    /// Activation named a different number of queues.
-    #[error("activation has {0} queues, expected 1")]
-    QueueCount(usize),
-    /// The queue is not enabled.
-    #[error("the request queue is not ready")]
-    QueueNotReady,
-    /// The queue's layout is invalid.
-    #[error("request queue: {0}")]
-    QueueConfig(#[source] QueueConfigError),
-    /// The queue is corrupt; the device asked the driver for a reset.
-    #[error("request queue needs a reset: {0}")]
-    QueueBroken(String),
-}
-
-/// What one [`P9Device::process_queue`] call did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ProcessOutcome {
-    /// Chains taken from the available ring.
-    pub popped: u16,
-    /// The drain stopped at its budget or on a full ring: call again after
-    /// this loop turn's completions.
-    pub rerun: bool,
+    /// Guest-caused warnings not logged (rate limit).
+    pub log_lines_suppressed: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -112,38 +85,11 @@ enum OpKind {
 /// An op in the kernel's hands, and how to answer it.
 #[derive(Debug)]
 struct Pending {
-    head: u16,
     tag: u16,
     kind: OpKind,
     writable: Vec<Segment>,
     /// The stream this transfer holds, released at completion.
     stream: Option<RawFd>,
-}
-
-/// iovecs into guest memory, owned by a slot.
-#[derive(Debug, Default)]
-struct Iovecs(Vec<libc::iovec>);
-
-// SAFETY: the pointers only name guest memory, shared by every thread of
-// the VMM anyway; this type never dereferences them, and the device is
-// used by one thread at a time.
-unsafe impl Send for Iovecs {}
-
-#[derive(Debug)]
-enum SlotState {
-    Free,
-    Busy(Pending),
-    /// Submitted before a reset; waits only for its completion.
-    Orphaned,
-}
-
-#[derive(Debug)]
-struct Slot {
-    tag: u64,
-    state: SlotState,
-    iovecs: Iovecs,
-    /// Keeps the host descriptor open until the kernel is done with it.
-    file: Option<Arc<OwnedFd>>,
 }
 
 /// A transfer waiting for its stream to be free.
@@ -165,29 +111,40 @@ struct FlushWait {
     writable: Vec<Segment>,
 }
 
-/// What happened to one chain.
-enum Handled {
-    Answered,
-    Submitted,
-    /// No room in the ring: put the chain back, try again later.
-    Blocked,
-}
-
 /// A virtio-9p device serving one [`Filesystem`].
+///
+/// # Example
+///
+/// ```
+/// use devices::virtio::p9::{HostFs, P9Device};
+/// use devices::virtio::VirtioDevice;
+/// use vm_memory::GuestMemoryMmap;
+/// use vmm_sys_util::eventfd::EventFd;
+///
+/// let share = HostFs::new(std::path::Path::new("/tmp"), false).unwrap();
+/// let irqfd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+/// let dev = P9Device::new(share, "share0", Box::new(irqfd));
+/// let info = VirtioDevice::<GuestMemoryMmap>::info(&dev);
+/// assert_eq!(info.device_type, 9);
+/// // The config space carries the mount tag: length, then the bytes.
+/// let mut cfg = [0u8; 8];
+/// info.shared.read_config(0, &mut cfg);
+/// assert_eq!(&cfg, b"\x06\x00share0");
+/// ```
 #[derive(Debug)]
 pub struct P9Device<F: Filesystem> {
     server: Server<F>,
-    irq: Interrupt,
-    queue: Option<Queue>,
-    broken: bool,
-    used_pending: bool,
-    active: bool,
-    generation: u32,
-    slots: Vec<Slot>,
-    /// Heads the device holds (in flight, deferred or flushing).
-    heads: Vec<bool>,
-    busy: usize,
-    orphans: usize,
+    queues: Virtqueues,
+    inflight: InFlight<Pending>,
+    generation: Generation,
+    /// Host descriptors of ops in the kernel's hands, by slot: kept open
+    /// until each op's completion, live or orphaned by a reset.
+    files: Vec<Option<Arc<OwnedFd>>>,
+    /// Heads held while deferred or flushing (in-flight ones are in
+    /// `inflight`).
+    parked: Vec<bool>,
+    /// 9P tags of the ops in flight (a Tflush looks its target up here).
+    pending_tags: Vec<u16>,
     /// Streams with a transfer in flight.
     streams_busy: Vec<RawFd>,
     deferred: VecDeque<Deferred>,
@@ -195,7 +152,14 @@ pub struct P9Device<F: Filesystem> {
     stalled: bool,
     flushes: Vec<FlushWait>,
     counters: P9Counters,
+    log: GuestLog,
     reply: Vec<u8>,
+}
+
+/// Where an answer goes: the queue a drain holds, or the device's own.
+enum Used<'q> {
+    Drain(&'q mut Queue),
+    Device,
 }
 
 impl<F: Filesystem> P9Device<F> {
@@ -206,39 +170,19 @@ impl<F: Filesystem> P9Device<F> {
         let max = usize::from(QUEUE_MAX_SIZE);
         Self {
             server: Server::new(fs, MAX_MSIZE),
-            irq: Interrupt::new(shared, line),
-            queue: None,
-            broken: false,
-            used_pending: false,
-            active: false,
-            generation: 0,
-            slots: (0..max)
-                .map(|_| Slot {
-                    tag: u64::MAX,
-                    state: SlotState::Free,
-                    iovecs: Iovecs::default(),
-                    file: None,
-                })
-                .collect(),
-            heads: vec![false; max],
-            busy: 0,
-            orphans: 0,
+            queues: Virtqueues::new("virtio-9p", &[QUEUE_MAX_SIZE], Interrupt::new(shared, line)),
+            inflight: InFlight::new(REQUEST_QUEUE as u8, QUEUE_MAX_SIZE),
+            generation: Generation::default(),
+            files: vec![None; max],
+            parked: vec![false; max],
+            pending_tags: Vec::new(),
             streams_busy: Vec::new(),
             deferred: VecDeque::new(),
             stalled: false,
             flushes: Vec::new(),
             counters: P9Counters::default(),
+            log: GuestLog::new("virtio-9p"),
             reply: Vec::new(),
-        }
-    }
-
-    /// What the transport presents to the driver.
-    pub fn info(&self) -> VirtioDeviceInfo {
-        VirtioDeviceInfo {
-            device_type: DEVICE_TYPE,
-            avail_features: FEATURES,
-            queue_max_sizes: vec![QUEUE_MAX_SIZE],
-            shared: self.irq.shared().clone(),
         }
     }
 
@@ -255,135 +199,54 @@ impl<F: Filesystem> P9Device<F> {
 
     /// Counters since the device was made.
     pub fn counters(&self) -> P9Counters {
-        self.counters
-    }
-
-    /// Whether the queue is live.
-    pub fn is_active(&self) -> bool {
-        self.active
-    }
-
-    /// Ops the kernel may still be working on (live or orphaned). The VMM
-    /// must not unmap guest memory before this is 0.
-    pub fn in_flight(&self) -> usize {
-        self.busy + self.orphans
-    }
-
-    /// Takes the queue the driver set up at DRIVER_OK. On error the device
-    /// stays inactive and asks the driver for a reset.
-    pub fn activate<M: GuestMemory>(
-        &mut self,
-        mem: &M,
-        activation: &Activation,
-    ) -> Result<(), P9Error> {
-        if self.active {
-            self.reset();
-        }
-        let result = self.try_activate(mem, activation);
-        if result.is_err() {
-            self.request_reset();
-        }
-        result
-    }
-
-    fn try_activate<M: GuestMemory>(
-        &mut self,
-        mem: &M,
-        activation: &Activation,
-    ) -> Result<(), P9Error> {
-        let f = activation.features;
-        if f & !FEATURES != 0 || f & F_VERSION_1 == 0 {
-            return Err(P9Error::BadFeatures(f));
-        }
-        let [cfg] = activation.queues.as_slice() else {
-            return Err(P9Error::QueueCount(activation.queues.len()));
-        };
-        if !cfg.ready {
-            return Err(P9Error::QueueNotReady);
-        }
-        let q = cfg
-            .build(QUEUE_MAX_SIZE, f & F_EVENT_IDX != 0, mem)
-            .map_err(P9Error::QueueConfig)?;
-        self.queue = Some(q);
-        self.broken = false;
-        self.used_pending = false;
-        self.active = true;
-        Ok(())
-    }
-
-    /// Device reset: drops the queue, forgets every fid and request; ops
-    /// in flight are orphaned and their completions ignored.
-    pub fn reset(&mut self) {
-        for s in &mut self.slots {
-            if let SlotState::Busy(_) = s.state {
-                s.state = SlotState::Orphaned;
-                self.busy -= 1;
-                self.orphans += 1;
-            }
-        }
-        self.heads.fill(false);
-        self.deferred.clear();
-        self.stalled = false;
-        self.flushes.clear();
-        self.streams_busy.clear();
-        self.server.reset();
-        self.queue = None;
-        self.broken = false;
-        self.used_pending = false;
-        self.active = false;
-        self.generation = self.generation.wrapping_add(1) & GEN_MASK;
-    }
-
-    /// Sets DEVICE_NEEDS_RESET and raises the config interrupt.
-    pub fn request_reset(&mut self) {
-        self.counters.needs_reset += 1;
-        if let Err(e) = self.irq.needs_reset() {
-            error!("virtio-9p: raising the config interrupt failed: {e}");
+        P9Counters {
+            needs_reset: self.queues.resets_requested(),
+            log_lines_suppressed: self.log.suppressed() + self.queues.log_lines_suppressed(),
+            ..self.counters
         }
     }
 
-    fn break_queue(&mut self, why: String) -> P9Error {
-        self.broken = true;
-        error!("virtio-9p: request queue is corrupt, device needs reset: {why}");
-        self.request_reset();
-        P9Error::QueueBroken(why)
+    fn held(&self, head: u16) -> bool {
+        self.inflight.head_in_flight(head)
+            || self.parked.get(usize::from(head)).copied().unwrap_or(true)
     }
 
-    /// Raises the interrupt for this turn's replies, if the driver wants
-    /// one; call once per loop turn.
-    pub fn end_turn<M: GuestMemory>(&mut self, mem: &M) {
-        if !std::mem::take(&mut self.used_pending) {
-            return;
-        }
-        let Some(queue) = self.queue.as_mut() else {
-            return;
-        };
-        match crate::virtio::queue::driver_wants_interrupt(queue, mem) {
-            Ok(false) => {}
-            Ok(true) => {
-                if let Err(e) = self.irq.used_buffer() {
-                    error!("virtio-9p: interrupt failed: {e}");
-                }
-            }
-            Err(e) => warn!("virtio-9p: reading used_event failed: {e}"),
+    fn park(&mut self, head: u16, parked: bool) {
+        if let Some(p) = self.parked.get_mut(usize::from(head)) {
+            *p = parked;
         }
     }
 
     /// Returns chain `head` with `len` reply bytes.
-    fn add_used<M: GuestMemory>(&mut self, mem: &M, head: u16, len: u32) -> Result<(), String> {
-        let Some(queue) = self.queue.as_mut() else {
-            return Ok(());
-        };
-        queue
-            .add_used(mem, head, len)
-            .map_err(|e| format!("used ring: {e}"))?;
-        self.used_pending = true;
+    fn add_used<M: GuestMemory>(
+        &mut self,
+        to: &mut Used<'_>,
+        mem: &M,
+        head: u16,
+        len: u32,
+    ) -> Result<(), String> {
+        match to {
+            Used::Drain(queue) => queue
+                .add_used(mem, head, len)
+                .map_err(|e| format!("used ring: {e}"))?,
+            Used::Device => {
+                let Some(queue) = self.queues.queue(REQUEST_QUEUE) else {
+                    // Reset meanwhile: the driver took the chain back.
+                    return Ok(());
+                };
+                queue
+                    .add_used(mem, head, len)
+                    .map_err(|e| format!("used ring: {e}"))?;
+            }
+        }
+        self.queues.mark_used(REQUEST_QUEUE);
         Ok(())
     }
 
     /// Writes `reply` into the chain's reply buffers and returns the chain.
     fn answer<M: GuestMemory>(
         &mut self,
+        to: &mut Used<'_>,
         mem: &M,
         head: u16,
         tag: u16,
@@ -407,107 +270,44 @@ impl<F: Filesystem> P9Device<F> {
         } else {
             0
         };
-        self.add_used(mem, head, len)
+        self.add_used(to, mem, head, len)
     }
 
-    /// Drains up to one queue's worth of requests. Call when the queue's
-    /// kick fires, and again when [`ProcessOutcome::rerun`] says so.
-    pub fn process_queue<M: GuestMemory>(
+    /// One chain from the drain: copy the request out, parse it, act.
+    fn take_chain<M: GuestMemory>(
         &mut self,
+        queue: &mut Queue,
         mem: &M,
         io: &mut dyn IoSubmit,
-    ) -> Result<ProcessOutcome, P9Error> {
-        let mut out = ProcessOutcome::default();
-        if self.broken {
-            return Ok(out);
+        head: u16,
+        chain: DescriptorChain<&M>,
+    ) -> Result<ChainTaken, String> {
+        if self.held(head) {
+            return Err(format!("head index {head} is already in use"));
         }
-        self.retry_deferred(mem, io);
-        let Some(mut queue) = self.queue.take() else {
-            return Ok(out);
-        };
-        let budget = queue.size();
-        let result: Result<(), String> = 'drain: loop {
-            if let Err(e) = queue.disable_notification(mem) {
-                break 'drain Err(format!("disabling notifications: {e}"));
-            }
-            while out.popped < budget {
-                let chain = match queue.iter(mem) {
-                    Ok(mut it) => it.next(),
-                    Err(e) => break 'drain Err(e.to_string()),
-                };
-                let Some(chain) = chain else {
-                    break;
-                };
-                out.popped += 1;
-                let head = chain.head_index();
-                if head >= queue.size() || self.head_held(head) {
-                    break 'drain Err(format!("head index {head} is outside the queue or in use"));
-                }
-                let descs = chain.map(|d| (d.addr(), d.len(), d.is_write_only(), d.has_next()));
-                let parsed = chain::streams(descs, mem);
-                // The queue goes back while the chain is handled (answers
-                // write its used ring).
-                self.queue = Some(queue);
-                let handled = match parsed {
-                    Ok(streams) => self.handle_chain(mem, io, head, streams),
-                    Err(e) => {
-                        log::debug!("virtio-9p: chain refused: {e}");
-                        self.counters.requests += 1;
-                        self.counters.errors += 1;
-                        self.add_used(mem, head, 0).map(|()| Handled::Answered)
-                    }
-                };
-                let Some(q) = self.queue.take() else {
-                    return Ok(out);
-                };
-                queue = q;
-                match handled {
-                    Ok(Handled::Answered | Handled::Submitted) => {}
-                    Ok(Handled::Blocked) => {
-                        queue.go_to_previous_position();
-                        out.popped -= 1;
-                        out.rerun = true;
-                        break 'drain Ok(());
-                    }
-                    Err(e) => break 'drain Err(e),
-                }
-            }
-            if out.popped >= budget {
-                out.rerun = true;
-                break 'drain Ok(());
-            }
-            match queue.enable_notification(mem) {
-                Ok(true) => continue,
-                Ok(false) => break 'drain Ok(()),
-                Err(e) => break 'drain Err(format!("enabling notifications: {e}")),
+        self.counters.requests += 1;
+        let mut to = Used::Drain(queue);
+        let descs = chain.map(|d| (d.addr(), d.len(), d.is_write_only(), d.has_next()));
+        let streams = match chain::streams(descs, mem) {
+            Ok(s) => s,
+            Err(e) => {
+                self.counters.errors += 1;
+                self.log.warn("chain", format_args!("chain refused: {e}"));
+                self.add_used(&mut to, mem, head, 0)?;
+                return Ok(ChainTaken::Answered);
             }
         };
-        self.queue = Some(queue);
-        match result {
-            Ok(()) => Ok(out),
-            Err(why) => Err(self.break_queue(why)),
-        }
+        self.handle_request(&mut to, mem, io, head, streams)
     }
 
-    fn head_held(&self, head: u16) -> bool {
-        self.heads.get(usize::from(head)).copied().unwrap_or(true)
-    }
-
-    fn hold(&mut self, head: u16, held: bool) {
-        if let Some(h) = self.heads.get_mut(usize::from(head)) {
-            *h = held;
-        }
-    }
-
-    /// Copies the request out, parses it and acts on it.
-    fn handle_chain<M: GuestMemory>(
+    fn handle_request<M: GuestMemory>(
         &mut self,
+        to: &mut Used<'_>,
         mem: &M,
         io: &mut dyn IoSubmit,
         head: u16,
         streams: Streams,
-    ) -> Result<Handled, String> {
-        self.counters.requests += 1;
+    ) -> Result<ChainTaken, String> {
         let mut hdr = [0u8; HEADER_LEN];
         let Some(h) = (chain::read_prefix(mem, &streams.readable, &mut hdr) == HEADER_LEN)
             .then(|| parse_header(&hdr))
@@ -515,18 +315,15 @@ impl<F: Filesystem> P9Device<F> {
         else {
             // Not even a header: nobody to answer.
             self.counters.errors += 1;
-            self.add_used(mem, head, 0)?;
-            return Ok(Handled::Answered);
+            self.log
+                .warn("request", format_args!("request without a header"));
+            self.add_used(to, mem, head, 0)?;
+            return Ok(ChainTaken::Answered);
         };
         if h.size > self.server.msize() && h.ty != msg::TVERSION {
-            self.answer(
-                mem,
-                head,
-                h.tag,
-                &streams.writable,
-                &Reply::Lerror(libc::EMSGSIZE as u32),
-            )?;
-            return Ok(Handled::Answered);
+            let e = Reply::Lerror(libc::EMSGSIZE as u32);
+            self.answer(to, mem, head, h.tag, &streams.writable, &e)?;
+            return Ok(ChainTaken::Answered);
         }
         let want = if h.ty == msg::TWRITE {
             WRITE_HEADER_LEN as usize
@@ -540,21 +337,16 @@ impl<F: Filesystem> P9Device<F> {
             Ok(req) => req,
             Err(e) => {
                 log::debug!("virtio-9p: request refused: {e}");
-                self.answer(
-                    mem,
-                    head,
-                    h.tag,
-                    &streams.writable,
-                    &Reply::Lerror(e.errno()),
-                )?;
-                return Ok(Handled::Answered);
+                let r = Reply::Lerror(e.errno());
+                self.answer(to, mem, head, h.tag, &streams.writable, &r)?;
+                return Ok(ChainTaken::Answered);
             }
         };
         if let Tmessage::Flush { oldtag } = req.body {
-            return self.flush(mem, head, req.tag, &streams, oldtag);
+            return self.flush(to, mem, head, req.tag, &streams, oldtag);
         }
         let action = self.server.handle(&req.body, streams.writable_len);
-        self.execute(mem, io, head, req.tag, streams, action, false)
+        self.execute(to, mem, io, head, req.tag, streams, action, false)
     }
 
     /// Answers or submits what the server decided; `waited` marks a
@@ -563,6 +355,7 @@ impl<F: Filesystem> P9Device<F> {
     #[allow(clippy::too_many_arguments)]
     fn execute<M: GuestMemory>(
         &mut self,
+        to: &mut Used<'_>,
         mem: &M,
         io: &mut dyn IoSubmit,
         head: u16,
@@ -570,13 +363,13 @@ impl<F: Filesystem> P9Device<F> {
         streams: Streams,
         action: Action,
         waited: bool,
-    ) -> Result<Handled, String> {
+    ) -> Result<ChainTaken, String> {
         let (file, offset, kind) = match action {
             Action::Reply(r) => {
-                self.answer(mem, head, tag, &streams.writable, &r)?;
-                return Ok(Handled::Answered);
+                self.answer(to, mem, head, tag, &streams.writable, &r)?;
+                return Ok(ChainTaken::Answered);
             }
-            Action::Flush { oldtag } => return self.flush(mem, head, tag, &streams, oldtag),
+            Action::Flush { oldtag } => return self.flush(to, mem, head, tag, &streams, oldtag),
             Action::Read {
                 ref file,
                 offset,
@@ -584,15 +377,15 @@ impl<F: Filesystem> P9Device<F> {
             } => {
                 if streams.writable_len < READ_REPLY_HEADER_LEN {
                     self.counters.errors += 1;
-                    self.add_used(mem, head, 0)?;
-                    return Ok(Handled::Answered);
+                    self.add_used(to, mem, head, 0)?;
+                    return Ok(ChainTaken::Answered);
                 }
                 if count == 0 {
                     let h = read_reply_header(tag, 0);
-                    let len = u32::from(chain::write_prefix(mem, &streams.writable, &h))
-                        * READ_REPLY_HEADER_LEN;
-                    self.add_used(mem, head, len)?;
-                    return Ok(Handled::Answered);
+                    let fits = chain::write_prefix(mem, &streams.writable, &h);
+                    let len = if fits { READ_REPLY_HEADER_LEN } else { 0 };
+                    self.add_used(to, mem, head, len)?;
+                    return Ok(ChainTaken::Answered);
                 }
                 (file.clone(), offset, OpKind::Read { count })
             }
@@ -602,8 +395,8 @@ impl<F: Filesystem> P9Device<F> {
                 count,
             } => {
                 if count == 0 {
-                    self.answer(mem, head, tag, &streams.writable, &Reply::Write(0))?;
-                    return Ok(Handled::Answered);
+                    self.answer(to, mem, head, tag, &streams.writable, &Reply::Write(0))?;
+                    return Ok(ChainTaken::Answered);
                 }
                 (file.clone(), offset, OpKind::Write { count })
             }
@@ -613,20 +406,29 @@ impl<F: Filesystem> P9Device<F> {
         if let Some(fd) = stream {
             if self.streams_busy.contains(&fd) {
                 self.defer(head, tag, fd, streams, action, false);
-                return Ok(Handled::Submitted);
+                return Ok(ChainTaken::Submitted);
             }
         }
         let datasync = matches!(action, Action::Fsync { datasync: true, .. });
-        let handled = self.submit(
-            mem, io, head, tag, &streams, file.fd, stream, offset, kind, datasync,
-        )?;
-        match (handled, stream) {
-            (Handled::Blocked, Some(fd)) if waited => {
-                self.defer(head, tag, fd, streams, action, true);
-                self.stalled = true;
-                Ok(Handled::Submitted)
-            }
-            (h, _) => Ok(h),
+        let op = Op {
+            head,
+            tag,
+            fd: file.fd,
+            stream,
+            offset,
+            kind,
+            datasync,
+        };
+        match self.submit(to, mem, io, &streams, op)? {
+            ChainTaken::PutBack if waited => match stream {
+                Some(fd) => {
+                    self.defer(head, tag, fd, streams, action, true);
+                    self.stalled = true;
+                    Ok(ChainTaken::Submitted)
+                }
+                None => Ok(ChainTaken::PutBack),
+            },
+            taken => Ok(taken),
         }
     }
 
@@ -641,7 +443,7 @@ impl<F: Filesystem> P9Device<F> {
         action: Action,
         first: bool,
     ) {
-        self.hold(head, true);
+        self.park(head, true);
         let d = Deferred {
             head,
             tag,
@@ -656,43 +458,26 @@ impl<F: Filesystem> P9Device<F> {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Maps the op's guest buffers and hands it to the ring.
     fn submit<M: GuestMemory>(
         &mut self,
+        to: &mut Used<'_>,
         mem: &M,
         io: &mut dyn IoSubmit,
-        head: u16,
-        tag: u16,
         streams: &Streams,
-        fd: Arc<OwnedFd>,
-        stream: Option<RawFd>,
-        offset: u64,
-        kind: OpKind,
-        datasync: bool,
-    ) -> Result<Handled, String> {
-        let Some(index) = self
-            .slots
-            .iter()
-            .position(|s| matches!(s.state, SlotState::Free))
-        else {
-            return Ok(Handled::Blocked);
+        op: Op,
+    ) -> Result<ChainTaken, String> {
+        let Some((slot, iovecs)) = self.inflight.reserve(self.generation) else {
+            return Ok(ChainTaken::PutBack);
         };
-        let ring_tag = (u64::from(self.generation) << SLOT_BITS) | index as u64;
-        let raw = fd.as_raw_fd();
-        // Streams go at their own position (-1): offsets mean nothing there.
-        let offset = if stream.is_some() { u64::MAX } else { offset };
-        let Some(slot) = self.slots.get_mut(index) else {
-            return Ok(Handled::Blocked);
-        };
-        slot.iovecs.0.clear();
-        let mapped = match kind {
+        let mapped = match op.kind {
             OpKind::Read { count } => chain::map_range(
                 mem,
                 &streams.writable,
                 READ_REPLY_HEADER_LEN,
                 count,
                 Permissions::Write,
-                &mut slot.iovecs.0,
+                &mut iovecs.0,
             ),
             OpKind::Write { count } => chain::map_range(
                 mem,
@@ -700,167 +485,126 @@ impl<F: Filesystem> P9Device<F> {
                 WRITE_HEADER_LEN,
                 count,
                 Permissions::Read,
-                &mut slot.iovecs.0,
+                &mut iovecs.0,
             ),
             OpKind::Fsync => Ok(()),
         };
+        let (ptr, iovcnt) = iovecs.as_raw();
         if let Err(e) = mapped {
-            slot.iovecs.0.clear();
-            log::debug!("virtio-9p: request buffers refused: {e}");
-            self.answer(
-                mem,
-                head,
-                tag,
-                &streams.writable,
-                &Reply::Lerror(libc::EFAULT as u32),
-            )?;
-            return Ok(Handled::Answered);
+            self.inflight.release(slot);
+            self.log
+                .warn("buffers", format_args!("request buffers refused: {e}"));
+            let r = Reply::Lerror(libc::EFAULT as u32);
+            self.answer(to, mem, op.head, op.tag, &streams.writable, &r)?;
+            return Ok(ChainTaken::Answered);
         }
-        let (iovecs, iovcnt) = (slot.iovecs.0.as_ptr(), slot.iovecs.0.len() as u32);
-        let op = match kind {
+        let fd = op.fd.as_raw_fd();
+        // Streams go at their own position (-1): offsets mean nothing there.
+        let offset = if op.stream.is_some() {
+            u64::MAX
+        } else {
+            op.offset
+        };
+        let ring_op = match op.kind {
             OpKind::Read { .. } => IoOp::Readv {
-                fd: raw,
-                iovecs,
+                fd,
+                iovecs: ptr,
                 iovcnt,
                 offset,
             },
             OpKind::Write { .. } => IoOp::Writev {
-                fd: raw,
-                iovecs,
+                fd,
+                iovecs: ptr,
                 iovcnt,
                 offset,
             },
-            OpKind::Fsync => IoOp::Fsync { fd: raw, datasync },
+            OpKind::Fsync => IoOp::Fsync {
+                fd,
+                datasync: op.datasync,
+            },
         };
-        // SAFETY: the iovec array lives in this slot's Vec, untouched until
-        // `complete` takes this tag (a reset only orphans the slot; dropping
-        // the device with ops in flight leaks the arrays, see Drop). The
-        // buffers are guest memory, mapped for the VM's life and checked to
-        // lie inside it above. The descriptor is kept open by the slot's
-        // Arc until the completion arrives.
-        match unsafe { io.submit(op, ring_tag) } {
+        // SAFETY: the iovec array lives in the reserved slot, untouched
+        // until `complete` takes this tag (a reset only orphans the slot;
+        // dropping the table with ops in flight leaks the arrays). The
+        // buffers are guest memory, mapped for the VM's life and checked
+        // to lie inside it above. The descriptor stays open in `files`
+        // until the completion arrives, live or orphaned.
+        match unsafe { io.submit(ring_op, slot.tag) } {
             Ok(()) => {}
             Err(IoSubmitError::QueueFull) => {
-                slot.iovecs.0.clear();
-                return Ok(Handled::Blocked);
+                self.inflight.release(slot);
+                return Ok(ChainTaken::PutBack);
             }
             Err(e) => {
-                slot.iovecs.0.clear();
-                warn!("virtio-9p: submission failed: {e}");
-                self.answer(
-                    mem,
-                    head,
-                    tag,
-                    &streams.writable,
-                    &Reply::Lerror(libc::EIO as u32),
-                )?;
-                return Ok(Handled::Answered);
+                self.inflight.release(slot);
+                self.log
+                    .warn("host", format_args!("submission failed: {e}"));
+                let r = Reply::Lerror(libc::EIO as u32);
+                self.answer(to, mem, op.head, op.tag, &streams.writable, &r)?;
+                return Ok(ChainTaken::Answered);
             }
         }
-        slot.tag = ring_tag;
-        slot.file = Some(fd);
-        slot.state = SlotState::Busy(Pending {
-            head,
-            tag,
-            kind,
-            writable: streams.writable.clone(),
-            stream,
-        });
-        self.busy += 1;
-        self.hold(head, true);
-        if let Some(fd) = stream {
+        if let Some(f) = self.files.get_mut(usize::from(Tag::decode(slot.tag).slot)) {
+            *f = Some(op.fd);
+        }
+        self.inflight.commit(
+            slot,
+            op.head,
+            Pending {
+                tag: op.tag,
+                kind: op.kind,
+                writable: streams.writable.clone(),
+                stream: op.stream,
+            },
+        );
+        self.pending_tags.push(op.tag);
+        if let Some(fd) = op.stream {
             self.streams_busy.push(fd);
         }
-        Ok(Handled::Submitted)
+        Ok(ChainTaken::Submitted)
     }
 
     /// Tflush: answers at once unless `oldtag` is still being worked on.
     fn flush<M: GuestMemory>(
         &mut self,
+        to: &mut Used<'_>,
         mem: &M,
         head: u16,
         tag: u16,
         streams: &Streams,
         oldtag: u16,
-    ) -> Result<Handled, String> {
+    ) -> Result<ChainTaken, String> {
         if let Some(i) = self.deferred.iter().position(|d| d.tag == oldtag) {
             if let Some(d) = self.deferred.remove(i) {
-                self.hold(d.head, false);
-                self.answer(
-                    mem,
-                    d.head,
-                    d.tag,
-                    &d.streams.writable,
-                    &Reply::Lerror(libc::EINTR as u32),
-                )?;
+                self.park(d.head, false);
+                let r = Reply::Lerror(libc::EINTR as u32);
+                self.answer(to, mem, d.head, d.tag, &d.streams.writable, &r)?;
             }
-        } else if self
-            .slots
-            .iter()
-            .any(|s| matches!(&s.state, SlotState::Busy(p) if p.tag == oldtag))
-        {
-            self.hold(head, true);
+        } else if self.pending_tags.contains(&oldtag) {
+            self.park(head, true);
             self.flushes.push(FlushWait {
                 head,
                 tag,
                 oldtag,
                 writable: streams.writable.clone(),
             });
-            return Ok(Handled::Submitted);
+            return Ok(ChainTaken::Submitted);
         }
-        self.answer(mem, head, tag, &streams.writable, &Reply::Flush)?;
-        Ok(Handled::Answered)
+        self.answer(to, mem, head, tag, &streams.writable, &Reply::Flush)?;
+        Ok(ChainTaken::Answered)
     }
 
-    /// Answers the op tagged `tag` with the CQE result `res` (bytes, or
-    /// -errno), then starts what waited for it. Unknown and pre-reset tags
-    /// are ignored.
-    pub fn complete<M: GuestMemory>(&mut self, tag: u64, res: i32, mem: &M, io: &mut dyn IoSubmit) {
-        let index = (tag & ((1 << SLOT_BITS) - 1)) as usize;
-        let Some(slot) = self.slots.get_mut(index) else {
-            warn!("virtio-9p: completion for unknown tag {tag:#x}");
-            return;
-        };
-        if slot.tag != tag {
-            warn!("virtio-9p: completion for unknown tag {tag:#x}");
-            return;
-        }
-        let state = std::mem::replace(&mut slot.state, SlotState::Free);
-        slot.tag = u64::MAX;
-        slot.iovecs.0.clear();
-        slot.file = None;
-        let p = match state {
-            SlotState::Free => return,
-            SlotState::Orphaned => {
-                self.orphans -= 1;
-                return;
-            }
-            SlotState::Busy(p) => p,
-        };
-        self.busy -= 1;
-        self.hold(p.head, false);
-        if let Err(why) = self.answer_op(mem, &p, res) {
-            let _ = self.break_queue(why);
-            return;
-        }
-        if let Some(fd) = p.stream {
-            self.streams_busy.retain(|&s| s != fd);
-            self.start_deferred(mem, io, fd);
-        }
-        while let Some(i) = self.flushes.iter().position(|f| f.oldtag == p.tag) {
-            let f = self.flushes.swap_remove(i);
-            self.hold(f.head, false);
-            if let Err(why) = self.answer(mem, f.head, f.tag, &f.writable, &Reply::Flush) {
-                let _ = self.break_queue(why);
-                return;
-            }
-        }
-    }
-
-    fn answer_op<M: GuestMemory>(&mut self, mem: &M, p: &Pending, res: i32) -> Result<(), String> {
+    fn answer_op<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        head: u16,
+        p: &Pending,
+        res: i32,
+    ) -> Result<(), String> {
+        let to = &mut Used::Device;
         if res < 0 {
             let e = res.unsigned_abs();
-            return self.answer(mem, p.head, p.tag, &p.writable, &Reply::Lerror(e));
+            return self.answer(to, mem, head, p.tag, &p.writable, &Reply::Lerror(e));
         }
         let done = res as u32;
         match p.kind {
@@ -869,16 +613,16 @@ impl<F: Filesystem> P9Device<F> {
                 self.counters.read_bytes += u64::from(n);
                 let h = read_reply_header(p.tag, n);
                 if !chain::write_prefix(mem, &p.writable, &h) {
-                    return self.add_used(mem, p.head, 0);
+                    return self.add_used(to, mem, head, 0);
                 }
-                self.add_used(mem, p.head, READ_REPLY_HEADER_LEN + n)
+                self.add_used(to, mem, head, READ_REPLY_HEADER_LEN + n)
             }
             OpKind::Write { count } => {
                 let n = done.min(count);
                 self.counters.write_bytes += u64::from(n);
-                self.answer(mem, p.head, p.tag, &p.writable, &Reply::Write(n))
+                self.answer(to, mem, head, p.tag, &p.writable, &Reply::Write(n))
             }
-            OpKind::Fsync => self.answer(mem, p.head, p.tag, &p.writable, &Reply::Fsync),
+            OpKind::Fsync => self.answer(to, mem, head, p.tag, &p.writable, &Reply::Fsync),
         }
     }
 
@@ -890,9 +634,10 @@ impl<F: Filesystem> P9Device<F> {
         let Some(d) = self.deferred.remove(i) else {
             return;
         };
-        self.hold(d.head, false);
-        if let Err(why) = self.execute(mem, io, d.head, d.tag, d.streams, d.action, true) {
-            let _ = self.break_queue(why);
+        self.park(d.head, false);
+        let to = &mut Used::Device;
+        if let Err(why) = self.execute(to, mem, io, d.head, d.tag, d.streams, d.action, true) {
+            let _ = self.queues.break_queue(REQUEST_QUEUE, why);
         }
     }
 
@@ -911,19 +656,145 @@ impl<F: Filesystem> P9Device<F> {
     }
 }
 
+/// One transfer to submit.
+struct Op {
+    head: u16,
+    tag: u16,
+    fd: Arc<OwnedFd>,
+    stream: Option<RawFd>,
+    offset: u64,
+    kind: OpKind,
+    datasync: bool,
+}
+
 fn chain_len(segs: &[Segment]) -> usize {
     segs.iter().map(|s| s.len as usize).sum()
 }
 
+impl<F: Filesystem + Send + 'static, M: GuestMemory> VirtioDevice<M> for P9Device<F>
+where
+    F::Node: Send,
+{
+    fn kind(&self) -> &'static str {
+        "9p"
+    }
+
+    fn device_type(&self) -> u32 {
+        DEVICE_TYPE
+    }
+
+    fn features(&self) -> u64 {
+        FEATURES
+    }
+
+    fn queues(&self) -> &Virtqueues {
+        &self.queues
+    }
+
+    fn queues_mut(&mut self) -> &mut Virtqueues {
+        &mut self.queues
+    }
+
+    /// Drops the queue, forgets every fid and waiting request; ops in
+    /// flight are orphaned (their descriptors stay open until their
+    /// completions) and their results ignored.
+    fn reset(&mut self) {
+        self.queues.reset();
+        self.inflight.orphan_all();
+        self.generation.bump();
+        self.parked.fill(false);
+        self.deferred.clear();
+        self.stalled = false;
+        self.flushes.clear();
+        self.pending_tags.clear();
+        self.streams_busy.clear();
+        self.server.reset();
+    }
+
+    fn process_queue(
+        &mut self,
+        qidx: usize,
+        mem: &M,
+        io: &mut dyn IoSubmit,
+    ) -> Result<ProcessOutcome, DeviceError> {
+        if qidx != REQUEST_QUEUE {
+            return Err(DeviceError::NoSuchQueue(qidx));
+        }
+        self.retry_deferred(mem, io);
+        drain_queue(
+            self,
+            |d| &mut d.queues,
+            qidx,
+            mem,
+            |d, q, chain, head| d.take_chain(q, mem, io, head, chain),
+        )
+    }
+
+    fn complete(&mut self, tag: u64, res: i32, mem: &M, io: &mut dyn IoSubmit) {
+        let taken = self.inflight.take(tag);
+        if taken.is_some() {
+            if let Some(f) = self.files.get_mut(usize::from(Tag::decode(tag).slot)) {
+                *f = None;
+            }
+        }
+        let (head, p) = match taken {
+            None => {
+                log::debug!("virtio-9p: completion for unknown tag {tag:#x}");
+                return;
+            }
+            Some(Taken::Stale) => return,
+            Some(Taken::Live { head, pending }) => (head, pending),
+        };
+        if let Some(i) = self.pending_tags.iter().position(|&t| t == p.tag) {
+            self.pending_tags.swap_remove(i);
+        }
+        if let Err(why) = self.answer_op(mem, head, &p, res) {
+            let _ = self.queues.break_queue(REQUEST_QUEUE, why);
+            return;
+        }
+        if let Some(fd) = p.stream {
+            self.streams_busy.retain(|&s| s != fd);
+            self.start_deferred(mem, io, fd);
+        }
+        while let Some(i) = self.flushes.iter().position(|f| f.oldtag == p.tag) {
+            let f = self.flushes.swap_remove(i);
+            self.park(f.head, false);
+            let to = &mut Used::Device;
+            if let Err(why) = self.answer(to, mem, f.head, f.tag, &f.writable, &Reply::Flush) {
+                let _ = self.queues.break_queue(REQUEST_QUEUE, why);
+                return;
+            }
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.inflight.outstanding()
+    }
+
+    /// A read of ringvm's stdin may wait forever: every orphaned op is
+    /// cancelled on reset.
+    fn stale_tags(&self) -> Vec<u64> {
+        self.inflight.orphaned_tags().collect()
+    }
+
+    fn metrics(&self) -> serde_json::Value {
+        serde_json::to_value(self.counters()).unwrap_or_default()
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
 impl<F: Filesystem> Drop for P9Device<F> {
     fn drop(&mut self) {
-        // The kernel may still use these iovec arrays and descriptors;
-        // leaking them is the only safe end (at VMM exit the ring has
-        // already waited for, and cancelled, every op).
-        for s in &mut self.slots {
-            if !matches!(s.state, SlotState::Free) {
-                std::mem::forget(std::mem::take(&mut s.iovecs));
-                std::mem::forget(s.file.take());
+        if self.inflight.outstanding() > 0 {
+            // Queued ops name these descriptors' numbers: closing them
+            // could redirect I/O to a file opened later. (At VMM exit the
+            // ring has already waited for, and cancelled, every op.)
+            log::debug!("virtio-9p: dropped with I/O in flight; leaking its descriptors");
+            for f in &mut self.files {
+                std::mem::forget(f.take());
             }
         }
     }

@@ -4,8 +4,6 @@
 use std::fs;
 use std::os::fd::AsRawFd;
 
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::device::P9Device;
@@ -14,20 +12,17 @@ use super::wire::{msg, NOFID, NOTAG};
 use super::{ControlFs, Filesystem, HostFs, FEATURES};
 use crate::io::fake::{CountingLine, ExecutingIo, RecordingIo};
 use crate::io::IoOp;
-use crate::virtio::{Activation, QueueConfig, F_EVENT_IDX};
+use crate::virtio::testing::{transport_event, DriverQueue};
+use crate::virtio::{Activation, TransportEvent, VirtioDevice, F_EVENT_IDX};
 
 const QSIZE: u16 = 16;
-const DESC: u64 = 0;
-const AVAIL: u64 = 0x1000;
-const USED: u64 = 0x2000;
-const W: u16 = VRING_DESC_F_WRITE as u16;
-const N: u16 = VRING_DESC_F_NEXT as u16;
+const W: u16 = DriverQueue::<GuestMemoryMmap>::WRITE;
 
 struct Rig<F: Filesystem> {
     mem: GuestMemoryMmap,
+    q: DriverQueue<GuestMemoryMmap>,
     dev: P9Device<F>,
     irq: CountingLine,
-    next_desc: u16,
     /// Next free guest address for buffers.
     next_buf: u64,
 }
@@ -46,27 +41,25 @@ fn tmsg(ty: u8, tag: u16, body: &[u8]) -> Vec<u8> {
     m
 }
 
-impl<F: Filesystem> Rig<F> {
+impl<F: Filesystem + Send + 'static> Rig<F>
+where
+    F::Node: Send,
+{
     fn new(fs: F) -> Self {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("memory");
+        let q = DriverQueue::new(mem.clone(), 0, QSIZE);
         let irq = CountingLine::default();
         let mut dev = P9Device::new(fs, "share0", Box::new(irq.clone()));
         let activation = Activation {
             features: FEATURES & !F_EVENT_IDX,
-            queues: vec![QueueConfig {
-                size: QSIZE,
-                ready: true,
-                desc_table: DESC,
-                avail_ring: AVAIL,
-                used_ring: USED,
-            }],
+            queues: vec![q.config()],
         };
-        dev.activate(&mem, &activation).expect("activate");
+        transport_event(&mut dev, &mem, &TransportEvent::Activate(activation)).expect("activate");
         Self {
             mem,
+            q,
             dev,
             irq,
-            next_desc: 0,
             next_buf: 0x1_0000,
         }
     }
@@ -82,32 +75,7 @@ impl<F: Filesystem> Rig<F> {
 
     /// Publishes a chain of (addr, len, flags); returns its head.
     fn push(&mut self, descs: &[(u64, u32, u16)]) -> u16 {
-        let head = self.next_desc;
-        for (i, &(addr, len, flags)) in descs.iter().enumerate() {
-            let idx = (self.next_desc + i as u16) % QSIZE;
-            let last = i + 1 == descs.len();
-            let (flags, next) = if last {
-                (flags, 0)
-            } else {
-                (flags | N, (idx + 1) % QSIZE)
-            };
-            let at = GuestAddress(DESC + 16 * u64::from(idx));
-            self.mem
-                .write_obj(
-                    RawDescriptor::from(Descriptor::new(addr, len, flags, next)),
-                    at,
-                )
-                .expect("descriptor");
-        }
-        self.next_desc = (self.next_desc + descs.len() as u16) % QSIZE;
-        let idx: u16 = self.mem.read_obj(GuestAddress(AVAIL + 2)).expect("avail");
-        self.mem
-            .write_obj(head, GuestAddress(AVAIL + 4 + 2 * u64::from(idx % QSIZE)))
-            .expect("avail entry");
-        self.mem
-            .write_obj(idx.wrapping_add(1), GuestAddress(AVAIL + 2))
-            .expect("avail idx");
-        head
+        self.q.push(descs)
     }
 
     /// A request in one readable buffer and a reply buffer of `room`
@@ -122,16 +90,7 @@ impl<F: Filesystem> Rig<F> {
     }
 
     fn used(&self) -> Vec<(u32, u32)> {
-        let n: u16 = self.mem.read_obj(GuestAddress(USED + 2)).expect("used idx");
-        (0..n)
-            .map(|i| {
-                let at = USED + 4 + 8 * u64::from(i % QSIZE);
-                (
-                    self.mem.read_obj(GuestAddress(at)).expect("id"),
-                    self.mem.read_obj(GuestAddress(at + 4)).expect("len"),
-                )
-            })
-            .collect()
+        self.q.used_entries()
     }
 
     fn read(&self, at: u64, len: usize) -> Vec<u8> {
@@ -140,12 +99,16 @@ impl<F: Filesystem> Rig<F> {
         b
     }
 
+    fn process(&mut self, io: &mut dyn crate::io::IoSubmit) {
+        self.dev.process_queue(0, &self.mem, io).expect("process");
+    }
+
     /// Sends one message, runs it to completion on real files, and
     /// returns the reply bytes.
     fn call(&mut self, m: &[u8]) -> Vec<u8> {
         let (head, reply) = self.request(m, 8192);
         let mut io = ExecutingIo::default();
-        self.dev.process_queue(&self.mem, &mut io).expect("process");
+        self.process(&mut io);
         for (tag, res) in io.take_completions() {
             self.dev.complete(tag, res, &self.mem, &mut io);
         }
@@ -216,7 +179,7 @@ fn a_zero_copy_read_lands_after_the_reply_header() {
         (page2, 8192, W),
     ]);
     let mut io = ExecutingIo::default();
-    rig.dev.process_queue(&rig.mem, &mut io).unwrap();
+    rig.process(&mut io);
     assert!(matches!(
         io.ops[0].0,
         IoOp::Readv {
@@ -238,7 +201,7 @@ fn a_zero_copy_read_lands_after_the_reply_header() {
     got.extend(rig.read(page2, 10_000 - 4096));
     let want: Vec<u8> = (100..10_100u32).map(|i| (i % 251) as u8).collect();
     assert_eq!(got, want);
-    assert_eq!(rig.dev.in_flight(), 0);
+    assert_eq!(VirtioDevice::<GuestMemoryMmap>::in_flight(&rig.dev), 0);
     // One interrupt decision per loop turn.
     let before = rig.irq.count();
     rig.dev.end_turn(&rig.mem);
@@ -267,7 +230,7 @@ fn a_zero_copy_write_goes_from_guest_pages_to_the_file() {
     let reply = rig.buf(&[], 64);
     rig.push(&[(hdr, 23, 0), (p1, 1000, 0), (p2, 5000, 0), (reply, 64, W)]);
     let mut io = ExecutingIo::default();
-    rig.dev.process_queue(&rig.mem, &mut io).unwrap();
+    rig.process(&mut io);
     for (tag, res) in io.take_completions() {
         rig.dev.complete(tag, res, &rig.mem, &mut io);
     }
@@ -296,7 +259,7 @@ fn hostile_chains_get_errors_or_nothing() {
     // Outside guest memory.
     let head3 = rig.push(&[(0x10_0000 - 4, 64, 0), (reply, 64, W)]);
     let mut io = RecordingIo::default();
-    rig.dev.process_queue(&rig.mem, &mut io).unwrap();
+    rig.process(&mut io);
     let used = rig.used();
     assert_eq!(
         &used[before..],
@@ -322,7 +285,7 @@ fn hostile_chains_get_errors_or_nothing() {
         &[0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0],
     );
     let (_, reply) = rig.request(&m, 20);
-    rig.dev.process_queue(&rig.mem, &mut io).unwrap();
+    rig.process(&mut io);
     let (_, len) = *rig.used().last().unwrap();
     assert_eq!(len, 11);
     assert_eq!(rlerror(&rig.read(reply, 11)), Some(libc::ERANGE as u32));
@@ -358,7 +321,7 @@ fn stream_writes_run_one_at_a_time_in_order() {
     let (h2, _) = rig.request(&twrite(1, 11, b"second "), 64);
     let (h3, _) = rig.request(&twrite(1, 12, b"third"), 64);
     let mut io = RecordingIo::default();
-    rig.dev.process_queue(&rig.mem, &mut io).unwrap();
+    rig.process(&mut io);
     // One transfer on the stream at a time, at the stream's own position.
     assert_eq!(io.ops.len(), 1);
     assert!(matches!(
@@ -401,7 +364,7 @@ fn a_flushed_read_is_answered_before_its_flush() {
     b.extend(100u32.to_le_bytes());
     let (read_head, _) = rig.request(&tmsg(msg::TREAD, 20, &b), 200);
     let mut io = RecordingIo::default();
-    rig.dev.process_queue(&rig.mem, &mut io).unwrap();
+    rig.process(&mut io);
     assert_eq!(io.ops.len(), 1);
     // A second read waits behind the first; flushing it answers it at once.
     let (queued_head, queued_reply) = rig.request(&tmsg(msg::TREAD, 21, &b), 200);
@@ -409,7 +372,7 @@ fn a_flushed_read_is_answered_before_its_flush() {
     // The in-flight one: Rflush waits for it.
     let (f2, f2_reply) = rig.request(&tmsg(msg::TFLUSH, 23, &20u16.to_le_bytes()), 64);
     let before = rig.used().len();
-    rig.dev.process_queue(&rig.mem, &mut io).unwrap();
+    rig.process(&mut io);
     let used = rig.used();
     assert_eq!(
         &used[before..],
@@ -441,14 +404,18 @@ fn a_reset_orphans_transfers_and_forgets_fids() {
     b.extend(100u32.to_le_bytes());
     rig.request(&tmsg(msg::TREAD, 30, &b), 200);
     let mut io = RecordingIo::default();
-    rig.dev.process_queue(&rig.mem, &mut io).unwrap();
-    assert_eq!(rig.dev.in_flight(), 1);
+    rig.process(&mut io);
+    assert_eq!(VirtioDevice::<GuestMemoryMmap>::in_flight(&rig.dev), 1);
     let used = rig.used().len();
-    rig.dev.reset();
-    assert_eq!(rig.dev.in_flight(), 1, "the kernel still holds the buffers");
+    VirtioDevice::<GuestMemoryMmap>::reset(&mut rig.dev);
+    assert_eq!(
+        VirtioDevice::<GuestMemoryMmap>::in_flight(&rig.dev),
+        1,
+        "the kernel still holds the buffers"
+    );
     assert_eq!(rig.dev.server().fid_count(), 0);
     let (_, tag) = io.ops[0];
     rig.dev.complete(tag, 100, &rig.mem, &mut io);
-    assert_eq!(rig.dev.in_flight(), 0);
+    assert_eq!(VirtioDevice::<GuestMemoryMmap>::in_flight(&rig.dev), 0);
     assert_eq!(rig.used().len(), used, "nothing is written after a reset");
 }

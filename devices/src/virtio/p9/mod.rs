@@ -31,7 +31,7 @@ mod device_tests;
 mod tests;
 
 pub use control::{ControlFs, ControlFsError};
-pub use device::{P9Counters, P9Device, P9Error, ProcessOutcome, FEATURES};
+pub use device::{P9Counters, P9Device, FEATURES};
 pub use fs::{Errno, Filesystem, OpenFile};
 pub use hostfs::{HostFs, HostFsError};
 pub use server::{Action, Server};
