@@ -17,7 +17,7 @@ RINGVM := $(CURDIR)/target/release/ringvm
 APT_PACKAGES := linux-source-6.1 build-essential bc bison flex libelf-dev \
 	libssl-dev busybox-static e2fsprogs cpio lz4 xz-utils iproute2 fio curl
 
-.PHONY: all deps build guest testguest broken run test unit-test integration-test api-conformance lint clean bench bench-blk bench-net fuzz fuzz-check fuzz-deps
+.PHONY: all deps build guest testguest runner-root broken run test unit-test integration-test api-conformance lint clean bench bench-blk bench-net fuzz fuzz-check fuzz-deps
 
 all: build
 
@@ -49,6 +49,11 @@ run: build guest
 		--disk path=$(GUEST_DIR)/rootfs.ext4,id=rootfs,root \
 		--cmdline "console=ttyS0 reboot=k panic=-1 guest.halt=$$halt"
 
+# A busybox-only root directory for the `ringvm --root-share DIR -- CMD`
+# tests (host binaries load slowly where guest code is emulated).
+runner-root: deps
+	bash resources/runner/busybox-root.sh $(CURDIR)/target/runner-root
+
 # ringvm's own virtio test kernel (no_std, x86_64-unknown-none).
 testguest:
 	bash resources/testguest/build.sh $(CURDIR)/target/testguest
@@ -69,8 +74,9 @@ lint: deps
 unit-test:
 	$(CARGO) test --locked --workspace --exclude ringvm-tests
 
-integration-test: build guest testguest broken
+integration-test: build guest testguest broken runner-root
 	RINGVM_BIN=$(RINGVM) RINGVM_GUEST_DIR=$(GUEST_DIR) \
+		RINGVM_RUNNER_ROOT=$(CURDIR)/target/runner-root \
 		RINGVM_TESTGUEST=$(CURDIR)/target/testguest/vtest.elf \
 		RINGVM_BROKEN_BIN=$(CURDIR)/target/broken/release/ringvm \
 		$(CARGO) test --locked --release -p ringvm-tests -- --nocapture --test-threads=1

@@ -502,6 +502,10 @@ pub struct VmConfig {
     /// Where the guest console goes (`PUT /serial`); stdout by default.
     #[serde(skip)]
     pub serial: SerialConfig,
+    /// Run a command in the guest (`ringvm -- CMD`): the shares, the
+    /// control tree and the exit status. Command line only.
+    #[serde(skip)]
+    pub runner: Option<crate::runner::RunnerConfig>,
 }
 
 impl VmConfig {
@@ -541,8 +545,10 @@ impl VmConfig {
                 return Err(ConfigError::Mtu(mtu));
             }
         }
-        let devices =
-            self.drives.len() + self.network_interfaces.len() + usize::from(self.entropy.is_some());
+        let devices = self.drives.len()
+            + self.network_interfaces.len()
+            + usize::from(self.entropy.is_some())
+            + self.runner.as_ref().map_or(0, |r| r.device_count());
         if devices > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(devices));
         }
@@ -555,10 +561,12 @@ impl VmConfig {
     /// The kernel command line the user asked for, before ringvm adds its
     /// own parameters.
     pub fn base_cmdline(&self) -> &str {
-        self.boot_source
-            .boot_args
-            .as_deref()
-            .unwrap_or(DEFAULT_CMDLINE)
+        let default = if self.runner.is_some() {
+            crate::runner::RUNNER_CMDLINE
+        } else {
+            DEFAULT_CMDLINE
+        };
+        self.boot_source.boot_args.as_deref().unwrap_or(default)
     }
 }
 

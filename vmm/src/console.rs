@@ -14,10 +14,21 @@ use devices::rate_limiter::{Clock, MonotonicClock, TokenBucket};
 use crate::config::SerialConfig;
 
 /// The console's destination.
-#[derive(Debug)]
 enum Sink {
     Stdout(Stdout),
     File(File),
+    /// Another writer: stderr or the kept tail of a command run's console.
+    Writer(Box<dyn Write + Send>),
+}
+
+impl std::fmt::Debug for Sink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Sink::Stdout(_) => f.write_str("Stdout"),
+            Sink::File(file) => f.debug_tuple("File").field(file).finish(),
+            Sink::Writer(_) => f.write_str("Writer"),
+        }
+    }
 }
 
 /// The writer the UART prints through.
@@ -57,6 +68,18 @@ impl ConsoleOut {
 
     /// Whether the console is the process's stdout (then stdin feeds the
     /// guest's console too; with a file it does not, as in Firecracker).
+    /// The console into `w` with no rate limit: `ringvm -- CMD` keeps its
+    /// stdout for the command and sends the console to stderr (--verbose)
+    /// or keeps its tail for an error report.
+    pub fn to_writer(w: Box<dyn Write + Send>) -> Self {
+        Self {
+            sink: Sink::Writer(w),
+            limit: None,
+            dropped: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Whether the console is ringvm's stdout (and so stdin is the guest's).
     pub fn is_stdout(&self) -> bool {
         matches!(self.sink, Sink::Stdout(_))
     }
@@ -79,6 +102,7 @@ impl Write for ConsoleOut {
         match &mut self.sink {
             Sink::Stdout(out) => out.write(buf),
             Sink::File(file) => file.write(buf),
+            Sink::Writer(w) => w.write(buf),
         }
     }
 
@@ -86,6 +110,7 @@ impl Write for ConsoleOut {
         match &mut self.sink {
             Sink::Stdout(out) => out.flush(),
             Sink::File(file) => file.flush(),
+            Sink::Writer(w) => w.flush(),
         }
     }
 }

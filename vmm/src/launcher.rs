@@ -248,7 +248,25 @@ fn configure_over_api(
 
 /// Runs what `launch` asks for and returns the process exit code.
 pub fn run(launch: Launch, start: Instant) -> i32 {
-    match try_run(launch, start) {
+    let runs_command = launch
+        .cli_config
+        .as_ref()
+        .is_some_and(|c| c.runner.is_some());
+    let outcome = try_run(launch, start);
+    if runs_command {
+        return match outcome {
+            Ok((exit, console)) => command_exit_code(exit, console.as_deref()),
+            Err(e) => {
+                log::error!("{e}");
+                e.exit_code()
+            }
+        };
+    }
+    match outcome.map(|(exit, _)| exit) {
+        Ok(GuestExit::Command(status)) => {
+            log::info!("the guest reported a command status: {status:?}");
+            crate::runner::status_exit_code(status)
+        }
         Ok(GuestExit::Stopped(why)) => {
             log::info!("{why}; exiting");
             exit_code::GUEST_STOPPED
@@ -276,10 +294,55 @@ pub fn run(launch: Launch, start: Instant) -> i32 {
     }
 }
 
-fn try_run(launch: Launch, start: Instant) -> Result<GuestExit, LaunchError> {
+/// The exit code of `ringvm -- CMD`: the command's status, or 125 with
+/// the reason (and the guest console's last lines) when the guest did not
+/// get to report one.
+fn command_exit_code(exit: GuestExit, console: Option<&[u8]>) -> i32 {
+    use crate::runner::{stage_name, status_exit_code};
+    use devices::legacy::CommandStatus;
+    let show_console = || {
+        if let Some(c) = console.filter(|c| !c.is_empty()) {
+            use std::io::Write;
+            let mut err = std::io::stderr().lock();
+            let _ = writeln!(err, "--- guest console (last {} bytes) ---", c.len());
+            let _ = err.write_all(c);
+            let _ = writeln!(err, "\n--- end of guest console ---");
+        }
+    };
+    match exit {
+        GuestExit::Command(CommandStatus::SetupFailed { stage, errno }) => {
+            log::error!(
+                "the guest failed before running the command: {} ({})",
+                stage_name(stage),
+                std::io::Error::from_raw_os_error(i32::from(errno))
+            );
+            show_console();
+            exit_code::GUEST_SETUP_FAILED
+        }
+        GuestExit::Command(status) => status_exit_code(status),
+        GuestExit::Stopped(why) | GuestExit::Crashed(why) => {
+            log::error!("the guest stopped before reporting the command's status: {why}");
+            show_console();
+            exit_code::GUEST_SETUP_FAILED
+        }
+        GuestExit::TestVerdict(v) => {
+            log::error!(
+                "the guest wrote verdict {v} to the test-exit port instead of running the command"
+            );
+            exit_code::GUEST_SETUP_FAILED
+        }
+        GuestExit::Signal(sig) => exit_code::SIGNAL_BASE + sig,
+    }
+}
+
+fn try_run(launch: Launch, start: Instant) -> Result<(GuestExit, Option<Vec<u8>>), LaunchError> {
     // Before any thread exists, so every thread inherits the mask.
     stop_signals::block();
-    let filters = Filters::load(&launch.seccomp)?;
+    let shares = launch
+        .cli_config
+        .as_ref()
+        .is_some_and(|c| c.runner.is_some());
+    let filters = Filters::load(&launch.seccomp, shares)?;
     seccomp::install_violation_handler()?;
     let (api, api_thread) = match &launch.api_sock {
         Some(path) => {
@@ -303,7 +366,7 @@ fn boot_and_run(
     api: Option<ApiHandle>,
     filters: &Filters,
     start: Instant,
-) -> Result<GuestExit, LaunchError> {
+) -> Result<(GuestExit, Option<Vec<u8>>), LaunchError> {
     let mut pending_metrics = launch.metrics_path.clone();
     let mut controller = Controller::new(
         launch.id.clone(),
@@ -332,7 +395,7 @@ fn boot_and_run(
             )?;
             let vmm = match configured {
                 Configured::Built(vmm) => *vmm,
-                Configured::Stopped(sig) => return Ok(GuestExit::Signal(sig)),
+                Configured::Stopped(sig) => return Ok((GuestExit::Signal(sig), None)),
             };
             controller.mark_running();
             vmm
@@ -354,9 +417,10 @@ fn boot_and_run(
         vmm.attach_api(api, controller);
     }
     let exit = vmm.run(filters)?;
+    let console = vmm.console_tail();
     // Dropping the VM drops the API handle, which stops the API thread.
     drop(vmm);
-    Ok(exit)
+    Ok((exit, console))
 }
 
 #[cfg(test)]

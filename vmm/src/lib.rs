@@ -21,6 +21,7 @@ pub mod logger;
 pub mod machine;
 pub mod metrics;
 pub mod ring;
+pub mod runner;
 pub mod seccomp;
 pub mod stop_signals;
 pub mod terminal;

@@ -29,8 +29,10 @@ use crate::machine::builder::{open_backing_file, DeviceSetupError, VirtioBuilder
 use crate::machine::device_manager::{DeviceError, DeviceManager};
 use crate::metrics::{ApiCounters, DeviceMetrics, MetricsSink, VcpuExitCounters};
 use crate::ring::{Completion, Ring, Token, VirtioDevices};
+use crate::runner::{ConsoleTail, RunnerConfig};
 use crate::seccomp::{Filters, SeccompError, ThreadKind};
 use crate::terminal::RawTerminal;
+use devices::legacy::{CommandStatus, ExitCell, ExitReport};
 
 /// Everything that can stop a VM from being built or run.
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +96,8 @@ pub enum GuestExit {
     /// A test guest wrote its verdict to the test-exit port: 0 means every
     /// case passed.
     TestVerdict(u32),
+    /// The guest init of `ringvm -- CMD` reported the command's status.
+    Command(CommandStatus),
 }
 
 /// Period of the automatic metrics flush, as Firecracker's.
@@ -151,7 +155,11 @@ pub struct Vmm {
     metrics: MetricsSink,
     signal_fd: RawFd,
     debug_exit_evt: EventFd,
-    verdict: Arc<std::sync::atomic::AtomicU32>,
+    exit_report: Arc<ExitCell>,
+    /// Running a command (`ringvm -- CMD`): stdin belongs to the command,
+    /// not to the console.
+    runs_command: bool,
+    console_tail: Option<ConsoleTail>,
     /// The configuration booted, kept current (drive paths) for the API.
     config: VmConfig,
     api: Option<ApiRuntime>,
@@ -211,24 +219,42 @@ impl Vmm {
         if let Some(entropy) = &config.entropy {
             virtio.add_rng(entropy)?;
         }
-        let console =
-            ConsoleOut::open(&config.serial).map_err(host("opening the serial output"))?;
-        let console_is_stdout = console.is_stdout();
+        if let Some(runner) = &config.runner {
+            virtio.add_runner(runner)?;
+        }
         let template = choose_template(config)?;
         let vcpu_count = config.machine_config.vcpu_count;
 
         let vm = Vm::new(config.machine_config.mem_size_mib)?;
         let mut devices = DeviceManager::new()?;
+        let (console, console_tail) = match &config.runner {
+            None => (
+                ConsoleOut::open(&config.serial).map_err(host("opening the serial output"))?,
+                None,
+            ),
+            Some(r) if r.verbose => (ConsoleOut::to_writer(Box::new(std::io::stderr())), None),
+            Some(_) => {
+                let tail = ConsoleTail::default();
+                (ConsoleOut::to_writer(Box::new(tail.clone())), Some(tail))
+            }
+        };
+        let console_is_stdout = console.is_stdout();
         devices.add_serial(&vm, console)?;
         devices.add_i8042(&vm)?;
         let debug_exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(host("eventfd"))?;
-        let verdict =
+        let exit_report =
             devices.add_debug_exit(debug_exit_evt.try_clone().map_err(host("eventfd"))?)?;
         if config.boot_timer {
             devices.add_boot_timer(process_start)?;
         }
 
         let virtio = virtio.place(&mut devices, &vm)?;
+
+        let runner_params = config
+            .runner
+            .as_ref()
+            .map(RunnerConfig::kernel_params)
+            .unwrap_or_default();
 
         let mut extra: Vec<&str> = devices
             .virtio_cmdline()
@@ -237,6 +263,7 @@ impl Vmm {
             .collect();
         let root = root_param(config);
         extra.extend(root.as_deref());
+        extra.extend(runner_params.iter().map(String::as_str));
         extra.extend(template.kernel_params());
         let cmdline = compose_cmdline(config.base_cmdline(), &extra);
         let kernel = load_kernel(vm.memory(), boot_files)?;
@@ -298,7 +325,9 @@ impl Vmm {
             metrics: MetricsSink::default(),
             signal_fd,
             debug_exit_evt,
-            verdict,
+            exit_report,
+            runs_command: config.runner.is_some(),
+            console_tail,
             config: config.clone(),
             api: None,
             // With the console in a file, stdin is not the guest's (as in
@@ -538,6 +567,11 @@ impl Vmm {
         self.api_counters.clone()
     }
 
+    /// The console's last bytes, kept when a command ran quietly.
+    pub fn console_tail(&self) -> Option<Vec<u8>> {
+        self.console_tail.as_ref().map(ConsoleTail::contents)
+    }
+
     /// Every device's counters, for a metrics line or the API.
     pub fn device_metrics(&self) -> Vec<DeviceMetrics> {
         self.virtio.metrics()
@@ -598,7 +632,11 @@ impl Vmm {
     /// installed first, then each vCPU thread installs its own and only
     /// then enters the guest.
     pub fn run(&mut self, filters: &Filters) -> Result<GuestExit, VmmError> {
-        if self.stdin_open {
+        if self.runs_command {
+            // The command reads stdin through its own file; the terminal
+            // stays as it is (^C stops ringvm).
+            self.stdin_open = false;
+        } else if self.stdin_open {
             self._terminal = RawTerminal::enter(libc::STDIN_FILENO);
         }
         filters.install(ThreadKind::Vmm)?;
@@ -711,8 +749,11 @@ impl Vmm {
             }
             Token::Api => self.serve_api()?,
             Token::DebugExit => {
-                let value = self.verdict.load(Ordering::Acquire);
-                return Ok(Some(GuestExit::TestVerdict(value)));
+                return Ok(match self.exit_report.get() {
+                    Some(ExitReport::TestVerdict(v)) => Some(GuestExit::TestVerdict(u32::from(v))),
+                    Some(ExitReport::Command(status)) => Some(GuestExit::Command(status)),
+                    None => None,
+                });
             }
             Token::MetricsTimer => {
                 if let Err(e) = self.flush_metrics() {

@@ -26,6 +26,7 @@ mod device;
 mod inflight;
 pub mod mmio;
 pub mod net;
+pub mod p9;
 mod queue;
 pub mod rng;
 #[cfg(any(test, feature = "test-utils"))]

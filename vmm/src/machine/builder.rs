@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use devices::io::InterruptLine;
 use devices::virtio::block::{BlockConfig, BlockDevice};
 use devices::virtio::net::{NetConfig as NetDeviceConfig, NetDevice, TapDevice, TapError};
+use devices::virtio::p9::{ControlFs, HostFs, HostFsError, P9Device};
 use devices::virtio::rng::{HostRandom, RngDevice};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -24,6 +25,7 @@ use crate::exit_code;
 use crate::host_file::{open_image, ImageAccess};
 use crate::ring::slot::DynDevice;
 use crate::ring::{DeviceSlot, VirtioDevices};
+use crate::runner::{self, RunnerConfig};
 
 /// Why a virtio device could not be set up; all are found before the guest
 /// starts.
@@ -55,6 +57,14 @@ pub enum DeviceSetupError {
         /// Why.
         source: TapError,
     },
+    /// A shared directory cannot be served (`ringvm -- CMD`).
+    #[error("share {tag}: {source}")]
+    Share {
+        /// Its mount tag.
+        tag: String,
+        /// Why.
+        source: HostFsError,
+    },
     /// An interrupt eventfd could not be made, or placement failed.
     #[error("{id}: {source}")]
     Wiring {
@@ -70,9 +80,9 @@ impl DeviceSetupError {
     /// or ringvm's own failure.
     pub fn exit_code(&self) -> i32 {
         match self {
-            DeviceSetupError::OpenDrive { .. } | DeviceSetupError::Tap { .. } => {
-                exit_code::BAD_CONFIG
-            }
+            DeviceSetupError::OpenDrive { .. }
+            | DeviceSetupError::Tap { .. }
+            | DeviceSetupError::Share { .. } => exit_code::BAD_CONFIG,
             DeviceSetupError::Device { .. } | DeviceSetupError::Wiring { .. } => {
                 exit_code::INTERNAL
             }
@@ -195,6 +205,46 @@ impl VirtioBuilder {
     pub fn add_rng(&mut self, _cfg: &EntropyConfig) -> Result<(), DeviceSetupError> {
         self.add("rng0", |line| {
             Ok::<_, std::convert::Infallible>(RngDevice::new(Box::new(HostRandom), line))
+        })
+    }
+
+    /// The virtio-9p devices of `ringvm -- CMD`: ringvm's control tree
+    /// (the kernel's first root), the guest's root (always read-only) and
+    /// every `--share`, each bounded to a share of the open-file limit.
+    pub fn add_runner(&mut self, r: &RunnerConfig) -> Result<(), DeviceSetupError> {
+        runner::raise_fd_limit();
+        let max_fids = runner::max_fids_per_share(1 + r.shares.len());
+        self.add(runner::CONTROL_TAG, |line| {
+            let fs = ControlFs::new(runner::GUEST_INIT, &r.init_config(), [0, 1, 2])?;
+            Ok::<_, devices::virtio::p9::ControlFsError>(P9Device::new(
+                fs,
+                runner::CONTROL_TAG,
+                line,
+            ))
+        })?;
+        self.add_share(runner::ROOT_TAG, &r.root, false, max_fids)?;
+        for (i, share) in r.shares.iter().enumerate() {
+            self.add_share(&runner::share_tag(i), &share.host, share.writable, max_fids)?;
+        }
+        Ok(())
+    }
+
+    /// One host directory over virtio-9p under mount tag `tag`.
+    fn add_share(
+        &mut self,
+        tag: &str,
+        dir: &std::path::Path,
+        writable: bool,
+        max_fids: usize,
+    ) -> Result<(), DeviceSetupError> {
+        let fs = HostFs::new(dir, writable).map_err(|source| DeviceSetupError::Share {
+            tag: tag.into(),
+            source,
+        })?;
+        self.add(tag, |line| {
+            let mut device = P9Device::new(fs, tag, line);
+            device.set_max_fids(max_fids);
+            Ok::<_, std::convert::Infallible>(device)
         })
     }
 

@@ -5,8 +5,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use devices::bus::{Bus, BusError};
-use devices::legacy::{BootTimer, DebugExit, Serial, DEBUG_EXIT_PORT, I8042, NO_VERDICT};
-use std::sync::atomic::AtomicU32;
+use devices::legacy::{
+    BootTimer, DebugExit, ExitCell, Serial, DEBUG_EXIT_LEN, DEBUG_EXIT_PORT, I8042,
+};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::layout::{BOOT_TIMER_START, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
@@ -222,13 +223,14 @@ impl DeviceManager {
         &self.virtio_cmdline
     }
 
-    /// The test-exit port (0x501): the guest's verdict lands in the
-    /// returned cell and `notify` wakes the VMM thread.
-    pub fn add_debug_exit(&mut self, notify: EventFd) -> Result<Arc<AtomicU32>, DeviceError> {
-        let verdict = Arc::new(AtomicU32::new(NO_VERDICT));
-        let dev = Arc::new(Mutex::new(DebugExit::new(verdict.clone(), notify)));
-        self.pio.insert(dev, DEBUG_EXIT_PORT, 1)?;
-        Ok(verdict)
+    /// The exit ports (0x501 test verdict, 0x504 command status): the
+    /// guest's report lands in the returned cell and `notify` wakes the
+    /// VMM thread.
+    pub fn add_debug_exit(&mut self, notify: EventFd) -> Result<Arc<ExitCell>, DeviceError> {
+        let cell = Arc::new(ExitCell::default());
+        let dev = Arc::new(Mutex::new(DebugExit::new(cell.clone(), notify)));
+        self.pio.insert(dev, DEBUG_EXIT_PORT, DEBUG_EXIT_LEN)?;
+        Ok(cell)
     }
 
     /// The boot timer at the start of the MMIO hole.

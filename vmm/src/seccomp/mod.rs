@@ -24,6 +24,7 @@ pub mod api;
 pub mod broken;
 pub mod common;
 pub mod rules;
+pub mod shares;
 pub mod sigsys;
 pub mod vcpu;
 pub mod vmm_thread;
@@ -116,14 +117,18 @@ pub struct Filters {
     programs: Option<Arc<HashMap<&'static str, BpfProgram>>>,
 }
 
-/// The allow-list of `kind`, common rules first.
-pub fn builtin_rules(kind: ThreadKind) -> Vec<Rule> {
+/// The allow-list of `kind`, common rules first; `shares`: the VMM thread
+/// also serves shared host directories (`ringvm -- CMD`).
+pub fn builtin_rules(kind: ThreadKind, shares: bool) -> Vec<Rule> {
     let mut list = common::rules();
     list.extend(match kind {
         ThreadKind::Vmm => vmm_thread::rules(crate::kvm::vcpu::kick_signal()),
         ThreadKind::Vcpu => vcpu::rules(),
         ThreadKind::Api => api::rules(),
     });
+    if shares && kind == ThreadKind::Vmm {
+        list.extend(shares::rules());
+    }
     list
 }
 
@@ -135,9 +140,15 @@ impl Filters {
 
     /// ringvm's own lists.
     pub fn builtin() -> Result<Self, SeccompError> {
+        Self::builtin_with(false)
+    }
+
+    /// ringvm's own lists, the VMM thread's widened for shared directories
+    /// when `shares`.
+    pub fn builtin_with(shares: bool) -> Result<Self, SeccompError> {
         let mut programs = HashMap::new();
         for kind in ThreadKind::ALL {
-            let filter = rules::compile(&builtin_rules(kind))?;
+            let filter = rules::compile(&builtin_rules(kind, shares))?;
             let program: BpfProgram =
                 filter.try_into().map_err(|source| SeccompError::Backend {
                     kind: kind.name(),
@@ -179,9 +190,9 @@ impl Filters {
     }
 
     /// The filters `choice` asks for.
-    pub fn load(choice: &SeccompChoice) -> Result<Self, SeccompError> {
+    pub fn load(choice: &SeccompChoice, shares: bool) -> Result<Self, SeccompError> {
         match choice {
-            SeccompChoice::Builtin => Self::builtin(),
+            SeccompChoice::Builtin => Self::builtin_with(shares),
             SeccompChoice::Off => Ok(Self::none()),
             SeccompChoice::File(path) => Self::from_json_file(path),
         }
@@ -229,7 +240,7 @@ mod tests {
             (ThreadKind::Api, 31),
             (ThreadKind::Vcpu, 27),
         ] {
-            let distinct: HashSet<i64> = builtin_rules(kind).iter().map(|r| r.nr).collect();
+            let distinct: HashSet<i64> = builtin_rules(kind, false).iter().map(|r| r.nr).collect();
             assert!(
                 distinct.len() < firecracker,
                 "{}: {} syscalls",
@@ -242,7 +253,7 @@ mod tests {
     #[test]
     fn every_rule_says_why() {
         for kind in ThreadKind::ALL {
-            for rule in builtin_rules(kind) {
+            for rule in builtin_rules(kind, true) {
                 assert!(rule.why.len() > 10, "{}: {}", kind.name(), rule.name);
                 if let rules::Only::ArgIn { values, .. } = &rule.only {
                     assert!(!values.is_empty(), "{}", rule.name);
@@ -254,11 +265,11 @@ mod tests {
 
     #[test]
     fn the_vcpu_and_api_threads_cannot_open_files_or_run_kvm_ioctls_they_do_not_need() {
-        let vcpu: HashSet<i64> = builtin_rules(ThreadKind::Vcpu)
+        let vcpu: HashSet<i64> = builtin_rules(ThreadKind::Vcpu, false)
             .iter()
             .map(|r| r.nr)
             .collect();
-        let api: HashSet<i64> = builtin_rules(ThreadKind::Api)
+        let api: HashSet<i64> = builtin_rules(ThreadKind::Api, false)
             .iter()
             .map(|r| r.nr)
             .collect();
