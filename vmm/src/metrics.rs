@@ -186,4 +186,47 @@ mod tests {
         assert_eq!(v["api_server"]["requests"], 3);
         assert_eq!(v["logger"]["missed_metrics_count"], 0);
     }
+
+    #[test]
+    fn lines_a_stalled_fifo_cannot_take_are_dropped_and_counted() {
+        let path = std::env::temp_dir().join(format!("ringvm-metrics-fifo-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo with a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let mut sink = MetricsSink::default();
+        // Nobody reads yet: configuring neither blocks nor fails.
+        sink.configure(&path).unwrap();
+        let vcpus = VcpuExitCounters::default();
+        let api = ApiCounters::default();
+        let devices: Vec<DeviceMetrics> = (0..8)
+            .map(|i| DeviceMetrics {
+                kind: "block",
+                id: format!("drive{i}"),
+                fields: json!({"requests": i}),
+            })
+            .collect();
+        let start = std::time::Instant::now();
+        for _ in 0..400 {
+            sink.flush(&devices, &vcpus, &api).unwrap();
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(5));
+        let missed = sink.missed();
+        assert!(missed > 0, "a 64 KiB pipe cannot hold 400 lines");
+        // A reader arrives: the lines it gets are whole, and the next line
+        // reports the drops.
+        let mut reader = std::fs::File::open(&path).unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        let n = std::io::Read::read(&mut reader, &mut buf).unwrap();
+        sink.flush(&devices, &vcpus, &api).unwrap();
+        let m = std::io::Read::read(&mut reader, &mut buf[n..]).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let text = std::str::from_utf8(&buf[..n + m]).unwrap();
+        let last = text.lines().last().unwrap();
+        let v: Value = serde_json::from_str(last).unwrap();
+        assert_eq!(v["logger"]["missed_metrics_count"], missed);
+        for line in text.lines() {
+            serde_json::from_str::<Value>(line).unwrap();
+        }
+    }
 }
