@@ -99,9 +99,30 @@ pub enum IoEngine {
 /// bytes including the terminating NUL (Linux's x86 COMMAND_LINE_SIZE).
 pub const MAX_BOOT_ARGS: usize = 2048;
 
+/// Deserializes `T` from a JSON object only. serde's derived structs also
+/// take an array (the fields by position), which no Firecracker client
+/// sends and which the API refuses, nested as at the top.
+fn object_only<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct ObjectOnly<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for ObjectOnly<T> {
+        type Value = T;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+            T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+        }
+    }
+    d.deserialize_map(ObjectOnly(std::marker::PhantomData))
+}
+
 /// One token bucket in Firecracker's JSON (`TokenBucket`). Like
 /// Firecracker, unknown fields inside a bucket are ignored.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct TokenBucketConfig {
     /// Tokens in a full bucket (bytes or operations).
     pub size: u64,
@@ -128,11 +149,28 @@ impl TokenBucketConfig {
     }
 }
 
+impl<'de> Deserialize<'de> for TokenBucketConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct TokenBucket {
+            size: u64,
+            #[serde(default)]
+            one_time_burst: Option<u64>,
+            refill_time: u64,
+        }
+        let b: TokenBucket = object_only(d)?;
+        Ok(Self {
+            size: b.size,
+            one_time_burst: b.one_time_burst,
+            refill_time: b.refill_time,
+        })
+    }
+}
+
 /// A device's limiter in Firecracker's JSON (`RateLimiter`): a bandwidth
 /// bucket in bytes and an ops bucket in requests (drives) or frames
 /// (interfaces). An absent bucket is no limit on that dimension.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct RateLimiterConfig {
     /// Bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -140,6 +178,24 @@ pub struct RateLimiterConfig {
     /// Operations.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ops: Option<TokenBucketConfig>,
+}
+
+impl<'de> Deserialize<'de> for RateLimiterConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct RateLimiter {
+            #[serde(default)]
+            bandwidth: Option<TokenBucketConfig>,
+            #[serde(default)]
+            ops: Option<TokenBucketConfig>,
+        }
+        let r: RateLimiter = object_only(d)?;
+        Ok(Self {
+            bandwidth: r.bandwidth,
+            ops: r.ops,
+        })
+    }
 }
 
 impl RateLimiterConfig {
@@ -705,6 +761,9 @@ mod tests {
             (r#"{"ops":{"refill_time":1}}"#, "missing field `size`"),
             (r#"{"bandwith":{}}"#, "unknown field `bandwith`"),
             (r#"{"ops":{"size":1,"refill_time":1.5}}"#, "invalid type"),
+            (r#"[null, null]"#, "expected a JSON object"),
+            (r#"{"bandwidth":[1, null, 100]}"#, "expected a JSON object"),
+            (r#"{"ops":"fast"}"#, "expected a JSON object"),
         ] {
             let e = serde_json::from_str::<RateLimiterConfig>(body).unwrap_err();
             assert!(e.to_string().contains(needle), "{body}: {e}");
