@@ -3,7 +3,7 @@
 //! requests to the VMM thread over a channel; it opens no file and
 //! touches no VM state, so it needs only socket and epoll calls.
 
-use super::rules::{allow_call, arg_in, Rule};
+use super::rules::{allow_call, arg_in, malloc_probe_refused, Rule};
 
 /// The API thread's own rules (added to `common.rs`'s).
 pub fn rules() -> Vec<Rule> {
@@ -33,5 +33,10 @@ pub fn rules() -> Vec<Rule> {
             )
         ),
         allow_call!(SYS_unlink, "remove the socket file as the API stops"),
+        allow_call!(
+            SYS_openat,
+            "refused (EACCES): glibc malloc's one-time overcommit probe",
+            malloc_probe_refused()
+        ),
     ]
 }

@@ -24,6 +24,14 @@ pub enum Only {
         /// The allowed values, each named and explained.
         values: Vec<Value>,
     },
+    /// The call is never carried out: it fails with `errno` instead of
+    /// trapping. For probes a library makes on its own and copes with
+    /// failing (glibc's malloc reading a /proc file once), where a trap
+    /// would end ringvm for nothing.
+    Refused {
+        /// The error the call returns.
+        errno: u32,
+    },
     /// Argument `index` has none of the bits in `mask` set.
     ArgLacks {
         /// Argument position, 0-based.
@@ -81,6 +89,16 @@ macro_rules! allow_call {
 }
 pub(crate) use allow_call;
 
+/// glibc's malloc opens `/proc/sys/vm/overcommit_memory` (and reads one
+/// byte) the first time any thread shrinks its heap, and treats a failed
+/// open as "no": a thread that may not open files gets `EACCES` for it
+/// rather than a trap, which would end ringvm at a random moment.
+pub fn malloc_probe_refused() -> Only {
+    Only::Refused {
+        errno: libc::EACCES as u32,
+    }
+}
+
 /// Shorthand for an [`Only::ArgIn`] list: `arg_in(1, &[(v, "NAME", "why")])`.
 pub fn arg_in(index: u8, values: &[(u64, &'static str, &'static str)]) -> Only {
     Only::ArgIn {
@@ -115,11 +133,24 @@ pub struct RuleError {
     source: seccompiler::BackendError,
 }
 
-/// Builds the filter for one thread: the allowed calls pass, anything else
-/// traps (SIGSYS, see `sigsys.rs`). Rules for the same syscall add up: any
-/// one of them allowing a call allows it.
-pub fn compile(rules: &[Rule]) -> Result<SeccompFilter, RuleError> {
+/// The filters of one thread, installed together. The kernel runs every
+/// filter of a thread and takes the strictest answer (an errno beats an
+/// allow), so a refused call passes `main` and is answered by `refusals`.
+#[derive(Debug)]
+pub struct Compiled {
+    /// Allowed calls pass (refused ones too), anything else traps.
+    pub main: SeccompFilter,
+    /// Refused calls fail with their errno; anything else passes.
+    pub refusals: Vec<SeccompFilter>,
+}
+
+/// Builds the filters for one thread: the allowed calls pass, refused ones
+/// fail with their errno, anything else traps (SIGSYS, see `sigsys.rs`).
+/// Rules for the same syscall add up: any one of them allowing a call
+/// allows it.
+pub fn compile(rules: &[Rule]) -> Result<Compiled, RuleError> {
     let mut map: BTreeMap<i64, Option<Vec<SeccompRule>>> = BTreeMap::new();
+    let mut refused: BTreeMap<u32, BTreeMap<i64, Vec<SeccompRule>>> = BTreeMap::new();
     for rule in rules {
         let err = |source| RuleError {
             name: rule.name,
@@ -127,6 +158,13 @@ pub fn compile(rules: &[Rule]) -> Result<SeccompFilter, RuleError> {
         };
         let conds = match &rule.only {
             Only::Any => None,
+            Only::Refused { errno } => {
+                refused
+                    .entry(*errno)
+                    .or_default()
+                    .insert(rule.nr, Vec::new());
+                None
+            }
             Only::ArgIn { index, values } => Some(
                 values
                     .iter()
@@ -165,14 +203,28 @@ pub fn compile(rules: &[Rule]) -> Result<SeccompFilter, RuleError> {
         .into_iter()
         .map(|(nr, rules)| (nr, rules.unwrap_or_default()))
         .collect();
-    SeccompFilter::new(
+    let filter_err = |source| RuleError {
+        name: "(filter)",
+        source,
+    };
+    let main = SeccompFilter::new(
         rules,
         SeccompAction::Trap,
         SeccompAction::Allow,
         TargetArch::x86_64,
     )
-    .map_err(|source| RuleError {
-        name: "(filter)",
-        source,
-    })
+    .map_err(filter_err)?;
+    let refusals = refused
+        .into_iter()
+        .map(|(errno, rules)| {
+            SeccompFilter::new(
+                rules,
+                SeccompAction::Allow,
+                SeccompAction::Errno(errno),
+                TargetArch::x86_64,
+            )
+            .map_err(filter_err)
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(Compiled { main, refusals })
 }

@@ -5,7 +5,7 @@
 
 use kvm_bindings::{kvm_mp_state, kvm_regs, kvm_sregs, KVMIO};
 
-use super::rules::{allow_call, arg_in, ioc, Rule, IOC_NONE, IOC_READ};
+use super::rules::{allow_call, arg_in, ioc, malloc_probe_refused, Rule, IOC_NONE, IOC_READ};
 
 /// `KVM_RUN`.
 pub const KVM_RUN: u64 = ioc(IOC_NONE, KVMIO as u64, 0x80, 0);
@@ -18,31 +18,38 @@ pub const KVM_GET_MP_STATE: u64 = ioc(IOC_READ, KVMIO as u64, 0x98, size_of::<kv
 
 /// The vCPU thread's own rules (added to `common.rs`'s).
 pub fn rules() -> Vec<Rule> {
-    vec![allow_call!(
-        SYS_ioctl,
-        "KVM vCPU calls (see the values)",
-        arg_in(
-            1,
-            &[
-                (KVM_RUN, "KVM_RUN", "run the guest until its next exit"),
-                (
-                    KVM_GET_MP_STATE,
-                    "KVM_GET_MP_STATE",
-                    "after a kick: is the vCPU halted (power-off detection)"
-                ),
-                (
-                    KVM_GET_REGS,
-                    "KVM_GET_REGS",
-                    "after a kick: are interrupts off; registers in a crash report"
-                ),
-                (
-                    KVM_GET_SREGS,
-                    "KVM_GET_SREGS",
-                    "control registers in a crash report"
-                ),
-            ]
-        )
-    )]
+    vec![
+        allow_call!(
+            SYS_openat,
+            "refused (EACCES): glibc malloc's one-time overcommit probe",
+            malloc_probe_refused()
+        ),
+        allow_call!(
+            SYS_ioctl,
+            "KVM vCPU calls (see the values)",
+            arg_in(
+                1,
+                &[
+                    (KVM_RUN, "KVM_RUN", "run the guest until its next exit"),
+                    (
+                        KVM_GET_MP_STATE,
+                        "KVM_GET_MP_STATE",
+                        "after a kick: is the vCPU halted (power-off detection)"
+                    ),
+                    (
+                        KVM_GET_REGS,
+                        "KVM_GET_REGS",
+                        "after a kick: are interrupts off; registers in a crash report"
+                    ),
+                    (
+                        KVM_GET_SREGS,
+                        "KVM_GET_SREGS",
+                        "control registers in a crash report"
+                    ),
+                ]
+            )
+        ),
+    ]
 }
 
 #[cfg(test)]

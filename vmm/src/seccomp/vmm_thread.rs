@@ -54,6 +54,10 @@ pub fn rules(kick_signal: i32) -> Vec<Rule> {
         ),
         allow_call!(SYS_lseek, "size of a PATCH /drives file (seek to its end)"),
         allow_call!(
+            SYS_read,
+            "glibc malloc's one-time overcommit probe (the openat above opens it)"
+        ),
+        allow_call!(
             SYS_getrandom,
             "virtio-rng fills the guest's buffers from the host CSPRNG",
             arg_in(
