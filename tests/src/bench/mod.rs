@@ -5,11 +5,17 @@
 
 pub mod clock;
 pub mod host;
+pub mod inline_vmm;
+pub mod interleave;
 pub mod irq;
 pub mod mmio;
+pub mod points;
 pub mod report;
+pub mod stats;
+pub mod summary;
 pub mod task;
 pub mod vmm_thread;
+pub mod wakeup;
 pub mod wiring;
 
 /// Result of the benchmarks' fallible steps: the error is a message meant
