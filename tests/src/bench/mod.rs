@@ -3,6 +3,7 @@
 //! thread the same way and report the same way, so those parts live here
 //! once and the binaries keep only what is specific to their device.
 
+pub mod callgrind;
 pub mod clock;
 pub mod host;
 pub mod inline_vmm;
@@ -10,6 +11,7 @@ pub mod interleave;
 pub mod irq;
 pub mod mmio;
 pub mod points;
+pub mod procfs;
 pub mod report;
 pub mod stats;
 pub mod summary;

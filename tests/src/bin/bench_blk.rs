@@ -116,6 +116,10 @@ struct Args {
     /// this text (e.g. "disk randwrite 4k QD32"); for investigating.
     #[arg(long)]
     only: Option<String>,
+    /// --only must match the whole label ("tmpfs randread 4k QD1" then
+    /// leaves out QD128).
+    #[arg(long)]
+    exact: bool,
     /// Instead of measuring: run the selected points with ringvm only,
     /// about this many requests each, the VMM loop turned by the driver's
     /// own thread (see `bench::inline_vmm`), and print one JSON line per
@@ -1359,7 +1363,13 @@ fn selected(f: &TestFile, args: &Args) -> Vec<Workload> {
         .into_iter()
         .filter(|w| {
             let label = format!("{} {} QD{}", f.kind, w.label(), w.qd);
-            args.only.as_deref().is_none_or(|o| label.contains(o))
+            args.only.as_deref().is_none_or(|o| {
+                if args.exact {
+                    label == o
+                } else {
+                    label.contains(o)
+                }
+            })
         })
         .collect()
 }
