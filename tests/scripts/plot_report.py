@@ -31,8 +31,12 @@ def main(src, dst):
         figsize=(max(8, 0.55 * max(widths) + 3), 4.2 * len(sections)),
         squeeze=False,
     )
+    # One x scale for every panel, so bars keep their width where a
+    # benchmark has few points.
+    slots = max(widths)
     for ax, sec in zip(axes[:, 0], sections):
         panel(ax, sec)
+        ax.set_xlim(-0.6, slots - 0.4)
     fig.suptitle(
         "ringvm / reference per round ({})".format(report.get("generated", "")),
         fontsize=11,
