@@ -36,6 +36,7 @@ use ringvm_tests::bench::points::{Better, Point, PointRound, Target};
 use ringvm_tests::bench::report;
 use ringvm_tests::bench::stats::{median, Spread};
 use ringvm_tests::bench::summary::summary_json;
+use ringvm_tests::bench::task::IoWorkers;
 use ringvm_tests::bench::vmm_thread::{VmmHandle, VmmSnap};
 use ringvm_tests::bench::wakeup::{eventfd_round_trip, floor_rate};
 use ringvm_tests::bench::wiring::BenchWiring;
@@ -615,7 +616,7 @@ impl Harness {
         let start = Instant::now();
         let t_measure = start + Duration::from_secs_f64(warmup);
         let t_end = t_measure + Duration::from_secs_f64(secs);
-        let mut first: Option<(Instant, DriverStats, VmmSnap)> = None;
+        let mut first: Option<(Instant, DriverStats, VmmSnap, IoWorkers)> = None;
         let mut result: Option<RingvmResult> = None;
         loop {
             if result.is_none() {
@@ -626,12 +627,17 @@ impl Harness {
             match &first {
                 None if now >= t_measure => {
                     d.stats.cpu_ns = own_cpu_ns()?;
-                    first = Some((now, d.stats, self.vmm.thread()?.snap()?));
+                    first = Some((now, d.stats, self.vmm.thread()?.snap()?, IoWorkers::read()));
                 }
-                Some((t0, s0, v0)) if result.is_none() && now >= t_end => {
+                Some((t0, s0, v0, io0)) if result.is_none() && now >= t_end => {
                     d.stats.cpu_ns = own_cpu_ns()?;
                     let v1 = self.vmm.thread()?.snap()?;
-                    result = Some(RingvmResult::new(w, now - *t0, s0, &d.stats, v0, &v1));
+                    let mut r = RingvmResult::new(w, now - *t0, s0, &d.stats, v0, &v1);
+                    let io = IoWorkers::read().since(io0);
+                    r.iowq_cpu_ns = io.cpu_ns;
+                    r.iowq_wakeups = io.timeslices;
+                    r.iowq_threads = io.threads;
+                    result = Some(r);
                 }
                 _ => {}
             }
@@ -662,6 +668,12 @@ struct RingvmResult {
     kicks: u64,
     driver_waits: u64,
     irq_signals_seen: u64,
+    /// CPU of the ring's io-wq workers (work that did not complete inline).
+    iowq_cpu_ns: u64,
+    /// Times those workers were scheduled in: their wake-ups.
+    iowq_wakeups: u64,
+    /// Most io-wq workers seen in one window.
+    iowq_threads: u64,
 }
 
 impl RingvmResult {
@@ -691,6 +703,7 @@ impl RingvmResult {
             kicks: s1.kicks - s0.kicks,
             driver_waits: s1.waits - s0.waits,
             irq_signals_seen: s1.irq_signals - s0.irq_signals,
+            ..Self::default()
         }
     }
 
@@ -707,6 +720,15 @@ impl RingvmResult {
         self.kicks += o.kicks;
         self.driver_waits += o.driver_waits;
         self.irq_signals_seen += o.irq_signals_seen;
+        self.iowq_cpu_ns += o.iowq_cpu_ns;
+        self.iowq_wakeups += o.iowq_wakeups;
+        self.iowq_threads = self.iowq_threads.max(o.iowq_threads);
+    }
+
+    /// Cross-thread wake-ups per request: the VMM thread's, the driver's
+    /// and the io-wq workers'.
+    fn wakeups(&self) -> u64 {
+        self.vmm_sleeps + self.driver_waits + self.iowq_wakeups
     }
 
     fn iops(&self) -> f64 {
@@ -1084,7 +1106,7 @@ const METHOD: &[&str] = &[
     "ringvm figures per point (rate, CPU, syscalls, breakdown): all rounds' measured windows summed, so rates are requests over seconds of all rounds; the ratio columns are the per-round medians.",
     "VMM CPU: CLOCK_THREAD_CPUTIME of the VMM thread (pthread_getcpuclockid) over the measured window, divided by requests completed in it. Work io_uring hands to io-wq kernel workers (e.g. buffered writes that cannot complete inline) is not in that thread's time; fio's figure is (usr_cpu+sys_cpu) x runtime / ios of its job thread, with the same blind spot.",
     "VMM syscalls: io_uring_enter calls counted around `EventLoop::turn` (one per turn) + read/write syscalls from /proc/self/task/<tid>/io (syscr+syscw; the only write(2)s are irq eventfd signals, cross-checked against the counter values the driver read from the irq eventfd). The loop takes no locks and makes no other syscalls on the data path; SQ-full submits inside `EventLoop::push` are not counted (cannot happen at QD <= 128 with a 256-entry SQ).",
-    "VMM sleeps: voluntary context switches of the VMM thread (/proc/self/task/<tid>/status), i.e. turns that blocked in io_uring_enter. Driver CPU: CLOCK_THREAD_CPUTIME of the synthetic driver thread (the guest's share, not ringvm's).",
+    "VMM sleeps: voluntary context switches of the VMM thread (/proc/self/task/<tid>/status), i.e. turns that blocked in io_uring_enter. Driver CPU: CLOCK_THREAD_CPUTIME of the synthetic driver thread (the guest's share, not ringvm's). io-wq: the ring's worker threads (iou-wrk-*), where io_uring runs what cannot complete inline (here: every tmpfs read and write, and buffered ext4 writes); their wake-ups are schedstat timeslices, their CPU schedstat run time, summed over the workers alive at the window's edges. Wake-ups in all = VMM sleeps + driver sleeps + io-wq wake-ups: the cross-thread hand-offs per request.",
     "Others' CPUs: how many CPUs other processes kept busy on average during each round (/proc/stat busy time minus this process's and fio's CPU time). This benchmark shares the machine; with 2 CPUs, ringvm needs one for the VMM thread and one for the guest driver, fio one for itself, so anything else running skews ringvm more.",
     "Method cross-check (done once by hand): `perf stat -e raw_syscalls:sys_enter -t <vmm tid>` over a tmpfs randread QD32 run counted only io_uring_enter and write, at the same rate as the counters above.",
 ];
@@ -1191,14 +1213,17 @@ fn markdown(rows: &[Row], ctx: &Context, args: &Args) -> String {
     );
     let _ = writeln!(
         s,
-        "| file | workload | QD | requests/turn | io_uring_enter | irq writes | other r/w | VMM sleeps | driver kicks | driver sleeps | driver CPU µs/req |"
+        "| file | workload | QD | requests/turn | io_uring_enter | irq writes | other r/w | VMM sleeps | driver kicks | driver sleeps | io-wq wake-ups | wake-ups in all | driver CPU µs/req | io-wq CPU µs/req (workers) |"
     );
-    let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(
+        s,
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
     for r in rows {
         let g = &r.ringvm;
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {:.1} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} |",
+            "| {} | {} | {} | {:.1} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} | {:.2} ({}) |",
             r.file_kind,
             r.w.label(),
             r.w.qd,
@@ -1209,7 +1234,11 @@ fn markdown(rows: &[Row], ctx: &Context, args: &Args) -> String {
             g.per_req(g.vmm_sleeps),
             g.per_req(g.kicks),
             g.per_req(g.driver_waits),
+            g.per_req(g.iowq_wakeups),
+            g.per_req(g.wakeups()),
             g.driver_cpu_us_per_req(),
+            g.per_req(g.iowq_cpu_ns) / 1000.0,
+            g.iowq_threads,
         );
     }
     let _ = writeln!(
@@ -1279,6 +1308,10 @@ fn json_report(rows: &[Row], ctx: &Context, args: &Args) -> Value {
                     "requests_per_turn": g.requests as f64 / g.turns.max(1) as f64,
                     "driver_kicks": g.kicks,
                     "driver_sleeps": g.driver_waits,
+                    "iowq_cpu_us_per_req": g.per_req(g.iowq_cpu_ns) / 1000.0,
+                    "iowq_wakeups": g.iowq_wakeups,
+                    "iowq_threads": g.iowq_threads,
+                    "wakeups_per_req": g.per_req(g.wakeups()),
                 },
                 "fio_command": r.rounds.first().map(|x| x.reference.fio.command.clone()),
                 "rounds": r.rounds.iter().map(|x| json!({

@@ -57,6 +57,7 @@ use ringvm_tests::bench::points::{Better, Point, PointRound, Target};
 use ringvm_tests::bench::report;
 use ringvm_tests::bench::stats::{median, Spread};
 use ringvm_tests::bench::summary::summary_json;
+use ringvm_tests::bench::task::IoWorkers;
 use ringvm_tests::bench::vmm_thread::{VmmHandle, VmmSnap};
 use ringvm_tests::bench::wiring::BenchWiring;
 use ringvm_tests::bench::Res;
@@ -740,24 +741,8 @@ fn task_cpu_ns(tid: i32) -> u64 {
 /// CPU time of this process's io_uring worker threads (iou-wrk-*), which
 /// do the ring's work that cannot complete inline; and how many there are.
 fn iowq_cpu_ns() -> (u64, u64) {
-    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
-        return (0, 0);
-    };
-    let mut total = 0;
-    let mut count = 0;
-    for entry in dir.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Ok(tid) = name.parse::<i32>() else {
-            continue;
-        };
-        let comm =
-            std::fs::read_to_string(format!("/proc/self/task/{tid}/comm")).unwrap_or_default();
-        if comm.starts_with("iou-wrk") || comm.starts_with("iou-sqp") {
-            total += task_cpu_ns(tid);
-            count += 1;
-        }
-    }
-    (total, count)
+    let w = IoWorkers::read();
+    (w.cpu_ns, w.threads)
 }
 
 // ---------------------------------------------------------------------------
