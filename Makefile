@@ -23,7 +23,7 @@ APT_PACKAGES := linux-source-6.1 build-essential bc bison flex libelf-dev \
 BENCH_APT_PACKAGES := valgrind qemu-system-x86
 
 .PHONY: all deps bench-deps build guest testguest broken run test unit-test integration-test lint clean \
-	bench bench-blk bench-net bench-boot bench-callgrind bench-report
+	bench bench-blk bench-net bench-boot bench-callgrind bench-report fuzz fuzz-check fuzz-deps
 
 all: build
 
@@ -65,6 +65,8 @@ broken:
 
 lint: deps
 	$(CARGO) fmt --all -- --check
+	cd fuzz && $(CARGO) fmt -- --check
+	cd fuzz && $(CARGO) clippy --locked --target-dir $(FUZZ_TARGET_DIR)-clippy --all-targets -- -D warnings
 	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
 
 unit-test:
@@ -76,7 +78,7 @@ integration-test: build guest testguest broken
 		RINGVM_BROKEN_BIN=$(CURDIR)/target/broken/release/ringvm \
 		$(CARGO) test --locked --release -p ringvm-tests -- --nocapture --test-threads=1
 
-test: deps lint unit-test integration-test
+test: deps lint unit-test fuzz-check integration-test
 
 bench-deps: deps
 	@missing=$$(for p in $(BENCH_APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -135,6 +137,54 @@ bench: bench-deps build guest
 		$(MAKE) --no-print-directory $$t || { echo "[bench] $$t FAILED"; status=1; }; \
 	done; \
 	$(MAKE) --no-print-directory bench-report; exit $$status
+
+# Fuzzing: fuzz/ is a cargo-fuzz crate (libFuzzer, nightly toolchain), kept
+# out of the workspace. Builds are cached outside the clone, so a fresh CI
+# checkout on the same machine rebuilds only what changed.
+FUZZ_SECONDS ?= 60
+FUZZ_CHECK_SECONDS ?= 4
+FUZZ_ARGS ?=
+FUZZ_TARGET_DIR ?= $(HOME)/.cache/ringvm/fuzz-target
+FUZZ_TARGETS := $(shell sed -n 's/^name = "\(.*\)"/\1/p' fuzz/Cargo.toml | grep -v '^ringvm-fuzz$$')
+CARGO_FUZZ := cargo +nightly fuzz
+FUZZ_BUILD_FLAGS := -O --target-dir $(FUZZ_TARGET_DIR)
+
+# cargo-fuzz needs nightly (sanitizers, coverage instrumentation); it is
+# not downloaded here (toolchains are not fetched by the Makefile), so its
+# absence fails loudly instead of skipping the fuzz check.
+fuzz-deps:
+	@rustup toolchain list 2>/dev/null | grep -q '^nightly' || { \
+		echo "FUZZ: FAILED: no nightly Rust toolchain; cargo-fuzz needs it (rustup toolchain install nightly)" >&2; \
+		exit 1; }
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+
+# Every target for FUZZ_SECONDS each, growing fuzz/corpus/<target> from the
+# committed seeds in fuzz/seeds/<target>. Crashes land in fuzz/artifacts/.
+# One target: make fuzz FUZZ_TARGETS=virtio_blk FUZZ_SECONDS=600
+fuzz: fuzz-deps
+	cd fuzz && $(CARGO_FUZZ) build $(FUZZ_BUILD_FLAGS)
+	@cd fuzz && for t in $(FUZZ_TARGETS); do \
+		mkdir -p corpus/$$t seeds/$$t; \
+		echo "== fuzz $$t for $(FUZZ_SECONDS) s"; \
+		$(CARGO_FUZZ) run $(FUZZ_BUILD_FLAGS) $$t corpus/$$t seeds/$$t -- \
+			-max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 $(FUZZ_ARGS) || exit 1; \
+	done
+
+# CI: builds every target and runs each for a few seconds from its seeds,
+# so no target rots. Leaves nothing in the tree.
+fuzz-check: fuzz-deps
+	cd fuzz && $(CARGO_FUZZ) build $(FUZZ_BUILD_FLAGS)
+	@cd fuzz && for t in $(FUZZ_TARGETS); do \
+		scratch=$$(mktemp -d); \
+		$(CARGO_FUZZ) run $(FUZZ_BUILD_FLAGS) $$t $$scratch seeds/$$t -- \
+			-max_total_time=$(FUZZ_CHECK_SECONDS) -print_final_stats=1 \
+			-artifact_prefix=$$scratch/ >$$scratch/log 2>&1; rc=$$?; \
+		runs=$$(sed -n 's/^stat::number_of_executed_units: *//p' $$scratch/log); \
+		if [ $$rc -ne 0 ]; then \
+			tail -40 $$scratch/log; echo "fuzz-check: $$t FAILED (exit $$rc)"; rm -rf $$scratch; exit 1; \
+		fi; \
+		echo "fuzz-check: $$t ok ($$runs runs)"; rm -rf $$scratch; \
+	done
 
 clean:
 	$(CARGO) clean

@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 
+use devices::virtio::net::MacAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::arch::x86_64::cpuid::CpuTemplate;
@@ -111,15 +112,25 @@ pub struct NetConfig {
     pub iface_id: String,
     /// An existing tap device; ringvm does not create host interfaces.
     pub host_dev_name: String,
-    /// MAC address the guest sees; generated when absent.
+    /// MAC address the guest sees (unicast); generated when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub guest_mac: Option<String>,
+    pub guest_mac: Option<MacAddr>,
     /// Accepted for Firecracker compatibility; not enforced.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rx_rate_limiter: Option<serde_json::Value>,
     /// Accepted for Firecracker compatibility; not enforced.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tx_rate_limiter: Option<serde_json::Value>,
+}
+
+/// The entropy device, virtio-rng (Firecracker's `entropy`): its bytes come
+/// from the host's getrandom.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntropyConfig {
+    /// Accepted for Firecracker compatibility; not enforced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<serde_json::Value>,
 }
 
 /// Errors in a `--disk` or `--net` option string.
@@ -201,7 +212,12 @@ impl std::str::FromStr for NetConfig {
             let (key, value) = part.split_once('=').unwrap_or((part, ""));
             match key {
                 "tap" => net.host_dev_name = value.to_string(),
-                "mac" => net.guest_mac = Some(value.to_string()),
+                "mac" => {
+                    net.guest_mac = Some(value.parse().map_err(|_| OptionError::BadValue {
+                        key: key.into(),
+                        value: value.into(),
+                    })?)
+                }
                 "id" => net.iface_id = value.to_string(),
                 other => return Err(OptionError::UnknownKey(other.into())),
             }
@@ -258,6 +274,9 @@ pub struct VmConfig {
     /// Network interfaces (eth0, eth1, ...).
     #[serde(rename = "network-interfaces", default)]
     pub network_interfaces: Vec<NetConfig>,
+    /// The entropy device, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entropy: Option<EntropyConfig>,
     /// Log the time from process start to the guest's boot-timer write.
     #[serde(skip)]
     pub boot_timer: bool,
@@ -291,7 +310,8 @@ impl VmConfig {
                 return Err(ConfigError::IfaceId(n.iface_id.clone()));
             }
         }
-        let devices = self.drives.len() + self.network_interfaces.len();
+        let devices =
+            self.drives.len() + self.network_interfaces.len() + usize::from(self.entropy.is_some());
         if devices > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(devices));
         }
@@ -375,7 +395,14 @@ mod tests {
     fn net_options_parse() {
         let n: NetConfig = "tap=tap0,mac=02:00:00:00:00:01,id=eth0".parse().unwrap();
         assert_eq!(n.host_dev_name, "tap0");
-        assert_eq!(n.guest_mac.as_deref(), Some("02:00:00:00:00:01"));
+        assert_eq!(
+            n.guest_mac.map(|m| m.to_string()).as_deref(),
+            Some("02:00:00:00:00:01")
+        );
+        assert!(
+            "tap=t,mac=01:00:00:00:00:01".parse::<NetConfig>().is_err(),
+            "multicast refused"
+        );
         assert_eq!(n.iface_id, "eth0");
         assert_eq!(
             "mac=02:00:00:00:00:01".parse::<NetConfig>(),

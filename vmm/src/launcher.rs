@@ -12,10 +12,9 @@ use crate::api::types::{LoggerConfig, MachineConfigBody, MetricsConfig};
 use crate::api::{
     ApiHandle, ApiRequest, ApiServer, CommandOutput, Controller, Decision, VmCommand,
 };
-use crate::config::{BootSource, DriveConfig, NetConfig, VmConfig};
+use crate::config::{BootSource, DriveConfig, EntropyConfig, NetConfig, VmConfig};
 use crate::exit_code;
 use crate::vmm::{GuestExit, Vmm, VmmError};
-use crate::vstate::vm::VmError;
 
 /// How this run was asked for.
 #[derive(Debug)]
@@ -52,6 +51,8 @@ struct ConfigFile {
     logger: Option<LoggerConfig>,
     #[serde(default)]
     metrics: Option<MetricsConfig>,
+    #[serde(default)]
+    entropy: Option<EntropyConfig>,
 }
 
 /// Errors before any guest runs, each one line and an exit code.
@@ -78,38 +79,16 @@ impl LaunchError {
     pub fn exit_code(&self) -> i32 {
         match self {
             LaunchError::ConfigFile { .. } | LaunchError::Api(_) => exit_code::BAD_CONFIG,
-            LaunchError::Vmm(e) => vmm_error_exit_code(e),
+            LaunchError::Vmm(e) => e.exit_code(),
         }
     }
 }
 
-/// The documented exit code for a VMM error.
-pub fn vmm_error_exit_code(e: &VmmError) -> i32 {
-    use crate::virtio_block::DriveError;
-    use crate::virtio_net::NetSetupError;
-    match e {
-        VmmError::Config(_)
-        | VmmError::Boot(_)
-        | VmmError::Drive(DriveError::Open { .. })
-        | VmmError::Net(NetSetupError::Tap { .. } | NetSetupError::Mac { .. }) => {
-            exit_code::BAD_CONFIG
-        }
-        VmmError::Vm(VmError::KvmUnavailable(_) | VmError::MissingCap(_)) => {
-            exit_code::KVM_UNAVAILABLE
-        }
-        _ => exit_code::INTERNAL,
-    }
-}
-
-/// Feeds a config file to the controller as the API requests it stands
-/// for, so the file is checked exactly as the API checks them.
-fn apply_config_file(controller: &mut Controller, path: &Path) -> Result<(), LaunchError> {
-    let err = |why: String| LaunchError::ConfigFile {
-        path: path.to_path_buf(),
-        why,
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-    let file: ConfigFile = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+/// Parses a config file's text into the API requests it stands for, in
+/// the order the API would receive them. Public so the fuzzer reaches the
+/// parser without touching the filesystem.
+pub fn config_file_requests(text: &str) -> Result<Vec<ApiRequest>, serde_json::Error> {
+    let file: ConfigFile = serde_json::from_str(text)?;
     let mut requests = vec![ApiRequest::PutBootSource(file.boot_source)];
     if let Some(m) = file.machine_config {
         requests.push(ApiRequest::PutMachineConfig(m));
@@ -122,6 +101,19 @@ fn apply_config_file(controller: &mut Controller, path: &Path) -> Result<(), Lau
     );
     requests.extend(file.logger.map(ApiRequest::PutLogger));
     requests.extend(file.metrics.map(ApiRequest::PutMetrics));
+    requests.extend(file.entropy.map(ApiRequest::PutEntropy));
+    Ok(requests)
+}
+
+/// Feeds a config file to the controller as the API requests it stands
+/// for, so the file is checked exactly as the API checks them.
+fn apply_config_file(controller: &mut Controller, path: &Path) -> Result<(), LaunchError> {
+    let err = |why: String| LaunchError::ConfigFile {
+        path: path.to_path_buf(),
+        why,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let requests = config_file_requests(&text).map_err(|e| err(e.to_string()))?;
     let mut pending_metrics = None;
     for request in requests {
         let answer = match controller.handle(request) {

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use vmm::api::http::DEFAULT_MAX_PAYLOAD;
-use vmm::config::{BootSource, DriveConfig, MachineConfig, NetConfig, VmConfig};
+use vmm::config::{BootSource, DriveConfig, EntropyConfig, MachineConfig, NetConfig, VmConfig};
 use vmm::exit_code;
 use vmm::launcher::{self, Launch};
 
@@ -56,9 +56,13 @@ struct Cli {
     /// IFF_VNET_HDR); it never creates host interfaces. Repeat for more.
     #[arg(long, value_name = "OPTIONS", requires = "kernel")]
     net: Vec<NetConfig>,
+    /// A virtio-rng entropy device fed by the host's getrandom (the guest's
+    /// crng initialises from it even without a boot-time seed).
+    #[arg(long, requires = "kernel")]
+    rng: bool,
     /// Boot the VM described by this Firecracker-style JSON file
     /// (boot-source, machine-config, drives, network-interfaces, logger,
-    /// metrics).
+    /// metrics, entropy).
     #[arg(long, value_name = "PATH", conflicts_with = "kernel")]
     config_file: Option<PathBuf>,
     /// Serve the Firecracker-compatible JSON API on this Unix socket. Alone,
@@ -138,6 +142,7 @@ impl Cli {
                 },
                 drives,
                 network_interfaces,
+                entropy: self.rng.then(EntropyConfig::default),
                 boot_timer: self.boot_timer,
             }
         });

@@ -61,7 +61,7 @@ pub struct ApiCounters {
 /// One device's counters under its id.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeviceMetrics {
-    /// "block" or "net".
+    /// The device kind ("block", "net", "rng"): its section in the line.
     pub kind: &'static str,
     /// The user's id for the device.
     pub id: String,
@@ -107,30 +107,32 @@ impl MetricsSink {
 
 /// The JSON object of one flush.
 pub fn render(devices: &[DeviceMetrics], vcpus: &VcpuExitCounters, api: &ApiCounters) -> Value {
-    let mut block = Map::new();
-    let mut net = Map::new();
-    for d in devices {
-        let section = if d.kind == "net" {
-            &mut net
-        } else {
-            &mut block
-        };
-        section.insert(d.id.clone(), d.fields.clone());
-    }
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
-    json!({
+    let mut line = json!({
         "utc_timestamp_ms": now_ms,
-        "block": block,
-        "net": net,
+        // Always present, so readers of block and net find their sections
+        // even on a VM without such devices.
+        "block": {},
+        "net": {},
         "vcpu": vcpus.snapshot(),
         "api_server": {
             "requests": api.requests.load(Ordering::Relaxed),
             "errors": api.errors.load(Ordering::Relaxed),
         },
-    })
+    });
+    // One section per device kind, keyed by the user's device ids.
+    for d in devices {
+        if let Some(Value::Object(section)) = line
+            .as_object_mut()
+            .map(|o| o.entry(d.kind).or_insert_with(|| Value::Object(Map::new())))
+        {
+            section.insert(d.id.clone(), d.fields.clone());
+        }
+    }
+    line
 }
 
 #[cfg(test)]

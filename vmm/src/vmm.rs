@@ -10,23 +10,24 @@ use std::time::Instant;
 use io_uring::{opcode, types};
 use vmm_sys_util::eventfd::EventFd;
 
+use devices::virtio::block::BlockDevice;
+
 use crate::api::{ApiHandle, CommandOutput, Controller, Decision, VmCommand};
 use crate::arch::x86_64::cpuid::CpuTemplate;
 use crate::arch::x86_64::mptable::{setup_mptable, MptableError};
 use crate::boot::{load_kernel, write_boot_data, BootError};
 use crate::cmdline::{compose_cmdline, root_param};
 use crate::config::{ConfigError, VmConfig};
-use crate::device_loop::DeviceLoop;
-use crate::device_manager::{DeviceError, DeviceManager};
-use crate::event_loop::{Completion, EventLoop, Token};
-use crate::metrics::{ApiCounters, DeviceMetrics, MetricsSink, VcpuExitCounters};
-use crate::terminal::RawTerminal;
-use crate::virtio_block::{open_backing_file, Drive, DriveError};
-use crate::virtio_net::{open_tap, NetIface, NetSetupError};
-use crate::vstate::vcpu::{
+use crate::exit_code;
+use crate::kvm::vcpu::{
     create_vcpu, install_kick_handler, VcpuError, VcpuEvent, VcpuHandle, VcpuShared,
 };
-use crate::vstate::vm::{host_is_pvm_native, Vm, VmError};
+use crate::kvm::vm::{host_is_pvm_native, Vm, VmError};
+use crate::machine::builder::{open_backing_file, DeviceSetupError, VirtioBuilder};
+use crate::machine::device_manager::{DeviceError, DeviceManager};
+use crate::metrics::{ApiCounters, DeviceMetrics, MetricsSink, VcpuExitCounters};
+use crate::ring::{Completion, Ring, Token, VirtioDevices};
+use crate::terminal::RawTerminal;
 
 /// Everything that can stop a VM from being built or run.
 #[derive(Debug, thiserror::Error)]
@@ -46,12 +47,9 @@ pub enum VmmError {
     /// A device could not be created or placed.
     #[error("{0}")]
     Device(#[from] DeviceError),
-    /// A drive could not be set up.
+    /// A virtio device could not be set up.
     #[error("{0}")]
-    Drive(#[from] DriveError),
-    /// A network interface could not be set up.
-    #[error("{0}")]
-    Net(#[from] NetSetupError),
+    Setup(#[from] DeviceSetupError),
     /// The MP table could not be written.
     #[error("MP table: {0}")]
     Mptable(#[from] MptableError),
@@ -63,6 +61,19 @@ pub enum VmmError {
         /// The OS error.
         source: std::io::Error,
     },
+}
+
+impl VmmError {
+    /// The documented exit code for this error: the user's configuration,
+    /// KVM's absence, or ringvm's own failure.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            VmmError::Config(_) | VmmError::Boot(_) => exit_code::BAD_CONFIG,
+            VmmError::Setup(e) => e.exit_code(),
+            VmmError::Vm(e) => e.exit_code(),
+            _ => exit_code::INTERNAL,
+        }
+    }
 }
 
 /// How the guest ended, which decides ringvm's exit code.
@@ -78,17 +89,6 @@ pub enum GuestExit {
     /// case passed.
     TestVerdict(u32),
 }
-
-// Token kinds on the ring.
-const KIND_VCPU_EVENT: u8 = 1;
-const KIND_RESET: u8 = 2;
-const KIND_STDIN: u8 = 3;
-const KIND_STDIN_RETRY: u8 = 4;
-const KIND_SIGNAL: u8 = 5;
-const KIND_HALT_PROBE: u8 = 6;
-const KIND_METRICS_TIMER: u8 = 7;
-const KIND_DEBUG_EXIT: u8 = 8;
-const KIND_API: u8 = 9;
 
 /// Period of the automatic metrics flush, as Firecracker's.
 const METRICS_PERIOD_S: u64 = 60;
@@ -124,11 +124,11 @@ struct ApiRuntime {
 pub struct Vmm {
     // The ring is declared first so it is dropped (and waits for every
     // operation it holds) before the buffers and guest memory it points at.
-    ring: EventLoop,
+    ring: Ring,
     bufs: Box<ReadBuffers>,
     vm: Vm,
     devices: DeviceManager,
-    device_loop: DeviceLoop,
+    virtio: VirtioDevices,
     vcpus: Vec<VcpuHandle>,
     stop: Arc<AtomicBool>,
     vcpu_events: Receiver<VcpuEvent>,
@@ -220,18 +220,18 @@ impl Vmm {
                 source,
             })?;
         }
-        // Drives too: a missing or unreadable image is a config error, found
-        // before KVM is touched.
-        let drive_files = config
-            .drives
-            .iter()
-            .map(open_backing_file)
-            .collect::<Result<Vec<_>, _>>()?;
-        let taps = config
-            .network_interfaces
-            .iter()
-            .map(open_tap)
-            .collect::<Result<Vec<_>, _>>()?;
+        // Drives and taps too: a missing or unreadable image is a config
+        // error, found before KVM is touched.
+        let mut virtio = VirtioBuilder::new();
+        for drive in &config.drives {
+            virtio.add_drive(drive)?;
+        }
+        for iface in &config.network_interfaces {
+            virtio.add_net(iface)?;
+        }
+        if let Some(entropy) = &config.entropy {
+            virtio.add_rng(entropy)?;
+        }
         let template = choose_template(config)?;
         let vcpu_count = config.machine_config.vcpu_count;
 
@@ -246,14 +246,7 @@ impl Vmm {
             devices.add_boot_timer(process_start)?;
         }
 
-        let mut drives = Vec::with_capacity(config.drives.len());
-        for (drive, file) in config.drives.iter().zip(drive_files) {
-            drives.push(Drive::new(drive, file, &vm, &mut devices)?);
-        }
-        let mut nets = Vec::with_capacity(taps.len());
-        for (iface, (tap, mac)) in config.network_interfaces.iter().zip(taps) {
-            nets.push(NetIface::new(iface, tap, mac, &vm, &mut devices)?);
-        }
+        let virtio = virtio.place(&mut devices, &vm)?;
 
         let mut extra: Vec<&str> = devices
             .virtio_cmdline()
@@ -273,7 +266,7 @@ impl Vmm {
         setup_mptable(vm.memory(), vcpu_count)?;
         log::debug!("kernel entry {:?}; command line: {cmdline}", kernel.entry());
 
-        let ring = EventLoop::new().map_err(host("creating the io_uring ring"))?;
+        let ring = Ring::new().map_err(host("creating the io_uring ring"))?;
         let signal_fd = signal_fd()?;
         install_kick_handler()?;
 
@@ -311,7 +304,7 @@ impl Vmm {
             }),
             vm,
             devices,
-            device_loop: DeviceLoop::new(drives, nets),
+            virtio,
             vcpus: Vec::new(),
             stop,
             vcpu_events: rx,
@@ -338,7 +331,7 @@ impl Vmm {
 
     /// Arms an 8-byte eventfd read into `buf`.
     fn arm_eventfd(
-        ring: &mut EventLoop,
+        ring: &mut Ring,
         fd: RawFd,
         buf: &mut [u8; 8],
         token: Token,
@@ -363,10 +356,9 @@ impl Vmm {
             .offset(u64::MAX)
             .build();
             // SAFETY: the boxed buffer outlives the ring, as above.
-            return unsafe { self.ring.push(read, Token::new(KIND_STDIN, 0, 0)) }
-                .map_err(host("arming stdin"));
+            return unsafe { self.ring.push(read, Token::Stdin) }.map_err(host("arming stdin"));
         } else {
-            Token::new(KIND_STDIN_RETRY, 0, 0)
+            Token::StdinRetry
         };
         // The guest has not drained the UART yet: look again in 10 ms.
         let timeout = opcode::Timeout::new(&self.bufs.retry).build();
@@ -385,12 +377,7 @@ impl Vmm {
             return Ok(());
         };
         let fd = api.handle.requests_fd();
-        Self::arm_eventfd(
-            &mut self.ring,
-            fd,
-            &mut self.bufs.api,
-            Token::new(KIND_API, 0, 0),
-        )
+        Self::arm_eventfd(&mut self.ring, fd, &mut self.bufs.api, Token::Api)
     }
 
     /// Answers every queued API request, then re-arms the requests eventfd
@@ -456,13 +443,14 @@ impl Vmm {
                 };
                 let mut cfg = self.config.drives[index].clone();
                 cfg.path_on_host = path_on_host.clone();
+                let file = open_backing_file(&cfg).map_err(|e| e.to_string())?;
                 let drive = self
-                    .device_loop
-                    .drives_mut()
-                    .iter_mut()
-                    .find(|d| &d.id == drive_id)
+                    .virtio
+                    .device_mut::<BlockDevice>(drive_id)
                     .ok_or_else(|| format!("no drive {drive_id:?}"))?;
-                drive.swap_backing_file(&cfg).map_err(|e| e.to_string())?;
+                drive
+                    .swap_disk(file)
+                    .map_err(|e| format!("drive {drive_id}: {e}"))?;
                 self.config.drives[index] = cfg;
                 Ok(CommandOutput::Done)
             }
@@ -493,7 +481,7 @@ impl Vmm {
 
     /// Every device's counters, for a metrics line or the API.
     pub fn device_metrics(&self) -> Vec<DeviceMetrics> {
-        self.device_loop.metrics()
+        self.virtio.metrics()
     }
 
     /// Writes one metrics line now (`FlushMetrics`); a no-op without a
@@ -507,18 +495,14 @@ impl Vmm {
     fn arm_metrics_timer(&mut self) -> Result<(), VmmError> {
         let timeout = opcode::Timeout::new(&self.bufs.metrics_period).build();
         // SAFETY: the timespec is in the boxed buffers, which outlive the ring.
-        unsafe {
-            self.ring
-                .push(timeout, Token::new(KIND_METRICS_TIMER, 0, 0))
-        }
-        .map_err(host("arming the metrics timer"))
+        unsafe { self.ring.push(timeout, Token::MetricsTimer) }
+            .map_err(host("arming the metrics timer"))
     }
 
     fn arm_halt_probe(&mut self) -> Result<(), VmmError> {
         let timeout = opcode::Timeout::new(&self.bufs.halt_probe).build();
         // SAFETY: the timespec is in the boxed buffers, which outlive the ring.
-        unsafe { self.ring.push(timeout, Token::new(KIND_HALT_PROBE, 0, 0)) }
-            .map_err(host("arming the halt probe"))
+        unsafe { self.ring.push(timeout, Token::HaltProbe) }.map_err(host("arming the halt probe"))
     }
 
     fn arm_signal(&mut self) -> Result<(), VmmError> {
@@ -529,8 +513,7 @@ impl Vmm {
         )
         .build();
         // SAFETY: as for the other boxed buffers.
-        unsafe { self.ring.push(read, Token::new(KIND_SIGNAL, 0, 0)) }
-            .map_err(host("arming the signalfd"))
+        unsafe { self.ring.push(read, Token::Signal) }.map_err(host("arming the signalfd"))
     }
 
     /// Moves stdin bytes into the UART as far as its FIFO has room.
@@ -561,56 +544,60 @@ impl Vmm {
             &mut self.ring,
             events_fd,
             &mut self.bufs.vcpu_event,
-            Token::new(KIND_VCPU_EVENT, 0, 0),
+            Token::VcpuEvent,
         )?;
         Self::arm_eventfd(
             &mut self.ring,
             reset_fd,
             &mut self.bufs.reset,
-            Token::new(KIND_RESET, 0, 0),
+            Token::GuestReset,
         )?;
         let debug_exit_fd = self.debug_exit_evt.as_raw_fd();
         Self::arm_eventfd(
             &mut self.ring,
             debug_exit_fd,
             &mut self.bufs.debug_exit,
-            Token::new(KIND_DEBUG_EXIT, 0, 0),
+            Token::DebugExit,
         )?;
         self.arm_signal()?;
         self.arm_stdin()?;
         self.arm_halt_probe()?;
         self.arm_metrics_timer()?;
         self.arm_api()?;
-        self.device_loop
+        self.virtio
             .arm(&mut self.ring)
             .map_err(host("arming device eventfds"))?;
 
         let mut completions = Vec::with_capacity(64);
         let outcome = 'outer: loop {
             completions.clear();
+            let wait = !self.virtio.has_work_now();
             self.ring
-                .turn(&mut completions)
+                .turn(&mut completions, wait)
                 .map_err(host("io_uring_enter"))?;
             for c in completions.iter().copied() {
-                if DeviceLoop::owns(c.token.kind) {
-                    self.device_loop
-                        .dispatch(c, &mut self.ring, self.vm.memory())
+                if VirtioDevices::owns(c.token) {
+                    self.virtio
+                        .dispatch(c.token, c.result, &mut self.ring, self.vm.memory())
                         .map_err(host("re-arming a device eventfd"))?;
                 } else if let Some(exit) = self.dispatch(c)? {
                     break 'outer exit;
                 }
             }
             // Drains that stopped at their budget or on a full ring resume
-            // now, after this batch freed slots.
-            self.device_loop.resume(&mut self.ring, self.vm.memory());
+            // now, after this batch freed slots; then each device makes its
+            // one interrupt decision for the turn.
+            self.virtio
+                .end_turn(&mut self.ring, self.vm.memory())
+                .map_err(host("re-arming a device poll"))?;
         };
         self.shutdown();
         Ok(outcome)
     }
 
     fn dispatch(&mut self, c: Completion) -> Result<Option<GuestExit>, VmmError> {
-        match c.token.kind {
-            KIND_VCPU_EVENT => {
+        match c.token {
+            Token::VcpuEvent => {
                 if let Ok(event) = self.vcpu_events.try_recv() {
                     return Ok(Some(match event {
                         VcpuEvent::Reset { cpu, reason } => {
@@ -627,12 +614,12 @@ impl Vmm {
                 let fd = self.vcpu_events_ready.as_raw_fd();
                 Self::arm_eventfd(&mut self.ring, fd, &mut self.bufs.vcpu_event, c.token)?;
             }
-            KIND_RESET => {
+            Token::GuestReset => {
                 return Ok(Some(GuestExit::Stopped(
                     "guest reset through the i8042".into(),
                 )));
             }
-            KIND_SIGNAL => {
+            Token::Signal => {
                 if c.result > 0 {
                     // SAFETY: the kernel filled the buffer with one
                     // signalfd_siginfo; read_unaligned copes with alignment.
@@ -642,7 +629,7 @@ impl Vmm {
                 }
                 self.arm_signal()?;
             }
-            KIND_STDIN => {
+            Token::Stdin => {
                 if c.result <= 0 {
                     // EOF or an unreadable stdin: the guest gets no more input.
                     self.stdin_open = false;
@@ -653,18 +640,18 @@ impl Vmm {
                 self.feed_serial();
                 self.arm_stdin()?;
             }
-            KIND_API => self.serve_api()?,
-            KIND_DEBUG_EXIT => {
+            Token::Api => self.serve_api()?,
+            Token::DebugExit => {
                 let value = self.verdict.load(Ordering::Acquire);
                 return Ok(Some(GuestExit::TestVerdict(value)));
             }
-            KIND_METRICS_TIMER => {
+            Token::MetricsTimer => {
                 if let Err(e) = self.flush_metrics() {
                     log::warn!("metrics flush failed: {e}");
                 }
                 self.arm_metrics_timer()?;
             }
-            KIND_HALT_PROBE => {
+            Token::HaltProbe => {
                 // Flags set by the previous probe's kicks: every vCPU asleep
                 // with interrupts off means the guest halted or powered off.
                 if self
@@ -681,11 +668,11 @@ impl Vmm {
                 }
                 self.arm_halt_probe()?;
             }
-            KIND_STDIN_RETRY => {
+            Token::StdinRetry => {
                 self.feed_serial();
                 self.arm_stdin()?;
             }
-            other => log::warn!("completion for unknown source kind {other}"),
+            other => log::warn!("completion for an unknown source: {other:?}"),
         }
         Ok(None)
     }

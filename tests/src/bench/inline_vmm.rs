@@ -8,7 +8,7 @@
 //! ring. Turning the loop from the driver's thread instead removes the
 //! wait on the other side: the driver submits and kicks, then turns the
 //! loop until its completions are back. The loop body is the one
-//! [`super::vmm_thread`] runs (one `EventLoop::turn`, dispatch, resume), in
+//! [`super::vmm_thread`] runs (one `Ring::turn`, dispatch, end of turn), in
 //! [`InlineVmm::turn`], the one function callgrind is told to collect
 //! (`--toggle-collect`), so the count is the VMM's own work and nothing
 //! else. It is also deterministic: the batching no longer depends on how
@@ -17,8 +17,7 @@
 use std::io;
 
 use vm_memory::GuestMemoryMmap;
-use vmm::device_loop::DeviceLoop;
-use vmm::event_loop::{Completion, EventLoop};
+use vmm::ring::{Completion, Ring, VirtioDevices};
 
 use super::Res;
 
@@ -30,8 +29,8 @@ pub const TURN_SYMBOL: &str = "ringvm_tests::bench::inline_vmm::InlineVmm::turn"
 pub struct InlineVmm {
     // Dropped first: the ring holds pointers into the devices' buffers and
     // cancels its in-flight operations when dropped.
-    ring: EventLoop,
-    devices: DeviceLoop,
+    ring: Ring,
+    devices: VirtioDevices,
     mem: GuestMemoryMmap,
     done: Vec<Completion>,
     turns: u64,
@@ -40,8 +39,8 @@ pub struct InlineVmm {
 impl InlineVmm {
     /// Creates the ring and arms the devices on it, as the VMM thread does
     /// before its first turn.
-    pub fn new(mut devices: DeviceLoop, mem: &GuestMemoryMmap) -> Res<Self> {
-        let mut ring = EventLoop::new().map_err(|e| format!("io_uring: {e}"))?;
+    pub fn new(mut devices: VirtioDevices, mem: &GuestMemoryMmap) -> Res<Self> {
+        let mut ring = Ring::new().map_err(|e| format!("io_uring: {e}"))?;
         devices
             .arm(&mut ring)
             .map_err(|e| format!("cannot arm the devices: {e}"))?;
@@ -60,15 +59,16 @@ impl InlineVmm {
     /// doorbell rung.
     #[inline(never)]
     pub fn turn(&mut self) -> io::Result<()> {
-        self.ring.turn(&mut self.done)?;
+        self.ring
+            .turn(&mut self.done, !self.devices.has_work_now())?;
         self.turns += 1;
         for c in self.done.drain(..) {
-            if DeviceLoop::owns(c.token.kind) {
-                self.devices.dispatch(c, &mut self.ring, &self.mem)?;
+            if VirtioDevices::owns(c.token) {
+                self.devices
+                    .dispatch(c.token, c.result, &mut self.ring, &self.mem)?;
             }
         }
-        self.devices.resume(&mut self.ring, &self.mem);
-        Ok(())
+        self.devices.end_turn(&mut self.ring, &self.mem)
     }
 
     /// Turns taken so far (one `io_uring_enter` each).

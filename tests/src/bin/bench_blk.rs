@@ -6,8 +6,8 @@
 //! queue's doorbell eventfd (what KVM's ioeventfd does on a QueueNotify
 //! write) and sleeps on the irq eventfd (what KVM's irqfd would inject).
 //! The device side is exactly what `ringvm` runs for a booted guest:
-//! [`Drive`] (the real `BlockDevice`) inside a [`DeviceLoop`] on its own
-//! thread, turning one [`EventLoop`] io_uring ring.
+//! the real `BlockDevice` in its generic device slot (`VirtioDevices`) on its
+//! own thread, turning one `Ring` (io_uring).
 //!
 //! Each point is measured for ringvm and then for
 //! `fio --ioengine=io_uring` on the same file in the same run; the ratio
@@ -21,16 +21,16 @@ use std::fs::OpenOptions;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
-use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use devices::virtio::testing::DriverQueue;
 use devices::virtio::NOTIFY_REG_OFFSET;
 use ringvm_tests::bench::clock::own_cpu_ns;
 use ringvm_tests::bench::host::{HostInfo, Own};
 use ringvm_tests::bench::inline_vmm::{watchdog, InlineVmm};
 use ringvm_tests::bench::interleave::{interleave, Round};
-use ringvm_tests::bench::irq::{need_event, wait_irq};
+use ringvm_tests::bench::irq::wait_irq;
 use ringvm_tests::bench::mmio::MmioRegs;
 use ringvm_tests::bench::points::{Better, Point, PointRound, Target};
 use ringvm_tests::bench::report;
@@ -51,19 +51,19 @@ use virtio_bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
 };
+use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm::config::DriveConfig;
-use vmm::device_loop::DeviceLoop;
-use vmm::device_manager::DeviceManager;
-use vmm::virtio_block::{open_backing_file, Drive};
+use vmm::machine::builder::VirtioBuilder;
+use vmm::machine::device_manager::DeviceManager;
 use vmm_sys_util::eventfd::EventFd;
 
 // Guest memory layout of the synthetic driver.
 const MEM_SIZE: usize = 256 << 20;
 const QUEUE_SIZE: u16 = 256;
-const DESC_TABLE: u64 = 0x1000;
-const AVAIL_RING: u64 = 0x3000;
-const USED_RING: u64 = 0x4000;
+/// Where the queue's rings start (the shared driver mock's layout: table,
+/// then avail ring at +0x1000, used ring at +0x2000).
+const QUEUE_BASE: u64 = 0x1000;
 /// One 3-entry indirect table per slot, 64 bytes apart.
 const INDIRECT_BASE: u64 = 0x1_0000;
 /// One 16-byte request header per slot.
@@ -202,13 +202,8 @@ fn data_addr(slot: usize) -> u64 {
     DATA_BASE + slot as u64 * MAX_BLOCK
 }
 
-fn descriptor(addr: u64, len: u32, flags: u32, next: u16) -> [u8; 16] {
-    let mut d = [0u8; 16];
-    d[0..8].copy_from_slice(&addr.to_le_bytes());
-    d[8..12].copy_from_slice(&len.to_le_bytes());
-    d[12..14].copy_from_slice(&(flags as u16).to_le_bytes());
-    d[14..16].copy_from_slice(&next.to_le_bytes());
-    d
+fn descriptor(addr: u64, len: u32, flags: u32, next: u16) -> Descriptor {
+    Descriptor::new(addr, len, flags as u16, next)
 }
 
 /// What the driver saw, cumulative.
@@ -231,9 +226,11 @@ struct Driver {
     kick: EventFd,
     irq: EventFd,
     qsize: u16,
+    /// The queue's rings, written and read as a guest driver does.
+    vq: DriverQueue<GuestMemoryMmap>,
+    /// Heads filled this round, published with one index update.
+    staged: Vec<u16>,
     capacity: u64,
-    avail_idx: u16,
-    last_used: u16,
     free: Vec<usize>,
     busy: Vec<bool>,
     stats: DriverStats,
@@ -265,7 +262,9 @@ impl Driver {
             return Err(format!("queue maximum {max} is below the QD 128 we need"));
         }
         regs.write32(VIRTIO_MMIO_QUEUE_NUM, u32::from(self.qsize));
-        regs.set_queue_rings(DESC_TABLE, AVAIL_RING, USED_RING);
+        self.vq = DriverQueue::new(self.mem.clone(), QUEUE_BASE, self.qsize);
+        let vq = &self.vq;
+        regs.set_queue_rings(vq.desc_table(), vq.avail_ring(), vq.used_ring());
         regs.driver_ok(status)?;
         let sectors = u64::from(self.regs.read32(VIRTIO_MMIO_CONFIG))
             | (u64::from(self.regs.read32(VIRTIO_MMIO_CONFIG + 4)) << 32);
@@ -280,17 +279,8 @@ impl Driver {
         Ok(())
     }
 
-    fn used_event_addr(&self) -> GuestAddress {
-        GuestAddress(AVAIL_RING + 4 + 2 * u64::from(self.qsize))
-    }
-
-    fn avail_event_addr(&self) -> GuestAddress {
-        GuestAddress(USED_RING + 4 + 8 * u64::from(self.qsize))
-    }
-
     /// Points `qd` descriptors at their indirect tables for workload `w`.
     fn configure(&mut self, w: &Workload) -> Res<()> {
-        let gm = |e: vm_memory::GuestMemoryError| format!("guest memory: {e}");
         let data_flags = VRING_DESC_F_NEXT
             | if w.op == Op::Read {
                 VRING_DESC_F_WRITE
@@ -299,19 +289,15 @@ impl Driver {
             };
         for slot in 0..w.qd {
             let table = indirect_table(slot);
-            let head = descriptor(table, 48, VRING_DESC_F_INDIRECT, 0);
-            self.mem
-                .write_slice(&head, GuestAddress(DESC_TABLE + 16 * slot as u64))
-                .map_err(gm)?;
+            self.vq
+                .store(slot as u16, descriptor(table, 48, VRING_DESC_F_INDIRECT, 0));
             let entries = [
                 descriptor(header_addr(slot), 16, VRING_DESC_F_NEXT, 1),
                 descriptor(data_addr(slot), w.bs as u32, data_flags, 2),
                 descriptor(status_addr(slot), 1, VRING_DESC_F_WRITE, 0),
             ];
-            for (i, d) in entries.iter().enumerate() {
-                self.mem
-                    .write_slice(d, GuestAddress(table + 16 * i as u64))
-                    .map_err(gm)?;
+            for (i, d) in entries.into_iter().enumerate() {
+                self.vq.store_indirect(table, i as u16, d);
             }
         }
         self.free = (0..w.qd).rev().collect();
@@ -342,7 +328,6 @@ impl Driver {
             return Ok(());
         }
         let gm = |e: vm_memory::GuestMemoryError| format!("guest memory: {e}");
-        let old = self.avail_idx;
         let kind = if w.op == Op::Read {
             VIRTIO_BLK_T_IN
         } else {
@@ -359,27 +344,11 @@ impl Driver {
             self.mem
                 .write_obj(0xffu8, GuestAddress(status_addr(slot)))
                 .map_err(gm)?;
-            let entry = AVAIL_RING + 4 + 2 * u64::from(self.avail_idx % self.qsize);
-            self.mem
-                .write_obj((slot as u16).to_le(), GuestAddress(entry))
-                .map_err(gm)?;
             self.busy[slot] = true;
-            self.avail_idx = self.avail_idx.wrapping_add(1);
+            self.staged.push(slot as u16);
         }
-        self.mem
-            .store(
-                self.avail_idx.to_le(),
-                GuestAddress(AVAIL_RING + 2),
-                Ordering::Release,
-            )
-            .map_err(gm)?;
-        fence(Ordering::SeqCst);
-        let event = u16::from_le(
-            self.mem
-                .load(self.avail_event_addr(), Ordering::Acquire)
-                .map_err(gm)?,
-        );
-        if need_event(event, self.avail_idx, old) {
+        let (old, new) = self.vq.publish_all(self.staged.drain(..));
+        if self.vq.kick_wanted(old, new) {
             self.kick
                 .write(1)
                 .map_err(|e| format!("doorbell write: {e}"))?;
@@ -388,22 +357,12 @@ impl Driver {
         Ok(())
     }
 
-    fn used_idx(&self) -> Res<u16> {
-        self.mem
-            .load(GuestAddress(USED_RING + 2), Ordering::Acquire)
-            .map(u16::from_le)
-            .map_err(|e| format!("guest memory: {e}"))
-    }
-
     /// Takes every used element; checks id, length and status.
     fn harvest(&mut self, w: &Workload) -> Res<u64> {
         let gm = |e: vm_memory::GuestMemoryError| format!("guest memory: {e}");
-        let used = self.used_idx()?;
         let mut n = 0;
-        while self.last_used != used {
-            let elem = USED_RING + 4 + 8 * u64::from(self.last_used % self.qsize);
-            let id = u32::from_le(self.mem.read_obj(GuestAddress(elem)).map_err(gm)?) as usize;
-            let len = u32::from_le(self.mem.read_obj(GuestAddress(elem + 4)).map_err(gm)?);
+        while let Some((id, len)) = self.vq.next_used() {
+            let id = id as usize;
             if !self.busy.get(id).copied().unwrap_or(false) {
                 return Err(format!(
                     "device returned descriptor {id}, which is not in flight"
@@ -422,7 +381,6 @@ impl Driver {
             }
             self.busy[id] = false;
             self.free.push(id);
-            self.last_used = self.last_used.wrapping_add(1);
             n += 1;
         }
         self.stats.completed += n;
@@ -434,7 +392,7 @@ impl Driver {
     /// does what Linux's virtio-mmio interrupt handler does: read and
     /// acknowledge InterruptStatus.
     fn wait_irq(&mut self) -> Res<()> {
-        if self.arm_irq()? {
+        if self.arm_irq() {
             return Ok(());
         }
         let Some(signals) = wait_irq(&self.irq, 10_000)? else {
@@ -448,17 +406,9 @@ impl Driver {
 
     /// Re-arms the interrupt (used_event = what we have seen); true when
     /// completions arrived meanwhile, so there is no need to sleep.
-    fn arm_irq(&mut self) -> Res<bool> {
-        let gm = |e: vm_memory::GuestMemoryError| format!("guest memory: {e}");
-        self.mem
-            .store(
-                self.last_used.to_le(),
-                self.used_event_addr(),
-                Ordering::Release,
-            )
-            .map_err(gm)?;
-        fence(Ordering::SeqCst);
-        Ok(self.used_idx()? != self.last_used)
+    fn arm_irq(&mut self) -> bool {
+        self.vq.set_used_event(self.vq.seen_used());
+        self.vq.used_idx() != self.vq.seen_used()
     }
 
     /// Takes an interrupt the device already raised, without sleeping
@@ -493,7 +443,7 @@ enum Vmm {
     /// On its own thread, as in ringvm: the measured runs.
     Thread(VmmHandle),
     /// On the driver's thread, one turn at a time: the callgrind runs.
-    Inline(InlineVmm),
+    Inline(Box<InlineVmm>),
 }
 
 impl Vmm {
@@ -533,8 +483,11 @@ impl Harness {
             direct,
             ..DriveConfig::default()
         };
-        let file = open_backing_file(&cfg).map_err(|e| e.to_string())?;
-        let drive = Drive::new(&cfg, file, &wiring, &mut devices).map_err(|e| e.to_string())?;
+        let mut builder = VirtioBuilder::new();
+        builder.add_drive(&cfg).map_err(|e| e.to_string())?;
+        let virtio = builder
+            .place(&mut devices, &wiring)
+            .map_err(|e| e.to_string())?;
         let irq = wiring
             .take_irq()
             .ok_or("the drive wired no interrupt line")?;
@@ -544,17 +497,12 @@ impl Harness {
             .next()
             .ok_or("the drive wired no doorbell")?;
         let vmm = if inline {
-            Vmm::Inline(InlineVmm::new(
-                DeviceLoop::new(vec![drive], Vec::new()),
-                &mem,
-            )?)
+            Vmm::Inline(Box::new(InlineVmm::new(virtio, &mem)?))
         } else {
-            Vmm::Thread(VmmHandle::spawn(
-                move || DeviceLoop::new(vec![drive], Vec::new()),
-                &mem,
-            )?)
+            Vmm::Thread(VmmHandle::spawn(move || virtio, &mem)?)
         };
         let mut driver = Driver {
+            vq: DriverQueue::new(mem.clone(), QUEUE_BASE, QUEUE_SIZE),
             mem,
             regs: MmioRegs {
                 bus: devices.mmio.clone(),
@@ -563,9 +511,8 @@ impl Harness {
             kick,
             irq,
             qsize: 0,
+            staged: Vec::with_capacity(MAX_QD),
             capacity: 0,
-            avail_idx: 0,
-            last_used: 0,
             free: Vec::new(),
             busy: Vec::new(),
             stats: DriverStats::default(),
@@ -594,7 +541,7 @@ impl Harness {
             if d.stats.completed - c0 >= requests && d.in_flight() == 0 {
                 break;
             }
-            if got == 0 && !d.arm_irq()? {
+            if got == 0 && !d.arm_irq() {
                 watchdog(120);
                 vmm.turn().map_err(|e| format!("VMM loop turn: {e}"))?;
                 d.take_irq()?;
@@ -1098,14 +1045,14 @@ struct Context {
 }
 
 const METHOD: &[&str] = &[
-    "Device side: the real `Drive` (virtio-blk `BlockDevice` + virtio-mmio transport on the MMIO bus) in the real `DeviceLoop`, on its own thread turning one `EventLoop` io_uring ring, as `Vmm::run` does for a booted guest. No KVM.",
+    "Device side: the real virtio-blk `BlockDevice` + virtio-mmio transport on the MMIO bus, in the real generic device slot (`VirtioDevices`), on its own thread turning one `Ring` (io_uring), as `Vmm::run` does for a booted guest. No KVM.",
     "Driver side: a split-virtqueue driver on the main thread (queue size 256, VERSION_1 + EVENT_IDX + INDIRECT_DESC, one indirect 3-descriptor chain per request: 16-byte header, data, 1-byte status), set up through the virtio-mmio v2 registers. It kicks by writing the doorbell eventfd (KVM's ioeventfd) only when vring_need_event says so, and sleeps on the irq eventfd (KVM's irqfd) only when it has nothing to submit or reap, after re-arming used_event; on wake it reads and acks InterruptStatus like Linux's vm_interrupt.",
     "Files: 1 GiB (default) of non-zero data. `tmpfs` and `disk`: buffered I/O through the host page cache for both ringvm and fio (drive opened without O_DIRECT; fio --direct=0 --invalidate=0); `disk-direct`: the same on-disk file opened with O_DIRECT by both (ringvm's direct=on, fio --direct=1). The file is fdatasync'ed before every run so dirty pages of a previous write run do not carry over.",
     "Host limit: fio --ioengine=io_uring, numjobs=1, same file, same rw/bs/iodepth, --norandommap, same warm-up (--ramp_time) and duration. Rounds: each round runs ringvm and fio back to back (ringvm first in even rounds, fio first in odd ones) and gives one ratio ringvm / fio; the point's ratio is the median over rounds, with min–max and IQR beside it, so one round hit by a neighbour's burst does not move it.",
     "QD1 floor: after fio's QD1 run in each round, two threads bounce an eventfd (each blocking in read(2)) for --floor-seconds; floor rate = 1 / (1/fio rate + one round trip). That is what ringvm's QD1 path cannot avoid on top of the I/O: the doorbell wakes the VMM thread, the interrupt wakes the driver. Target: ringvm within 1.2x of the floor's latency, i.e. ratio ringvm / floor >= 0.83.",
     "ringvm figures per point (rate, CPU, syscalls, breakdown): all rounds' measured windows summed, so rates are requests over seconds of all rounds; the ratio columns are the per-round medians.",
     "VMM CPU: CLOCK_THREAD_CPUTIME of the VMM thread (pthread_getcpuclockid) over the measured window, divided by requests completed in it. Work io_uring hands to io-wq kernel workers (e.g. buffered writes that cannot complete inline) is not in that thread's time; fio's figure is (usr_cpu+sys_cpu) x runtime / ios of its job thread, with the same blind spot.",
-    "VMM syscalls: io_uring_enter calls counted around `EventLoop::turn` (one per turn) + read/write syscalls from /proc/self/task/<tid>/io (syscr+syscw; the only write(2)s are irq eventfd signals, cross-checked against the counter values the driver read from the irq eventfd). The loop takes no locks and makes no other syscalls on the data path; SQ-full submits inside `EventLoop::push` are not counted (cannot happen at QD <= 128 with a 256-entry SQ).",
+    "VMM syscalls: io_uring_enter calls counted around `Ring::turn` (one per turn) + read/write syscalls from /proc/self/task/<tid>/io (syscr+syscw; the only write(2)s are irq eventfd signals, cross-checked against the counter values the driver read from the irq eventfd). The loop takes no locks and makes no other syscalls on the data path; SQ-full submits inside `Ring::push` are not counted (cannot happen at QD <= 128 with a 256-entry SQ).",
     "VMM sleeps: voluntary context switches of the VMM thread (/proc/self/task/<tid>/status), i.e. turns that blocked in io_uring_enter. Driver CPU: CLOCK_THREAD_CPUTIME of the synthetic driver thread (the guest's share, not ringvm's). io-wq: the ring's worker threads (iou-wrk-*), where io_uring runs what cannot complete inline (here: every tmpfs read and write, and buffered ext4 writes); their wake-ups are schedstat timeslices, their CPU schedstat run time, summed over the workers alive at the window's edges. Wake-ups in all = VMM sleeps + driver sleeps + io-wq wake-ups: the cross-thread hand-offs per request.",
     "Others' CPUs: how many CPUs other processes kept busy on average during each round (/proc/stat busy time minus this process's and fio's CPU time). This benchmark shares the machine; with 2 CPUs, ringvm needs one for the VMM thread and one for the guest driver, fio one for itself, so anything else running skews ringvm more.",
     "Method cross-check (done once by hand): `perf stat -e raw_syscalls:sys_enter -t <vmm tid>` over a tmpfs randread QD32 run counted only io_uring_enter and write, at the same rate as the counters above.",
@@ -1115,7 +1062,7 @@ const METHOD: &[&str] = &[
 const BOUNDS: &[&str] = &[
     "Syscalls per request = (io_uring_enter + irq writes) / requests, so staying under 0.1 needs about 20 requests per turn and at most one irq write per turn. At QD 32 that means nearly the whole queue must be popped in one drain and completed in one turn.",
     "Requests per turn: a turn ends at the first completion unless 4 or more disk operations are in flight, when it waits up to 10 µs (IORING_ENTER min-wait, kernel 6.12+) for a quarter of them. Where io_uring completes inline (ext4 page-cache reads), a kick's whole drain completes in one turn. Where it punts to io-wq (tmpfs, buffered ext4 writes), completions come back a few at a time.",
-    "Irq writes: at most one per drive per turn (`DeviceLoop::resume` raises each drive's interrupt once for the batch).",
+    "Irq writes: at most one per drive per turn (`VirtioDevices::end_turn` raises each device's interrupt once for the batch).",
     "QD 1: every request costs two cross-thread wake-ups (doorbell -> VMM thread, irqfd -> guest). fio does one syscall with an inline completion. On this nested VM a cross-CPU wake-up costs several µs, which is why the VMM thread's CPU per request is high there. A real guest pays those two hops too (ioeventfd exit, irq injection).",
     "Throughput ratio: on 2 CPUs the VMM thread and the guest driver take one CPU each, plus io-wq workers, while fio's single thread has the machine to itself. Whatever else runs (the others' CPUs column) costs ringvm more than fio. Ratios vary by ±20-30% between runs on this shared machine, so treat single points as rough.",
 ];

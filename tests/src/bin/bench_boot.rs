@@ -41,7 +41,7 @@ use ringvm_tests::bench::summary::summary_json;
 use ringvm_tests::bench::Res;
 use serde_json::{json, Value};
 use vmm::arch::x86_64::cpuid::CpuTemplate;
-use vmm::vstate::vm::host_is_pvm_native;
+use vmm::kvm::vm::host_is_pvm_native;
 
 #[derive(Parser, Debug)]
 #[command(about = "ringvm vs QEMU microvm: startup, API socket, VMM memory and CPU over a boot")]
@@ -72,10 +72,7 @@ struct Args {
     /// Kernel command line given to both (each VMM adds its devices'
     /// virtio_mmio.device words; on PVM-native KVM ringvm adds its
     /// emulator-safe words, and they are given to QEMU too).
-    #[arg(
-        long,
-        default_value = "console=ttyS0 reboot=k panic=-1 quiet guest.halt=reboot"
-    )]
+    #[arg(long, default_value = "console=ttyS0 reboot=k panic=-1")]
     cmdline: String,
     /// Where boot.json and boot.md go (default: <workspace>/target/bench).
     #[arg(long)]

@@ -8,8 +8,8 @@
 //! eventfds (what KVM's ioeventfd does on a QueueNotify write) and sleeps on
 //! the irq eventfd (what KVM's irqfd would inject). The device side is
 //! exactly what `ringvm` runs for a booted guest: [`NetIface`] (the real
-//! `NetDevice` on a real tap) inside a [`DeviceLoop`] on its own thread,
-//! turning one [`EventLoop`] io_uring ring.
+//! `NetDevice` on a real tap) in its generic device slot (`VirtioDevices`) on
+//! its own thread, turning one `Ring` (io_uring).
 //!
 //! Everything runs in a private network namespace (`ringvm-bench-<pid>`)
 //! with two taps, link-local addresses only:
@@ -39,19 +39,20 @@ use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
-use std::sync::atomic::{fence, AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use devices::virtio::net::{tap_offloads, Tap, TapDevice, VNET_HDR_LEN};
+use devices::virtio::net::{tap_offloads, MacAddr, Tap, TapDevice, VNET_HDR_LEN};
+use devices::virtio::testing::DriverQueue;
 use devices::virtio::NOTIFY_REG_OFFSET;
 use ringvm_tests::bench::clock::own_cpu_ns;
 use ringvm_tests::bench::host::{HostCpu, HostInfo, Own};
 use ringvm_tests::bench::inline_vmm::{watchdog, InlineVmm};
 use ringvm_tests::bench::interleave::{interleave, Round};
-use ringvm_tests::bench::irq::{need_event, wait_irq};
+use ringvm_tests::bench::irq::wait_irq;
 use ringvm_tests::bench::mmio::MmioRegs;
 use ringvm_tests::bench::points::{Better, Point, PointRound, Target};
 use ringvm_tests::bench::report;
@@ -75,11 +76,11 @@ use virtio_bindings::virtio_net::{
 use virtio_bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VRING_DESC_F_WRITE,
 };
+use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm::config::NetConfig;
-use vmm::device_loop::DeviceLoop;
-use vmm::device_manager::DeviceManager;
-use vmm::virtio_net::{format_mac, open_tap, NetIface};
+use vmm::machine::builder::VirtioBuilder;
+use vmm::machine::device_manager::DeviceManager;
 use vmm_sys_util::eventfd::EventFd;
 
 // ---------------------------------------------------------------------------
@@ -141,12 +142,9 @@ const FRAME_TSO: usize = 65536;
 
 const MEM_SIZE: usize = 48 << 20;
 const QUEUE_SIZE: u16 = 256;
-const RX_DESC: u64 = 0x1000;
-const RX_AVAIL: u64 = 0x3000;
-const RX_USED: u64 = 0x4000;
-const TX_DESC: u64 = 0x6000;
-const TX_AVAIL: u64 = 0x8000;
-const TX_USED: u64 = 0x9000;
+/// Where each queue's rings start (the shared driver mock's layout).
+const RX_RINGS: u64 = 0x1000;
+const TX_RINGS: u64 = 0x6000;
 /// TX buffers: header + frame in one descriptor, up to 64 KiB + header.
 const TX_BUF_BASE: u64 = 0x10_0000;
 const TX_BUF_STRIDE: u64 = 0x1_1000;
@@ -556,7 +554,7 @@ fn setup_namespace(ns: &Netns) -> Res<()> {
             "dev",
             lane.tap,
             "address",
-            &format_mac(&lane.host_mac),
+            &format_mac(lane.host_mac),
         ])?;
         ns.ip(&["addr", "add", &host, "dev", lane.tap])?;
         ns.ip(&["link", "set", "dev", lane.tap, "up"])?;
@@ -565,7 +563,7 @@ fn setup_namespace(ns: &Netns) -> Res<()> {
             "replace",
             &peer,
             "lladdr",
-            &format_mac(&lane.peer_mac),
+            &format_mac(lane.peer_mac),
             "dev",
             lane.tap,
             "nud",
@@ -1098,99 +1096,73 @@ fn gm(e: vm_memory::GuestMemoryError) -> String {
     format!("guest memory: {e}")
 }
 
-/// The driver's side of one split virtqueue.
+/// The driver's side of one split virtqueue: the shared mock for the
+/// rings, plus which descriptors are free (one buffer per descriptor).
 struct Vq {
     index: u32,
-    qsize: u16,
-    desc: u64,
-    avail: u64,
-    used: u64,
-    avail_idx: u16,
-    published: u16,
-    last_used: u16,
+    vq: DriverQueue<GuestMemoryMmap>,
+    /// Descriptors staged since the last publish.
+    staged: Vec<u16>,
     free: Vec<u16>,
     busy: Vec<bool>,
 }
 
 impl Vq {
-    fn new(index: u32, desc: u64, avail: u64, used: u64) -> Self {
+    fn new(mem: &GuestMemoryMmap, index: u32, base: u64) -> Self {
         Self {
             index,
-            qsize: QUEUE_SIZE,
-            desc,
-            avail,
-            used,
-            avail_idx: 0,
-            published: 0,
-            last_used: 0,
+            vq: DriverQueue::new(mem.clone(), base, QUEUE_SIZE),
+            staged: Vec::with_capacity(usize::from(QUEUE_SIZE)),
             free: (0..QUEUE_SIZE).rev().collect(),
             busy: vec![false; usize::from(QUEUE_SIZE)],
         }
     }
 
+    fn qsize(&self) -> u16 {
+        self.vq.size()
+    }
+
     fn in_flight(&self) -> usize {
-        usize::from(self.qsize) - self.free.len()
+        usize::from(self.qsize()) - self.free.len()
     }
 
-    fn set_desc(&self, mem: &GuestMemoryMmap, id: u16, addr: u64, len: u32, flags: u32) -> Res<()> {
-        let mut d = [0u8; 16];
-        d[0..8].copy_from_slice(&addr.to_le_bytes());
-        d[8..12].copy_from_slice(&len.to_le_bytes());
-        d[12..14].copy_from_slice(&(flags as u16).to_le_bytes());
-        mem.write_slice(&d, GuestAddress(self.desc + 16 * u64::from(id)))
-            .map_err(gm)
+    /// Used entries seen so far.
+    fn last_used(&self) -> u16 {
+        self.vq.seen_used()
     }
 
-    /// Puts a free descriptor in the available ring (not yet published).
-    fn push(&mut self, mem: &GuestMemoryMmap) -> Res<Option<u16>> {
-        let Some(id) = self.free.pop() else {
-            return Ok(None);
-        };
-        let entry = self.avail + 4 + 2 * u64::from(self.avail_idx % self.qsize);
-        mem.write_obj(id.to_le(), GuestAddress(entry)).map_err(gm)?;
+    fn set_desc(&self, id: u16, addr: u64, len: u32, flags: u32) {
+        self.vq
+            .store(id, Descriptor::new(addr, len, flags as u16, 0));
+    }
+
+    /// Stages a free descriptor for the available ring (not yet published).
+    fn push(&mut self) -> Option<u16> {
+        let id = self.free.pop()?;
         self.busy[usize::from(id)] = true;
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        Ok(Some(id))
+        self.staged.push(id);
+        Some(id)
     }
 
-    /// Publishes the available index and kicks if the device asked for it
-    /// (EVENT_IDX).
-    fn publish(&mut self, mem: &GuestMemoryMmap, kick: &EventFd, c: &mut Counts) -> Res<()> {
-        if self.avail_idx == self.published {
+    /// Publishes the staged descriptors and kicks if the device asked for
+    /// it (EVENT_IDX).
+    fn publish(&mut self, kick: &EventFd, c: &mut Counts) -> Res<()> {
+        if self.staged.is_empty() {
             return Ok(());
         }
-        let old = self.published;
-        self.published = self.avail_idx;
-        mem.store(
-            self.avail_idx.to_le(),
-            GuestAddress(self.avail + 2),
-            Ordering::Release,
-        )
-        .map_err(gm)?;
-        fence(Ordering::SeqCst);
-        let avail_event = GuestAddress(self.used + 4 + 8 * u64::from(self.qsize));
-        let event = u16::from_le(mem.load(avail_event, Ordering::Acquire).map_err(gm)?);
-        if need_event(event, self.avail_idx, old) {
+        let (old, new) = self.vq.publish_all(self.staged.drain(..));
+        if self.vq.kick_wanted(old, new) {
             kick.write(1).map_err(|e| format!("doorbell write: {e}"))?;
             c.kicks += 1;
         }
         Ok(())
     }
 
-    fn used_idx(&self, mem: &GuestMemoryMmap) -> Res<u16> {
-        mem.load(GuestAddress(self.used + 2), Ordering::Acquire)
-            .map(u16::from_le)
-            .map_err(gm)
-    }
-
     /// The next used element, if any: (id, len).
-    fn pop_used(&mut self, mem: &GuestMemoryMmap, used_idx: u16) -> Res<Option<(u16, u32)>> {
-        if self.last_used == used_idx {
+    fn pop_used(&mut self) -> Res<Option<(u16, u32)>> {
+        let Some((id, len)) = self.vq.next_used() else {
             return Ok(None);
-        }
-        let elem = self.used + 4 + 8 * u64::from(self.last_used % self.qsize);
-        let id = u32::from_le(mem.read_obj(GuestAddress(elem)).map_err(gm)?);
-        let len = u32::from_le(mem.read_obj(GuestAddress(elem + 4)).map_err(gm)?);
+        };
         let id = u16::try_from(id)
             .ok()
             .filter(|&i| self.busy.get(usize::from(i)).copied().unwrap_or(false))
@@ -1202,14 +1174,7 @@ impl Vq {
             })?;
         self.busy[usize::from(id)] = false;
         self.free.push(id);
-        self.last_used = self.last_used.wrapping_add(1);
         Ok(Some((id, len)))
-    }
-
-    fn set_used_event(&self, mem: &GuestMemoryMmap, event: u16) -> Res<()> {
-        let addr = GuestAddress(self.avail + 4 + 2 * u64::from(self.qsize));
-        mem.store(event.to_le(), addr, Ordering::Release)
-            .map_err(gm)
     }
 }
 
@@ -1251,26 +1216,24 @@ impl Driver {
         let want = offered & LINUX_FEATURES;
         self.features = want;
         let status = self.regs.set_features(status, want)?;
-        for vq in [&self.rx, &self.tx] {
+        for vq in [&mut self.rx, &mut self.tx] {
             // Fresh rings, as a driver allocates them (a re-init must not
             // see the used index of the device's previous life).
-            for (addr, len) in [(vq.desc, 16), (vq.avail, 2), (vq.used, 8)] {
-                let bytes = 6 + len * usize::from(vq.qsize);
-                self.mem
-                    .write_slice(&vec![0u8; bytes], GuestAddress(addr))
-                    .map_err(gm)?;
-            }
+            vq.vq.clear();
             self.regs.write32(VIRTIO_MMIO_QUEUE_SEL, vq.index);
             let max = self.regs.read32(VIRTIO_MMIO_QUEUE_NUM_MAX);
-            if max < u32::from(vq.qsize) {
+            if max < u32::from(vq.qsize()) {
                 return Err(format!(
                     "queue {} maximum {max} is below {}",
-                    vq.index, vq.qsize
+                    vq.index,
+                    vq.qsize()
                 ));
             }
             self.regs
-                .write32(VIRTIO_MMIO_QUEUE_NUM, u32::from(vq.qsize));
-            self.regs.set_queue_rings(vq.desc, vq.avail, vq.used);
+                .write32(VIRTIO_MMIO_QUEUE_NUM, u32::from(vq.qsize()));
+            let q = &vq.vq;
+            self.regs
+                .set_queue_rings(q.desc_table(), q.avail_ring(), q.used_ring());
         }
         self.regs.driver_ok(status)?;
         let mut mac = [0u8; 6];
@@ -1287,7 +1250,7 @@ impl Driver {
                 .write_slice(&zeros[..len as usize], GuestAddress(rx_buf(id, len)))
                 .map_err(gm)?;
             self.rx
-                .set_desc(&self.mem, id, rx_buf(id, len), len, VRING_DESC_F_WRITE)?;
+                .set_desc(id, rx_buf(id, len), len, VRING_DESC_F_WRITE);
         }
         self.rx_refill()
     }
@@ -1308,7 +1271,7 @@ impl Driver {
     /// `timeout_ms` passed with nothing. On wake-up it reads and acks
     /// InterruptStatus like Linux's vm_interrupt.
     fn wait_irq(&mut self, rx: bool, event: u16, timeout_ms: i32) -> Res<bool> {
-        if self.arm_irq(rx, event)? {
+        if self.arm_irq(rx, event) {
             return Ok(true);
         }
         let Some(signals) = wait_irq(&self.irq, timeout_ms)? else {
@@ -1322,11 +1285,10 @@ impl Driver {
 
     /// Re-arms the interrupt of `rx` or `tx` (used_event = `event`); true
     /// when used buffers arrived meanwhile, so there is no need to sleep.
-    fn arm_irq(&mut self, rx: bool, event: u16) -> Res<bool> {
-        let vq = if rx { &self.rx } else { &self.tx };
-        vq.set_used_event(&self.mem, event)?;
-        fence(Ordering::SeqCst);
-        Ok(vq.used_idx(&self.mem)? != vq.last_used)
+    fn arm_irq(&mut self, rx: bool, event: u16) -> bool {
+        let vq = if rx { &self.rx.vq } else { &self.tx.vq };
+        vq.set_used_event(event);
+        vq.used_idx() != vq.seen_used()
     }
 
     /// Takes an interrupt the device already raised, without sleeping
@@ -1351,15 +1313,14 @@ impl Driver {
         if self.tx.in_flight() != 0 || chains.is_empty() {
             return Err("TX reloaded while busy".into());
         }
-        for id in 0..self.tx.qsize {
+        for id in 0..self.tx.qsize() {
             let chain = &chains[usize::from(id) % chains.len()];
             self.mem
                 .write_slice(chain, GuestAddress(tx_buf(id)))
                 .map_err(gm)?;
-            self.tx
-                .set_desc(&self.mem, id, tx_buf(id), chain.len() as u32, 0)?;
+            self.tx.set_desc(id, tx_buf(id), chain.len() as u32, 0);
         }
-        self.tx.free = (0..self.tx.qsize).rev().collect();
+        self.tx.free = (0..self.tx.qsize()).rev().collect();
         self.tx_frame_len = frame_len as u64;
         Ok(())
     }
@@ -1367,17 +1328,16 @@ impl Driver {
     /// Puts up to `limit` free TX slots in the ring and publishes them.
     fn tx_fill(&mut self, limit: usize) -> Res<()> {
         let mut n = 0;
-        while n < limit && self.tx.push(&self.mem)?.is_some() {
+        while n < limit && self.tx.push().is_some() {
             n += 1;
         }
         let kick = &self.kicks[self.tx.index as usize];
-        self.tx.publish(&self.mem, kick, &mut self.c)
+        self.tx.publish(kick, &mut self.c)
     }
 
     fn tx_reap(&mut self) -> Res<u64> {
-        let used = self.tx.used_idx(&self.mem)?;
         let mut n = 0;
-        while let Some((_id, len)) = self.tx.pop_used(&self.mem, used)? {
+        while let Some((_id, len)) = self.tx.pop_used()? {
             if len != 0 {
                 return Err(format!("TX used length {len}, expected 0"));
             }
@@ -1392,7 +1352,7 @@ impl Driver {
     /// Linux's virtqueue_enable_cb_delayed asks.
     fn tx_wait(&mut self, timeout_ms: i32) -> Res<bool> {
         let bufs = (self.tx.in_flight() * 3 / 4) as u16;
-        let event = self.tx.last_used.wrapping_add(bufs);
+        let event = self.tx.last_used().wrapping_add(bufs);
         self.wait_irq(false, event, timeout_ms)
     }
 
@@ -1413,18 +1373,17 @@ impl Driver {
 
     /// Posts every free RX buffer and publishes them.
     fn rx_refill(&mut self) -> Res<()> {
-        while self.rx.push(&self.mem)?.is_some() {}
+        while self.rx.push().is_some() {}
         let kick = &self.kicks[self.rx.index as usize];
-        self.rx.publish(&self.mem, kick, &mut self.c)
+        self.rx.publish(kick, &mut self.c)
     }
 
     /// Takes every received frame; counts ours of `frame_len` bytes, and
     /// copies them out into `keep` if given.
     fn rx_reap(&mut self, frame_len: usize, mut keep: Option<&mut Vec<Vec<u8>>>) -> Res<u64> {
-        let used = self.rx.used_idx(&self.mem)?;
         let mut n = 0;
         let mut head = [0u8; VNET_HDR_LEN + UDP_HDRS];
-        while let Some((id, len)) = self.rx.pop_used(&self.mem, used)? {
+        while let Some((id, len)) = self.rx.pop_used()? {
             n += 1;
             let len = len as usize;
             self.mem
@@ -1470,7 +1429,7 @@ enum Vmm {
     /// On its own thread, as in ringvm: the measured runs.
     Thread(VmmHandle),
     /// On the driver's thread, one turn at a time: the callgrind runs.
-    Inline(InlineVmm),
+    Inline(Box<InlineVmm>),
 }
 
 impl Vmm {
@@ -1517,12 +1476,14 @@ impl Harness {
         let cfg = NetConfig {
             iface_id: "bench0".into(),
             host_dev_name: VM_LANE.tap.into(),
-            guest_mac: Some(format_mac(&VM_LANE.peer_mac)),
+            guest_mac: Some(MacAddr::from_bytes(VM_LANE.peer_mac).map_err(|e| e.to_string())?),
             ..NetConfig::default()
         };
-        let (tap, mac) = open_tap(&cfg).map_err(|e| e.to_string())?;
-        let iface =
-            NetIface::new(&cfg, tap, mac, &wiring, &mut devices).map_err(|e| e.to_string())?;
+        let mut builder = VirtioBuilder::new();
+        builder.add_net(&cfg).map_err(|e| e.to_string())?;
+        let virtio = builder
+            .place(&mut devices, &wiring)
+            .map_err(|e| e.to_string())?;
         let irq = wiring
             .take_irq()
             .ok_or("the interface wired no interrupt line")?;
@@ -1533,17 +1494,13 @@ impl Harness {
         let base = doorbells[0].1 - NOTIFY_REG_OFFSET;
         let kicks: Vec<EventFd> = doorbells.into_iter().map(|d| d.0).collect();
         let vmm = if inline {
-            Vmm::Inline(InlineVmm::new(
-                DeviceLoop::new(Vec::new(), vec![iface]),
-                &mem,
-            )?)
+            Vmm::Inline(Box::new(InlineVmm::new(virtio, &mem)?))
         } else {
-            Vmm::Thread(VmmHandle::spawn(
-                move || DeviceLoop::new(Vec::new(), vec![iface]),
-                &mem,
-            )?)
+            Vmm::Thread(VmmHandle::spawn(move || virtio, &mem)?)
         };
         let mut driver = Driver {
+            rx: Vq::new(&mem, 0, RX_RINGS),
+            tx: Vq::new(&mem, 1, TX_RINGS),
             mem,
             regs: MmioRegs {
                 bus: devices.mmio.clone(),
@@ -1551,8 +1508,6 @@ impl Harness {
             },
             kicks,
             irq,
-            rx: Vq::new(0, RX_DESC, RX_AVAIL, RX_USED),
-            tx: Vq::new(1, TX_DESC, TX_AVAIL, TX_USED),
             features: 0,
             mac: [0; 6],
             c: Counts::default(),
@@ -1567,8 +1522,8 @@ impl Harness {
             let _ = vmm.stop();
             return Err(format!(
                 "the device's config space has MAC {}, configured {}",
-                format_mac(&driver.mac),
-                format_mac(&VM_LANE.peer_mac)
+                format_mac(driver.mac),
+                format_mac(VM_LANE.peer_mac)
             ));
         }
         if let Err(e) = direct.set_offload(tap_offloads(driver.features)) {
@@ -1589,8 +1544,8 @@ impl Harness {
     fn rebuffer(&mut self, rx_buf_len: u32) -> Res<()> {
         let d = &mut self.driver;
         d.reset();
-        d.rx = Vq::new(0, RX_DESC, RX_AVAIL, RX_USED);
-        d.tx = Vq::new(1, TX_DESC, TX_AVAIL, TX_USED);
+        d.rx = Vq::new(&d.mem, 0, RX_RINGS);
+        d.tx = Vq::new(&d.mem, 1, TX_RINGS);
         d.rx_buf_len = rx_buf_len;
         d.c = Counts::default();
         d.init()
@@ -1623,7 +1578,7 @@ impl Harness {
         match w.dir {
             Dir::Tx => {
                 d.load_tx(&[tx_chain(&VM_LANE, w, 0)], w.frame_len)?;
-                let qsize = usize::from(d.tx.qsize);
+                let qsize = usize::from(d.tx.qsize());
                 loop {
                     if d.c.packets + (d.tx.in_flight() as u64) < frames {
                         d.tx_fill(qsize)?;
@@ -1634,9 +1589,9 @@ impl Harness {
                     }
                     if got == 0 {
                         let event =
-                            d.tx.last_used
+                            d.tx.last_used()
                                 .wrapping_add((d.tx.in_flight() * 3 / 4) as u16);
-                        if !d.arm_irq(false, event)? {
+                        if !d.arm_irq(false, event) {
                             turn(d)?;
                         }
                     }
@@ -1656,7 +1611,7 @@ impl Harness {
                     }
                     if d.rx_reap(w.frame_len, None)? > 0 {
                         d.rx_refill()?;
-                    } else if !d.arm_irq(true, d.rx.last_used)? {
+                    } else if !d.arm_irq(true, d.rx.last_used()) {
                         turn(d)?;
                     }
                 }
@@ -1716,7 +1671,8 @@ impl Harness {
             if self.driver.rx_reap(FRAME_MTU, Some(&mut got))? > 0 {
                 self.driver.rx_refill()?;
             } else {
-                self.driver.wait_irq(true, self.driver.rx.last_used, 100)?;
+                self.driver
+                    .wait_irq(true, self.driver.rx.last_used(), 100)?;
             }
         }
         check_rx_frames(&got, &seqs, plen).map_err(|e| format!("ringvm RX check: {e}"))?;
@@ -1787,7 +1743,7 @@ impl Harness {
         d.c = Counts::default();
         let k0 = KernelSnap::read()?;
         let mut timer = Timer::new(warmup, secs);
-        let qsize = usize::from(d.tx.qsize);
+        let qsize = usize::from(d.tx.qsize());
         loop {
             let closed = timer.result.is_some();
             if !closed {
@@ -1830,7 +1786,7 @@ impl Harness {
             if timer.tick(|| take_snap(d.c, Some(self.vmm.thread()?), Some(peer)))? {
                 break;
             }
-            if got == 0 && !d.wait_irq(true, d.rx.last_used, 10_000)? {
+            if got == 0 && !d.wait_irq(true, d.rx.last_used(), 10_000)? {
                 return Err("no RX interrupt for 10 s while the host was sending".into());
             }
         }
@@ -1840,7 +1796,7 @@ impl Harness {
         loop {
             if d.rx_reap(w.frame_len, None)? > 0 {
                 d.rx_refill()?;
-            } else if !d.wait_irq(true, d.rx.last_used, 100)? {
+            } else if !d.wait_irq(true, d.rx.last_used(), 100)? {
                 break;
             }
         }
@@ -2138,7 +2094,7 @@ struct Context {
 }
 
 const METHOD: &[&str] = &[
-    "Device side: the real `NetIface` (virtio-net `NetDevice` on a real tap, opened by `open_tap` with IFF_TAP|IFF_NO_PI|IFF_VNET_HDR, + the virtio-mmio transport on the MMIO bus) in the real `DeviceLoop`, on its own thread turning one `EventLoop` io_uring ring, as `Vmm::run` does for a booted guest. No KVM.",
+    "Device side: the real virtio-net `NetDevice` on a real tap (opened by `TapDevice::open` with IFF_TAP|IFF_NO_PI|IFF_VNET_HDR) + the virtio-mmio transport on the MMIO bus, in the real generic device slot (`VirtioDevices`), on its own thread turning one `Ring` (io_uring), as `Vmm::run` does for a booted guest. No KVM.",
     "Driver side: a split-virtqueue driver on the main thread, set up through the virtio-mmio v2 registers, negotiating what Linux's virtio_net takes (VERSION_1, EVENT_IDX, INDIRECT_DESC, MAC, STATUS, MRG_RXBUF, CSUM, GUEST_CSUM/TSO4/TSO6/ECN/UFO, HOST_TSO4/TSO6/ECN/UFO). Queues of 256. TX: one descriptor per frame holding the 12-byte virtio_net_hdr_v1 and the frame; all free slots are posted each round, kicks only when vring_need_event says so, and the driver sleeps on the irq eventfd with used_event set 3/4 of the in-flight frames ahead (virtqueue_enable_cb_delayed). RX: 256 posted buffers of 1536 bytes (Linux's mergeable-buffer size for a 1500 MTU), refilled after each harvest, used_event = last seen (interrupt on the next frame). On wake the driver reads and acks InterruptStatus like vm_interrupt.",
     "Network: a private namespace `ringvm-bench-<pid>` (ip netns add; deleted at the end, also on error), IPv6 off, two taps made with `ip tuntap add`: tapb0 169.254.77.1/24 (ringvm's; guest 169.254.77.2) and tapb1 169.254.78.1/24 (the direct program's; peer 169.254.78.2); static permanent neighbour entries for the guest/peer MACs; txqueuelen 1000. Only link-local addresses; nothing leaves the namespace.",
     "TX: UDP frames (checksum 0) from the guest/peer to the tap's own address, port 5001, where a UDP socket is bound and not read: the kernel runs the whole receive path (tap write -> netif_receive_skb -> IP -> UDP socket lookup -> enqueue, or drop with RcvbufErrors once the buffer is full). Frames are counted when the device answers the chain (ringvm) or write(2) returns (direct); the check column compares with the namespace's Udp InDatagrams + RcvbufErrors.",
@@ -2146,7 +2102,7 @@ const METHOD: &[&str] = &[
     "RX: a host UDP socket on the tap's address sends datagrams (sendmmsg, 32 per call) to the guest/peer address; the kernel writes them to the tap with a vnet header (offloads set as the guest negotiated, via TUNSETOFFLOAD; the direct tap gets the same flags). The sender keeps at most 512 datagrams not yet received (below the tap's 1000-frame queue) and sleeps on an eventfd the receiver signals, so it never floods the tap and drops stay near zero; frames counted = frames of the right length and UDP port in guest buffers (ringvm) or from read(2) (direct).",
     "Host limit (direct): the same program, same namespace, same traffic, on tapb1 opened by TapDevice::open (same flags and vnet header size), one plain write(2) per TX frame and one read(2) per RX frame (poll when EAGAIN), on one thread. Each round runs both sides back to back (ringvm first in even rounds, direct first in odd ones) and gives one ratio ringvm packets/s / direct packets/s; the point's ratio is the median over rounds, with min–max beside it. The other columns sum all rounds' measured windows.",
     "VMM CPU: CLOCK_THREAD_CPUTIME of the VMM thread over the measured window / frames. io-wq CPU: schedstat run time of this process's iou-wrk threads over the window (work io_uring punts off the VMM thread; 0 means every tap read/write completed inline). Driver CPU: the synthetic guest's thread (the guest's share, not ringvm's). Sender CPU (RX): the host thread generating the traffic, on both sides.",
-    "VMM syscalls: io_uring_enter calls counted around `EventLoop::turn` (one per turn) + read/write syscalls from /proc/self/task/<tid>/io (syscr+syscw; the VMM thread's only write(2)s are irq eventfd signals). io_uring's own tap reads and writes are not syscalls. The direct side's syscalls are its write/read/poll calls.",
+    "VMM syscalls: io_uring_enter calls counted around `Ring::turn` (one per turn) + read/write syscalls from /proc/self/task/<tid>/io (syscr+syscw; the VMM thread's only write(2)s are irq eventfd signals). io_uring's own tap reads and writes are not syscalls. The direct side's syscalls are its write/read/poll calls.",
     "Gbit/s counts Ethernet frame bytes (header + payload, no FCS, no vnet header). Frame sizes: 64 B (UDP payload 22) and 1514 B (a full 1500-byte-MTU IP packet, UDP payload 1472).",
 ];
 
@@ -2575,4 +2531,13 @@ fn main() -> ExitCode {
         return ExitCode::from(1);
     }
     report::exit("bench-net", run(&args))
+}
+
+/// A MAC as `ip` prints it (any six bytes: the bench's host ends may be
+/// anything the tests chose).
+fn format_mac(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }

@@ -204,6 +204,10 @@ pub fn parse(method: &Method, path: &str, body: &[u8]) -> Result<ApiRequest, Rou
             needs_body(RouteError::EmptyPut)?;
             ApiRequest::PutMetrics(json(body)?)
         }
+        (Method::Put, "entropy", None) => {
+            needs_body(RouteError::EmptyPut)?;
+            ApiRequest::PutEntropy(json(body)?)
+        }
         _ => return Err(invalid()),
     };
     Ok(request)

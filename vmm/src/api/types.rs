@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::config::{BootSource, DriveConfig, NetConfig, VmConfig};
+use crate::config::{BootSource, DriveConfig, EntropyConfig, NetConfig, VmConfig};
 
 /// Firecracker's `huge_pages` machine setting. Accepted and remembered so
 /// a client reads back what it wrote; ringvm backs guest memory with
@@ -251,6 +251,8 @@ pub enum ApiRequest {
     PutLogger(LoggerConfig),
     /// `PUT /metrics`.
     PutMetrics(MetricsConfig),
+    /// `PUT /entropy`.
+    PutEntropy(EntropyConfig),
 }
 
 /// Status and JSON body of one answer. Bodies are JSON text already, so
@@ -338,6 +340,9 @@ pub struct FullVmConfig {
     pub logger: Option<LoggerConfig>,
     /// Metrics settings, if set through the API.
     pub metrics: Option<MetricsConfig>,
+    /// The entropy device, if configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entropy: Option<EntropyConfig>,
 }
 
 /// The settings of [`MachineConfigBody`] that [`VmConfig`] has no place

@@ -36,6 +36,19 @@ pub enum VmError {
     },
 }
 
+impl VmError {
+    /// The documented exit code: KVM missing or lacking a capability is the
+    /// host's state (4); anything else is ringvm's failure (1).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            VmError::KvmUnavailable(_) | VmError::MissingCap(_) => {
+                crate::exit_code::KVM_UNAVAILABLE
+            }
+            _ => crate::exit_code::INTERNAL,
+        }
+    }
+}
+
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
 }

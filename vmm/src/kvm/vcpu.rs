@@ -19,8 +19,8 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 use crate::arch::x86_64::cpuid::{filter_cpuid, CpuTemplate};
 use crate::arch::x86_64::regs::{boot_fpu, boot_msrs, boot_regs, setup_sregs};
 use crate::boot::KernelEntry;
+use crate::kvm::vm::Vm;
 use crate::metrics::VcpuExitCounters;
-use crate::vstate::vm::Vm;
 
 /// Errors setting up a vCPU.
 #[derive(Debug, thiserror::Error)]

@@ -2,7 +2,8 @@
 //!
 //! Every event source the VMM thread owns (eventfds from vCPUs and devices,
 //! ioeventfd kicks, stdin, signals, timers) and every device I/O request is
-//! an operation on this ring, tagged with a [`Token`]. One turn of the loop
+//! an operation on this ring, tagged with a [`Token`] (`token.rs`, the one
+//! list of sources); `slot.rs` serves any virtio device on it. One turn of the loop
 //! is one `io_uring_enter`: it submits what the last turn queued and waits
 //! for at least one completion. The ring is created `SINGLE_ISSUER |
 //! DEFER_TASKRUN` where the kernel has them, so completions are only run
@@ -11,52 +12,18 @@
 use std::io;
 use std::os::fd::RawFd;
 
-use devices::io::{IoOp, IoSubmit, IoSubmitError};
+use devices::io::{IoOp, IoSubmit, IoSubmitError, TAG_MAX};
 use io_uring::{opcode, squeue, types, IoUring};
+
+pub mod slot;
+mod token;
+
+pub use slot::{DeviceSlot, VirtioDevices};
+pub use token::Token;
 
 /// Ring size; completions get twice as many slots so a burst of I/O never
 /// overflows the completion queue.
 pub const RING_ENTRIES: u32 = 256;
-
-/// What a completion belongs to: a source kind, an index within that kind
-/// (e.g. the device number), and a 48-bit tag the owner chose.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Token {
-    /// Which kind of source.
-    pub kind: u8,
-    /// Which one of that kind.
-    pub index: u8,
-    /// The owner's own value (a request slot, a queue number, ...).
-    pub tag: u64,
-}
-
-/// Largest tag a [`Token`] can carry.
-pub const TAG_MAX: u64 = (1 << 48) - 1;
-
-impl Token {
-    /// Makes a token; `tag` is truncated to 48 bits.
-    pub const fn new(kind: u8, index: u8, tag: u64) -> Self {
-        Self {
-            kind,
-            index,
-            tag: tag & TAG_MAX,
-        }
-    }
-
-    /// The `user_data` carried through the ring.
-    pub const fn to_u64(self) -> u64 {
-        ((self.kind as u64) << 56) | ((self.index as u64) << 48) | self.tag
-    }
-
-    /// Recovers a token from a completion's `user_data`.
-    pub const fn from_u64(v: u64) -> Self {
-        Self {
-            kind: (v >> 56) as u8,
-            index: (v >> 48) as u8,
-            tag: v & TAG_MAX,
-        }
-    }
-}
 
 /// One completed operation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,14 +35,12 @@ pub struct Completion {
 }
 
 /// The ring and the count of operations the kernel still holds.
-pub struct EventLoop {
+pub struct Ring {
     ring: IoUring,
     in_flight: usize,
     deferred_taskrun: bool,
     /// The kernel can wait for a batch with a bounded delay (6.12+).
     min_timeout: bool,
-    /// Token kinds whose operations are disk I/O, for batching.
-    batch_kinds: u64,
     /// Disk I/O operations in the kernel.
     batch_in_flight: usize,
 }
@@ -89,16 +54,16 @@ pub const BATCH_THRESHOLD: usize = 4;
 /// completion, so light loads see no added latency.
 pub const BATCH_WAIT_US: u32 = 10;
 
-impl std::fmt::Debug for EventLoop {
+impl std::fmt::Debug for Ring {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EventLoop")
+        f.debug_struct("Ring")
             .field("in_flight", &self.in_flight)
             .field("deferred_taskrun", &self.deferred_taskrun)
             .finish()
     }
 }
 
-impl EventLoop {
+impl Ring {
     /// Creates the ring, with `SINGLE_ISSUER | DEFER_TASKRUN` when the
     /// kernel supports them (6.1+), plain otherwise.
     pub fn new() -> io::Result<Self> {
@@ -125,7 +90,6 @@ impl EventLoop {
             in_flight: 0,
             deferred_taskrun,
             min_timeout,
-            batch_kinds: 0,
             batch_in_flight: 0,
         })
     }
@@ -146,10 +110,10 @@ impl EventLoop {
     /// # Safety
     ///
     /// Every buffer and iovec array `entry` points at must stay valid and
-    /// unmoved until its completion is returned by [`EventLoop::turn`] (or
+    /// unmoved until its completion is returned by [`Ring::turn`] (or
     /// the ring is dropped, which waits for all of them).
     pub unsafe fn push(&mut self, entry: squeue::Entry, token: Token) -> io::Result<()> {
-        let entry = entry.user_data(token.to_u64());
+        let entry = entry.user_data(token.encode());
         loop {
             // SAFETY: the caller guarantees the entry's buffers outlive it.
             let pushed = unsafe { self.ring.submission().push(&entry) };
@@ -172,18 +136,6 @@ impl EventLoop {
         }
     }
 
-    /// Counts operations of token `kind` (below 64) as disk I/O: while
-    /// many are in flight, turns wait briefly to complete them in batches.
-    pub fn batch_kind(&mut self, kind: u8) {
-        if kind < 64 {
-            self.batch_kinds |= 1 << kind;
-        }
-    }
-
-    fn is_batched(&self, token: Token) -> bool {
-        token.kind < 64 && self.batch_kinds & (1 << token.kind) != 0
-    }
-
     /// How many completions the next turn waits for, and how long at most
     /// before it settles for one.
     fn wait_plan(&self) -> Option<(usize, u32)> {
@@ -194,10 +146,12 @@ impl EventLoop {
     }
 
     /// One loop turn: submits everything queued, waits for at least one
-    /// completion (for a batch, briefly, when much disk I/O is in flight),
-    /// and appends all available completions to `out`.
-    pub fn turn(&mut self, out: &mut Vec<Completion>) -> io::Result<()> {
+    /// completion (for a batch, briefly, when much disk I/O is in flight)
+    /// unless `wait` is false (work is pending without any op to wait
+    /// for), and appends all available completions to `out`.
+    pub fn turn(&mut self, out: &mut Vec<Completion>, wait: bool) -> io::Result<()> {
         let entered = match self.wait_plan() {
+            _ if !wait => self.ring.submit(),
             Some((want, wait_us)) => {
                 let args = types::SubmitArgs::new().min_wait_usec(wait_us);
                 self.ring.submitter().submit_with_args(want, &args)
@@ -223,20 +177,17 @@ impl EventLoop {
                 self.in_flight = self.in_flight.saturating_sub(1);
             }
             out.push(Completion {
-                token: Token::from_u64(cqe.user_data()),
+                token: Token::decode(cqe.user_data()),
                 result: cqe.result(),
             });
         }
-        let done = out[first..]
-            .iter()
-            .filter(|c| self.is_batched(c.token))
-            .count();
+        let done = out[first..].iter().filter(|c| c.token.is_batched()).count();
         self.batch_in_flight = self.batch_in_flight.saturating_sub(done);
         Ok(())
     }
 }
 
-impl EventLoop {
+impl Ring {
     /// Arms an 8-byte read of eventfd `fd` into `buf`: its completion says
     /// the counter was non-zero (and resets it), with no extra syscall.
     ///
@@ -256,11 +207,11 @@ impl EventLoop {
     }
 }
 
-impl EventLoop {
+impl Ring {
     /// Asks the kernel to cancel the operation tagged `target`; the
     /// cancel's own completion comes back tagged `token`.
     pub fn cancel(&mut self, target: Token, token: Token) -> io::Result<()> {
-        let entry = opcode::AsyncCancel::new(target.to_u64()).build();
+        let entry = opcode::AsyncCancel::new(target.encode()).build();
         // SAFETY: a cancel points at no buffer.
         unsafe { self.push(entry, token) }
     }
@@ -273,19 +224,24 @@ impl EventLoop {
     }
 }
 
-/// A device's view of the ring: its operations are tagged with its source
-/// kind and index, so their completions find their way back to it.
+/// A device's view of the ring: its operations are tagged with its slot
+/// index, so their completions find their way back to it.
 #[derive(Debug)]
 pub struct DeviceIo<'a> {
-    ring: &'a mut EventLoop,
-    kind: u8,
-    index: u8,
+    ring: &'a mut Ring,
+    device: u8,
+    batched: bool,
 }
 
 impl<'a> DeviceIo<'a> {
-    /// Submissions from device `index` of `kind`.
-    pub fn new(ring: &'a mut EventLoop, kind: u8, index: u8) -> Self {
-        Self { ring, kind, index }
+    /// Submissions from the device in slot `device`; `batched` counts them
+    /// as disk I/O (see [`devices::virtio::VirtioDevice::batch_completions`]).
+    pub fn new(ring: &'a mut Ring, device: u8, batched: bool) -> Self {
+        Self {
+            ring,
+            device,
+            batched,
+        }
     }
 }
 
@@ -335,7 +291,11 @@ impl IoSubmit for DeviceIo<'_> {
         if tag > TAG_MAX {
             return Err(IoSubmitError::BadTag(tag));
         }
-        let token = Token::new(self.kind, self.index, tag);
+        let token = Token::DeviceIo {
+            device: self.device,
+            tag,
+            batched: self.batched,
+        };
         // SAFETY: the device's contract (IoSubmit::submit is unsafe) is that
         // the iovecs and buffers stay valid until this tag completes.
         unsafe { self.ring.push(sqe_for(op), token) }.map_err(|e| {
@@ -345,14 +305,14 @@ impl IoSubmit for DeviceIo<'_> {
                 IoSubmitError::Io(e)
             }
         })?;
-        if self.ring.is_batched(token) {
+        if self.batched {
             self.ring.batch_in_flight += 1;
         }
         Ok(())
     }
 }
 
-impl Drop for EventLoop {
+impl Drop for Ring {
     /// Cancels everything still in the kernel and waits for it, so no
     /// operation can write into a buffer after its owner freed it.
     fn drop(&mut self) {
@@ -390,10 +350,7 @@ mod tests {
 
     #[test]
     fn batching_waits_only_under_load() {
-        let mut ring = EventLoop::new().unwrap();
-        ring.batch_kind(7);
-        assert!(ring.is_batched(Token::new(7, 0, 1)));
-        assert!(!ring.is_batched(Token::new(8, 0, 1)));
+        let mut ring = Ring::new().unwrap();
         ring.batch_in_flight = BATCH_THRESHOLD - 1;
         assert_eq!(
             ring.wait_plan(),
@@ -409,26 +366,19 @@ mod tests {
     }
 
     #[test]
-    fn tokens_round_trip() {
-        let t = Token::new(3, 200, 0xdead_beef_cafe);
-        assert_eq!(Token::from_u64(t.to_u64()), t);
-        assert_eq!(Token::new(1, 1, u64::MAX).tag, TAG_MAX);
-    }
-
-    #[test]
     fn an_eventfd_read_completes_with_its_token() {
-        let mut ring = EventLoop::new().unwrap();
+        let mut ring = Ring::new().unwrap();
         let evt = EventFd::new(0).unwrap();
         let mut buf = [0u8; 8];
         let read = opcode::Read::new(types::Fd(evt_fd(&evt)), buf.as_mut_ptr(), 8).build();
         // SAFETY: `buf` outlives the operation: we wait for its completion below.
-        unsafe { ring.push(read, Token::new(1, 2, 3)) }.unwrap();
+        unsafe { ring.push(read, Token::Stdin) }.unwrap();
         evt.write(5).unwrap();
         let mut out = Vec::new();
         while out.is_empty() {
-            ring.turn(&mut out).unwrap();
+            ring.turn(&mut out, true).unwrap();
         }
-        assert_eq!(out[0].token, Token::new(1, 2, 3));
+        assert_eq!(out[0].token, Token::Stdin);
         assert_eq!(out[0].result, 8);
         assert_eq!(u64::from_ne_bytes(buf), 5);
         assert_eq!(ring.in_flight(), 0);
@@ -436,19 +386,19 @@ mod tests {
 
     #[test]
     fn dropping_the_ring_cancels_pending_reads() {
-        let mut ring = EventLoop::new().unwrap();
+        let mut ring = Ring::new().unwrap();
         let evt = EventFd::new(0).unwrap();
         let mut buf = [0u8; 8];
         let read = opcode::Read::new(types::Fd(evt_fd(&evt)), buf.as_mut_ptr(), 8).build();
         // SAFETY: the ring is dropped (and waits for the cancel) before `buf`.
-        unsafe { ring.push(read, Token::new(1, 0, 0)) }.unwrap();
+        unsafe { ring.push(read, Token::Stdin) }.unwrap();
         let mut out = Vec::new();
         // Submit without blocking forever: a timeout completes the turn.
         let ts = types::Timespec::new().nsec(1_000_000);
         let timeout = opcode::Timeout::new(&ts).build();
         // SAFETY: `ts` outlives the turn below, which completes the timeout.
-        unsafe { ring.push(timeout, Token::new(2, 0, 0)) }.unwrap();
-        ring.turn(&mut out).unwrap();
+        unsafe { ring.push(timeout, Token::HaltProbe) }.unwrap();
+        ring.turn(&mut out, true).unwrap();
         assert_eq!(ring.in_flight(), 1);
         drop(ring);
     }

@@ -11,11 +11,11 @@ use std::sync::atomic::AtomicU32;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::layout::{BOOT_TIMER_START, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
-use crate::vstate::vm::{Vm, VmError};
+use crate::kvm::vm::{Vm, VmError};
 use devices::bus::SharedDevice;
-use devices::virtio::mmio::TransportEvents;
+use devices::virtio::mmio::{TransportEvents, TRANSPORT_QUEUE_DEPTH};
 use devices::virtio::{MmioTransport, TransportEvent, VirtioDeviceInfo, NOTIFY_REG_OFFSET};
-use std::sync::mpsc::{channel, Receiver};
+use std::sync::mpsc::{sync_channel, Receiver};
 
 /// COM1's ports and IRQ.
 pub const COM1_PORT: u64 = 0x3f8;
@@ -174,7 +174,7 @@ impl DeviceManager {
         }
         let wake = new_eventfd()?;
         let clone = |e: &EventFd| e.try_clone().map_err(DeviceError::EventFd);
-        let (sender, messages) = channel();
+        let (sender, messages) = sync_channel(TRANSPORT_QUEUE_DEPTH);
         let events = TransportEvents {
             sender,
             wake: clone(&wake)?,
