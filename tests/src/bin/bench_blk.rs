@@ -113,6 +113,12 @@ struct Args {
     /// Skip the on-disk file opened with O_DIRECT (by ringvm and fio).
     #[arg(long)]
     no_direct: bool,
+    /// At QD >= 32, also run fio with --force_async=1 (IOSQE_ASYNC on every
+    /// request) in each round: where io_uring punts requests to io-wq
+    /// anyway (tmpfs, buffered ext4 writes), that is the host's limit, not
+    /// fio's default.
+    #[arg(long)]
+    async_reference: bool,
     /// Run only the points whose "<file> <workload> QD<n>" label contains
     /// this text (e.g. "disk randwrite 4k QD32"); for investigating.
     #[arg(long)]
@@ -724,8 +730,25 @@ fn fio_version() -> Res<String> {
     }
 }
 
-fn run_fio(file: &Path, direct: bool, w: &Workload, warmup: f64, secs: f64) -> Res<FioResult> {
-    let args = vec![
+/// How fio hands its requests to io_uring.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FioMode {
+    /// fio's default: each request first tried inline.
+    Default,
+    /// `--force_async=1`: every request with IOSQE_ASYNC, straight to
+    /// io-wq workers (skips the inline attempt, several workers at once).
+    Async,
+}
+
+fn run_fio(
+    file: &Path,
+    direct: bool,
+    w: &Workload,
+    warmup: f64,
+    secs: f64,
+    mode: FioMode,
+) -> Res<FioResult> {
+    let mut args = vec![
         "--name=host".to_string(),
         "--ioengine=io_uring".into(),
         format!("--filename={}", file.display()),
@@ -742,6 +765,9 @@ fn run_fio(file: &Path, direct: bool, w: &Workload, warmup: f64, secs: f64) -> R
         format!("--runtime={}ms", (secs * 1000.0).round() as u64),
         "--output-format=json".into(),
     ];
+    if mode == FioMode::Async {
+        args.push("--force_async=1".into());
+    }
     let command = format!("fio {}", args.join(" "));
     let out = Command::new("fio")
         .args(&args)
@@ -846,6 +872,8 @@ fn settle(path: &Path) -> Res<()> {
 struct Reference {
     fio: FioResult,
     rtt_s: Option<f64>,
+    /// With --async-reference at QD >= 32: fio again with IOSQE_ASYNC.
+    fio_async: Option<FioResult>,
 }
 
 /// The QD1 floor target: ringvm's latency within 1.2x of the floor's.
@@ -933,6 +961,33 @@ impl Row {
             }),
             note: None,
         }
+    }
+
+    /// With --async-reference: ringvm against fio with IOSQE_ASYNC on every
+    /// request, round by round (no target: it shows where the host's limit
+    /// lies when io-wq workers run requests in parallel).
+    fn async_point(&self) -> Option<Point> {
+        let rounds: Vec<PointRound> = self
+            .rounds
+            .iter()
+            .filter_map(|r| {
+                r.reference.fio_async.as_ref().map(|f| PointRound {
+                    ringvm: self.value(&r.ringvm),
+                    reference: self.fio_value(f),
+                    others_cpus: r.others_cpus,
+                })
+            })
+            .collect();
+        (!rounds.is_empty()).then(|| Point {
+            bench: "blk".into(),
+            key: format!("{} vs fio async", self.key()),
+            unit: self.unit().into(),
+            reference: "fio io_uring --force_async=1".into(),
+            better: Better::Higher,
+            rounds,
+            target: None,
+            note: None,
+        })
     }
 
     /// At QD1: ringvm against the floor (fio's latency plus one eventfd
@@ -1049,6 +1104,7 @@ const METHOD: &[&str] = &[
     "Driver side: a split-virtqueue driver on the main thread (queue size 256, VERSION_1 + EVENT_IDX + INDIRECT_DESC, one indirect 3-descriptor chain per request: 16-byte header, data, 1-byte status), set up through the virtio-mmio v2 registers. It kicks by writing the doorbell eventfd (KVM's ioeventfd) only when vring_need_event says so, and sleeps on the irq eventfd (KVM's irqfd) only when it has nothing to submit or reap, after re-arming used_event; on wake it reads and acks InterruptStatus like Linux's vm_interrupt.",
     "Files: 1 GiB (default) of non-zero data. `tmpfs` and `disk`: buffered I/O through the host page cache for both ringvm and fio (drive opened without O_DIRECT; fio --direct=0 --invalidate=0); `disk-direct`: the same on-disk file opened with O_DIRECT by both (ringvm's direct=on, fio --direct=1). The file is fdatasync'ed before every run so dirty pages of a previous write run do not carry over.",
     "Host limit: fio --ioengine=io_uring, numjobs=1, same file, same rw/bs/iodepth, --norandommap, same warm-up (--ramp_time) and duration. Rounds: each round runs ringvm and fio back to back (ringvm first in even rounds, fio first in odd ones) and gives one ratio ringvm / fio; the point's ratio is the median over rounds, with min–max and IQR beside it, so one round hit by a neighbour's burst does not move it.",
+    "With --async-reference, QD >= 32 rounds also run fio --force_async=1 (IOSQE_ASYNC on every SQE): where io_uring would punt the request to io-wq anyway (tmpfs; buffered ext4 writes), this skips the failed inline attempt on the submitting thread and lets several io-wq workers run at once, so it is the host's higher limit there (and a lower one where requests complete inline, e.g. ext4 page-cache reads).",
     "QD1 floor: after fio's QD1 run in each round, two threads bounce an eventfd (each blocking in read(2)) for --floor-seconds; floor rate = 1 / (1/fio rate + one round trip). That is what ringvm's QD1 path cannot avoid on top of the I/O: the doorbell wakes the VMM thread, the interrupt wakes the driver. Target: ringvm within 1.2x of the floor's latency, i.e. ratio ringvm / floor >= 0.83.",
     "ringvm figures per point (rate, CPU, syscalls, breakdown): all rounds' measured windows summed, so rates are requests over seconds of all rounds; the ratio columns are the per-round medians.",
     "VMM CPU: CLOCK_THREAD_CPUTIME of the VMM thread (pthread_getcpuclockid) over the measured window, divided by requests completed in it. Work io_uring hands to io-wq kernel workers (e.g. buffered writes that cannot complete inline) is not in that thread's time; fio's figure is (usr_cpu+sys_cpu) x runtime / ios of its job thread, with the same blind spot.",
@@ -1154,6 +1210,36 @@ fn markdown(rows: &[Row], ctx: &Context, args: &Args) -> String {
             );
         }
     }
+    let asyncs: Vec<(&Row, Point)> = rows
+        .iter()
+        .filter_map(|r| r.async_point().map(|p| (r, p)))
+        .collect();
+    if !asyncs.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n## Against fio with IOSQE_ASYNC on every request (--force_async=1), same rounds\n"
+        );
+        let _ = writeln!(
+            s,
+            "| file | workload | QD | ringvm | fio default | fio force_async | ringvm / fio force_async (median) | min–max |"
+        );
+        let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---|");
+        for (r, p) in asyncs {
+            let (ratio, range) = fmt_spread(p.ratio());
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                r.file_kind,
+                r.w.label(),
+                r.w.qd,
+                r.fmt_value(r.ringvm_median()),
+                r.fmt_value(r.fio_median()),
+                r.fmt_value(p.reference_spread().map_or(f64::NAN, |x| x.median)),
+                ratio,
+                range,
+            );
+        }
+    }
     let _ = writeln!(
         s,
         "\n## Where the VMM thread's syscalls and wake-ups go (per request)\n"
@@ -1222,7 +1308,11 @@ fn markdown(rows: &[Row], ctx: &Context, args: &Args) -> String {
 
 fn points(rows: &[Row]) -> Vec<Point> {
     rows.iter()
-        .flat_map(|r| std::iter::once(r.point()).chain(r.floor_point()))
+        .flat_map(|r| {
+            std::iter::once(r.point())
+                .chain(r.floor_point())
+                .chain(r.async_point())
+        })
         .collect()
 }
 
@@ -1277,6 +1367,11 @@ fn json_report(rows: &[Row], ctx: &Context, args: &Args) -> Value {
                         "cpu_us_per_req": x.reference.fio.cpu_us_per_req,
                     },
                     "eventfd_round_trip_us": x.reference.rtt_s.map(|s| s * 1e6),
+                    "fio_force_async": x.reference.fio_async.as_ref().map(|f| json!({
+                        "iops": f.iops,
+                        "mib_s": f.mib_s,
+                        "cpu_us_per_req": f.cpu_us_per_req,
+                    })),
                 })).collect::<Vec<_>>(),
             })
         })
@@ -1461,7 +1556,27 @@ fn run(args: &Args) -> Res<()> {
                         },
                         |_| {
                             settle(&f.path)?;
-                            let fio = run_fio(&f.path, f.direct, &w, args.warmup, args.seconds)?;
+                            let fio = run_fio(
+                                &f.path,
+                                f.direct,
+                                &w,
+                                args.warmup,
+                                args.seconds,
+                                FioMode::Default,
+                            )?;
+                            let fio_async = if args.async_reference && w.qd >= 32 {
+                                settle(&f.path)?;
+                                Some(run_fio(
+                                    &f.path,
+                                    f.direct,
+                                    &w,
+                                    args.warmup,
+                                    args.seconds,
+                                    FioMode::Async,
+                                )?)
+                            } else {
+                                None
+                            };
                             let rtt_s = if w.qd == 1 {
                                 Some(eventfd_round_trip(Duration::from_secs_f64(
                                     args.floor_seconds,
@@ -1469,7 +1584,11 @@ fn run(args: &Args) -> Res<()> {
                             } else {
                                 None
                             };
-                            Ok(Reference { fio, rtt_s })
+                            Ok(Reference {
+                                fio,
+                                rtt_s,
+                                fio_async,
+                            })
                         },
                     )?;
                     let row = Row::new(f.kind, w, rounds);
