@@ -109,7 +109,7 @@ bench-net: deps
 
 # ringvm against QEMU's microvm on the same kernel and command line: start
 # -> first KVM_RUN and -> API socket (BENCH_BOOT_ROUNDS startups), VMM
-# memory and CPU over a boot (BENCH_BOOT_BOOTS boots of both at once, a
+# memory and CPU over a boot (BENCH_BOOT_BOOTS boots of each, in turn, a
 # minute or more each here); writes target/bench/boot.{json,md}.
 BENCH_BOOT_ROUNDS ?= 8
 BENCH_BOOT_BOOTS ?= 1

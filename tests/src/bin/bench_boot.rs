@@ -19,8 +19,10 @@
 //!
 //! The first two are cheap: `--rounds` startups alternate ringvm and QEMU,
 //! each stopped once both figures are in. The last two need a booted guest
-//! (a minute or more in the emulator), so `--boot-rounds` boots start both
-//! VMMs at the same moment: they share whatever load the machine has.
+//! (a minute or more in the emulator), so there are `--boot-rounds` of
+//! them (default 1), again ringvm and QEMU in turn. (Booting both at once
+//! was tried: on this loaded 2-CPU host both guests then stalled in the
+//! same place of the kernel's boot for 10 minutes.)
 
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -31,7 +33,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use ringvm_tests::bench::host::{HostCpu, HostInfo, Own};
+use ringvm_tests::bench::host::{HostInfo, Own};
 use ringvm_tests::bench::interleave::{interleave, Round};
 use ringvm_tests::bench::points::{Better, Point, PointRound, Target};
 use ringvm_tests::bench::procfs::{read_cpu, read_memory, MemKib, Memory};
@@ -50,8 +52,8 @@ struct Args {
     /// order alternating): start → first KVM_RUN and → API socket.
     #[arg(long, default_value_t = 8)]
     rounds: u32,
-    /// Boot rounds (both VMMs boot the guest at the same time, to init):
-    /// memory and VMM CPU. Each takes a minute or more here.
+    /// Boot rounds (ringvm and QEMU each boot the guest to init, in turn):
+    /// memory and VMM CPU. Each boot takes a minute or more here.
     #[arg(long, default_value_t = 1)]
     boot_rounds: u32,
     /// Give up on a boot after this many seconds.
@@ -407,59 +409,30 @@ struct Boot {
     threads: Vec<(String, f64)>,
 }
 
-/// Boots ringvm and QEMU at the same time and measures each when its own
-/// guest prints [`BOOTED`].
-fn boot_pair(setup: &Setup, round: u32, timeout: Duration) -> Res<(Boot, Boot)> {
-    let mut vms = [
-        start(setup, Side::Ringvm, &format!("b{round}"))?,
-        start(setup, Side::Qemu, &format!("b{round}"))?,
-    ];
-    let mut got: [Option<Boot>; 2] = [None, None];
+/// Boots `side` to the guest's init and measures it when its guest
+/// prints [`BOOTED`].
+fn boot_one(setup: &Setup, side: Side, round: u32, timeout: Duration) -> Res<Boot> {
+    let mut vm = start(setup, side, &format!("b{round}"))?;
     let deadline = Instant::now() + timeout;
-    let mut outcome = Ok(());
-    while got.iter().any(Option::is_none) {
-        for (vm, slot) in vms.iter_mut().zip(got.iter_mut()) {
-            if slot.is_some() {
-                continue;
-            }
-            if let Some(t) = vm.poll_console(BOOTED) {
-                match measure_booted(setup, vm, t) {
-                    Ok(b) => *slot = Some(b),
-                    Err(e) => outcome = Err(e),
-                }
-            } else if let Err(e) = vm.check_alive() {
-                outcome = Err(e);
-            }
+    let outcome = loop {
+        if let Some(t) = vm.poll_console(BOOTED) {
+            break measure_booted(setup, &vm, t);
         }
-        if outcome.is_err() {
-            break;
+        if let Err(e) = vm.check_alive() {
+            break Err(e);
         }
         if Instant::now() > deadline {
-            outcome = Err(format!(
-                "no '{BOOTED}' within {} s from {}",
+            break Err(format!(
+                "{}: no '{BOOTED}' within {} s (last console lines: {:?})",
+                side.name(),
                 timeout.as_secs(),
-                vms.iter()
-                    .zip(&got)
-                    .filter(|(_, g)| g.is_none())
-                    .map(|(v, _)| format!(
-                        "{} (last console lines: {:?})",
-                        v.side.name(),
-                        v.seen.iter().rev().take(3).rev().collect::<Vec<_>>()
-                    ))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                vm.seen.iter().rev().take(3).rev().collect::<Vec<_>>()
             ));
-            break;
         }
         std::thread::sleep(Duration::from_millis(20));
-    }
-    let [a, b] = vms;
-    let (ea, eb) = (a.stop(), b.stop());
-    outcome.map_err(|e| format!("{e}\nringvm stderr: {ea}\nQEMU stderr: {eb}"))?;
-    let [Some(r), Some(q)] = got else {
-        return Err("a boot ended without figures".into());
     };
-    Ok((r, q))
+    let stderr = vm.stop();
+    outcome.map_err(|e| format!("{e}\n{} stderr: {stderr}", side.name()))
 }
 
 fn measure_booted(setup: &Setup, vm: &Started, at: f64) -> Res<Boot> {
@@ -673,7 +646,7 @@ fn points(starts: &[Round<Startup, Startup>], boots: &[Round<Boot, Boot>]) -> Ve
                     })
                     .collect(),
                 None,
-                Some("guest time in KVM's instruction emulator, both booted at once: context, not a VMM figure".into()),
+                Some("guest time in KVM's instruction emulator: context, not a VMM figure".into()),
             ),
         ]);
     }
@@ -685,13 +658,13 @@ const METHOD: &[&str] = &[
     "start: CLOCK_MONOTONIC just before the benchmark spawns the process (fork + exec included, as a user sees it).",
     "first KVM_RUN: an LD_PRELOAD probe (tests/probe/first_kvm_run.c, built with cc) wraps glibc's ioctl() in both VMMs and stamps CLOCK_MONOTONIC at the first KVM_RUN: one compare per ioctl, no tracer. For QEMU that is its firmware's (qboot's) first instruction; for ringvm, the kernel's entry.",
     "API socket: polled every 0.5 ms from the benchmark; ready when ringvm answers `GET /` with 200 or QEMU sends its QMP greeting. Startup rounds alternate which VMM starts first; each VMM is killed once both figures are in.",
-    "Booted: the guest's /init prints `GUEST: init start`; at that moment /proc/PID/smaps is read (RSS, PSS, USS = Private_Clean + Private_Dirty) and the one anonymous writable mapping the size of guest RAM (+ up to 8 MiB alignment) is subtracted; VMM CPU = CPU time of every thread except the vCPUs (ringvm `vcpuN`, QEMU `CPU N/KVM`; schedstat), plus whatever exited threads used (process utime+stime minus the live threads). Boot rounds start ringvm and QEMU at the same moment, so both see the same load.",
+    "Booted: the guest's /init prints `GUEST: init start`; at that moment /proc/PID/smaps is read (RSS, PSS, USS = Private_Clean + Private_Dirty) and the one anonymous writable mapping the size of guest RAM (+ up to 8 MiB alignment) is subtracted; VMM CPU = CPU time of every thread except the vCPUs (ringvm `vcpuN`, QEMU `CPU N/KVM`; schedstat), plus whatever exited threads used (process utime+stime minus the live threads). Boot rounds boot ringvm and QEMU in turn (the order alternating between rounds), each alone with the machine's other load.",
     "Firecracker (issue 14, v1.16.1 on this machine, ratios ringvm / Firecracker): start → API socket 0.72x, start → first KVM_RUN ≈0.83x, USS idle 0.74x, RSS idle 1.50x (shared glibc), booted RSS − guest RAM 1.26x. Not re-measured here: its build takes ~10 minutes (see /work/shared/peers/README.md); only its 2 MiB private memory per VM is a target row.",
 ];
 
 fn settings(args: &Args, setup: &Setup, qemu_version: &str, host: &HostInfo) -> String {
     format!(
-        "Kernel {}, {} x {}. {qemu_version}. {} startup rounds (alternating), {} boot round(s) (both at once). Guest: {} MiB, 1 vCPU, command line `{}`{}. Load average at the start: {}.",
+        "Kernel {}, {} x {}. {qemu_version}. {} startup rounds (alternating), {} boot round(s) (in turn). Guest: {} MiB, 1 vCPU, command line `{}`{}. Load average at the start: {}.",
         host.kernel,
         host.cpus,
         host.cpu,
@@ -826,7 +799,12 @@ fn run(args: &Args) -> Res<()> {
     }
     let qemu_version = qemu_version(&args.qemu)?;
     let out_dir = report::out_dir(args.out.as_deref())?;
-    let scratch = std::env::temp_dir().join(format!("ringvm-bench-boot-{}", std::process::id()));
+    // Root-image copies and sockets: in memory where there is a tmpfs, so
+    // the starts do not wait on the disk.
+    let tmp = Some(PathBuf::from("/dev/shm"))
+        .filter(|p| p.is_dir())
+        .unwrap_or_else(std::env::temp_dir);
+    let scratch = tmp.join(format!("ringvm-bench-boot-{}", std::process::id()));
     std::fs::create_dir_all(&scratch)
         .map_err(|e| format!("cannot create {}: {e}", scratch.display()))?;
     let outcome = (|| {
@@ -865,27 +843,27 @@ fn run(args: &Args) -> Res<()> {
                 r.reference.api_ready_s * 1e3
             );
         }
-        let mut boots = Vec::new();
-        for round in 0..args.boot_rounds {
-            eprintln!("bench-boot: boot round {round}: both VMMs boot to init (a minute or more)");
-            let before = HostCpu::sample(Own::ProcessAndChildren)?;
-            let (r, q) = boot_pair(&setup, round, Duration::from_secs(args.boot_timeout))?;
-            let others_cpus = HostCpu::sample(Own::ProcessAndChildren)?.others_since(&before);
+        eprintln!(
+            "bench-boot: {} boot round(s): each VMM boots the guest to init in turn (a minute or more each here)",
+            args.boot_rounds
+        );
+        let timeout = Duration::from_secs(args.boot_timeout);
+        let boots = interleave(
+            args.boot_rounds,
+            Own::ProcessAndChildren,
+            |r| boot_one(&setup, Side::Ringvm, r, timeout),
+            |r| boot_one(&setup, Side::Qemu, r, timeout),
+        )?;
+        for (i, r) in boots.iter().enumerate() {
             eprintln!(
-                "  boot {round}: init after {:.1} / {:.1} s; USS − guest RAM {} / {} KiB; VMM CPU {:.1} / {:.1} ms (ringvm / QEMU)",
-                r.booted_s,
-                q.booted_s,
-                r.memory.vmm().uss,
-                q.memory.vmm().uss,
-                r.vmm_cpu_s * 1e3,
-                q.vmm_cpu_s * 1e3
+                "  boot {i}: init after {:.1} / {:.1} s; USS − guest RAM {} / {} KiB; VMM CPU {:.1} / {:.1} ms (ringvm / QEMU)",
+                r.ringvm.booted_s,
+                r.reference.booted_s,
+                r.ringvm.memory.vmm().uss,
+                r.reference.memory.vmm().uss,
+                r.ringvm.vmm_cpu_s * 1e3,
+                r.reference.vmm_cpu_s * 1e3
             );
-            boots.push(Round {
-                ringvm: r,
-                reference: q,
-                ringvm_first: true,
-                others_cpus,
-            });
         }
         let pts = points(&starts, &boots);
         let settings = settings(args, &setup, &qemu_version, &host);
