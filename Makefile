@@ -15,9 +15,16 @@ RINGVM := $(CURDIR)/target/release/ringvm
 # Debian packages: the guest kernel build, its root filesystem, and tools
 # the tests use.
 APT_PACKAGES := linux-source-6.1 build-essential bc bison flex libelf-dev \
-	libssl-dev busybox-static e2fsprogs cpio lz4 xz-utils iproute2 fio curl
+	libssl-dev busybox-static e2fsprogs cpio lz4 xz-utils iproute2 fio curl \
+	python3-matplotlib
+# What only the benchmarks need: callgrind (bench-callgrind) and QEMU, the
+# reference of bench-boot. (python3-matplotlib, for report.png, is above:
+# the report code's unit test draws a plot too.)
+BENCH_APT_PACKAGES := valgrind qemu-system-x86
 
-.PHONY: all deps build guest testguest runner-root broken run test unit-test integration-test api-conformance lint clean bench bench-blk bench-net fuzz fuzz-check fuzz-deps
+.PHONY: all deps bench-deps build guest testguest runner-root broken run test unit-test integration-test \
+	api-conformance lint clean bench bench-blk bench-net bench-boot bench-callgrind bench-report \
+	fuzz fuzz-check fuzz-deps
 
 all: build
 
@@ -90,20 +97,63 @@ api-conformance: deps build
 
 test: deps lint unit-test fuzz-check integration-test api-conformance
 
+bench-deps: deps
+	@missing=$$(for p in $(BENCH_APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "[bench-deps] apt-get install $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+# Every benchmark point runs ringvm and its reference in BENCH_ROUNDS rounds
+# (back to back, the order alternating) and reports the median ratio and
+# its spread; BENCH_SECONDS is each side's measured time per round.
+BENCH_ROUNDS ?= 3
+BENCH_SECONDS ?= 1
+BENCH_CARGO := $(CARGO) run --release --locked -q -p ringvm-tests --bin
+
 # virtio-blk data path (synthetic driver, real device + VMM loop, no KVM)
-# against fio io_uring on the same files; writes target/bench/blk.{json,md}.
-# Extra flags: make bench-blk BENCH_ARGS="--seconds 3 --repeats 1"
+# against fio io_uring on the same files (tmpfs, ext4, ext4 O_DIRECT);
+# writes target/bench/blk.{json,md}. Extra flags: BENCH_ARGS="--only QD32".
 bench-blk: deps
-	$(CARGO) run --release --locked -p ringvm-tests --bin bench_blk -- $(BENCH_ARGS)
+	$(BENCH_CARGO) bench_blk -- --rounds $(BENCH_ROUNDS) --seconds $(BENCH_SECONDS) $(BENCH_ARGS)
 
 # virtio-net data path (synthetic driver, real device + VMM loop + real taps
 # in a private network namespace, no KVM) against the same traffic on a tap
 # read and written directly; writes target/bench/net.{json,md}. Needs root.
-# Extra flags: make bench-net BENCH_NET_ARGS="--seconds 1 --repeats 1"
+# Extra flags: BENCH_NET_ARGS="--only 1514".
 bench-net: deps
-	$(CARGO) run --release --locked -p ringvm-tests --bin bench_net -- $(BENCH_NET_ARGS)
+	$(BENCH_CARGO) bench_net -- --rounds $(BENCH_ROUNDS) --seconds $(BENCH_SECONDS) $(BENCH_NET_ARGS)
 
-bench: bench-blk bench-net
+# ringvm against QEMU's microvm on the same kernel and command line: start
+# -> first KVM_RUN and -> API socket (BENCH_BOOT_ROUNDS startups), VMM
+# memory and CPU over a boot (BENCH_BOOT_BOOTS boots of each, in turn, a
+# minute or more each here); writes target/bench/boot.{json,md}.
+BENCH_BOOT_ROUNDS ?= 8
+BENCH_BOOT_BOOTS ?= 1
+bench-boot: build guest bench-deps
+	$(BENCH_CARGO) bench_boot -- --rounds $(BENCH_BOOT_ROUNDS) --boot-rounds $(BENCH_BOOT_BOOTS) $(BENCH_BOOT_ARGS)
+
+# The VMM's instructions per request under callgrind on short fixed
+# workloads (noise-free), beside the previous run's figures; writes
+# target/bench/callgrind.{json,md} and the profiles in target/bench/callgrind/.
+bench-callgrind: bench-deps
+	$(CARGO) build --release --locked -q -p ringvm-tests --bins
+	$(CURDIR)/target/release/bench_callgrind $(BENCH_CALLGRIND_ARGS)
+
+# One report of everything above: target/bench/report.{md,json,png}.
+bench-report: deps
+	$(BENCH_CARGO) bench_report
+
+# All benchmarks, then the report (written even when one failed; make
+# fails afterwards). The previous results are removed first so none is
+# reported stale, except callgrind.json, whose figures the next run shows
+# as "previous".
+bench: bench-deps build guest
+	@rm -f $(addprefix target/bench/,blk.json blk.md net.json net.md boot.json boot.md report.md report.json report.png)
+	@status=0; for t in bench-blk bench-net bench-boot bench-callgrind; do \
+		$(MAKE) --no-print-directory $$t || { echo "[bench] $$t FAILED"; status=1; }; \
+	done; \
+	$(MAKE) --no-print-directory bench-report; exit $$status
 
 # Fuzzing: fuzz/ is a cargo-fuzz crate (libFuzzer, nightly toolchain), kept
 # out of the workspace. Builds are cached outside the clone, so a fresh CI
