@@ -253,6 +253,15 @@ impl<T> InFlight<T> {
         self.heads.fill(false);
     }
 
+    /// What every op still in the kernel (live or orphaned) recorded; a
+    /// scan of the bounded table, for rare questions (a FLUSH's barrier).
+    pub fn pending(&self) -> impl Iterator<Item = &T> + '_ {
+        self.slots.iter().filter_map(|s| match &s.state {
+            SlotState::Busy { pending, .. } | SlotState::Orphaned { pending } => Some(pending),
+            SlotState::Free => None,
+        })
+    }
+
     /// Tags of orphaned ops, for a caller that must cancel them.
     pub fn orphaned_tags(&self) -> impl Iterator<Item = u64> + '_ {
         self.slots

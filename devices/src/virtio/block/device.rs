@@ -151,8 +151,6 @@ pub struct BlockDevice {
     inflight: InFlight<BlockPending>,
     /// Sequence number the next write gets.
     next_write_seq: u64,
-    /// Writes in the kernel, by sequence number (at most a queue's worth).
-    writes_in_flight: std::collections::BTreeSet<u64>,
     /// FLUSHes waiting for earlier writes, oldest first (at most a queue's
     /// worth: each holds a chain).
     parked_flushes: std::collections::VecDeque<ParkedFlush>,
@@ -204,7 +202,6 @@ impl BlockDevice {
             generation: Generation::default(),
             inflight: InFlight::new(REQUEST_QUEUE as u8, QUEUE_MAX_SIZE),
             next_write_seq: 0,
-            writes_in_flight: std::collections::BTreeSet::new(),
             parked_flushes: std::collections::VecDeque::new(),
             counters: BlockCounters::default(),
             log: GuestLog::new("virtio-blk"),
@@ -415,7 +412,6 @@ impl BlockDevice {
                 let write_seq = pending.kind.writes().then(|| {
                     let seq = self.next_write_seq;
                     self.next_write_seq += 1;
-                    self.writes_in_flight.insert(seq);
                     seq
                 });
                 self.inflight.commit(
@@ -442,11 +438,13 @@ impl BlockDevice {
     }
 
     /// Whether a FLUSH with this barrier must wait: a write submitted
-    /// before it is still in the kernel.
+    /// before it is still in the kernel. A scan of the in-flight table
+    /// (bounded by the queue size), made only when a FLUSH arrives or one
+    /// is parked, so writes themselves pay nothing for the barrier.
     fn must_wait(&self, barrier: u64) -> bool {
-        self.writes_in_flight
-            .first()
-            .is_some_and(|&oldest| oldest < barrier)
+        self.inflight
+            .pending()
+            .any(|p| p.write_seq.is_some_and(|seq| seq < barrier))
     }
 
     /// Submits the parked FLUSHes whose earlier writes have all completed,
@@ -741,13 +739,12 @@ impl<M: GuestMemory> VirtioDevice<M> for BlockDevice {
         if let Some(d) = self.disk_mut(pending.epoch) {
             d.ops = d.ops.saturating_sub(1);
         }
-        if let Some(seq) = pending.write_seq {
-            self.writes_in_flight.remove(&seq);
-        }
         if let Some(head) = head {
             self.finish(head, pending, res, mem, io);
         }
-        self.release_flushes(mem, io);
+        if !self.parked_flushes.is_empty() {
+            self.release_flushes(mem, io);
+        }
         self.release_retired();
     }
 
