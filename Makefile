@@ -17,7 +17,7 @@ RINGVM := $(CURDIR)/target/release/ringvm
 APT_PACKAGES := linux-source-6.1 build-essential bc bison flex libelf-dev \
 	libssl-dev busybox-static e2fsprogs cpio lz4 xz-utils iproute2 fio curl
 
-.PHONY: all deps build guest testguest runner-root broken run test unit-test integration-test lint clean bench bench-blk bench-net
+.PHONY: all deps build guest testguest runner-root broken run test unit-test integration-test lint clean bench bench-blk bench-net bench-p9
 
 all: build
 
@@ -91,7 +91,15 @@ bench-blk: deps
 bench-net: deps
 	$(CARGO) run --release --locked -p ringvm-tests --bin bench_net -- $(BENCH_NET_ARGS)
 
-bench: bench-blk bench-net
+# virtio-9p (synthetic 9P client, real device + VMM loop, no KVM) against
+# pread/statx on the same files, and `ringvm -- CMD`'s time to its first
+# output line (KVM); writes target/bench/p9.{json,md}.
+# Extra flags: make bench-p9 BENCH_P9_ARGS="--seconds 1 --no-boot"
+bench-p9: deps build guest runner-root
+	RINGVM_BIN=$(RINGVM) RINGVM_GUEST_DIR=$(GUEST_DIR) \
+		$(CARGO) run --release --locked -p ringvm-tests --bin bench_p9 -- $(BENCH_P9_ARGS)
+
+bench: bench-blk bench-net bench-p9
 
 clean:
 	$(CARGO) clean
