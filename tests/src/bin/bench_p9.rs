@@ -488,7 +488,28 @@ fn run(args: &Args) -> Res<()> {
         "\n## Time from `ringvm` to the command's first output line\n"
     );
     for b in &boot {
-        let _ = writeln!(md, "- {b}");
+        let line = match (
+            b.get("case"),
+            b.get("seconds"),
+            b.get("skipped"),
+            b.get("error"),
+        ) {
+            (Some(c), Some(secs), _, _) => format!(
+                "{}: {:.1} s (exit {}, printed {})",
+                c.as_str().unwrap_or_default(),
+                secs.as_f64().unwrap_or_default(),
+                b.get("exit").map(Value::to_string).unwrap_or_default(),
+                b.get("line").map(Value::to_string).unwrap_or_default()
+            ),
+            (_, _, Some(why), _) => format!("skipped: {}", why.as_str().unwrap_or_default()),
+            (Some(c), _, _, Some(e)) => format!(
+                "{}: failed: {}",
+                c.as_str().unwrap_or_default(),
+                e.as_str().unwrap_or_default()
+            ),
+            _ => b.to_string(),
+        };
+        let _ = writeln!(md, "- {line}");
     }
     if boot.is_empty() {
         let _ = writeln!(md, "- not run (--no-boot)");
