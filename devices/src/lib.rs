@@ -11,4 +11,5 @@ pub mod bus;
 pub mod guest_log;
 pub mod io;
 pub mod legacy;
+pub mod rate_limiter;
 pub mod virtio;

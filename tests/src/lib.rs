@@ -306,6 +306,11 @@ impl Running {
         self.console.lock().map(|c| c.clone()).unwrap_or_default()
     }
 
+    /// The program's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Time since the start.
     pub fn elapsed(&self) -> Duration {
         self.start.elapsed()

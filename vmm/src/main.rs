@@ -12,6 +12,7 @@ use vmm::config::{BootSource, DriveConfig, EntropyConfig, MachineConfig, NetConf
 use vmm::exit_code;
 use vmm::launcher::{self, Launch};
 use vmm::runner::{RunnerConfig, ShareConfig};
+use vmm::seccomp::SeccompChoice;
 
 /// What `--help` shows before the exit codes.
 const RUNNER_HELP: &str = "\
@@ -46,7 +47,8 @@ struct Cli {
     /// any " -- ".
     #[arg(long, value_name = "ARGS", requires = "kernel")]
     cmdline: Option<String>,
-    /// Number of vCPUs (1-254).
+    /// Number of vCPUs (1-254; the API and --config-file keep Firecracker's
+    /// 1-32).
     #[arg(long, value_name = "N", default_value_t = 1)]
     cpus: u8,
     /// Guest memory in MiB.
@@ -59,14 +61,18 @@ struct Cli {
     #[arg(long, value_name = "NAME")]
     cpu_template: Option<String>,
     /// A virtio-blk drive: path=FILE[,id=NAME][,ro][,root][,direct=on]
-    /// [,cache=unsafe|writeback]. Repeat for more drives (vda, vdb, ...).
-    /// `root` adds root=/dev/vdX to the command line; `ro` makes the drive
-    /// read-only for the guest.
+    /// [,cache=unsafe|writeback][,bw=SIZE/MS[+BURST]][,ops=N/MS[+BURST]].
+    /// Repeat for more drives (vda, vdb, ...). `root` adds root=/dev/vdX to
+    /// the command line; `ro` makes the drive read-only for the guest;
+    /// bw/ops are Firecracker's token buckets: SIZE bytes (K, M, G) or N
+    /// requests per MS milliseconds, plus a one-time BURST.
     #[arg(long, value_name = "OPTIONS", requires = "kernel")]
     disk: Vec<DriveConfig>,
     /// A virtio-net interface on an existing tap: tap=NAME[,mac=02:..]
-    /// [,id=eth0]. ringvm opens the tap (IFF_TAP | IFF_NO_PI |
-    /// IFF_VNET_HDR); it never creates host interfaces. Repeat for more.
+    /// [,id=eth0][,mtu=N][,rx_bw=..][,rx_ops=..][,tx_bw=..][,tx_ops=..]
+    /// (buckets as in --disk). ringvm opens the tap (IFF_TAP | IFF_NO_PI |
+    /// IFF_VNET_HDR); it never creates host interfaces. mtu is offered to
+    /// the guest and set on the tap. Repeat for more.
     #[arg(long, value_name = "OPTIONS", requires = "kernel")]
     net: Vec<NetConfig>,
     /// A virtio-rng entropy device fed by the host's getrandom (the guest's
@@ -109,6 +115,15 @@ struct Cli {
     /// when running a command].
     #[arg(long, value_name = "LEVEL")]
     log_level: Option<log::LevelFilter>,
+    /// Run without seccomp filters (they are on by default: each thread
+    /// may make only the syscalls its job needs).
+    #[arg(long)]
+    no_seccomp: bool,
+    /// Use these seccomp filters instead of the built-in ones: a JSON file
+    /// in seccompiler's format (not Firecracker's compiled BPF) with one
+    /// filter per thread kind, keyed "vmm", "api" and "vcpu".
+    #[arg(long, value_name = "PATH", conflicts_with = "no_seccomp")]
+    seccomp_filter: Option<PathBuf>,
     /// Share a host directory with the command's guest:
     /// HOST_DIR[:GUEST_DIR][,rw]. Read-only unless ",rw"; GUEST_DIR
     /// defaults to HOST_DIR. Repeat for more.
@@ -178,6 +193,7 @@ impl Cli {
                 network_interfaces,
                 entropy: self.rng.then(EntropyConfig::default),
                 boot_timer: self.boot_timer,
+                serial: Default::default(),
                 runner,
             }
         });
@@ -189,12 +205,19 @@ impl Cli {
             max_payload: self.http_api_max_payload_size,
             metrics_path: self.metrics_path,
             boot_timer: self.boot_timer,
+            seccomp: match (self.no_seccomp, self.seccomp_filter) {
+                (true, _) => SeccompChoice::Off,
+                (false, Some(path)) => SeccompChoice::File(path),
+                (false, None) => SeccompChoice::Builtin,
+            },
         }
     }
 }
 
 fn main() -> ExitCode {
     let start = Instant::now();
+    // First of all: threads inherit the mask (see stop_signals.rs).
+    vmm::stop_signals::block();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

@@ -1,11 +1,11 @@
 //! The machine: builds a VM from a [`VmConfig`] and runs its VMM thread
 //! loop on the ring until the guest stops.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use io_uring::{opcode, types};
 use vmm_sys_util::eventfd::EventFd;
@@ -15,10 +15,12 @@ use devices::virtio::block::BlockDevice;
 use crate::api::{ApiHandle, CommandOutput, Controller, Decision, VmCommand};
 use crate::arch::x86_64::cpuid::CpuTemplate;
 use crate::arch::x86_64::mptable::{setup_mptable, MptableError};
-use crate::boot::{load_kernel, write_boot_data, BootError};
+use crate::boot::{load_kernel, write_boot_data, BootError, BootFiles};
 use crate::cmdline::{compose_cmdline, root_param};
-use crate::config::{ConfigError, VmConfig};
+use crate::config::{ConfigError, RateLimiterConfig, VmConfig};
+use crate::console::ConsoleOut;
 use crate::exit_code;
+use crate::kvm::pause::PauseGate;
 use crate::kvm::vcpu::{
     create_vcpu, install_kick_handler, VcpuError, VcpuEvent, VcpuHandle, VcpuShared,
 };
@@ -28,6 +30,7 @@ use crate::machine::device_manager::{DeviceError, DeviceManager};
 use crate::metrics::{ApiCounters, DeviceMetrics, MetricsSink, VcpuExitCounters};
 use crate::ring::{Completion, Ring, Token, VirtioDevices};
 use crate::runner::{ConsoleTail, RunnerConfig};
+use crate::seccomp::{Filters, SeccompError, ThreadKind};
 use crate::terminal::RawTerminal;
 use devices::legacy::{CommandStatus, ExitCell, ExitReport};
 
@@ -52,6 +55,9 @@ pub enum VmmError {
     /// A virtio device could not be set up.
     #[error("{0}")]
     Setup(#[from] DeviceSetupError),
+    /// A seccomp filter could not be installed.
+    #[error("{0}")]
+    Seccomp(#[from] SeccompError),
     /// The MP table could not be written.
     #[error("MP table: {0}")]
     Mptable(#[from] MptableError),
@@ -97,6 +103,9 @@ pub enum GuestExit {
 /// Period of the automatic metrics flush, as Firecracker's.
 const METRICS_PERIOD_S: u64 = 60;
 
+/// How long `PATCH /vm` Paused waits for every vCPU to park.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How often the VMM thread checks whether every vCPU halted for good.
 const HALT_PROBE_NS: u32 = 500_000_000;
 
@@ -135,6 +144,9 @@ pub struct Vmm {
     virtio: VirtioDevices,
     vcpus: Vec<VcpuHandle>,
     stop: Arc<AtomicBool>,
+    /// Closed while the guest is paused; the flag a device slot reads to
+    /// stop draining its queues meanwhile ([`Vmm::is_paused`]).
+    pause: Arc<PauseGate>,
     vcpu_events: Receiver<VcpuEvent>,
     vcpu_events_ready: Arc<EventFd>,
     halted_for_good: Arc<Vec<AtomicBool>>,
@@ -186,48 +198,15 @@ fn choose_template(config: &VmConfig) -> Result<CpuTemplate, VmmError> {
     }
 }
 
-/// Blocks the stop signals in this thread (and so in every thread spawned
-/// after) and returns a signalfd that reads them on the ring.
-fn signal_fd() -> Result<RawFd, VmmError> {
-    // SAFETY: sigset_t is plain data and sigemptyset initialises it.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: all calls below take pointers to `set`, which we own.
-    unsafe {
-        libc::sigemptyset(&mut set);
-        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
-            libc::sigaddset(&mut set, sig);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-    }
-    // SAFETY: `set` is initialised; signalfd returns a new fd or -1.
-    let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
-    if fd < 0 {
-        return Err(VmmError::Host {
-            what: "signalfd",
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    Ok(fd)
-}
-
 impl Vmm {
     /// Builds the VM: memory, devices, kernel, boot tables and vCPUs. The
     /// vCPUs do not run until [`Vmm::run`].
     pub fn new(config: &VmConfig, process_start: Instant) -> Result<Self, VmmError> {
         config.validate()?;
-        // Check the files before touching KVM, so a typo is a config error
+        // Open the files before touching KVM, so a typo is a config error
         // even on a host without /dev/kvm.
         let boot = &config.boot_source;
-        std::fs::File::open(&boot.kernel_image_path).map_err(|source| BootError::OpenKernel {
-            path: boot.kernel_image_path.clone(),
-            source,
-        })?;
-        if let Some(initrd) = &boot.initrd_path {
-            std::fs::File::open(initrd).map_err(|source| BootError::Initrd {
-                path: initrd.clone(),
-                source,
-            })?;
-        }
+        let boot_files = BootFiles::open(&boot.kernel_image_path, boot.initrd_path.as_deref())?;
         // Drives and taps too: a missing or unreadable image is a config
         // error, found before KVM is touched.
         let mut virtio = VirtioBuilder::new();
@@ -248,15 +227,18 @@ impl Vmm {
 
         let vm = Vm::new(config.machine_config.mem_size_mib)?;
         let mut devices = DeviceManager::new()?;
-        let (console, console_tail): (crate::machine::device_manager::ConsoleOut, _) =
-            match &config.runner {
-                None => (Box::new(std::io::stdout()), None),
-                Some(r) if r.verbose => (Box::new(std::io::stderr()), None),
-                Some(_) => {
-                    let tail = ConsoleTail::default();
-                    (Box::new(tail.clone()), Some(tail))
-                }
-            };
+        let (console, console_tail) = match &config.runner {
+            None => (
+                ConsoleOut::open(&config.serial).map_err(host("opening the serial output"))?,
+                None,
+            ),
+            Some(r) if r.verbose => (ConsoleOut::to_writer(Box::new(std::io::stderr())), None),
+            Some(_) => {
+                let tail = ConsoleTail::default();
+                (ConsoleOut::to_writer(Box::new(tail.clone())), Some(tail))
+            }
+        };
+        let console_is_stdout = console.is_stdout();
         devices.add_serial(&vm, console)?;
         devices.add_i8042(&vm)?;
         let debug_exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(host("eventfd"))?;
@@ -284,22 +266,21 @@ impl Vmm {
         extra.extend(runner_params.iter().map(String::as_str));
         extra.extend(template.kernel_params());
         let cmdline = compose_cmdline(config.base_cmdline(), &extra);
-        let kernel = load_kernel(
-            vm.memory(),
-            &boot.kernel_image_path,
-            boot.initrd_path.as_deref(),
-        )?;
+        let kernel = load_kernel(vm.memory(), boot_files)?;
         write_boot_data(vm.memory(), &kernel, &cmdline)?;
         setup_mptable(vm.memory(), vcpu_count)?;
         log::debug!("kernel entry {:?}; command line: {cmdline}", kernel.entry());
 
         let ring = Ring::new().map_err(host("creating the io_uring ring"))?;
-        let signal_fd = signal_fd()?;
+        let signal_fd = crate::stop_signals::signal_fd()
+            .map_err(host("signalfd"))?
+            .into_raw_fd();
         install_kick_handler()?;
 
         let (tx, rx) = channel();
         let events_ready = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(host("eventfd"))?);
         let stop = Arc::new(AtomicBool::new(false));
+        let pause = Arc::new(PauseGate::default());
         let exits = Arc::new(VcpuExitCounters::default());
         let halted_for_good: Arc<Vec<AtomicBool>> =
             Arc::new((0..vcpu_count).map(|_| AtomicBool::new(false)).collect());
@@ -311,6 +292,7 @@ impl Vmm {
             events_ready: events_ready.clone(),
             halted_for_good: halted_for_good.clone(),
             exits: exits.clone(),
+            pause: pause.clone(),
         };
         let mut fds = Vec::with_capacity(usize::from(vcpu_count));
         for cpu in 0..vcpu_count {
@@ -334,6 +316,7 @@ impl Vmm {
             virtio,
             vcpus: Vec::new(),
             stop,
+            pause,
             vcpu_events: rx,
             vcpu_events_ready: events_ready,
             halted_for_good,
@@ -347,7 +330,9 @@ impl Vmm {
             console_tail,
             config: config.clone(),
             api: None,
-            stdin_open: true,
+            // With the console in a file, stdin is not the guest's (as in
+            // Firecracker).
+            stdin_open: console_is_stdout,
             pending_input: Vec::new(),
             _terminal: None,
         };
@@ -461,6 +446,7 @@ impl Vmm {
             VmCommand::UpdateDrive {
                 drive_id,
                 path_on_host,
+                rate_limiter,
             } => {
                 let Some(index) = self
                     .config
@@ -470,17 +456,52 @@ impl Vmm {
                 else {
                     return Err(format!("no drive {drive_id:?}"));
                 };
-                let mut cfg = self.config.drives[index].clone();
-                cfg.path_on_host = path_on_host.clone();
-                let file = open_backing_file(&cfg).map_err(|e| e.to_string())?;
-                let drive = self
-                    .virtio
-                    .device_mut::<BlockDevice>(drive_id)
-                    .ok_or_else(|| format!("no drive {drive_id:?}"))?;
-                drive
-                    .swap_disk(file)
-                    .map_err(|e| format!("drive {drive_id}: {e}"))?;
-                self.config.drives[index] = cfg;
+                if let Some(path) = path_on_host {
+                    let mut cfg = self.config.drives[index].clone();
+                    cfg.path_on_host = path.clone();
+                    let file = open_backing_file(&cfg).map_err(|e| e.to_string())?;
+                    let drive = self
+                        .virtio
+                        .device_mut::<BlockDevice>(drive_id)
+                        .ok_or_else(|| format!("no drive {drive_id:?}"))?;
+                    drive
+                        .swap_disk(file)
+                        .map_err(|e| format!("drive {drive_id}: {e}"))?;
+                    self.config.drives[index] = cfg;
+                }
+                if let Some(update) = rate_limiter {
+                    let d = &mut self.config.drives[index];
+                    d.rate_limiter = RateLimiterConfig::patched(d.rate_limiter, update);
+                    self.rate_limiter_updated(drive_id, "", update);
+                }
+                Ok(CommandOutput::Done)
+            }
+            VmCommand::UpdateNetRateLimiters { iface_id, rx, tx } => {
+                let Some(n) = self
+                    .config
+                    .network_interfaces
+                    .iter_mut()
+                    .find(|n| &n.iface_id == iface_id)
+                else {
+                    return Err(format!("no network interface {iface_id:?}"));
+                };
+                if let Some(update) = rx {
+                    n.rx_rate_limiter = RateLimiterConfig::patched(n.rx_rate_limiter, update);
+                }
+                if let Some(update) = tx {
+                    n.tx_rate_limiter = RateLimiterConfig::patched(n.tx_rate_limiter, update);
+                }
+                for (side, update) in [("rx", rx), ("tx", tx)] {
+                    if let Some(update) = update {
+                        self.rate_limiter_updated(iface_id, side, update);
+                    }
+                }
+                Ok(CommandOutput::Done)
+            }
+            VmCommand::Pause => self.pause_guest().map(|()| CommandOutput::Done),
+            VmCommand::Resume => {
+                self.pause.open();
+                log::info!("guest resumed");
                 Ok(CommandOutput::Done)
             }
             VmCommand::ConfigureLogger(l) => crate::logger::configure(
@@ -496,6 +517,44 @@ impl Vmm {
                 .map(|()| CommandOutput::Done)
                 .map_err(|e| e.to_string()),
         }
+    }
+
+    /// Whether the guest is paused (`PATCH /vm`): its vCPUs are parked.
+    /// Devices keep completing what is in flight; a device slot that must
+    /// also stop draining its queues reads this on the VMM thread.
+    pub fn is_paused(&self) -> bool {
+        self.pause.is_paused()
+    }
+
+    /// Parks every running vCPU; fails (leaving the guest running) if one
+    /// does not leave `KVM_RUN` within [`PAUSE_TIMEOUT`].
+    fn pause_guest(&mut self) -> Result<(), String> {
+        let vcpus = &self.vcpus;
+        let paused = self.pause.close(
+            || vcpus.iter().filter(|v| !v.is_finished()).count(),
+            || vcpus.iter().for_each(VcpuHandle::kick),
+            PAUSE_TIMEOUT,
+        );
+        if !paused {
+            return Err(format!(
+                "a vCPU did not stop within {} s",
+                PAUSE_TIMEOUT.as_secs()
+            ));
+        }
+        log::info!("guest paused ({} vCPUs parked)", self.pause.parked());
+        Ok(())
+    }
+
+    /// A live limiter update (`PATCH`) reached the VMM and is recorded in
+    /// the running configuration (`GET /vm/config` shows it). The device
+    /// data paths take their limiters from the device contract, which
+    /// applies `update.as_update()` to the device's
+    /// [`devices::rate_limiter::RateLimiter`]; until then this records.
+    fn rate_limiter_updated(&mut self, device: &str, side: &str, update: &RateLimiterConfig) {
+        log::info!(
+            "rate limiter of {device}{}{side} updated: {update:?}",
+            if side.is_empty() { "" } else { " " }
+        );
     }
 
     /// Sends metrics to `path` from now on (`--metrics-path`, `PUT /metrics`).
@@ -569,14 +628,22 @@ impl Vmm {
     }
 
     /// Runs the VMM thread loop until the guest stops; then stops and
-    /// joins every vCPU.
-    pub fn run(&mut self) -> Result<GuestExit, VmmError> {
+    /// joins every vCPU. The VMM thread's seccomp filter from `filters` is
+    /// installed first, then each vCPU thread installs its own and only
+    /// then enters the guest.
+    pub fn run(&mut self, filters: &Filters) -> Result<GuestExit, VmmError> {
         if self.runs_command {
             // The command reads stdin through its own file; the terminal
             // stays as it is (^C stops ringvm).
             self.stdin_open = false;
-        } else {
+        } else if self.stdin_open {
             self._terminal = RawTerminal::enter(libc::STDIN_FILENO);
+        }
+        filters.install(ThreadKind::Vmm)?;
+        #[cfg(feature = "broken-seccomp")]
+        crate::seccomp::broken::forbidden_call();
+        for vcpu in &mut self.vcpus {
+            vcpu.start(filters.clone());
         }
         let events_fd = self.vcpu_events_ready.as_raw_fd();
         let reset_fd = self.devices.reset_evt.as_raw_fd();
@@ -697,6 +764,12 @@ impl Vmm {
             Token::HaltProbe => {
                 // Flags set by the previous probe's kicks: every vCPU asleep
                 // with interrupts off means the guest halted or powered off.
+                // Parked vCPUs do not refresh their flags: no verdict and
+                // no kicks while the guest is paused.
+                if self.pause.is_paused() {
+                    self.arm_halt_probe()?;
+                    return Ok(None);
+                }
                 if self
                     .halted_for_good
                     .iter()
@@ -732,6 +805,7 @@ impl Vmm {
             }
         }
         self.stop.store(true, Ordering::Release);
+        self.pause.release();
         for vcpu in &mut self.vcpus {
             vcpu.stop_and_join();
         }

@@ -89,7 +89,9 @@ enum SlotState<T> {
         pending: T,
     },
     /// Submitted before a reset; waits only for its completion.
-    Orphaned,
+    Orphaned {
+        pending: T,
+    },
 }
 
 #[derive(Debug)]
@@ -109,8 +111,12 @@ pub enum Taken<T> {
         /// What the device recorded at submission.
         pending: T,
     },
-    /// A request from before a reset: drop the result.
-    Stale,
+    /// A request from before a reset: drop the result (what was recorded
+    /// is still handed back, for the device's own bookkeeping).
+    Stale {
+        /// What the device recorded at submission.
+        pending: T,
+    },
 }
 
 /// The in-flight table of one queue, bounded by the queue's maximum size:
@@ -221,9 +227,9 @@ impl<T> InFlight<T> {
                 }
                 Taken::Live { head, pending }
             }
-            SlotState::Orphaned => {
+            SlotState::Orphaned { pending } => {
                 self.orphans -= 1;
-                Taken::Stale
+                Taken::Stale { pending }
             }
         };
         slot.tag = u64::MAX;
@@ -235,20 +241,32 @@ impl<T> InFlight<T> {
     /// their iovecs until the kernel is done with them.
     pub fn orphan_all(&mut self) {
         for s in &mut self.slots {
-            if let SlotState::Busy { .. } = s.state {
-                s.state = SlotState::Orphaned;
-                self.busy -= 1;
-                self.orphans += 1;
-            }
+            s.state = match std::mem::replace(&mut s.state, SlotState::Free) {
+                SlotState::Busy { pending, .. } => {
+                    self.busy -= 1;
+                    self.orphans += 1;
+                    SlotState::Orphaned { pending }
+                }
+                other => other,
+            };
         }
         self.heads.fill(false);
+    }
+
+    /// What every op still in the kernel (live or orphaned) recorded; a
+    /// scan of the bounded table, for rare questions (a FLUSH's barrier).
+    pub fn pending(&self) -> impl Iterator<Item = &T> + '_ {
+        self.slots.iter().filter_map(|s| match &s.state {
+            SlotState::Busy { pending, .. } | SlotState::Orphaned { pending } => Some(pending),
+            SlotState::Free => None,
+        })
     }
 
     /// Tags of orphaned ops, for a caller that must cancel them.
     pub fn orphaned_tags(&self) -> impl Iterator<Item = u64> + '_ {
         self.slots
             .iter()
-            .filter(|s| matches!(s.state, SlotState::Orphaned))
+            .filter(|s| matches!(s.state, SlotState::Orphaned { .. }))
             .map(|s| s.tag)
     }
 }
@@ -370,7 +388,7 @@ mod tests {
             !t.head_in_flight(6),
             "the driver may reuse heads after reset"
         );
-        assert_eq!(t.take(tb), Some(Taken::Stale));
+        assert_eq!(t.take(tb), Some(Taken::Stale { pending: 60 }));
         assert_eq!(t.outstanding(), 0);
     }
 

@@ -4,7 +4,7 @@
 //! thread, which alone decides how the process ends.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::{channel, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -19,8 +19,10 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 use crate::arch::x86_64::cpuid::{filter_cpuid, CpuTemplate};
 use crate::arch::x86_64::regs::{boot_fpu, boot_msrs, boot_regs, setup_sregs};
 use crate::boot::KernelEntry;
+use crate::kvm::pause::PauseGate;
 use crate::kvm::vm::Vm;
 use crate::metrics::VcpuExitCounters;
+use crate::seccomp::{Filters, ThreadKind};
 
 /// Errors setting up a vCPU.
 #[derive(Debug, thiserror::Error)]
@@ -76,10 +78,13 @@ pub enum VcpuEvent {
     },
 }
 
-/// The VMM thread's handle on one running vCPU thread.
+/// The VMM thread's handle on one vCPU thread. The thread waits for
+/// [`VcpuHandle::start`] before it runs any guest code, so the VMM thread
+/// can put its own seccomp filter in place first.
 #[derive(Debug)]
 pub struct VcpuHandle {
     thread: Option<JoinHandle<()>>,
+    start: Option<Sender<Filters>>,
 }
 
 /// What every vCPU thread shares: the buses, the stop flag and the channel
@@ -102,6 +107,8 @@ pub struct VcpuShared {
     pub halted_for_good: Arc<Vec<AtomicBool>>,
     /// Exit counts for metrics.
     pub exits: Arc<VcpuExitCounters>,
+    /// Where each vCPU parks while the guest is paused.
+    pub pause: Arc<PauseGate>,
 }
 
 /// Creates vCPU `cpu` of `count` and loads its boot state: CPUID, MSRs,
@@ -198,23 +205,57 @@ pub fn install_kick_handler() -> Result<(), VcpuError> {
 }
 
 impl VcpuHandle {
-    /// Starts the thread that runs `vcpu`.
+    /// Creates the thread that will run `vcpu`; it waits for
+    /// [`VcpuHandle::start`].
     pub fn spawn(
         vcpu: VcpuFd,
         cpu: u8,
         shared: VcpuShared,
         mem: GuestMemoryMmap,
     ) -> Result<Self, VcpuError> {
+        let (start, started) = channel::<Filters>();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{cpu}"))
-            .spawn(move || run_vcpu(vcpu, cpu, shared, mem))
+            .spawn(move || {
+                // A dropped sender: the VM is torn down before it ran.
+                let Ok(filters) = started.recv() else {
+                    return;
+                };
+                if let Err(e) = filters.install(ThreadKind::Vcpu) {
+                    let report_text = e.to_string();
+                    report(
+                        &shared,
+                        VcpuEvent::Crashed {
+                            cpu,
+                            report: report_text,
+                        },
+                    );
+                    return;
+                }
+                run_vcpu(vcpu, cpu, shared, mem)
+            })
             .map_err(VcpuError::Spawn)?;
         Ok(Self {
             thread: Some(thread),
+            start: Some(start),
         })
     }
 
-    /// Interrupts `KVM_RUN` once, so the thread re-reads its halt state.
+    /// Whether the thread has ended (it reported a stop or a crash).
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// Lets the thread install its seccomp filter (from `filters`) and
+    /// enter the guest.
+    pub fn start(&mut self, filters: Filters) {
+        if let Some(start) = self.start.take() {
+            let _ = start.send(filters);
+        }
+    }
+
+    /// Interrupts `KVM_RUN` once, so the thread re-reads its halt state
+    /// and the pause gate.
     pub fn kick(&self) {
         use std::os::unix::thread::JoinHandleExt;
         if let Some(thread) = &self.thread {
@@ -230,6 +271,8 @@ impl VcpuHandle {
     /// ends, then joins it. Repeated kicks cover the window where the
     /// signal lands just before the thread re-enters `KVM_RUN`.
     pub fn stop_and_join(&mut self) {
+        // Never started: the thread ends when it sees the sender gone.
+        self.start = None;
         let Some(thread) = self.thread.take() else {
             return;
         };
@@ -268,6 +311,10 @@ enum Next {
 fn run_vcpu(mut vcpu: VcpuFd, cpu: u8, shared: VcpuShared, _mem: GuestMemoryMmap) {
     let idx = usize::from(cpu);
     while !shared.stop.load(Ordering::Acquire) {
+        shared.pause.wait_if_closed();
+        if shared.stop.load(Ordering::Acquire) {
+            break;
+        }
         let next = match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
                 VcpuExitCounters::bump(&shared.exits.io_in);

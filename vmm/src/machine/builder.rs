@@ -9,8 +9,7 @@
 //! each on the machine (MMIO window, IRQ, doorbells, transport) and hands
 //! back the [`VirtioDevices`] the VMM thread serves.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs::File;
 use std::path::PathBuf;
 
 use devices::io::InterruptLine;
@@ -23,6 +22,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::device_manager::{new_eventfd, DeviceError, DeviceManager, EventWiring};
 use crate::config::{CacheType, DriveConfig, EntropyConfig, NetConfig};
 use crate::exit_code;
+use crate::host_file::{open_image, ImageAccess};
 use crate::ring::slot::DynDevice;
 use crate::ring::{DeviceSlot, VirtioDevices};
 use crate::runner::{self, RunnerConfig};
@@ -90,19 +90,18 @@ impl DeviceSetupError {
     }
 }
 
-/// Opens a drive's backing file as its config asks (read-only, O_DIRECT).
+/// Opens a drive's backing file as its config asks (read-only, O_DIRECT):
+/// a regular file or block device, without ever blocking in `open`.
 pub fn open_backing_file(cfg: &DriveConfig) -> Result<File, DeviceSetupError> {
-    let mut opts = OpenOptions::new();
-    opts.read(true).write(!cfg.is_read_only);
-    if cfg.direct {
-        opts.custom_flags(libc::O_DIRECT);
-    }
-    opts.open(&cfg.path_on_host)
-        .map_err(|source| DeviceSetupError::OpenDrive {
-            id: cfg.drive_id.clone(),
-            path: cfg.path_on_host.clone(),
-            source,
-        })
+    let access = ImageAccess {
+        write: !cfg.is_read_only,
+        direct: cfg.direct,
+    };
+    open_image(&cfg.path_on_host, access).map_err(|source| DeviceSetupError::OpenDrive {
+        id: cfg.drive_id.clone(),
+        path: cfg.path_on_host.clone(),
+        source,
+    })
 }
 
 /// A device built but not yet on the machine.
@@ -172,19 +171,25 @@ impl VirtioBuilder {
         })
     }
 
-    /// A virtio-net interface on an existing tap.
+    /// A virtio-net interface on an existing tap; with an `mtu`, the tap is
+    /// set to it and the guest is offered it.
     pub fn add_net(&mut self, cfg: &NetConfig) -> Result<(), DeviceSetupError> {
-        let tap = TapDevice::open(&cfg.host_dev_name).map_err(|source| DeviceSetupError::Tap {
+        let tap_error = |source| DeviceSetupError::Tap {
             id: cfg.iface_id.clone(),
             source,
-        })?;
+        };
+        let tap = TapDevice::open(&cfg.host_dev_name).map_err(tap_error)?;
+        if let Some(mtu) = cfg.mtu {
+            tap.set_mtu(mtu).map_err(tap_error)?;
+        }
         self.add(&cfg.iface_id, |line| {
-            let device = NetDevice::new(
+            let device = NetDevice::with_mtu(
                 NetDeviceConfig {
                     tap,
                     mac: cfg.guest_mac,
                 },
                 line,
+                cfg.mtu,
             );
             log::info!(
                 "network interface {}: tap {} guest MAC {}",

@@ -1,7 +1,6 @@
 //! Places devices on the buses, hands out MMIO windows and IRQ lines, and
 //! tells the kernel where its command-line virtio-mmio devices are.
 
-use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -12,6 +11,7 @@ use devices::legacy::{
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::layout::{BOOT_TIMER_START, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
+use crate::console::ConsoleOut;
 use crate::kvm::vm::{Vm, VmError};
 use devices::bus::SharedDevice;
 use devices::virtio::mmio::{TransportEvents, TRANSPORT_QUEUE_DEPTH};
@@ -96,10 +96,6 @@ pub enum DeviceError {
 /// The console as the VMM thread sees it.
 pub type SharedSerial = Arc<Mutex<Serial<ConsoleOut>>>;
 
-/// Where the console's output goes: stdout, or elsewhere for a command
-/// run (`ringvm -- CMD`), whose stdout is the command's alone.
-pub type ConsoleOut = Box<dyn Write + Send>;
-
 /// The buses and the legacy devices the VMM thread talks to directly.
 #[derive(Debug)]
 pub struct DeviceManager {
@@ -137,7 +133,8 @@ impl DeviceManager {
         })
     }
 
-    /// COM1 at 0x3f8, IRQ 4, printing to `out`.
+    /// COM1 at 0x3f8, IRQ 4, printing to `out` (stdout or `PUT /serial`'s
+    /// file).
     pub fn add_serial(&mut self, vm: &Vm, out: ConsoleOut) -> Result<(), DeviceError> {
         let irq = new_eventfd()?;
         vm.register_irqfd(&irq, COM1_IRQ)?;

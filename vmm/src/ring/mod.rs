@@ -7,7 +7,8 @@
 //! is one `io_uring_enter`: it submits what the last turn queued and waits
 //! for at least one completion. The ring is created `SINGLE_ISSUER |
 //! DEFER_TASKRUN` where the kernel has them, so completions are only run
-//! when this thread asks for them, in one batch.
+//! when this thread asks for them, in one batch, and is limited to the
+//! opcodes ringvm uses (`lockdown.rs`).
 
 use std::io;
 use std::os::fd::RawFd;
@@ -15,6 +16,7 @@ use std::os::fd::RawFd;
 use devices::io::{IoOp, IoSubmit, IoSubmitError, TAG_MAX};
 use io_uring::{opcode, squeue, types, IoUring};
 
+pub mod lockdown;
 pub mod slot;
 mod token;
 
@@ -71,6 +73,7 @@ impl Ring {
             .setup_cqsize(RING_ENTRIES * 2)
             .setup_single_issuer()
             .setup_defer_taskrun()
+            .setup_r_disabled()
             .build(RING_ENTRIES);
         let (ring, deferred_taskrun) = match tuned {
             Ok(ring) => (ring, true),
@@ -79,11 +82,13 @@ impl Ring {
                 (
                     IoUring::builder()
                         .setup_cqsize(RING_ENTRIES * 2)
+                        .setup_r_disabled()
                         .build(RING_ENTRIES)?,
                     false,
                 )
             }
         };
+        lockdown::restrict_and_enable(&ring)?;
         let min_timeout = ring.params().is_feature_min_timeout();
         Ok(Self {
             ring,

@@ -17,6 +17,16 @@
 //! therefore syncs the current file and then every retired file not yet
 //! synced, one op after the other in the FLUSH's own slot, before the
 //! guest hears it is done: no acknowledged write is ever left behind.
+//!
+//! # FLUSH is a barrier
+//!
+//! Completions come back in any order, so an fsync submitted while an
+//! earlier write is still in the kernel could finish first and leave that
+//! write out. A FLUSH therefore waits, parked in the device (not in the
+//! kernel), until every write submitted before it has completed; only then
+//! is its fsync submitted. A guest that does not wait for its writes before
+//! flushing is still safe. Writes that arrive after the FLUSH do not delay
+//! it.
 
 use std::any::Any;
 use std::fs::File;
@@ -91,6 +101,17 @@ struct BlockPending {
     req: Pending,
     /// Epoch of the file the op runs on.
     epoch: u32,
+    /// For a write: its place in submission order.
+    write_seq: Option<u64>,
+}
+
+/// A FLUSH waiting for the writes submitted before it.
+#[derive(Debug)]
+struct ParkedFlush {
+    head: u16,
+    req: Request,
+    /// Every write with a smaller sequence number must complete first.
+    barrier: u64,
 }
 
 /// A virtio-blk device, owned by the VMM thread.
@@ -128,6 +149,11 @@ pub struct BlockDevice {
     queues: Virtqueues,
     generation: Generation,
     inflight: InFlight<BlockPending>,
+    /// Sequence number the next write gets.
+    next_write_seq: u64,
+    /// FLUSHes waiting for earlier writes, oldest first (at most a queue's
+    /// worth: each holds a chain).
+    parked_flushes: std::collections::VecDeque<ParkedFlush>,
     counters: BlockCounters,
     log: GuestLog,
 }
@@ -175,6 +201,8 @@ impl BlockDevice {
             ),
             generation: Generation::default(),
             inflight: InFlight::new(REQUEST_QUEUE as u8, QUEUE_MAX_SIZE),
+            next_write_seq: 0,
+            parked_flushes: std::collections::VecDeque::new(),
             counters: BlockCounters::default(),
             log: GuestLog::new("virtio-blk"),
         })
@@ -282,7 +310,8 @@ impl BlockDevice {
         head: u16,
         chain: DescriptorChain<&M>,
     ) -> Result<ChainTaken, String> {
-        if self.inflight.head_in_flight(head) {
+        if self.inflight.head_in_flight(head) || self.parked_flushes.iter().any(|p| p.head == head)
+        {
             return Err(format!("head index {head} is already in flight"));
         }
         self.counters.requests += 1;
@@ -321,6 +350,14 @@ impl BlockDevice {
             Operation::Read { .. } | Operation::Write { .. } if req.data_len == 0 => {
                 answer(queue, mem, head, Some((req.status, ok)), 1)?;
                 return Ok(ChainTaken::Answered);
+            }
+            Operation::Flush if self.must_wait(self.next_write_seq) => {
+                // Held in the device until the writes before it complete;
+                // bounded, as each holds one of the queue's heads.
+                let barrier = self.next_write_seq;
+                self.parked_flushes
+                    .push_back(ParkedFlush { head, req, barrier });
+                return Ok(ChainTaken::Submitted);
             }
             _ => {}
         }
@@ -372,12 +409,18 @@ impl BlockDevice {
         // names its epoch.
         match unsafe { io.submit(op, slot.tag) } {
             Ok(()) => {
+                let write_seq = pending.kind.writes().then(|| {
+                    let seq = self.next_write_seq;
+                    self.next_write_seq += 1;
+                    seq
+                });
                 self.inflight.commit(
                     slot,
                     head,
                     BlockPending {
                         req: pending,
                         epoch,
+                        write_seq,
                     },
                 );
                 self.disk.ops += 1;
@@ -390,6 +433,49 @@ impl BlockDevice {
             Err(e) => {
                 self.inflight.release(slot);
                 Err(super::executor::ExecuteError::Submit(e))
+            }
+        }
+    }
+
+    /// Whether a FLUSH with this barrier must wait: a write submitted
+    /// before it is still in the kernel. A scan of the in-flight table
+    /// (bounded by the queue size), made only when a FLUSH arrives or one
+    /// is parked, so writes themselves pay nothing for the barrier.
+    fn must_wait(&self, barrier: u64) -> bool {
+        self.inflight
+            .pending()
+            .any(|p| p.write_seq.is_some_and(|seq| seq < barrier))
+    }
+
+    /// Submits the parked FLUSHes whose earlier writes have all completed,
+    /// oldest first; one that finds no room waits for the next completion.
+    fn release_flushes<M: GuestMemory>(&mut self, mem: &M, io: &mut dyn IoSubmit) {
+        while let Some(front) = self.parked_flushes.front() {
+            if self.must_wait(front.barrier) {
+                return;
+            }
+            let Some(flush) = self.parked_flushes.pop_front() else {
+                return;
+            };
+            match self.submit(mem, io, flush.head, &flush.req) {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.parked_flushes.push_front(flush);
+                    return;
+                }
+                Err(e) => {
+                    self.counters.errors += 1;
+                    self.log.warn(
+                        "not-submitted",
+                        format_args!("flush failed before I/O: {e}"),
+                    );
+                    let pending = Pending {
+                        status: flush.req.status,
+                        kind: PendingKind::Flush,
+                        expected: 0,
+                    };
+                    self.respond(flush.head, pending, VIRTIO_BLK_S_IOERR as u8, 0, mem);
+                }
             }
         }
     }
@@ -419,6 +505,7 @@ impl BlockDevice {
                     BlockPending {
                         req: pending.req,
                         epoch,
+                        write_seq: None,
                     },
                 );
                 if let Some(d) = self.disk_mut(epoch) {
@@ -615,6 +702,10 @@ impl<M: GuestMemory> VirtioDevice<M> for BlockDevice {
     fn reset(&mut self) {
         self.queues.reset();
         self.inflight.orphan_all();
+        // Parked FLUSHes never reached the kernel; their chains are the old
+        // driver's. Orphaned writes still count for later FLUSHes' barriers
+        // until they complete.
+        self.parked_flushes.clear();
         self.generation.bump();
     }
 
@@ -637,15 +728,22 @@ impl<M: GuestMemory> VirtioDevice<M> for BlockDevice {
     }
 
     fn complete(&mut self, tag: u64, res: i32, mem: &M, io: &mut dyn IoSubmit) {
-        match self.inflight.take(tag) {
-            None => log::debug!("virtio-blk: completion for unknown tag {tag:#x}"),
-            Some(Taken::Stale) => {}
-            Some(Taken::Live { head, pending }) => {
-                if let Some(d) = self.disk_mut(pending.epoch) {
-                    d.ops = d.ops.saturating_sub(1);
-                }
-                self.finish(head, pending, res, mem, io);
+        let (head, pending) = match self.inflight.take(tag) {
+            None => {
+                log::debug!("virtio-blk: completion for unknown tag {tag:#x}");
+                return;
             }
+            Some(Taken::Live { head, pending }) => (Some(head), pending),
+            Some(Taken::Stale { pending }) => (None, pending),
+        };
+        if let Some(d) = self.disk_mut(pending.epoch) {
+            d.ops = d.ops.saturating_sub(1);
+        }
+        if let Some(head) = head {
+            self.finish(head, pending, res, mem, io);
+        }
+        if !self.parked_flushes.is_empty() {
+            self.release_flushes(mem, io);
         }
         self.release_retired();
     }

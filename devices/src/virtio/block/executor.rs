@@ -37,6 +37,13 @@ pub(crate) enum PendingKind {
     WriteZeroes,
 }
 
+impl PendingKind {
+    /// Whether the op changes the disk (and so a later FLUSH waits for it).
+    pub fn writes(self) -> bool {
+        matches!(self, Self::Write | Self::Discard | Self::WriteZeroes)
+    }
+}
+
 /// What the device remembers of a request whose op is in the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Pending {

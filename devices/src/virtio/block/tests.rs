@@ -1249,3 +1249,62 @@ fn a_flood_of_bad_requests_is_counted_but_logged_at_a_bounded_rate() -> TestResu
     assert_eq!(c.log_lines_suppressed, 100 - lines);
     Ok(())
 }
+
+/// FLUSH is a barrier: its fsync is not submitted while a write submitted
+/// before it is still in the kernel (completions come back in any order),
+/// and writes that arrive after it do not hold it back.
+#[test]
+fn a_flush_waits_for_the_writes_before_it_only() -> TestResult {
+    let mem = memory();
+    let mut rig = Rig::new(&mem, false);
+    let mut io = RecordingIo::default();
+    rig.write_req(0, 2, 512, 0x11);
+    rig.process(&mut io)?;
+    rig.header(1, VIRTIO_BLK_T_FLUSH, 0);
+    rig.push(&[(hdr_addr(1), 16, 0), (status_addr(1), 1, W)]);
+    rig.write_req(2, 4, 512, 0x22);
+    rig.process(&mut io)?;
+    assert_eq!(io.ops.len(), 2, "two writes submitted, the flush held");
+    assert!(io
+        .ops
+        .iter()
+        .all(|(op, _)| matches!(op, IoOp::Writev { .. })));
+    // The later write completing does not release the flush...
+    rig.dev.complete(io.ops[1].1, 512, &mem, &mut io);
+    assert_eq!(io.ops.len(), 2);
+    // ...the earlier one does.
+    rig.dev.complete(io.ops[0].1, 512, &mem, &mut io);
+    assert_eq!(io.ops.len(), 3);
+    assert!(matches!(io.ops[2].0, IoOp::Fsync { datasync: true, .. }));
+    assert_eq!(rig.status(1), 0xee, "not answered before its fsync");
+    rig.dev.complete(io.ops[2].1, 0, &mem, &mut io);
+    assert_eq!(rig.status(1), OK);
+    assert_eq!(rig.dev.counters().flushes, 1);
+    assert_eq!(rig.in_flight(), 0);
+    Ok(())
+}
+
+#[test]
+fn a_parked_flush_is_dropped_by_a_reset_and_its_head_refused_meanwhile() -> TestResult {
+    let mem = memory();
+    let mut rig = Rig::new(&mem, false);
+    let mut io = RecordingIo::default();
+    rig.write_req(0, 2, 512, 0x11);
+    let flush = {
+        rig.header(1, VIRTIO_BLK_T_FLUSH, 0);
+        rig.push(&[(hdr_addr(1), 16, 0), (status_addr(1), 1, W)])
+    };
+    rig.process(&mut io)?;
+    // The driver publishing the parked flush's head again is corrupt.
+    rig.vq.publish(flush);
+    assert!(matches!(
+        rig.process(&mut io),
+        Err(DeviceError::QueueBroken(0, _))
+    ));
+    rig.reset_and_reactivate();
+    // The orphaned write completes; nothing is submitted for the old flush.
+    rig.dev.complete(io.ops[0].1, 512, &mem, &mut io);
+    assert_eq!(io.ops.len(), 1);
+    assert_eq!(rig.in_flight(), 0);
+    Ok(())
+}

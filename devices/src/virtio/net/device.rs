@@ -30,7 +30,7 @@ use super::rx::Rx;
 use super::tap::Tap;
 use super::tx::TxPending;
 use super::{
-    config_bytes, generate_mac, tap_offloads, MacAddr, NetCounters, DEVICE_TYPE, FEATURES,
+    config_bytes, features, generate_mac, tap_offloads, MacAddr, NetCounters, DEVICE_TYPE,
     NUM_QUEUES, QUEUE_MAX_SIZE, RX_QUEUE, TX_QUEUE,
 };
 use crate::guest_log::GuestLog;
@@ -83,6 +83,8 @@ pub struct NetDevice<T: Tap> {
     /// Not dropped while ops may still name its fd (see Drop).
     pub(super) tap: ManuallyDrop<T>,
     mac: MacAddr,
+    /// What the device offers ([`features`]: MTU when given one).
+    offered: u64,
     pub(super) queues: Virtqueues,
     pub(super) generation: Generation,
     pub(super) rx: Rx,
@@ -95,11 +97,17 @@ impl<T: Tap> NetDevice<T> {
     /// Builds an inactive device; `line` is the irqfd the VMM wired to the
     /// device's interrupt.
     pub fn new(config: NetConfig<T>, line: Box<dyn InterruptLine>) -> Self {
+        Self::with_mtu(config, line, None)
+    }
+
+    /// As [`Self::new`], offering the guest `mtu` (VIRTIO_NET_F_MTU).
+    pub fn with_mtu(config: NetConfig<T>, line: Box<dyn InterruptLine>, mtu: Option<u16>) -> Self {
         let mac = config.mac.unwrap_or_else(generate_mac);
-        let shared = Arc::new(DeviceShared::new(config_bytes(mac), Vec::new()));
+        let shared = Arc::new(DeviceShared::new(config_bytes(mac, mtu), Vec::new()));
         Self {
             tap: ManuallyDrop::new(config.tap),
             mac,
+            offered: features(mtu),
             queues: Virtqueues::new(
                 "virtio-net",
                 &[QUEUE_MAX_SIZE; NUM_QUEUES],
@@ -174,7 +182,7 @@ impl<T: Tap + 'static, M: GuestMemory> VirtioDevice<M> for NetDevice<T> {
     }
 
     fn features(&self) -> u64 {
-        FEATURES
+        self.offered
     }
 
     fn queues(&self) -> &Virtqueues {
@@ -186,7 +194,7 @@ impl<T: Tap + 'static, M: GuestMemory> VirtioDevice<M> for NetDevice<T> {
     }
 
     fn activate(&mut self, mem: &M, activation: &Activation) -> Result<(), DeviceError> {
-        self.queues.activate(mem, activation, FEATURES)?;
+        self.queues.activate(mem, activation, self.offered)?;
         if let Err(e) = self.tap.set_offload(tap_offloads(activation.features)) {
             self.queues.reset();
             return Err(DeviceError::Host(e.to_string()));

@@ -71,8 +71,10 @@ pub const MAX_BUFFER_LEN: usize = VNET_HDR_LEN + MAX_FRAME_LEN;
 /// tap refuses anything shorter).
 pub const MIN_TX_LEN: usize = VNET_HDR_LEN + 14;
 /// Bytes of `struct virtio_net_config` we expose: mac, status and
-/// max_virtqueue_pairs.
+/// max_virtqueue_pairs; two more (`mtu`) when an MTU is offered.
 pub const CONFIG_LEN: usize = 10;
+/// Offset of `mtu` in the config space (VIRTIO_NET_F_MTU).
+pub const MTU_OFFSET: usize = 10;
 
 /// A NIC's MAC address: always unicast, as a NIC cannot own a multicast
 /// address. The one parser and printer the CLI, the config file and the
@@ -153,7 +155,8 @@ impl<'de> serde::Deserialize<'de> for MacAddr {
 }
 
 /// Features every network device offers. No CTRL_VQ (and so nothing that
-/// depends on it), no MQ, no MTU: one queue pair of plain Ethernet.
+/// depends on it), no MQ: one queue pair of plain Ethernet. [`features`]
+/// adds MTU for a device given one.
 pub const FEATURES: u64 = F_VERSION_1
     | F_EVENT_IDX
     | F_INDIRECT_DESC
@@ -170,6 +173,15 @@ pub const FEATURES: u64 = F_VERSION_1
     | feature(VIRTIO_NET_F_HOST_TSO6)
     | feature(VIRTIO_NET_F_HOST_ECN)
     | feature(VIRTIO_NET_F_HOST_UFO);
+
+/// What a device with `mtu` offers: [`FEATURES`], plus VIRTIO_NET_F_MTU
+/// when the user gave an MTU.
+pub fn features(mtu: Option<u16>) -> u64 {
+    match mtu {
+        Some(_) => FEATURES | feature(virtio_bindings::virtio_net::VIRTIO_NET_F_MTU),
+        None => FEATURES,
+    }
+}
 
 /// VIRTIO_NET_F_MRG_RXBUF as a mask.
 pub const F_MRG_RXBUF: u64 = feature(VIRTIO_NET_F_MRG_RXBUF);
@@ -203,12 +215,16 @@ pub fn tap_offloads(features: u64) -> u32 {
 }
 
 /// The config space a device with `mac` presents: the link is always up
-/// (the tap's carrier is the host's business) and there is one queue pair.
-pub fn config_bytes(mac: MacAddr) -> Vec<u8> {
+/// (the tap's carrier is the host's business), there is one queue pair,
+/// and the MTU follows when one is offered.
+pub fn config_bytes(mac: MacAddr, mtu: Option<u16>) -> Vec<u8> {
     let mut c = vec![0u8; CONFIG_LEN];
     c[0..6].copy_from_slice(&mac.bytes());
     c[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
     c[8..10].copy_from_slice(&1u16.to_le_bytes());
+    if let Some(mtu) = mtu {
+        c.extend_from_slice(&mtu.to_le_bytes());
+    }
     c
 }
 

@@ -331,6 +331,36 @@ fn info_features_and_config_space() {
 }
 
 #[test]
+fn an_mtu_is_offered_in_features_and_config_space() {
+    let mem = memory();
+    let rig = Rig::new(&mem, PLAIN);
+    let mtu_bit = feature(virtio_bindings::virtio_net::VIRTIO_NET_F_MTU);
+    assert_eq!(
+        info(&rig.dev).avail_features & mtu_bit,
+        0,
+        "no MTU unless given"
+    );
+
+    let (tap, _host) = FakeTap::new().expect("socketpair");
+    let mut dev = NetDevice::with_mtu(
+        NetConfig {
+            tap,
+            mac: Some(MAC),
+        },
+        Box::new(CountingLine::default()),
+        Some(9000),
+    );
+    let i = info(&dev);
+    assert_eq!(i.avail_features, FEATURES | mtu_bit);
+    assert_eq!(i.shared.config_len(), CONFIG_LEN + 2);
+    let mut mtu = [0u8; 2];
+    i.shared.read_config(MTU_OFFSET as u64, &mut mtu);
+    assert_eq!(u16::from_le_bytes(mtu), 9000);
+    // A driver may negotiate it.
+    assert!(dev.activate(&mem, &rig.activation(PLAIN | mtu_bit)).is_ok());
+}
+
+#[test]
 fn offloads_follow_the_negotiated_guest_features() {
     assert_eq!(tap_offloads(PLAIN & !feature(VIRTIO_NET_F_GUEST_CSUM)), 0);
     assert_eq!(

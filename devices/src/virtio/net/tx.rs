@@ -106,7 +106,7 @@ impl<T: Tap> NetDevice<T> {
     pub(super) fn tx_complete<M: GuestMemory>(&mut self, tag: u64, res: i32, mem: &M) {
         let (head, pending) = match self.tx.take(tag) {
             Some(Taken::Live { head, pending }) => (head, pending),
-            Some(Taken::Stale) => return,
+            Some(Taken::Stale { .. }) => return,
             None => {
                 log::debug!("virtio-net: completion for unknown tag {tag:#x}");
                 return;

@@ -13,6 +13,7 @@
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
 use crate::io::IOV_MAX;
+use crate::virtio::{map_guest_buffer, MapError};
 
 /// Most descriptors one request may use (one vectored host op's worth).
 pub const MAX_SEGMENTS: usize = IOV_MAX;
@@ -181,31 +182,10 @@ pub fn map_range<M: GuestMemory>(
     out: &mut Vec<libc::iovec>,
 ) -> Result<(), ChainError> {
     for seg in range(segs, offset, len) {
-        let slices = mem
-            .get_slices(seg.addr, seg.len as usize, access)
-            .map_err(|_| ChainError::OutsideMemory(seg.addr.0))?;
-        let mut mapped = 0usize;
-        for slice in slices {
-            let slice = slice.map_err(|_| ChainError::OutsideMemory(seg.addr.0))?;
-            if out.len() >= IOV_MAX {
-                return Err(ChainError::TooManySegments);
-            }
-            // The pointer stays valid after the guard drops for the mmap
-            // backends the VMM uses (the guard only matters for Xen maps).
-            let base = if access == Permissions::Write {
-                slice.ptr_guard_mut().as_ptr()
-            } else {
-                slice.ptr_guard().as_ptr().cast_mut()
-            };
-            out.push(libc::iovec {
-                iov_base: base.cast(),
-                iov_len: slice.len(),
-            });
-            mapped += slice.len();
-        }
-        if mapped != seg.len as usize {
-            return Err(ChainError::OutsideMemory(seg.addr.0));
-        }
+        map_guest_buffer(mem, seg.addr, seg.len as usize, access, out).map_err(|e| match e {
+            MapError::OutsideMemory(addr) => ChainError::OutsideMemory(addr),
+            MapError::TooManyIovecs => ChainError::TooManySegments,
+        })?;
     }
     Ok(())
 }

@@ -742,7 +742,7 @@ where
                 log::debug!("virtio-9p: completion for unknown tag {tag:#x}");
                 return;
             }
-            Some(Taken::Stale) => return,
+            Some(Taken::Stale { .. }) => return,
             Some(Taken::Live { head, pending }) => (head, pending),
         };
         if let Some(i) = self.pending_tags.iter().position(|&t| t == p.tag) {
