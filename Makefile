@@ -23,7 +23,7 @@ APT_PACKAGES := linux-source-6.1 build-essential bc bison flex libelf-dev \
 BENCH_APT_PACKAGES := valgrind qemu-system-x86
 
 .PHONY: all deps bench-deps build guest testguest runner-root broken run test unit-test integration-test \
-	api-conformance lint clean bench bench-blk bench-net bench-boot bench-callgrind bench-report \
+	api-conformance lint clean bench bench-blk bench-net bench-boot bench-callgrind bench-report bench-p9 \
 	fuzz fuzz-check fuzz-deps
 
 all: build
@@ -124,6 +124,14 @@ bench-blk: deps
 bench-net: deps
 	$(BENCH_CARGO) bench_net -- --rounds $(BENCH_ROUNDS) --seconds $(BENCH_SECONDS) $(BENCH_NET_ARGS)
 
+# virtio-9p (synthetic 9P client, real device + VMM loop, no KVM) against
+# pread/statx on the same files, and `ringvm -- CMD`'s time to its first
+# output line (KVM); writes target/bench/p9.{json,md}.
+# Extra flags: make bench-p9 BENCH_P9_ARGS="--seconds 1 --no-boot"
+bench-p9: deps build guest runner-root
+	RINGVM_BIN=$(RINGVM) RINGVM_GUEST_DIR=$(GUEST_DIR) \
+		$(BENCH_CARGO) bench_p9 -- --seconds $(BENCH_SECONDS) $(BENCH_P9_ARGS)
+
 # ringvm against QEMU's microvm on the same kernel and command line: start
 # -> first KVM_RUN and -> API socket (BENCH_BOOT_ROUNDS startups), VMM
 # memory and CPU over a boot (BENCH_BOOT_BOOTS boots of each, in turn, a
@@ -149,8 +157,8 @@ bench-report: deps
 # reported stale, except callgrind.json, whose figures the next run shows
 # as "previous".
 bench: bench-deps build guest
-	@rm -f $(addprefix target/bench/,blk.json blk.md net.json net.md boot.json boot.md report.md report.json report.png)
-	@status=0; for t in bench-blk bench-net bench-boot bench-callgrind; do \
+	@rm -f $(addprefix target/bench/,blk.json blk.md net.json net.md boot.json boot.md p9.json p9.md report.md report.json report.png)
+	@status=0; for t in bench-blk bench-net bench-boot bench-callgrind bench-p9; do \
 		$(MAKE) --no-print-directory $$t || { echo "[bench] $$t FAILED"; status=1; }; \
 	done; \
 	$(MAKE) --no-print-directory bench-report; exit $$status

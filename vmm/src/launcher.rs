@@ -312,7 +312,7 @@ fn command_exit_code(exit: GuestExit, console: Option<&[u8]>) -> i32 {
     match exit {
         GuestExit::Command(CommandStatus::SetupFailed { stage, errno }) => {
             log::error!(
-                "the guest failed before running the command: {} ({})",
+                "the guest failed before running the command: {}: {}",
                 stage_name(stage),
                 std::io::Error::from_raw_os_error(i32::from(errno))
             );

@@ -86,8 +86,8 @@ pub enum RunnerError {
     /// A `--share` string that does not parse.
     #[error("bad --share {0:?}: expected HOST_DIR[:GUEST_DIR][,rw|,ro]")]
     BadShare(String),
-    /// A guest directory that is not absolute.
-    #[error("--share guest directory {0:?} must be an absolute path")]
+    /// A guest directory that is not absolute, or `/` itself.
+    #[error("--share guest directory {0:?} must be an absolute path other than / (use --root-share for /)")]
     RelativeGuestDir(PathBuf),
     /// A host directory that does not exist or is not a directory.
     #[error("{what} {path:?} is not a directory: {why}")]
@@ -204,7 +204,7 @@ impl RunnerConfig {
             if share.guest.as_os_str().is_empty() {
                 share.guest = share.host.clone();
             }
-            if !share.guest.is_absolute() {
+            if !share.guest.is_absolute() || share.guest.parent().is_none() {
                 return Err(RunnerError::RelativeGuestDir(share.guest));
             }
             no_nul("a --share path", share.guest.as_os_str().as_bytes())?;
@@ -438,6 +438,15 @@ mod tests {
         assert_eq!(
             RunnerConfig::new(cmd.clone(), None, vec![share], None, false),
             Err(RunnerError::RelativeGuestDir("rel".into()))
+        );
+        let root = ShareConfig {
+            host: "/tmp".into(),
+            guest: "/".into(),
+            writable: false,
+        };
+        assert_eq!(
+            RunnerConfig::new(cmd.clone(), None, vec![root], None, false),
+            Err(RunnerError::RelativeGuestDir("/".into()))
         );
         assert_eq!(
             RunnerConfig::new(cmd.clone(), None, vec![], Some("x".into()), false),

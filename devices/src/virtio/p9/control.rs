@@ -88,14 +88,25 @@ fn sealed_memfd(name: &CStr, data: &[u8]) -> io::Result<OwnedFd> {
     Ok(OwnedFd::from(file))
 }
 
-fn dup(fd: RawFd) -> io::Result<OwnedFd> {
+/// A duplicate of `fd`, or `/dev/null` when `fd` is closed (ringvm
+/// started with `<&-`): the guest then reads EOF or writes into nothing,
+/// as a program started that way would.
+fn dup(fd: RawFd, write: bool) -> io::Result<OwnedFd> {
     // SAFETY: F_DUPFD_CLOEXEC on a descriptor number; checked below.
     let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
-    if new < 0 {
-        return Err(io::Error::last_os_error());
+    if new >= 0 {
+        // SAFETY: a descriptor the kernel just gave us.
+        return Ok(unsafe { OwnedFd::from_raw_fd(new) });
     }
-    // SAFETY: a descriptor the kernel just gave us.
-    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() != Some(libc::EBADF) {
+        return Err(err);
+    }
+    let null = std::fs::OpenOptions::new()
+        .read(!write)
+        .write(write)
+        .open("/dev/null")?;
+    Ok(OwnedFd::from(null))
 }
 
 impl ControlFs {
@@ -111,7 +122,7 @@ impl ControlFs {
         };
         let stream = |fd: RawFd, write: bool| -> io::Result<Kind> {
             Ok(Kind::Stream {
-                fd: Arc::new(dup(fd)?),
+                fd: Arc::new(dup(fd, write)?),
                 write,
             })
         };
