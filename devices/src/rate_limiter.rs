@@ -44,10 +44,24 @@ use std::time::{Duration, Instant};
 const NS_PER_MS: u64 = 1_000_000;
 
 /// A monotonic time source in nanoseconds from an arbitrary start.
-pub trait Clock {
+pub trait Clock: std::fmt::Debug {
     /// Nanoseconds since this clock's start; never goes backwards.
     fn now_ns(&self) -> u64;
 }
+
+impl<T: Clock + ?Sized> Clock for Arc<T> {
+    fn now_ns(&self) -> u64 {
+        (**self).now_ns()
+    }
+}
+
+/// The clock a device's limiter reads: the host's in a running VMM, a
+/// [`ManualClock`] in a test, behind one type so devices are not generic
+/// over it.
+pub type SharedClock = Arc<dyn Clock + Send + Sync>;
+
+/// The limiter a device owns.
+pub type DeviceRateLimiter = RateLimiter<SharedClock>;
 
 /// The host's monotonic clock (what a running device uses).
 #[derive(Clone, Copy, Debug, Default)]
@@ -212,6 +226,16 @@ impl TokenBucket {
         true
     }
 
+    /// Takes `tokens` whether or not they are there, leaving the bucket in
+    /// debt if they are not: for work whose size is known only once it is
+    /// done (a received frame). The debt is paid by refilling.
+    pub fn consume_anyway(&mut self, tokens: u64, now_ns: u64) {
+        self.refill(now_ns);
+        let from_burst = self.burst.min(tokens);
+        self.burst -= from_burst;
+        self.level -= i128::from(tokens - from_burst);
+    }
+
     /// How long until [`Self::try_consume`] of `tokens` succeeds, if no
     /// one else takes tokens meanwhile; zero when it would now. Saturates
     /// at `u64::MAX` ns for absurd settings.
@@ -283,6 +307,14 @@ impl RateLimiter<MonotonicClock> {
     }
 }
 
+impl Default for RateLimiter<SharedClock> {
+    /// A device's limiter before any limit is set: unlimited, on the
+    /// host's clock.
+    fn default() -> Self {
+        Self::new(None, None, Arc::new(MonotonicClock))
+    }
+}
+
 impl<C: Clock> RateLimiter<C> {
     /// A limiter with full buckets; `None` (or a zero size or refill time)
     /// leaves that dimension unlimited.
@@ -330,6 +362,43 @@ impl<C: Clock> RateLimiter<C> {
             b.try_consume(ops, now);
         }
         Ok(())
+    }
+
+    /// Admits work whose size is not known yet (a tap read: the frame's
+    /// length is known when it arrives): takes `ops` from the ops bucket and
+    /// needs the bandwidth bucket out of debt, else takes nothing and
+    /// returns the wait, like [`Self::try_consume`]. The bytes are taken
+    /// afterwards with [`Self::charge`], which may put the bucket in debt;
+    /// the next admission then waits until it is paid, so the long-run rate
+    /// holds.
+    pub fn try_admit(&mut self, ops: u64) -> Result<(), Duration> {
+        let now = self.clock.now_ns();
+        let wait_bw = self
+            .bandwidth
+            .as_mut()
+            .map_or(Duration::ZERO, |b| b.time_until(1, now));
+        let wait_ops = self
+            .ops
+            .as_mut()
+            .map_or(Duration::ZERO, |b| b.time_until(ops, now));
+        let wait = wait_bw.max(wait_ops);
+        if !wait.is_zero() {
+            self.throttled = self.throttled.saturating_add(1);
+            return Err(wait);
+        }
+        if let Some(b) = self.ops.as_mut() {
+            b.try_consume(ops, now);
+        }
+        Ok(())
+    }
+
+    /// Takes `bytes` for work [`Self::try_admit`] let through and that
+    /// turned out this big.
+    pub fn charge(&mut self, bytes: u64) {
+        let now = self.clock.now_ns();
+        if let Some(b) = self.bandwidth.as_mut() {
+            b.consume_anyway(bytes, now);
+        }
     }
 
     /// Gives back what [`Self::try_consume`] took for work not done.
@@ -563,6 +632,64 @@ mod tests {
         rl.refund(1000, 1);
         assert_eq!(rl.try_consume(1000, 1), Ok(()));
         assert_eq!(rl.throttled(), 2);
+    }
+
+    #[test]
+    fn admitted_work_of_unknown_size_pays_its_debt_before_the_next() {
+        let clock = ManualClock::default();
+        // 1000 bytes per 100 ms, 2 frames per 100 ms.
+        let bw = BucketConfig {
+            size: 1000,
+            one_time_burst: 0,
+            refill_time_ms: 100,
+        };
+        let ops = BucketConfig {
+            size: 2,
+            one_time_burst: 0,
+            refill_time_ms: 100,
+        };
+        let mut rl: DeviceRateLimiter = RateLimiter::new(Some(bw), Some(ops), {
+            let c: SharedClock = Arc::new(clock.clone());
+            c
+        });
+        assert_eq!(rl.try_admit(1), Ok(()));
+        // The frame was 3000 bytes: 2000 in debt, 300 ms to be back at 1.
+        rl.charge(3000);
+        let wait = rl.try_admit(1).unwrap_err();
+        assert_eq!(wait, Duration::from_nanos(200_100_000));
+        clock.advance(wait);
+        assert_eq!(rl.try_admit(1), Ok(()));
+        // Ops: two per 100 ms, refilled by now; the third waits.
+        assert_eq!(rl.try_admit(1), Ok(()));
+        assert!(rl.try_admit(1).is_err());
+        assert_eq!(rl.throttled(), 2);
+        // Over 10 s of 1500-byte frames the rate is the bucket's.
+        let mut bytes = 0u64;
+        let mut now = Duration::ZERO;
+        while now < Duration::from_secs(10) {
+            match rl.try_admit(1) {
+                Ok(()) => {
+                    rl.charge(1500);
+                    bytes += 1500;
+                }
+                Err(wait) => {
+                    clock.advance(wait);
+                    now += wait;
+                }
+            }
+        }
+        assert!((100_000..=103_000).contains(&bytes), "{bytes}");
+    }
+
+    #[test]
+    fn a_one_time_burst_pays_for_admitted_work_first() {
+        let mut b = bucket(100, 50, 100);
+        b.consume_anyway(80, 0);
+        assert_eq!(b.burst_left(), 0);
+        assert_eq!(b.available(0), 70);
+        b.consume_anyway(u64::MAX, 0);
+        assert_eq!(b.available(0), 0);
+        assert_eq!(b.time_until(1, 0), Duration::from_nanos(u64::MAX));
     }
 
     #[test]
