@@ -79,9 +79,6 @@ use vmm::ring::VirtioDevices;
 use vmm_sys_util::eventfd::EventFd;
 
 const MIB: f64 = 1024.0 * 1024.0;
-/// Every bucket refills from empty to full in this many ms; its size is
-/// the limit times this.
-const REFILL_MS: u64 = 100;
 /// A row passes when its median achieved / limit is within 1 ± (1 − this).
 const WITHIN: f64 = 0.95;
 /// The limiter far above the path costs less than 5%.
@@ -106,6 +103,10 @@ struct Args {
     /// noisy as the machine, so it takes more, shorter pairs.
     #[arg(long, default_value_t = 10)]
     no_cost_rounds: u32,
+    /// Every bucket's refill time in ms; its size is the limit times this
+    /// (100 ms: a tenth of a second's worth, Firecracker's usual setting).
+    #[arg(long, default_value_t = 100)]
+    refill_ms: u64,
     /// Measured seconds per run of the far-above row (after 0.2 s warm-up).
     #[arg(long, default_value_t = 0.5)]
     no_cost_seconds: f64,
@@ -159,6 +160,8 @@ struct Case {
     per_sec: u64,
     /// Firecracker's `one_time_burst`, in the same tokens.
     burst: u64,
+    /// The bucket's refill time (ms); its size is `per_sec` times this.
+    refill_ms: u64,
 }
 
 /// The "far above" row: a limit no path here reaches, on both buckets.
@@ -167,7 +170,7 @@ const FAR_OPS_PER_SEC: u64 = 100_000_000;
 
 const FRAME_LEN: usize = 1514;
 
-fn cases() -> Vec<Case> {
+fn cases(refill_ms: u64) -> Vec<Case> {
     vec![
         Case {
             key: "blk randread 4k QD32, bandwidth 64 MiB/s",
@@ -175,6 +178,7 @@ fn cases() -> Vec<Case> {
             dim: Dim::Bandwidth,
             per_sec: 64 << 20,
             burst: 0,
+            refill_ms,
         },
         Case {
             key: "blk randread 128k QD32, bandwidth 64 MiB/s",
@@ -182,6 +186,7 @@ fn cases() -> Vec<Case> {
             dim: Dim::Bandwidth,
             per_sec: 64 << 20,
             burst: 0,
+            refill_ms,
         },
         Case {
             key: "blk randread 4k QD32, ops 5000/s",
@@ -189,6 +194,7 @@ fn cases() -> Vec<Case> {
             dim: Dim::Ops,
             per_sec: 5000,
             burst: 0,
+            refill_ms,
         },
         Case {
             key: "net TX 1514 B, bandwidth 100 Mbit/s, 2 MB one-time burst",
@@ -196,6 +202,7 @@ fn cases() -> Vec<Case> {
             dim: Dim::Bandwidth,
             per_sec: 100_000_000 / 8,
             burst: 2_000_000,
+            refill_ms,
         },
         Case {
             key: "net RX 1514 B, bandwidth 200 Mbit/s",
@@ -203,6 +210,7 @@ fn cases() -> Vec<Case> {
             dim: Dim::Bandwidth,
             per_sec: 200_000_000 / 8,
             burst: 0,
+            refill_ms,
         },
     ]
 }
@@ -229,7 +237,7 @@ impl Case {
     }
 
     fn bucket_size(&self) -> u64 {
-        self.per_sec * REFILL_MS / 1000
+        self.per_sec * self.refill_ms / 1000
     }
 
     /// The limiter as the drive's or interface's configuration carries it.
@@ -237,7 +245,7 @@ impl Case {
         let bucket = TokenBucketConfig {
             size: self.bucket_size(),
             one_time_burst: (self.burst > 0).then_some(self.burst),
-            refill_time: REFILL_MS,
+            refill_time: self.refill_ms,
         };
         match self.dim {
             Dim::Bandwidth => RateLimiterConfig {
@@ -1308,7 +1316,7 @@ fn verdict(p: &Point) -> &'static str {
 const METHOD: &[&str] = &[
     "Device side: the real virtio-blk / virtio-net device built by `VirtioBuilder` from a `DriveConfig` / `NetConfig` whose `rate_limiter` (`rx_rate_limiter`, `tx_rate_limiter`) is set, in the real generic device slot (`VirtioDevices`) on its own thread turning one `Ring`, as `Vmm::run` does for a booted guest. No KVM. A throttled queue is put back and resumed by the slot's Timeout on that ring.",
     "Driver side: a split-virtqueue driver (VERSION_1 + EVENT_IDX; for net also MAC + MRG_RXBUF) on the main thread, through the virtio-mmio v2 registers on the real MMIO bus; it kicks the doorbell eventfd when vring_need_event says so and sleeps on the irq eventfd. It keeps the queue full, so the limiter is the only brake: blk 32 random reads in flight from a tmpfs file; net TX all 256 TX slots full of 1514-byte frames; net RX 256 posted 1536-byte buffers while a host thread sends 1514-byte frames' datagrams to the guest's address, at most 512 ahead of what the guest took (below the tap's 1000-frame queue).",
-    "Buckets: size = limit × 100 ms, refill time 100 ms (Firecracker's units); bandwidth counts the data moved (blk) or the frame without its vnet header (net), ops count requests or frames. Every run builds a fresh device, so its buckets start full.",
+    "Buckets: size = limit × --refill-ms (default 100 ms), refill time the same (Firecracker's units); bandwidth counts the data moved (blk) or the frame without its vnet header (net), ops count requests or frames. Every run builds a fresh device, so its buckets start full.",
     "Achieved rate: what the driver saw completed over the measured window (--seconds), which starts after --warmup seconds: by then the full bucket (and the one-time burst, where set) is spent and the limiter is in its steady state. Cross-check: the whole run from the first request, minus the initial allowance (bucket size + one-time burst), over the whole run's time.",
     "Rounds: each round runs the limited device and the same traffic on a device without a limiter back to back (the order alternating); the row's figure is the median of the rounds' achieved / limit, with min–max; PASS when that median is within ±5%. The unlimited runs show the limit is below what the path can do.",
     "Far-above row: the same blk 4 KiB QD32 reads with both buckets set far above the path (1 TiB/s, 100M ops/s; the limiter runs on every request) against no limiter, in more and shorter interleaved pairs; ratio of IOPS, target ≥ 0.95. Beside it, the limiter's own cost, free of the machine's noise: ns per `try_consume` of a 4 KiB request on the same limiter (both buckets, the host's clock), over a million calls.",
@@ -1323,7 +1331,7 @@ struct Context {
 
 fn settings(ctx: &Context, args: &Args) -> String {
     format!(
-        "Kernel {}, {} x {}. Each row: {} rounds of the limited device and the unlimited one back to back, each a fresh device: {} s warm-up (the initial bucket spent) then {} s measured (far-above row: {} rounds, 0.2 s + {} s). Buckets: size = limit × {REFILL_MS} ms, refill {REFILL_MS} ms. Load average at the start: {}.",
+        "Kernel {}, {} x {}. Each row: {} rounds of the limited device and the unlimited one back to back, each a fresh device: {} s warm-up (the initial bucket spent) then {} s measured (far-above row: {} rounds, 0.2 s + {} s). Buckets: size = limit × {} ms, refill {} ms. Load average at the start: {}.",
         ctx.host.kernel,
         ctx.host.cpus,
         ctx.host.cpu,
@@ -1332,6 +1340,8 @@ fn settings(ctx: &Context, args: &Args) -> String {
         args.seconds,
         args.no_cost_rounds,
         args.no_cost_seconds,
+        args.refill_ms,
+        args.refill_ms,
         ctx.host.loadavg,
     )
 }
@@ -1458,7 +1468,7 @@ fn json_report(rows: &[Row], no_cost: Option<&NoCostRow>, ctx: &Context, args: &
             "rounds": args.rounds,
             "no_cost_rounds": args.no_cost_rounds,
             "no_cost_seconds_per_run": args.no_cost_seconds,
-            "refill_time_ms": REFILL_MS,
+            "refill_time_ms": args.refill_ms,
         },
         "points": points.iter().map(Point::json).collect::<Vec<_>>(),
         "results": rows.iter().map(|r| json!({
@@ -1508,7 +1518,7 @@ fn measure_blk(args: &Args, rows: &mut Vec<Row>) -> Res<Option<NoCostRow>> {
     let path = args
         .shm_dir
         .join(format!("ringvm-bench-limit-{}.img", std::process::id()));
-    let blk: Vec<Case> = cases()
+    let blk: Vec<Case> = cases(args.refill_ms)
         .into_iter()
         .filter(|c| matches!(c.lane, Lane::Blk { .. }) && selected(c.key, args))
         .collect();
@@ -1540,9 +1550,9 @@ fn measure_blk(args: &Args, rows: &mut Vec<Row>) -> Res<Option<NoCostRow>> {
             return Ok(None);
         }
         let bucket = |per_sec: u64| TokenBucketConfig {
-            size: per_sec * REFILL_MS / 1000,
+            size: per_sec * args.refill_ms / 1000,
             one_time_burst: None,
-            refill_time: REFILL_MS,
+            refill_time: args.refill_ms,
         };
         let limiter = RateLimiterConfig {
             bandwidth: Some(bucket(FAR_BYTES_PER_SEC)),
@@ -1594,7 +1604,7 @@ fn net_unavailable() -> Option<String> {
 /// The net rows, in a private namespace this thread enters (last: what
 /// runs after them runs there too).
 fn measure_net(args: &Args, rows: &mut Vec<Row>) -> Res<()> {
-    let net: Vec<Case> = cases()
+    let net: Vec<Case> = cases(args.refill_ms)
         .into_iter()
         .filter(|c| !matches!(c.lane, Lane::Blk { .. }) && selected(c.key, args))
         .collect();
@@ -1629,6 +1639,7 @@ fn measure_net(args: &Args, rows: &mut Vec<Row>) -> Res<()> {
 
 fn run(args: &Args) -> Res<()> {
     if args.seconds <= 0.0
+        || args.refill_ms == 0
         || args.no_cost_seconds <= 0.0
         || args.warmup < 0.0
         || args.rounds == 0
@@ -1636,7 +1647,7 @@ fn run(args: &Args) -> Res<()> {
         || args.file_mib == 0
     {
         return Err(
-            "--seconds, --no-cost-seconds, --rounds, --no-cost-rounds and --file-mib must be > 0, --warmup >= 0"
+            "--seconds, --refill-ms, --no-cost-seconds, --rounds, --no-cost-rounds and --file-mib must be > 0, --warmup >= 0"
                 .into(),
         );
     }
