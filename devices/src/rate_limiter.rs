@@ -93,6 +93,18 @@ impl ManualClock {
     }
 }
 
+impl ManualClock {
+    /// A device limiter on this clock, for tests and benchmarks that move
+    /// time by hand.
+    pub fn limiter(
+        &self,
+        bandwidth: Option<BucketConfig>,
+        ops: Option<BucketConfig>,
+    ) -> DeviceRateLimiter {
+        RateLimiter::new(bandwidth, ops, Arc::new(self.clone()))
+    }
+}
+
 impl Clock for ManualClock {
     fn now_ns(&self) -> u64 {
         self.0.load(Ordering::Acquire)
@@ -111,6 +123,15 @@ pub struct BucketConfig {
 }
 
 impl BucketConfig {
+    /// `size` tokens refilled in `refill_time_ms`, no one-time burst.
+    pub const fn new(size: u64, refill_time_ms: u64) -> Self {
+        Self {
+            size,
+            one_time_burst: 0,
+            refill_time_ms,
+        }
+    }
+
     /// The bucket these settings describe, full at `now_ns`; `None` when
     /// they mean "no limit" (size or refill time 0).
     pub fn build(&self, now_ns: u64) -> Option<TokenBucket> {
@@ -340,20 +361,7 @@ impl<C: Clock> RateLimiter<C> {
     /// timer for that and stops draining until it fires. Each refusal
     /// counts as one throttle event.
     pub fn try_consume(&mut self, bytes: u64, ops: u64) -> Result<(), Duration> {
-        let now = self.clock.now_ns();
-        let wait_bw = self
-            .bandwidth
-            .as_mut()
-            .map_or(Duration::ZERO, |b| b.time_until(bytes, now));
-        let wait_ops = self
-            .ops
-            .as_mut()
-            .map_or(Duration::ZERO, |b| b.time_until(ops, now));
-        let wait = wait_bw.max(wait_ops);
-        if !wait.is_zero() {
-            self.throttled = self.throttled.saturating_add(1);
-            return Err(wait);
-        }
+        let now = self.wait_for(bytes, ops)?;
         // Both buckets said yes at this same instant, so both take.
         if let Some(b) = self.bandwidth.as_mut() {
             b.try_consume(bytes, now);
@@ -372,24 +380,31 @@ impl<C: Clock> RateLimiter<C> {
     /// the next admission then waits until it is paid, so the long-run rate
     /// holds.
     pub fn try_admit(&mut self, ops: u64) -> Result<(), Duration> {
+        let now = self.wait_for(1, ops)?;
+        if let Some(b) = self.ops.as_mut() {
+            b.try_consume(ops, now);
+        }
+        Ok(())
+    }
+
+    /// The time now if both buckets have what is asked, else how long until
+    /// they will (counted as a throttle event).
+    fn wait_for(&mut self, bytes: u64, ops: u64) -> Result<u64, Duration> {
         let now = self.clock.now_ns();
         let wait_bw = self
             .bandwidth
             .as_mut()
-            .map_or(Duration::ZERO, |b| b.time_until(1, now));
+            .map_or(Duration::ZERO, |b| b.time_until(bytes, now));
         let wait_ops = self
             .ops
             .as_mut()
             .map_or(Duration::ZERO, |b| b.time_until(ops, now));
         let wait = wait_bw.max(wait_ops);
-        if !wait.is_zero() {
-            self.throttled = self.throttled.saturating_add(1);
-            return Err(wait);
+        if wait.is_zero() {
+            return Ok(now);
         }
-        if let Some(b) = self.ops.as_mut() {
-            b.try_consume(ops, now);
-        }
-        Ok(())
+        self.throttled = self.throttled.saturating_add(1);
+        Err(wait)
     }
 
     /// Takes `bytes` for work [`Self::try_admit`] let through and that
@@ -648,10 +663,7 @@ mod tests {
             one_time_burst: 0,
             refill_time_ms: 100,
         };
-        let mut rl: DeviceRateLimiter = RateLimiter::new(Some(bw), Some(ops), {
-            let c: SharedClock = Arc::new(clock.clone());
-            c
-        });
+        let mut rl = clock.limiter(Some(bw), Some(ops));
         assert_eq!(rl.try_admit(1), Ok(()));
         // The frame was 3000 bytes: 2000 in debt, 300 ms to be back at 1.
         rl.charge(3000);

@@ -1314,32 +1314,19 @@ mod rate_limits {
     //! in the available ring, the slot is told when to come back, and every
     //! request is eventually served.
 
-    use std::sync::Arc;
     use std::time::Duration;
 
     use super::*;
-    use crate::rate_limiter::{BucketConfig, DeviceRateLimiter, ManualClock, RateLimiter};
+    use crate::rate_limiter::{BucketConfig, ManualClock};
     use crate::virtio::{LimiterSide, Throttle};
-
-    fn limited(clock: &ManualClock, bw: Option<u64>, ops: Option<u64>) -> DeviceRateLimiter {
-        let per_100ms = |size| BucketConfig {
-            size,
-            one_time_burst: 0,
-            refill_time_ms: 100,
-        };
-        RateLimiter::new(
-            bw.map(per_100ms),
-            ops.map(per_100ms),
-            Arc::new(clock.clone()),
-        )
-    }
 
     #[test]
     fn an_ops_limit_holds_requests_in_the_ring_until_the_timer() -> TestResult {
         let mem = memory();
         let mut rig = Rig::new(&mem, false);
         let clock = ManualClock::default();
-        rig.dev.set_rate_limiter(limited(&clock, None, Some(2)));
+        rig.dev
+            .set_rate_limiter(clock.limiter(None, Some(BucketConfig::new(2, 100))));
         for n in 0..5 {
             rig.read_req(n, n, 512);
         }
@@ -1387,7 +1374,8 @@ mod rate_limits {
         let mut rig = Rig::new(&mem, false);
         let clock = ManualClock::default();
         // 4 KiB per 100 ms.
-        rig.dev.set_rate_limiter(limited(&clock, Some(4096), None));
+        rig.dev
+            .set_rate_limiter(clock.limiter(Some(BucketConfig::new(4096, 100)), None));
         rig.write_req(0, 0, 8192, 0x11); // bigger than the bucket: passes, debt
         rig.write_req(1, 16, 512, 0x22);
         rig.run()?;
@@ -1408,7 +1396,8 @@ mod rate_limits {
         let mem = memory();
         let mut rig = Rig::new(&mem, false);
         let clock = ManualClock::default();
-        rig.dev.set_rate_limiter(limited(&clock, None, Some(1)));
+        rig.dev
+            .set_rate_limiter(clock.limiter(None, Some(BucketConfig::new(1, 100))));
         for n in 0..4 {
             rig.read_req(n, n, 512);
         }

@@ -995,25 +995,11 @@ mod rate_limits {
     //! guest or the tap left them and move again when the slot's timer
     //! (here: the test) says so.
 
-    use std::sync::Arc;
     use std::time::Duration;
 
     use super::*;
-    use crate::rate_limiter::{BucketConfig, DeviceRateLimiter, ManualClock, RateLimiter};
+    use crate::rate_limiter::{BucketConfig, DeviceRateLimiter, ManualClock};
     use crate::virtio::Throttle;
-
-    fn limited(clock: &ManualClock, bw: Option<u64>, ops: Option<u64>) -> DeviceRateLimiter {
-        let per_100ms = |size| BucketConfig {
-            size,
-            one_time_burst: 0,
-            refill_time_ms: 100,
-        };
-        RateLimiter::new(
-            bw.map(per_100ms),
-            ops.map(per_100ms),
-            Arc::new(clock.clone()),
-        )
-    }
 
     fn take_throttle(rig: &mut Rig) -> Option<Throttle> {
         VirtioDevice::<GuestMemoryMmap>::take_throttle(&mut rig.dev)
@@ -1027,7 +1013,7 @@ mod rate_limits {
         // 1000 bytes per 100 ms.
         rig.dev.set_rate_limiters(
             DeviceRateLimiter::default(),
-            limited(&clock, Some(1000), None),
+            clock.limiter(Some(BucketConfig::new(1000, 100)), None),
         );
         for n in 0..3 {
             let pkt = packet(600, n as u8);
@@ -1069,7 +1055,7 @@ mod rate_limits {
         let clock = ManualClock::default();
         // 1000 bytes per 100 ms.
         rig.dev.set_rate_limiters(
-            limited(&clock, Some(1000), None),
+            clock.limiter(Some(BucketConfig::new(1000, 100)), None),
             DeviceRateLimiter::default(),
         );
         for n in 0..6 {
