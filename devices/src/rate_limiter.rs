@@ -43,6 +43,9 @@ use std::time::{Duration, Instant};
 
 const NS_PER_MS: u64 = 1_000_000;
 
+/// Upper bound of [`RateLimiter`]'s shortest wait (see `shortest_wait`).
+const MAX_SHORTEST_WAIT: Duration = Duration::from_millis(1);
+
 /// A monotonic time source in nanoseconds from an arbitrary start.
 pub trait Clock: std::fmt::Debug {
     /// Nanoseconds since this clock's start; never goes backwards.
@@ -404,7 +407,19 @@ impl<C: Clock> RateLimiter<C> {
             return Ok(now);
         }
         self.throttled = self.throttled.saturating_add(1);
-        Err(wait)
+        Err(wait.max(self.shortest_wait()))
+    }
+
+    /// The shortest wait a refusal names: the exact wait for the next
+    /// request's tokens is often a few microseconds, and waking the VMM
+    /// thread for every request or two costs more CPU than the requests.
+    /// Waiting a sixteenth of the quickest refill time (at most 1 ms) lets
+    /// a batch through per wake-up, well before the bucket could fill and
+    /// lose tokens.
+    fn shortest_wait(&self) -> Duration {
+        let refill = |b: &Option<TokenBucket>| b.as_ref().map_or(u64::MAX, |b| b.refill_ns);
+        let quickest = refill(&self.bandwidth).min(refill(&self.ops));
+        Duration::from_nanos(quickest / 16).min(MAX_SHORTEST_WAIT)
     }
 
     /// Takes `bytes` for work [`Self::try_admit`] let through and that
@@ -691,6 +706,26 @@ mod tests {
             }
         }
         assert!((100_000..=103_000).contains(&bytes), "{bytes}");
+    }
+
+    #[test]
+    fn a_refusal_waits_long_enough_to_let_a_batch_through() {
+        let clock = ManualClock::default();
+        // 1000 ops per second: the next op is 10 us away, but a refusal
+        // names a sixteenth of the refill time, capped at 1 ms.
+        let mut rl = clock.limiter(None, Some(BucketConfig::new(1000, 1000)));
+        assert_eq!(rl.try_consume(0, 1000), Ok(()));
+        clock.advance(Duration::from_micros(990));
+        assert_eq!(rl.try_consume(0, 1), Err(Duration::from_millis(1)));
+        // A 1 ms bucket: a sixteenth of it, not a whole millisecond (the
+        // bucket would fill and lose tokens meanwhile).
+        let mut rl = clock.limiter(Some(BucketConfig::new(4096, 1)), None);
+        assert_eq!(rl.try_consume(4096, 1), Ok(()));
+        assert_eq!(rl.try_consume(1, 1), Err(Duration::from_nanos(62_500)));
+        // Long waits are exact.
+        let mut rl = clock.limiter(Some(BucketConfig::new(100, 1000)), None);
+        assert_eq!(rl.try_consume(100, 1), Ok(()));
+        assert_eq!(rl.try_consume(50, 1), Err(Duration::from_millis(500)));
     }
 
     #[test]
