@@ -257,7 +257,14 @@ pub mod fake {
                 } => {
                     // SAFETY: the caller guarantees `iovecs` holds `iovcnt`
                     // valid iovecs over writable buffers (submit's contract).
-                    res(unsafe { libc::preadv(fd, iovecs, iovcnt as i32, offset as i64) })
+                    let r = res(unsafe { libc::preadv(fd, iovecs, iovcnt as i32, offset as i64) });
+                    if r == -libc::ESPIPE {
+                        // A socket or pipe: the ring ignores the offset.
+                        // SAFETY: as above.
+                        res(unsafe { libc::readv(fd, iovecs, iovcnt as i32) })
+                    } else {
+                        r
+                    }
                 }
                 IoOp::Writev {
                     fd,
@@ -266,7 +273,13 @@ pub mod fake {
                     offset,
                 } => {
                     // SAFETY: as above, over readable buffers.
-                    res(unsafe { libc::pwritev(fd, iovecs, iovcnt as i32, offset as i64) })
+                    let r = res(unsafe { libc::pwritev(fd, iovecs, iovcnt as i32, offset as i64) });
+                    if r == -libc::ESPIPE {
+                        // SAFETY: as above.
+                        res(unsafe { libc::writev(fd, iovecs, iovcnt as i32) })
+                    } else {
+                        r
+                    }
                 }
                 IoOp::Fsync { fd, datasync } => {
                     // SAFETY: plain syscalls on an fd; no memory is passed.
