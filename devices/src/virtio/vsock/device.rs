@@ -131,10 +131,11 @@ pub struct VsockDevice {
     rsts: VecDeque<(u32, u32)>,
     /// A poll on the listener is in the kernel.
     listen_op: bool,
+    /// Generation of the listener's poll, so a stray completion is told
+    /// from the real one.
+    listen_gen: u32,
     /// The listener failed; no more host-initiated connections.
     listen_broken: bool,
-    /// Ring ops in the kernel (live and orphaned).
-    in_kernel: usize,
     /// Next host port to try for a host-initiated connection.
     next_port: u32,
     /// TX heads held (their payload not yet written).
@@ -184,8 +185,8 @@ impl VsockDevice {
             by_key: HashMap::new(),
             rsts: VecDeque::new(),
             listen_op: false,
+            listen_gen: 0,
             listen_broken: false,
-            in_kernel: 0,
             next_port: FIRST_LOCAL_PORT,
             tx_held: vec![false; usize::from(QUEUE_MAX_SIZE)],
             rx_held: vec![false; usize::from(QUEUE_MAX_SIZE)],
@@ -638,6 +639,28 @@ impl VsockDevice {
         }
     }
 
+    /// Whether the op a completion's tag names is one we have in the
+    /// kernel (a stray or repeated completion is ignored).
+    fn op_in_flight(&self, kind: Kind, i: usize, g: u32) -> bool {
+        if kind == Kind::Listen {
+            return self.listen_op && self.listen_gen & GEN_MASK == g;
+        }
+        if self.gen(i) & GEN_MASK != g {
+            return false;
+        }
+        let Some(c) = self.conns.get(i).and_then(Option::as_ref) else {
+            return false;
+        };
+        match kind {
+            Kind::Poll => c.ops.poll,
+            Kind::Read => c.ops.read.is_some(),
+            Kind::Write => c.ops.write,
+            Kind::LineRead => c.ops.line_read,
+            Kind::LineWrite => c.ops.line_write,
+            Kind::Listen => false,
+        }
+    }
+
     /// Submits `op` tagged `t`; false if the ring refused it (retried on
     /// the next pass).
     ///
@@ -647,10 +670,7 @@ impl VsockDevice {
     unsafe fn submit(&mut self, io: &mut dyn IoSubmit, op: IoOp, t: u64) -> bool {
         // SAFETY: forwarded from the caller.
         match unsafe { io.submit(op, t) } {
-            Ok(()) => {
-                self.in_kernel += 1;
-                true
-            }
+            Ok(()) => true,
             Err(e) => {
                 log::debug!("virtio-vsock: ring refused an op: {e}");
                 false
@@ -666,9 +686,13 @@ impl VsockDevice {
             fd: self.listener.as_raw_fd(),
             events: libc::POLLIN as u32,
         };
+        let g = self.listen_gen.wrapping_add(1);
         // SAFETY: a poll points at no memory; the listener outlives the
         // device's ops (the VMM drops the ring first).
-        self.listen_op = unsafe { self.submit(io, op, tag(Kind::Listen, 0, 0)) };
+        self.listen_op = unsafe { self.submit(io, op, tag(Kind::Listen, 0, g)) };
+        if self.listen_op {
+            self.listen_gen = g;
+        }
     }
 
     /// Submits what connection `i` needs next: its CONNECT line read, the
@@ -1015,7 +1039,10 @@ impl<M: GuestMemory> VirtioDevice<M> for VsockDevice {
             log::debug!("virtio-vsock: completion for unknown tag {tag:#x}");
             return;
         };
-        self.in_kernel = self.in_kernel.saturating_sub(1);
+        if !self.op_in_flight(kind, i, g) {
+            log::debug!("virtio-vsock: completion for no op in flight {tag:#x}");
+            return;
+        }
         if kind == Kind::Listen {
             self.listen_op = false;
             if res < 0 && res != -libc::ECANCELED {
@@ -1028,7 +1055,7 @@ impl<M: GuestMemory> VirtioDevice<M> for VsockDevice {
             } else if res > 0 && self.queues.is_active() {
                 self.accept_clients();
             }
-        } else if self.gen(i) & GEN_MASK == g && self.conn(i).is_some() {
+        } else {
             match kind {
                 Kind::Poll => {
                     if let Some(c) = self.conn(i) {
@@ -1061,14 +1088,18 @@ impl<M: GuestMemory> VirtioDevice<M> for VsockDevice {
                 }
                 Kind::Listen => {}
             }
-        } else {
-            log::debug!("virtio-vsock: completion for a freed connection {tag:#x}");
         }
         self.service(mem, io);
     }
 
     fn in_flight(&self) -> usize {
-        self.in_kernel
+        usize::from(self.listen_op)
+            + self
+                .conns
+                .iter()
+                .flatten()
+                .map(|c| c.ops.count())
+                .sum::<usize>()
     }
 
     fn stale_tags(&self) -> Vec<u64> {
@@ -1088,7 +1119,7 @@ impl<M: GuestMemory> VirtioDevice<M> for VsockDevice {
             tags.extend(ops.iter().filter(|o| o.0).map(|o| tag(o.1, i, g)));
         }
         if self.listen_op && !self.queues.is_active() {
-            tags.push(tag(Kind::Listen, 0, 0));
+            tags.push(tag(Kind::Listen, 0, self.listen_gen));
         }
         tags
     }

@@ -626,3 +626,31 @@ fn the_socket_file_is_removed_with_the_device() {
     std::fs::write(&path, b"").expect("file");
     assert!(VsockDevice::new(3, &path, Box::new(CountingLine::default())).is_err());
 }
+
+#[test]
+fn stray_completions_change_nothing() {
+    let mut rig = Rig::new();
+    rig.post_rx(4);
+    let listener = rig.listen_port(5);
+    let _host = rig.guest_connect(9, 5, &listener);
+    let before = VirtioDevice::<GuestMemoryMmap>::in_flight(&rig.dev);
+    assert!(before >= 2, "the listener and the connection are polled");
+    let kinds = [0u64, 1, 2, 3, 4, 5, 6, 7, 0xff];
+    for kind in kinds {
+        for slot in [0u64, 1, 0xffff] {
+            for gen in [0u64, 1, 2, 0xff_ffff] {
+                let tag = (kind << 40) | (slot << 24) | gen;
+                if rig.io.parked_polls.iter().any(|p| p.2 == tag) {
+                    continue;
+                }
+                for res in [0, 1, -libc::ECANCELED, i32::MAX, i32::MIN] {
+                    rig.dev.complete(tag, res, &rig.mem, &mut rig.io);
+                }
+            }
+        }
+    }
+    rig.dev.complete(u64::MAX, 0, &rig.mem, &mut rig.io);
+    assert_eq!(VirtioDevice::<GuestMemoryMmap>::in_flight(&rig.dev), before);
+    assert!(rig.received().is_empty());
+    assert_eq!(rig.dev.counters().active_connections, 1);
+}
