@@ -25,9 +25,7 @@ use devices::io::fake::{CountingLine, RecordingIo};
 use devices::io::IoOp;
 use devices::virtio::testing::transport_event;
 use devices::virtio::vsock::packet::{Header, HDR_LEN};
-use devices::virtio::vsock::{
-    VsockDevice, FEATURES, HOST_CID, MAX_PKT_DATA, RX_QUEUE, TX_QUEUE,
-};
+use devices::virtio::vsock::{VsockDevice, FEATURES, HOST_CID, MAX_PKT_DATA, RX_QUEUE, TX_QUEUE};
 use devices::virtio::{Activation, TransportEvent, VirtioDevice, F_VERSION_1};
 use libfuzzer_sys::fuzz_target;
 use ringvm_fuzz::driver::{
@@ -184,9 +182,11 @@ impl Rig<'_> {
             self.mem,
             &TransportEvent::Activate(activation),
         );
-        self.after_reset =
-            !<VsockDevice as VirtioDevice<GuestMemoryMmap>>::is_active(&self.dev);
+        self.after_reset = !<VsockDevice as VirtioDevice<GuestMemoryMmap>>::is_active(&self.dev);
+        // The slot serves every queue after an activation: the listener
+        // gets its poll.
         let _ = self.dev.process_queue(RX_QUEUE, self.mem, &mut self.io);
+        self.audit();
     }
 
     fn complete(&mut self, pick: usize, outcome: Outcome, fill: &[u8]) {
@@ -217,7 +217,11 @@ impl Rig<'_> {
     fn packet(&mut self, p: &Pkt) {
         let len = p.len.unwrap_or(p.payload.len() as u32);
         let h = Header {
-            src_cid: if p.bad_cids & 1 != 0 { p.cid } else { GUEST_CID },
+            src_cid: if p.bad_cids & 1 != 0 {
+                p.cid
+            } else {
+                GUEST_CID
+            },
             dst_cid: if p.bad_cids & 2 != 0 { p.cid } else { HOST_CID },
             src_port: u32::from(p.src_port % 8),
             dst_port: match p.dst % 5 {
@@ -340,14 +344,22 @@ fn run(mem: &GuestMemoryMmap, input: &Input) {
     }
 
     rig.io.full = false;
+    rig.audit();
     rig.complete_all(Outcome::Full);
     rig.reset();
     rig.complete_all(Outcome::Errno(3));
-    assert!(rig.audit.pending.is_empty(), "ops keep coming after a reset");
+    assert!(
+        rig.audit.pending.is_empty(),
+        "ops keep coming after a reset"
+    );
     assert_eq!(
         <VsockDevice as VirtioDevice<GuestMemoryMmap>>::in_flight(&rig.dev),
         0,
         "ops still counted in flight"
     );
-    assert_eq!(rig.dev.counters().active_connections, 0, "connections outlive a reset");
+    assert_eq!(
+        rig.dev.counters().active_connections,
+        0,
+        "connections outlive a reset"
+    );
 }

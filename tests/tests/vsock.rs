@@ -20,7 +20,7 @@ use ringvm_tests::command::{run_command, runner_root};
 use ringvm_tests::{guest_dir, kvm_available, ringvm_bin, workspace_root, Scratch};
 
 /// Bytes each way: above the 256 KiB of credit each side offers.
-const BULK: usize = 640 * 1024;
+const BULK: usize = 320 * 1024;
 const DEADLINE: Duration = Duration::from_secs(1200);
 
 fn pattern(i: usize) -> u8 {
