@@ -300,7 +300,10 @@ fn a_guest_configured_over_the_socket_boots_and_is_managed_while_running() {
         .0,
         204
     );
-    let root = serde_json::json!({"drive_id":"rootfs","path_on_host":rootfs,"is_root_device":true,"is_read_only":false});
+    // The root drive boots through an ops limit (40 requests per second in
+    // bursts of 4): the kernel's readahead runs into it.
+    let root = serde_json::json!({"drive_id":"rootfs","path_on_host":rootfs,"is_root_device":true,"is_read_only":false,
+        "rate_limiter":{"ops":{"size":4,"refill_time":100}}});
     assert_eq!(curl("PUT", "/drives/rootfs", &root.to_string()).0, 204);
     let d = serde_json::json!({"drive_id":"data","path_on_host":data,"is_root_device":false,"is_read_only":false});
     assert_eq!(curl("PUT", "/drives/data", &d.to_string()).0, 204);
@@ -385,6 +388,24 @@ fn a_guest_configured_over_the_socket_boots_and_is_managed_while_running() {
     assert!(
         line["block"]["rootfs"]["requests"].as_u64().unwrap_or(0) > 0,
         "{line}"
+    );
+    // The limiter set at PUT acted on the guest's requests.
+    assert!(
+        line["block"]["rootfs"]["rate_limiter_throttled_events"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0,
+        "the root drive's ops limit never held a request back: {line}"
+    );
+    // Lifted live: a zero size removes the bucket.
+    let lift = r#"{"drive_id":"rootfs","rate_limiter":{"ops":{"size":0,"refill_time":0}}}"#;
+    let (code, body) = request(&sock, "PATCH", "/drives/rootfs", Some(lift));
+    assert_eq!(code, 204, "{body}");
+    let (_, body) = request(&sock, "GET", "/vm/config", None);
+    let cfg: serde_json::Value = serde_json::from_str(&body).expect("vm/config is JSON");
+    assert!(
+        cfg["drives"][0].get("rate_limiter").is_none(),
+        "the lifted limit is still reported: {body}"
     );
 
     let patch = serde_json::json!({"drive_id":"data","path_on_host":data2});

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use devices::rate_limiter::{BucketConfig, BucketUpdate, RateLimiter};
+use devices::rate_limiter::{BucketConfig, BucketUpdate, DeviceRateLimiter, RateLimiter};
 use devices::virtio::net::MacAddr;
 use serde::{Deserialize, Serialize};
 
@@ -200,12 +200,17 @@ impl<'de> Deserialize<'de> for RateLimiterConfig {
 
 impl RateLimiterConfig {
     /// A limiter with full buckets, for a device being built.
-    pub fn limiter(&self) -> RateLimiter {
+    pub fn limiter(&self) -> DeviceRateLimiter {
         RateLimiter::new(
             self.bandwidth.map(|b| b.bucket()),
             self.ops.map(|b| b.bucket()),
-            devices::rate_limiter::MonotonicClock,
+            std::sync::Arc::new(devices::rate_limiter::MonotonicClock),
         )
+    }
+
+    /// The limiter for an optional configuration (none: unlimited).
+    pub fn limiter_for(config: Option<&Self>) -> DeviceRateLimiter {
+        config.map(Self::limiter).unwrap_or_default()
     }
 
     /// What this body means as a live update (`PATCH`): a bucket it names

@@ -41,7 +41,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::io::InterruptLine;
 
-pub use device::{DeviceError, PollRequest, ProcessOutcome, VirtioDevice};
+pub use device::{DeviceError, LimiterSide, PollRequest, ProcessOutcome, Throttle, VirtioDevice};
 pub use inflight::{
     map_guest_buffer, Generation, InFlight, Iovecs, MapError, Reserved, Tag, Taken,
 };

@@ -21,7 +21,7 @@ use devices::virtio::vsock::VsockDevice;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::device_manager::{new_eventfd, DeviceError, DeviceManager, EventWiring};
-use crate::config::{CacheType, DriveConfig, EntropyConfig, NetConfig};
+use crate::config::{CacheType, DriveConfig, EntropyConfig, NetConfig, RateLimiterConfig};
 use crate::exit_code;
 use crate::host_file::{open_image, ImageAccess};
 use crate::ring::slot::DynDevice;
@@ -169,7 +169,7 @@ impl VirtioBuilder {
     pub fn add_drive(&mut self, cfg: &DriveConfig) -> Result<(), DeviceSetupError> {
         let file = open_backing_file(cfg)?;
         self.add(&cfg.drive_id, |line| {
-            BlockDevice::new(
+            let mut drive = BlockDevice::new(
                 BlockConfig {
                     file,
                     read_only: cfg.is_read_only,
@@ -177,7 +177,9 @@ impl VirtioBuilder {
                     id: cfg.drive_id.clone(),
                 },
                 line,
-            )
+            )?;
+            drive.set_rate_limiter(RateLimiterConfig::limiter_for(cfg.rate_limiter.as_ref()));
+            Ok::<_, devices::virtio::block::BlockError>(drive)
         })
     }
 
@@ -193,13 +195,17 @@ impl VirtioBuilder {
             tap.set_mtu(mtu).map_err(tap_error)?;
         }
         self.add(&cfg.iface_id, |line| {
-            let device = NetDevice::with_mtu(
+            let mut device = NetDevice::with_mtu(
                 NetDeviceConfig {
                     tap,
                     mac: cfg.guest_mac,
                 },
                 line,
                 cfg.mtu,
+            );
+            device.set_rate_limiters(
+                RateLimiterConfig::limiter_for(cfg.rx_rate_limiter.as_ref()),
+                RateLimiterConfig::limiter_for(cfg.tx_rate_limiter.as_ref()),
             );
             log::info!(
                 "network interface {}: tap {} guest MAC {}",
@@ -212,9 +218,11 @@ impl VirtioBuilder {
     }
 
     /// The virtio-rng entropy device, fed by the host's getrandom.
-    pub fn add_rng(&mut self, _cfg: &EntropyConfig) -> Result<(), DeviceSetupError> {
+    pub fn add_rng(&mut self, cfg: &EntropyConfig) -> Result<(), DeviceSetupError> {
         self.add("rng0", |line| {
-            Ok::<_, std::convert::Infallible>(RngDevice::new(Box::new(HostRandom), line))
+            let mut rng = RngDevice::new(Box::new(HostRandom), line);
+            rng.set_rate_limiter(RateLimiterConfig::limiter_for(cfg.rate_limiter.as_ref()));
+            Ok::<_, std::convert::Infallible>(rng)
         })
     }
 
