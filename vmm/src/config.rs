@@ -536,6 +536,9 @@ pub enum ConfigError {
     /// No kernel was given.
     #[error("no kernel: give --kernel PATH (or boot-source.kernel_image_path)")]
     NoKernel,
+    /// The vsock device is misconfigured.
+    #[error("{0}")]
+    Vsock(#[from] crate::vsock::VsockConfigError),
 }
 
 /// Everything needed to build and boot one VM.
@@ -557,6 +560,9 @@ pub struct VmConfig {
     /// The entropy device, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entropy: Option<EntropyConfig>,
+    /// The vsock device, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<crate::vsock::VsockConfig>,
     /// Log the time from process start to the guest's boot-timer write.
     #[serde(skip)]
     pub boot_timer: bool,
@@ -609,7 +615,11 @@ impl VmConfig {
         let devices = self.drives.len()
             + self.network_interfaces.len()
             + usize::from(self.entropy.is_some())
+            + usize::from(self.vsock.is_some())
             + self.runner.as_ref().map_or(0, |r| r.device_count());
+        if let Some(v) = &self.vsock {
+            v.validate()?;
+        }
         if devices > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(devices));
         }

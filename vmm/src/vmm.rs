@@ -220,6 +220,9 @@ impl Vmm {
         if let Some(entropy) = &config.entropy {
             virtio.add_rng(entropy)?;
         }
+        if let Some(vsock) = &config.vsock {
+            virtio.add_vsock(vsock)?;
+        }
         if let Some(runner) = &config.runner {
             virtio.add_runner(runner)?;
         }

@@ -109,7 +109,10 @@ impl ProcessOutcome {
 
 /// A host fd the device waits on when it cannot use the ring's own poll
 /// (e.g. a tap that answered EAGAIN): the slot arms a one-shot POLLIN on
-/// `fd` and calls `process_queue(queue)` when it fires.
+/// `fd` and calls `process_queue(queue)` when it fires. A device that
+/// watches many fds (virtio-vsock: a listener and one socket per
+/// connection) submits [`IoOp::Poll`](crate::io::IoOp::Poll) ops with its
+/// own tags instead, and hears of them in `complete`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PollRequest {
     /// The fd to watch for readability.

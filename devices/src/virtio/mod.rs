@@ -32,6 +32,7 @@ pub mod rng;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 mod virtqueues;
+pub mod vsock;
 
 use std::io;
 use std::ops::Range;

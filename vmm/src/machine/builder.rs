@@ -17,6 +17,7 @@ use devices::virtio::block::{BlockConfig, BlockDevice};
 use devices::virtio::net::{NetConfig as NetDeviceConfig, NetDevice, TapDevice, TapError};
 use devices::virtio::p9::{ControlFs, HostFs, HostFsError, P9Device};
 use devices::virtio::rng::{HostRandom, RngDevice};
+use devices::virtio::vsock::VsockDevice;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::device_manager::{new_eventfd, DeviceError, DeviceManager, EventWiring};
@@ -65,6 +66,14 @@ pub enum DeviceSetupError {
         /// Why.
         source: HostFsError,
     },
+    /// The vsock device's Unix socket cannot be listened on.
+    #[error("vsock: cannot listen on {path}: {source}")]
+    Vsock {
+        /// The socket path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// An interrupt eventfd could not be made, or placement failed.
     #[error("{id}: {source}")]
     Wiring {
@@ -82,7 +91,8 @@ impl DeviceSetupError {
         match self {
             DeviceSetupError::OpenDrive { .. }
             | DeviceSetupError::Tap { .. }
-            | DeviceSetupError::Share { .. } => exit_code::BAD_CONFIG,
+            | DeviceSetupError::Share { .. }
+            | DeviceSetupError::Vsock { .. } => exit_code::BAD_CONFIG,
             DeviceSetupError::Device { .. } | DeviceSetupError::Wiring { .. } => {
                 exit_code::INTERNAL
             }
@@ -213,6 +223,25 @@ impl VirtioBuilder {
             let mut rng = RngDevice::new(Box::new(HostRandom), line);
             rng.set_rate_limiter(RateLimiterConfig::limiter_for(cfg.rate_limiter.as_ref()));
             Ok::<_, std::convert::Infallible>(rng)
+        })
+    }
+
+    /// The virtio-vsock device: listens on `uds_path` now (a path in use
+    /// is a configuration error before the guest starts).
+    pub fn add_vsock(&mut self, cfg: &crate::vsock::VsockConfig) -> Result<(), DeviceSetupError> {
+        let listener = devices::virtio::vsock::host::listen(&cfg.uds_path).map_err(|source| {
+            DeviceSetupError::Vsock {
+                path: cfg.uds_path.clone(),
+                source,
+            }
+        })?;
+        self.add("vsock", |line| {
+            Ok::<_, std::convert::Infallible>(VsockDevice::with_listener(
+                u64::from(cfg.guest_cid),
+                &cfg.uds_path,
+                listener,
+                line,
+            ))
         })
     }
 
