@@ -1117,12 +1117,21 @@ const METHOD: &[&str] = &[
 /// What bounds the figures, as the breakdown table shows it.
 const BOUNDS: &[&str] = &[
     "Syscalls per request = (io_uring_enter + irq writes) / requests, so staying under 0.1 needs about 20 requests per turn and at most one irq write per turn. At QD 32 that means nearly the whole queue must be popped in one drain and completed in one turn.",
-    "Requests per turn: a turn ends at the first completion unless 4 or more disk operations are in flight, when it waits up to 10 µs (IORING_ENTER min-wait, kernel 6.12+) for a quarter of them. Where io_uring completes inline (ext4 page-cache reads), a kick's whole drain completes in one turn. Where it punts to io-wq (tmpfs, buffered ext4 writes), completions come back a few at a time.",
+    "Requests per turn: a turn ends at the first completion unless 4 or more disk operations are in flight, when it waits for a quarter of them (2..64), at most 1 ms (vmm/src/ring/batch.rs). Where io_uring completes inline (ext4 page-cache reads), a kick's whole drain completes in one turn. Where it punts to io-wq (tmpfs, buffered ext4 writes), completions come back one io-wq worker's op at a time (about 2-3 µs each here), so at QD 32 a turn collects about 8 and syscalls per request stay near 0.17-0.2: under 0.1 would need waiting for half the queue, which measured no faster.",
+    "VMM CPU per request at QD >= 32 on tmpfs is now close to fio's (about 1-2 µs against 1.1-1.4 µs); what is left between ringvm and fio there is the machine: ringvm needs three busy threads (guest driver, VMM thread, io-wq worker) on 2 CPUs shared with other jobs (the others' CPUs column, 1.2-1.7 during these runs), fio two. O_DIRECT 4 KiB (disk-direct) stays near 0.55-0.85x with the VMM thread at 3-5 µs/request against fio's 2.5-3.2: each completion comes back through the block interrupt and task work, and the VMM thread sleeps and is woken per batch.",
     "Irq writes: at most one per drive per turn (`VirtioDevices::end_turn` raises each device's interrupt once for the batch).",
     "io-wq: on this kernel io_uring punts every tmpfs read and write and every buffered ext4 write to an io-wq worker (an iou-wrk thread appears, for fio too): the submitting thread first tries the request inline, fails, and hands it over, so each such request costs one more cross-thread hand-off (the io-wq wake-ups column). Measured with fio alone (--async-reference does it in the rounds): --force_async=1, which skips the inline attempt and lets several workers run at once, gave 3x fio's default IOPS on tmpfs randread QD32 and 4x on buffered ext4 randwrite QD32, with less CPU on the submitting thread (0.77 vs 1.20 µs/request), but 0.4x on ext4 page-cache randread QD1. So at QD >= 32 on tmpfs fio's default is not the host's limit.",
-    "VMM instructions per request (bench-callgrind, deterministic): about 4000-4400 at QD32, of which parsing the request (`request::parse`) is half, guest-memory address translation and slice copies (to_region_addr, read_slice, write_slice, the descriptor walk) about 30%, and 4 heap allocations and frees per request about 20%; writes also pay about 330 in the FLUSH barrier's BTreeMap (insert at submit, remove at completion).",
+    "VMM instructions per request (bench-callgrind, deterministic): about 3450-3700 at QD32, most of it guest-memory address translation and slice copies (to_region_addr, read_slice, write_slice, the descriptor walk, about 40%) and the request's parse and submission; no heap allocation per request. They are a small part of the VMM thread's time: perf showed most of it in the kernel (io_uring_enter's submission, task work and waiting).",
     "QD 1: three syscalls per request on the VMM thread (strace -c -p <vmm tid>: exactly 2 io_uring_enter + 1 irq write per request, nothing else), and every request costs two cross-thread wake-ups (doorbell -> VMM thread, irqfd -> guest), three or more where io-wq runs the I/O. fio does one syscall with an inline completion. On this nested VM a cross-CPU wake-up costs several µs, which is why the VMM thread's CPU per request is high there. A real guest pays those two hops too (ioeventfd exit, irq injection).",
     "Throughput ratio: on 2 CPUs the VMM thread and the guest driver take one CPU each, plus io-wq workers, while fio's single thread has the machine to itself. Whatever else runs (the others' CPUs column) costs ringvm more than fio. Ratios vary by ±20-30% between runs on this shared machine, so treat single points as rough.",
+];
+
+/// Changes kept for issue 14, with their before/after (the commits carry
+/// the full figures).
+const CHANGES: &[&str] = &[
+    "Request parse without heap allocations (request::Parser keeps its vectors): VMM instructions/request (callgrind) tmpfs randread 4k QD32 4107 -> 3456, randwrite 4119 -> 3439, QD1 5523 -> 4903.",
+    "A turn waits for its disk batch by count with a 1 ms bound instead of a 10 µs min-wait timer (ring/batch.rs): perf had ~1/3 of the VMM thread in io_cqring_wait's hrtimer arming (a hypervisor exit each in a VM) and the extra timer wake-ups. tmpfs 4k ratio medians, 2 runs x 3 rounds each, same hour: randread QD32 0.55x/0.49x -> 0.89x/0.85x, randwrite QD32 0.43x/0.48x -> 0.80x/0.85x, randread QD128 0.99x/0.70x -> 1.05x/1.23x, randwrite QD128 0.67x/0.64x -> 1.12x/0.96x; VMM CPU 3.3-5.2 -> 1.0-2.0 µs/request; syscalls/request at QD128 0.10-0.17 -> 0.06-0.08.",
+    "Tried and dropped (same runs): no batching (want 1, as fio): VMM CPU as low but 0.17-0.55 syscalls/request; a 5 ms bound: no better than 1 ms; waiting for half the queue: no clear gain; a 20 µs user-space spin on the completion queue before sleeping: no gain at QD1, and it takes the CPU the io-wq worker needs on this 2-CPU machine; IOSQE_ASYNC for files that punt: not measured this time (the ring's lockdown refuses every SQE flag, so it needs an allowed-flags restriction and a reason in lockdown.rs).",
 ];
 
 const QEMU_NOTE: &str = "QEMU side-by-side: not run. This machine's KVM is PVM-native (guest code runs in KVM's instruction emulator at ~1.6 us/instruction), so a QEMU guest would measure the emulator, not QEMU's block layer; a fake figure would be worse than none. The comparison here is against the host limit (fio io_uring on the same file) instead.";
@@ -1304,6 +1313,11 @@ fn markdown(rows: &[Row], ctx: &Context, args: &Args) -> String {
             if sc < SYSCALL_TARGET { "met" } else { "MISSED" },
         );
     }
+    let _ = writeln!(s, "## Changes kept (issue 14)\n");
+    for c in CHANGES {
+        let _ = writeln!(s, "- {c}");
+    }
+    let _ = writeln!(s);
     report::notes_markdown(&mut s, BOUNDS, METHOD, QEMU_NOTE);
     s
 }
@@ -1385,7 +1399,9 @@ fn json_report(rows: &[Row], ctx: &Context, args: &Args) -> Value {
         "summary": summary_json(
             "virtio-blk vs fio io_uring on the same file",
             &settings(ctx, args),
-            &[format!("QD >= 32 also has a syscall target (< {SYSCALL_TARGET} per request): see blk.md.")],
+            &std::iter::once(format!("QD >= 32 also has a syscall target (< {SYSCALL_TARGET} per request): see blk.md."))
+                .chain(CHANGES.iter().map(|c| c.to_string()))
+                .collect::<Vec<_>>(),
         ),
         "host": host,
         "config": {
@@ -1400,6 +1416,7 @@ fn json_report(rows: &[Row], ctx: &Context, args: &Args) -> Value {
         "results": results,
         "method": METHOD,
         "bounds": BOUNDS,
+        "changes": CHANGES,
         "qemu": QEMU_NOTE,
     })
 }

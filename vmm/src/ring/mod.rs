@@ -16,10 +16,12 @@ use std::os::fd::RawFd;
 use devices::io::{IoOp, IoSubmit, IoSubmitError, TAG_MAX};
 use io_uring::{opcode, squeue, types, IoUring};
 
+pub mod batch;
 pub mod lockdown;
 pub mod slot;
 mod token;
 
+use batch::{BatchWait, BATCH_TIMEOUT_NS};
 pub use slot::{DeviceSlot, VirtioDevices};
 pub use token::Token;
 
@@ -41,20 +43,11 @@ pub struct Ring {
     ring: IoUring,
     in_flight: usize,
     deferred_taskrun: bool,
-    /// The kernel can wait for a batch with a bounded delay (6.12+).
-    min_timeout: bool,
-    /// Disk I/O operations in the kernel.
-    batch_in_flight: usize,
+    /// The kernel can wait with a timeout (IORING_FEAT_EXT_ARG, 5.11+).
+    timed_wait: bool,
+    /// Disk operations in the kernel (`batch.rs`).
+    batch: BatchWait,
 }
-
-/// While this many disk operations are in flight, a turn waits up to
-/// [`BATCH_WAIT_US`] for more of them to finish before returning.
-pub const BATCH_THRESHOLD: usize = 4;
-/// Longest extra wait for a batch: interrupt coalescing, traded for one
-/// `io_uring_enter` (and one guest interrupt) per batch instead of per
-/// completion. Below [`BATCH_THRESHOLD`] a turn returns at the first
-/// completion, so light loads see no added latency.
-pub const BATCH_WAIT_US: u32 = 10;
 
 impl std::fmt::Debug for Ring {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -89,13 +82,13 @@ impl Ring {
             }
         };
         lockdown::restrict_and_enable(&ring)?;
-        let min_timeout = ring.params().is_feature_min_timeout();
+        let timed_wait = ring.params().is_feature_ext_arg();
         Ok(Self {
             ring,
             in_flight: 0,
             deferred_taskrun,
-            min_timeout,
-            batch_in_flight: 0,
+            timed_wait,
+            batch: BatchWait::default(),
         })
     }
 
@@ -141,24 +134,22 @@ impl Ring {
         }
     }
 
-    /// How many completions the next turn waits for, and how long at most
-    /// before it settles for one.
-    fn wait_plan(&self) -> Option<(usize, u32)> {
-        if !self.min_timeout || self.batch_in_flight < BATCH_THRESHOLD {
-            return None;
-        }
-        Some(((self.batch_in_flight / 4).clamp(2, 64), BATCH_WAIT_US))
+    /// How many completions the next turn waits for (at most
+    /// [`BATCH_TIMEOUT_NS`]); `None`: the first one.
+    fn wait_plan(&self) -> Option<usize> {
+        self.batch.want().filter(|_| self.timed_wait)
     }
 
     /// One loop turn: submits everything queued, waits for at least one
-    /// completion (for a batch, briefly, when much disk I/O is in flight)
-    /// unless `wait` is false (work is pending without any op to wait
-    /// for), and appends all available completions to `out`.
+    /// completion (for a batch when much disk I/O is in flight, see
+    /// `batch.rs`) unless `wait` is false (work is pending without any op
+    /// to wait for), and appends all available completions to `out`.
     pub fn turn(&mut self, out: &mut Vec<Completion>, wait: bool) -> io::Result<()> {
         let entered = match self.wait_plan() {
             _ if !wait => self.ring.submit(),
-            Some((want, wait_us)) => {
-                let args = types::SubmitArgs::new().min_wait_usec(wait_us);
+            Some(want) => {
+                let timeout = types::Timespec::new().nsec(BATCH_TIMEOUT_NS);
+                let args = types::SubmitArgs::new().timespec(&timeout);
                 self.ring.submitter().submit_with_args(want, &args)
             }
             None => self.ring.submit_and_wait(1),
@@ -187,7 +178,7 @@ impl Ring {
             });
         }
         let done = out[first..].iter().filter(|c| c.token.is_batched()).count();
-        self.batch_in_flight = self.batch_in_flight.saturating_sub(done);
+        self.batch.completed(done);
         Ok(())
     }
 }
@@ -312,7 +303,7 @@ impl IoSubmit for DeviceIo<'_> {
             }
         })?;
         if self.batched {
-            self.ring.batch_in_flight += 1;
+            self.ring.batch.submitted();
         }
         Ok(())
     }
@@ -355,20 +346,20 @@ mod tests {
     use vmm_sys_util::eventfd::EventFd;
 
     #[test]
-    fn batching_waits_only_under_load() {
+    fn batching_waits_only_under_disk_load() {
         let mut ring = Ring::new().unwrap();
-        ring.batch_in_flight = BATCH_THRESHOLD - 1;
+        for _ in 0..batch::BATCH_THRESHOLD - 1 {
+            ring.batch.submitted();
+        }
         assert_eq!(
             ring.wait_plan(),
             None,
             "light load: first completion ends the turn"
         );
-        ring.batch_in_flight = 32;
-        if ring.min_timeout {
-            assert_eq!(ring.wait_plan(), Some((8, BATCH_WAIT_US)));
-        } else {
-            assert_eq!(ring.wait_plan(), None, "kernel without min-timeout");
+        for _ in 0..29 {
+            ring.batch.submitted();
         }
+        assert_eq!(ring.wait_plan(), Some(8));
     }
 
     #[test]

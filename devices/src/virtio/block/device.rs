@@ -155,6 +155,8 @@ pub struct BlockDevice {
     /// FLUSHes waiting for earlier writes, oldest first (at most a queue's
     /// worth: each holds a chain).
     parked_flushes: std::collections::VecDeque<ParkedFlush>,
+    /// Keeps the parser's vectors from one request to the next.
+    parser: request::Parser,
     counters: BlockCounters,
     log: GuestLog,
     /// Bandwidth (bytes read or written) and ops (requests) limits.
@@ -208,6 +210,7 @@ impl BlockDevice {
             inflight: InFlight::new(REQUEST_QUEUE as u8, QUEUE_MAX_SIZE),
             next_write_seq: 0,
             parked_flushes: std::collections::VecDeque::new(),
+            parser: request::Parser::default(),
             counters: BlockCounters::default(),
             log: GuestLog::new("virtio-blk"),
             limiter: DeviceRateLimiter::default(),
@@ -330,16 +333,17 @@ impl BlockDevice {
         }
         self.counters.requests += 1;
         let limits = self.limits();
-        let parsed =
-            request::parse(chain, mem, &limits).and_then(|r| {
-                match request::check_request(&r, &limits) {
-                    Ok(()) => Ok(r),
-                    Err(error) => Err(request::ParseError {
-                        status: Some(r.status),
-                        error,
-                    }),
+        let parsed = match self.parser.parse(chain, mem, &limits) {
+            Ok(r) => match request::check_request(&r, &limits) {
+                Ok(()) => Ok(r),
+                Err(error) => {
+                    let status = Some(r.status);
+                    self.parser.recycle(r);
+                    Err(request::ParseError { status, error })
                 }
-            });
+            },
+            Err(e) => Err(e),
+        };
         let req = match parsed {
             Ok(r) => r,
             Err(e) => {
@@ -373,11 +377,15 @@ impl BlockDevice {
         match req.op {
             Operation::GetId => {
                 let written = write_id(mem, &req, &self.id);
-                answer(queue, mem, head, Some((req.status, ok)), written + 1)?;
+                let status = req.status;
+                self.parser.recycle(req);
+                answer(queue, mem, head, Some((status, ok)), written + 1)?;
                 return Ok(ChainTaken::Answered);
             }
             Operation::Read { .. } | Operation::Write { .. } if req.data_len == 0 => {
-                answer(queue, mem, head, Some((req.status, ok)), 1)?;
+                let status = req.status;
+                self.parser.recycle(req);
+                answer(queue, mem, head, Some((status, ok)), 1)?;
                 return Ok(ChainTaken::Answered);
             }
             Operation::Flush if self.must_wait(self.next_write_seq) => {
@@ -390,7 +398,10 @@ impl BlockDevice {
             }
             _ => {}
         }
-        match self.submit(mem, io, head, &req) {
+        let submitted = self.submit(mem, io, head, &req);
+        let status = req.status;
+        self.parser.recycle(req);
+        match submitted {
             Ok(true) => Ok(ChainTaken::Submitted),
             Ok(false) => {
                 self.counters.requests -= 1;
@@ -403,7 +414,7 @@ impl BlockDevice {
                     "not-submitted",
                     format_args!("request failed before I/O: {e}"),
                 );
-                let status = Some((req.status, VIRTIO_BLK_S_IOERR as u8));
+                let status = Some((status, VIRTIO_BLK_S_IOERR as u8));
                 answer(queue, mem, head, status, 1)?;
                 Ok(ChainTaken::Answered)
             }

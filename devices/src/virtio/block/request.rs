@@ -209,59 +209,60 @@ fn total(segs: &[Segment]) -> u64 {
     segs.iter().map(|s| u64::from(s.len)).sum()
 }
 
-/// Splits `segs` after `at` bytes.
-fn split_at(segs: &[Segment], at: u64) -> (Vec<Segment>, Vec<Segment>) {
-    let mut head = Vec::new();
-    let mut tail = Vec::new();
-    let mut left = at;
-    for s in segs {
-        let len = u64::from(s.len);
-        if left >= len {
-            head.push(*s);
-            left -= len;
-        } else if left == 0 {
-            tail.push(*s);
-        } else {
-            // left < len <= u32::MAX, so both halves fit in u32 and the
-            // address cannot overflow (checked when the segment was made).
-            let cut = left as u32;
-            head.push(Segment {
-                addr: s.addr,
-                len: cut,
-            });
-            tail.push(Segment {
-                addr: s.addr.unchecked_add(left),
-                len: s.len - cut,
-            });
-            left = 0;
-        }
-    }
-    (head, tail)
-}
-
-/// Copies the first `out.len()` bytes of `segs` out of guest memory.
+/// Copies the first `out.len()` bytes of the non-empty descriptors in
+/// `descs`, starting `skip` bytes in, out of guest memory.
 fn read_prefix<M: GuestMemory>(
     mem: &M,
-    segs: &[Segment],
+    descs: &[Descriptor],
+    skip: u64,
     out: &mut [u8],
 ) -> Result<(), RequestError> {
     let mut done = 0usize;
-    for s in segs {
+    let mut skip = skip;
+    for d in descs {
         if done == out.len() {
             break;
         }
-        let n = (out.len() - done).min(s.len as usize);
+        let len = u64::from(d.len());
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        // skip < len <= u32::MAX, and addr + len was checked not to overflow.
+        let addr = d.addr().unchecked_add(skip);
+        let n = (out.len() - done).min((len - skip) as usize);
+        skip = 0;
         let dst = out
             .get_mut(done..done + n)
             .ok_or(RequestError::HeaderTooShort)?;
-        mem.read_slice(dst, s.addr)
-            .map_err(|_| RequestError::OutsideMemory(s.addr.raw_value()))?;
+        mem.read_slice(dst, addr)
+            .map_err(|_| RequestError::OutsideMemory(addr.raw_value()))?;
         done += n;
     }
     if done == out.len() {
         Ok(())
     } else {
         Err(RequestError::HeaderTooShort)
+    }
+}
+
+/// Appends the non-empty parts of `descs` after the first `skip` bytes to
+/// `out`, as segments.
+fn push_segments(descs: &[Descriptor], skip: u64, out: &mut Vec<Segment>) {
+    let mut skip = skip;
+    for d in descs {
+        let len = u64::from(d.len());
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        // skip < len <= u32::MAX, so both fit in u32, and addr + len was
+        // checked not to overflow.
+        out.push(Segment {
+            addr: d.addr().unchecked_add(skip),
+            len: (len - skip) as u32,
+        });
+        skip = 0;
     }
 }
 
@@ -322,18 +323,83 @@ fn check_data<M: GuestMemory>(
 /// already bounds the walk by the queue (or indirect table) size and stops
 /// early on loops, bad indices or unreadable memory; this function notices
 /// the early stop (the last descriptor still says NEXT) and refuses it.
+/// Allocates its working vectors anew: the device keeps a [`Parser`] instead.
 pub fn parse<M, I>(descs: I, mem: &M, limits: &DiskLimits) -> Result<Request, ParseError>
 where
     M: GuestMemory,
     I: IntoIterator<Item = Descriptor>,
 {
-    let mut chain: Vec<Descriptor> = Vec::with_capacity(4);
-    for d in descs {
-        if chain.len() == MAX_DESCRIPTORS {
-            return Err(no_status(RequestError::TooManySegments));
+    Parser::default().parse(descs, mem, limits)
+}
+
+/// [`parse`] with its working vectors kept from one request to the next,
+/// so the data path allocates nothing per request once warm. Both are
+/// bounded: at most [`MAX_DESCRIPTORS`] descriptors and segments.
+#[derive(Debug, Default)]
+pub struct Parser {
+    /// The chain being parsed.
+    chain: Vec<Descriptor>,
+    /// The segment vector the next request's data goes into (handed back
+    /// with [`Parser::recycle`]).
+    spare: Vec<Segment>,
+}
+
+impl Parser {
+    /// Takes back a request's segment vector for the next parse.
+    pub fn recycle(&mut self, req: Request) {
+        let mut data = req.data;
+        if data.capacity() >= self.spare.capacity() {
+            data.clear();
+            self.spare = data;
         }
-        chain.push(d);
     }
+
+    /// Parses one request, as [`parse`] does.
+    pub fn parse<M, I>(
+        &mut self,
+        descs: I,
+        mem: &M,
+        limits: &DiskLimits,
+    ) -> Result<Request, ParseError>
+    where
+        M: GuestMemory,
+        I: IntoIterator<Item = Descriptor>,
+    {
+        let mut data = std::mem::take(&mut self.spare);
+        data.clear();
+        let chain = &mut self.chain;
+        chain.clear();
+        for d in descs {
+            if chain.len() == MAX_DESCRIPTORS {
+                self.spare = data;
+                return Err(no_status(RequestError::TooManySegments));
+            }
+            chain.push(d);
+        }
+        let parsed = parse_chain(chain, mem, limits, &mut data);
+        match parsed {
+            Ok((op, status)) => Ok(Request {
+                op,
+                data_len: total(&data),
+                data,
+                status,
+            }),
+            Err(e) => {
+                self.spare = data;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// The body of [`parse`] on a collected chain: the operation and the
+/// status byte's address, with the data segments appended to `data`.
+fn parse_chain<M: GuestMemory>(
+    chain: &[Descriptor],
+    mem: &M,
+    limits: &DiskLimits,
+    data: &mut Vec<Segment>,
+) -> Result<(Operation, GuestAddress), ParseError> {
     let Some((last, body)) = chain.split_last() else {
         return Err(no_status(RequestError::EmptyChain));
     };
@@ -359,90 +425,96 @@ where
     };
 
     // Readable descriptors first, then writable ones (VIRTIO 1.2 §2.7.4.2);
-    // the status byte is cut off the end of the last one.
-    let mut readable = Vec::new();
-    let mut writable = Vec::new();
+    // the status byte is cut off the end of the last one. A readable
+    // descriptor after a non-empty writable one is refused at once; after
+    // an empty writable one, once the walk found nothing worse.
     let last_trimmed = Descriptor::new(last.addr().raw_value(), status_off, last.flags(), 0);
-    for d in body.iter().chain(std::iter::once(&last_trimmed)) {
+    // Index in `body` of the first writable descriptor.
+    let mut split = body.len();
+    let mut has_writable = false;
+    let mut late_readable = false;
+    for (i, d) in body
+        .iter()
+        .chain(std::iter::once(&last_trimmed))
+        .enumerate()
+    {
         if d.addr().checked_add(u64::from(d.len())).is_none() {
             return Err(fail(RequestError::OutsideMemory(d.addr().raw_value())));
         }
         if d.is_write_only() {
-            if d.len() > 0 {
-                writable.push(Segment {
-                    addr: d.addr(),
-                    len: d.len(),
-                });
-            }
-        } else if !writable.is_empty() {
+            split = split.min(i);
+            has_writable |= d.len() > 0;
+        } else if has_writable {
             return Err(fail(RequestError::ReadableAfterWritable));
-        } else if d.len() > 0 {
-            readable.push(Segment {
-                addr: d.addr(),
-                len: d.len(),
-            });
+        } else if split < body.len() {
+            late_readable = true;
         }
     }
-    // A zero-length writable descriptor before a readable one is still
-    // out of order; catch what the empty-skip above let through.
-    let mut seen_writable = false;
-    for d in body {
-        if d.is_write_only() {
-            seen_writable = true;
-        } else if seen_writable {
-            return Err(fail(RequestError::ReadableAfterWritable));
-        }
+    if late_readable {
+        return Err(fail(RequestError::ReadableAfterWritable));
     }
+    let (readable, writable_body) = body.split_at(split);
+    let has_rest = readable.iter().map(|d| u64::from(d.len())).sum::<u64>() > HEADER_LEN;
 
     let mut header = [0u8; HEADER_LEN as usize];
-    read_prefix(mem, &readable, &mut header).map_err(fail)?;
-    let (_, rest) = split_at(&readable, HEADER_LEN);
+    read_prefix(mem, readable, 0, &mut header).map_err(fail)?;
     let mut word = [0u8; 4];
     word.copy_from_slice(&header[0..4]);
     let kind = u32::from_le_bytes(word);
     let mut dword = [0u8; 8];
     dword.copy_from_slice(&header[8..16]);
     let sector = u64::from_le_bytes(dword);
+    let push_writable = |data: &mut Vec<Segment>| {
+        push_segments(writable_body, 0, data);
+        push_segments(std::slice::from_ref(&last_trimmed), 0, data);
+    };
 
-    let (op, data) = match kind {
+    let op = match kind {
         VIRTIO_BLK_T_IN => {
-            if !rest.is_empty() {
+            if has_rest {
                 return Err(fail(RequestError::WrongDirection));
             }
-            let len = check_data(mem, &writable, Permissions::Write).map_err(fail)?;
+            push_writable(data);
+            let len = check_data(mem, data, Permissions::Write).map_err(fail)?;
             if !len.is_multiple_of(SECTOR_SIZE) {
                 return Err(fail(RequestError::MisalignedLength(len)));
             }
             let offset = disk_range(sector, len, limits).map_err(fail)?;
-            (Operation::Read { offset }, writable)
+            Operation::Read { offset }
         }
         VIRTIO_BLK_T_OUT => {
-            if !writable.is_empty() {
+            if has_writable {
                 return Err(fail(RequestError::WrongDirection));
             }
-            let len = check_data(mem, &rest, Permissions::Read).map_err(fail)?;
+            push_segments(readable, HEADER_LEN, data);
+            let len = check_data(mem, data, Permissions::Read).map_err(fail)?;
             if !len.is_multiple_of(SECTOR_SIZE) {
                 return Err(fail(RequestError::MisalignedLength(len)));
             }
             let offset = disk_range(sector, len, limits).map_err(fail)?;
-            (Operation::Write { offset }, rest)
+            Operation::Write { offset }
         }
         VIRTIO_BLK_T_FLUSH if !limits.flush => {
             return Err(fail(RequestError::Unsupported(VIRTIO_BLK_T_FLUSH)))
         }
-        VIRTIO_BLK_T_FLUSH => (Operation::Flush, Vec::new()),
+        VIRTIO_BLK_T_FLUSH => Operation::Flush,
         VIRTIO_BLK_T_GET_ID => {
-            if !rest.is_empty() {
+            if has_rest {
                 return Err(fail(RequestError::WrongDirection));
             }
-            check_data(mem, &writable, Permissions::Write).map_err(fail)?;
-            (Operation::GetId, writable)
+            push_writable(data);
+            check_data(mem, data, Permissions::Write).map_err(fail)?;
+            Operation::GetId
         }
         VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
-            if !writable.is_empty() {
+            if has_writable {
                 return Err(fail(RequestError::WrongDirection));
             }
-            let ranges = total(&rest);
+            let ranges = readable
+                .iter()
+                .map(|d| u64::from(d.len()))
+                .sum::<u64>()
+                .saturating_sub(HEADER_LEN);
             if ranges > RANGE_LEN && ranges.is_multiple_of(RANGE_LEN) {
                 // We advertise max_discard_seg = max_write_zeroes_seg = 1.
                 return Err(fail(RequestError::TooManySegments));
@@ -451,7 +523,7 @@ where
                 return Err(fail(RequestError::BadRange));
             }
             let mut range = [0u8; RANGE_LEN as usize];
-            read_prefix(mem, &rest, &mut range).map_err(fail)?;
+            read_prefix(mem, readable, HEADER_LEN, &mut range).map_err(fail)?;
             dword.copy_from_slice(&range[0..8]);
             let sector = u64::from_le_bytes(dword);
             word.copy_from_slice(&range[8..12]);
@@ -476,7 +548,7 @@ where
             }
             let len = u64::from(num_sectors) << SECTOR_SHIFT;
             let offset = disk_range(sector, len, limits).map_err(fail)?;
-            let op = if kind == VIRTIO_BLK_T_DISCARD {
+            if kind == VIRTIO_BLK_T_DISCARD {
                 Operation::Discard { offset, len }
             } else {
                 Operation::WriteZeroes {
@@ -484,17 +556,11 @@ where
                     len,
                     unmap: flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0,
                 }
-            };
-            (op, Vec::new())
+            }
         }
         other => return Err(fail(RequestError::Unsupported(other))),
     };
-    Ok(Request {
-        op,
-        data_len: total(&data),
-        data,
-        status,
-    })
+    Ok((op, status))
 }
 
 /// Applies drive policy that is not about the chain's shape: a read-only

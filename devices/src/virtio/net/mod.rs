@@ -21,8 +21,9 @@
 //! a read gathers chains until they cover [`MAX_BUFFER_LEN`] (neighbouring
 //! buffers share one iovec). On completion the device uses as many chains
 //! as the frame filled, in completion order, and writes `num_buffers`;
-//! chains a frame did not fill stay popped in the device for the next read
-//! (never walked twice), and a reset drops them. One byte of device memory
+//! chains a frame did not fill stay popped in the device, in the finished
+//! read with their iovecs, and the next read starts from them (never walked
+//! or gathered twice); a reset drops them. One byte of device memory
 //! after the guest's buffers tells a frame too big for them: it is dropped
 //! (counted), and the buffers are reused.
 

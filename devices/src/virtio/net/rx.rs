@@ -83,6 +83,11 @@ pub(super) struct Rx {
     held: Vec<bool>,
     /// Used chains' vectors, kept to avoid reallocating.
     pool: Vec<RxChain>,
+    /// Finished reads whose frame did not need all their chains: the
+    /// chains left, with the iovecs already built for them, which the next
+    /// read starts from instead of gathering them again (at most
+    /// [`MAX_RX_READS`]).
+    leftovers: Vec<RxRead>,
 }
 
 impl Rx {
@@ -96,6 +101,7 @@ impl Rx {
             ready: VecDeque::new(),
             held: vec![false; usize::from(max)],
             pool: Vec::new(),
+            leftovers: Vec::new(),
         }
     }
 
@@ -113,6 +119,9 @@ impl Rx {
     fn drop_ready(&mut self) {
         while let Some(c) = self.ready.pop_front() {
             self.pool.push(c);
+        }
+        while let Some(read) = self.leftovers.pop() {
+            self.recycle(read);
         }
         self.held.fill(false);
     }
@@ -133,6 +142,44 @@ impl Rx {
     pub fn activated(&mut self) {
         self.drop_ready();
         self.stalled = false;
+    }
+
+    /// Keeps what a finished read did not use for the next read: its
+    /// chains after the first `consumed` bytes, and its iovecs advanced past
+    /// them (without the overflow byte, which the next read appends again).
+    fn keep_leftover(&mut self, mut read: RxRead, consumed: usize) {
+        let overflow = read.overflow.as_mut_ptr().cast::<libc::c_void>();
+        if read.iov.0.last().is_some_and(|v| v.iov_base == overflow) {
+            read.iov.0.pop();
+        }
+        let mut skip = consumed;
+        let mut whole = 0usize;
+        for v in &mut read.iov.0 {
+            if skip == 0 {
+                break;
+            }
+            if v.iov_len <= skip {
+                skip -= v.iov_len;
+                whole += 1;
+            } else {
+                v.iov_base = (v.iov_base as usize).wrapping_add(skip) as *mut libc::c_void;
+                v.iov_len -= skip;
+                skip = 0;
+            }
+        }
+        read.iov.0.drain(..whole);
+        read.capacity = read.chains.iter().map(|c| c.len).sum();
+        read.tag = u64::MAX;
+        if skip == 0 && !read.chains.is_empty() && self.leftovers.len() < MAX_RX_READS {
+            self.leftovers.push(read);
+        } else {
+            // Not expected (the iovecs cover the chains exactly): gather
+            // the chains again from scratch.
+            for c in read.chains.drain(..).rev() {
+                self.ready.push_front(c);
+            }
+            self.recycle(read);
+        }
     }
 
     /// Recycles a finished read; its chains must be gone already.
@@ -203,13 +250,16 @@ impl<T: Tap> NetDevice<T> {
             held,
             pool,
             next_slot,
+            leftovers,
             ..
         } = &mut self.rx;
         // What a read gathers: one chain, or with MRG_RXBUF chains up to
         // the largest frame. Only the first read in flight may have less.
         let want = if mrg { MAX_BUFFER_LEN } else { 1 };
         let need_full = !reads.is_empty();
-        let mut have = 0usize;
+        // A leftover read's chains come first, with their iovecs built.
+        let base = leftovers.last().map_or(0, |r| r.capacity);
+        let mut have = base;
         for c in ready.iter() {
             if have >= want {
                 break;
@@ -265,7 +315,7 @@ impl<T: Tap> NetDevice<T> {
                     }
                 }
             }
-            if !ready.is_empty() || need_full {
+            if !ready.is_empty() || base > 0 || need_full {
                 // A read in flight comes back to the ring when it ends.
                 break 'fill None;
             }
@@ -282,19 +332,26 @@ impl<T: Tap> NetDevice<T> {
             }
         };
         let mut submit_error = None;
-        let mut admitted = broken.is_none() && !ready.is_empty() && (!need_full || have >= want);
+        let mut admitted =
+            broken.is_none() && (!ready.is_empty() || base > 0) && (!need_full || have >= want);
         if admitted && !limiter.is_unlimited() {
-            // The chains wait in `ready` until the limiter's timer fires;
-            // the tap keeps the frames meanwhile (and drops what overflows
-            // its queue, as a slow receiver's would).
+            // The chains wait in `ready` (or the leftover read) until the
+            // limiter's timer fires; the tap keeps the frames meanwhile (and
+            // drops what overflows its queue, as a slow receiver's would).
             if let Err(wait) = limiter.try_admit(1) {
                 throttled = Some(wait);
                 admitted = false;
             }
         }
         if admitted {
-            let mut read = spare.pop().unwrap_or_default();
-            read.clear();
+            let mut read = match leftovers.pop() {
+                Some(read) => read,
+                None => {
+                    let mut read = spare.pop().unwrap_or_default();
+                    read.clear();
+                    read
+                }
+            };
             while let Some(c) = ready.front() {
                 // The overflow byte needs one iovec too.
                 if !read.chains.is_empty()
@@ -410,7 +467,10 @@ impl<T: Tap> NetDevice<T> {
         };
         let mut read = self.rx.reads.swap_remove(i);
         let delivered = self.rx_deliver(&mut read, res, mem);
-        self.rx.recycle(read);
+        match delivered {
+            Ok(Some(consumed)) if !read.chains.is_empty() => self.rx.keep_leftover(read, consumed),
+            _ => self.rx.recycle(read),
+        }
         delivered?;
         if self.rx.stalled {
             return Ok(ProcessOutcome::default());
@@ -419,21 +479,23 @@ impl<T: Tap> NetDevice<T> {
     }
 
     /// Answers a finished read: the chains the frame filled go to the used
-    /// ring, the rest back to `Rx::ready` for the next read.
+    /// ring and leave `read`; the rest stay in it for the next read, and the
+    /// bytes of the chains used are returned. On a failed or dropped frame
+    /// every chain goes back to `Rx::ready` instead.
     fn rx_deliver<M: GuestMemory>(
         &mut self,
         read: &mut RxRead,
         res: i32,
         mem: &M,
-    ) -> Result<(), DeviceError> {
-        let Rx { ready, held, .. } = &mut self.rx;
+    ) -> Result<Option<usize>, DeviceError> {
+        let Rx { ready, .. } = &mut self.rx;
         let mut give_back = |read: &mut RxRead, keep: usize| {
             for c in read.chains.drain(keep..).rev() {
                 ready.push_front(c);
             }
         };
         if self.queues.queue(RX_QUEUE).is_none() {
-            return Ok(());
+            return Ok(None);
         }
         let n = match usize::try_from(res) {
             Err(_) => {
@@ -447,7 +509,7 @@ impl<T: Tap> NetDevice<T> {
                 }
                 // Do not spin on the tap: wait for the VMM's poll (or a kick).
                 self.rx.stalled = true;
-                return Ok(());
+                return Ok(None);
             }
             Ok(n) if n <= VNET_HDR_LEN || n > read.capacity => {
                 // A tap reports a frame's full length even when it had to
@@ -462,7 +524,7 @@ impl<T: Tap> NetDevice<T> {
                         read.capacity
                     ),
                 );
-                return Ok(());
+                return Ok(None);
             }
             Ok(n) => n,
         };
@@ -476,7 +538,6 @@ impl<T: Tap> NetDevice<T> {
             left -= c.len.min(left);
             chains_used += 1;
         }
-        give_back(read, chains_used);
         let num_buffers = chains_used as u16;
         // num_buffers first: the driver may read the frame as soon as the
         // first used entry is published.
@@ -485,17 +546,22 @@ impl<T: Tap> NetDevice<T> {
             log::debug!("virtio-net: writing num_buffers failed");
         }
         let mut left = n;
-        for c in &read.chains {
+        let mut consumed = 0usize;
+        let Rx { held, pool, .. } = &mut self.rx;
+        for c in read.chains.drain(..chains_used) {
             let len = c.len.min(left);
             left -= len;
+            consumed += c.len;
             if let Some(h) = held.get_mut(usize::from(c.head)) {
                 *h = false;
             }
-            self.queues.add_used(RX_QUEUE, mem, c.head, len as u32)?;
+            let used = self.queues.add_used(RX_QUEUE, mem, c.head, len as u32);
+            pool.push(c);
+            used?;
         }
         self.counters.rx_packets += 1;
         self.counters.rx_bytes += (n - VNET_HDR_LEN) as u64;
         self.rx_limiter.charge((n - VNET_HDR_LEN) as u64);
-        Ok(())
+        Ok(Some(consumed))
     }
 }

@@ -929,6 +929,25 @@ fn mrg_rxbuf_coalesces_contiguous_buffers_into_one_iovec() -> TestResult {
     let got = rig.read(rx_buf(0), 4012);
     assert_eq!(num_buffers(&got), 3);
     assert_eq!(&got[12..], &big[12..]);
+    // The next read starts from the five chains left, its one iovec
+    // advanced past the three used (plus the overflow byte).
+    match rig.io.parked.first() {
+        Some((IoOp::Readv { iovcnt, .. }, _)) => assert_eq!(*iovcnt, 2),
+        other => panic!("unexpected {other:?}"),
+    }
+    let next = packet(2000, 5);
+    rig.host_send(&next);
+    rig.settle();
+    assert_eq!(
+        rig.rxq.used_entries()[3..],
+        [
+            (u32::from(heads[3]), 1536),
+            (u32::from(heads[4]), 2012 - 1536),
+        ]
+    );
+    let got = rig.read(rx_buf(0) + 3 * 1536, 2012);
+    assert_eq!(num_buffers(&got), 2);
+    assert_eq!(&got[12..], &next[12..]);
     Ok(())
 }
 
