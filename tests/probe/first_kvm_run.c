@@ -5,8 +5,8 @@
  * The same probe goes into ringvm and into QEMU, so "process start ->
  * first KVM_RUN" is measured the same way for both, without a tracer
  * stopping every syscall. It wraps glibc's ioctl(): one comparison per
- * call, and at the first KVM_RUN one clock read and one small file write
- * to the path in RINGVM_BENCH_FIRST_KVM_RUN ("<sec>.<nsec>" of
+ * call, and at the first KVM_RUN one clock read and one small write to
+ * the file (opened at load time) named by RINGVM_BENCH_FIRST_KVM_RUN ("<sec>.<nsec>" of
  * CLOCK_MONOTONIC, the clock the benchmark reads before it starts the
  * process). Built by bench_boot with `cc -shared -fPIC`.
  */
@@ -23,24 +23,33 @@
 typedef int (*ioctl_fn)(int, unsigned long, ...);
 
 static int seen;
+static int stamp_fd = -1;
+
+/*
+ * The stamp file is opened when the library loads, on the main thread
+ * before the VMM sandboxes itself: a vCPU thread under ringvm's seccomp
+ * filter may not open files, but it may write to an open one.
+ */
+__attribute__((constructor)) static void open_stamp(void)
+{
+	const char *path = getenv("RINGVM_BENCH_FIRST_KVM_RUN");
+
+	if (path)
+		stamp_fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+}
 
 static void record(void)
 {
 	struct timespec ts;
-	const char *path = getenv("RINGVM_BENCH_FIRST_KVM_RUN");
 	char line[64];
-	int fd, n;
+	int n;
 
 	clock_gettime(CLOCK_MONOTONIC, &ts);
-	if (!path)
-		return;
-	fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-	if (fd < 0)
+	if (stamp_fd < 0)
 		return;
 	n = snprintf(line, sizeof(line), "%lld.%09ld\n", (long long)ts.tv_sec, ts.tv_nsec);
-	if (n > 0 && write(fd, line, (size_t)n) < 0)
+	if (n > 0 && write(stamp_fd, line, (size_t)n) < 0)
 		n = -1;
-	close(fd);
 }
 
 int ioctl(int fd, unsigned long request, ...)
