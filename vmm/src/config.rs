@@ -48,6 +48,21 @@ pub struct MachineConfig {
     /// `host` elsewhere.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_template: Option<String>,
+    /// ringvm extension: describe the machine with ACPI tables (devices in
+    /// the DSDT, CPUs in the MADT, power-off through the FADT) instead of
+    /// the `virtio_mmio.device=` command-line words. On by default; turn it
+    /// off for kernels built without CONFIG_ACPI. Written out only when off,
+    /// so a Firecracker-shaped file stays Firecracker's.
+    #[serde(default = "acpi_default", skip_serializing_if = "is_acpi_default")]
+    pub acpi: bool,
+}
+
+fn acpi_default() -> bool {
+    true
+}
+
+fn is_acpi_default(acpi: &bool) -> bool {
+    *acpi
 }
 
 impl Default for MachineConfig {
@@ -56,6 +71,7 @@ impl Default for MachineConfig {
             vcpu_count: 1,
             mem_size_mib: 128,
             cpu_template: None,
+            acpi: acpi_default(),
         }
     }
 }
@@ -411,5 +427,19 @@ mod tests {
         assert_eq!(c.base_cmdline(), "console=ttyS0");
         let bad = r#"{"boot-source":{"kernel_image_path":"/k","bogus":1}}"#;
         assert!(serde_json::from_str::<VmConfig>(bad).is_err());
+    }
+
+    #[test]
+    fn acpi_is_on_unless_a_file_turns_it_off() {
+        let json = r#"{"boot-source":{"kernel_image_path":"/k"},
+                       "machine-config":{"vcpu_count":1,"mem_size_mib":128}}"#;
+        let c: VmConfig = serde_json::from_str(json).unwrap();
+        assert!(c.machine_config.acpi);
+        assert!(!serde_json::to_string(&c).unwrap().contains("acpi"));
+        let json = r#"{"boot-source":{"kernel_image_path":"/k"},
+                       "machine-config":{"vcpu_count":1,"mem_size_mib":128,"acpi":false}}"#;
+        let c: VmConfig = serde_json::from_str(json).unwrap();
+        assert!(!c.machine_config.acpi);
+        assert!(serde_json::to_string(&c).unwrap().contains(r#""acpi":false"#));
     }
 }

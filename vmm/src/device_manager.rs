@@ -6,8 +6,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use devices::bus::{Bus, BusError};
-use devices::legacy::{BootTimer, DebugExit, Serial, DEBUG_EXIT_PORT, I8042, NO_VERDICT};
-use std::sync::atomic::AtomicU32;
+use devices::legacy::{
+    AcpiPm, BootTimer, DebugExit, Serial, ACPI_PM_PORT, ACPI_PM_PORTS, DEBUG_EXIT_PORT, I8042,
+    NO_VERDICT,
+};
+use std::sync::atomic::{AtomicU32, AtomicU8};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::layout::{BOOT_TIMER_START, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
@@ -109,6 +112,7 @@ pub struct DeviceManager {
     /// Written by the i8042 when the guest resets the CPU.
     pub reset_evt: EventFd,
     next_virtio: u32,
+    virtio_slots: Vec<VirtioSlot>,
     virtio_cmdline: Vec<String>,
 }
 
@@ -128,6 +132,7 @@ impl DeviceManager {
             i8042: None,
             reset_evt: new_eventfd()?,
             next_virtio: 0,
+            virtio_slots: Vec::new(),
             virtio_cmdline: Vec::new(),
         })
     }
@@ -209,6 +214,7 @@ impl DeviceManager {
         slot: VirtioSlot,
     ) -> Result<(), DeviceError> {
         self.mmio.insert(transport, slot.base, VIRTIO_MMIO_SIZE)?;
+        self.virtio_slots.push(slot);
         self.virtio_cmdline.push(format!(
             "virtio_mmio.device=4K@{:#x}:{}",
             slot.base, slot.irq
@@ -219,6 +225,22 @@ impl DeviceManager {
     /// Kernel parameters for every virtio-mmio device, in probe order.
     pub fn virtio_cmdline(&self) -> &[String] {
         &self.virtio_cmdline
+    }
+
+    /// Every virtio-mmio window and IRQ placed so far, in probe order: what
+    /// the ACPI DSDT describes instead of the command-line words.
+    pub fn virtio_slots(&self) -> &[VirtioSlot] {
+        &self.virtio_slots
+    }
+
+    /// The ACPI sleep/reset registers at 0x600: the guest's power-off or
+    /// reset request lands in the returned cell and `notify` wakes the VMM
+    /// thread.
+    pub fn add_acpi_pm(&mut self, notify: EventFd) -> Result<Arc<AtomicU8>, DeviceError> {
+        let request = Arc::new(AtomicU8::new(0));
+        let dev = Arc::new(Mutex::new(AcpiPm::new(request.clone(), notify)));
+        self.pio.insert(dev, ACPI_PM_PORT, ACPI_PM_PORTS)?;
+        Ok(request)
     }
 
     /// The test-exit port (0x501): the guest's verdict lands in the

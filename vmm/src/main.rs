@@ -45,6 +45,13 @@ struct Cli {
     /// host elsewhere.
     #[arg(long, value_name = "NAME")]
     cpu_template: Option<String>,
+    /// Describe the machine with ACPI tables: "on" (default; virtio-mmio
+    /// devices in the DSDT, CPUs in the MADT, power-off through the FADT,
+    /// for kernels with CONFIG_ACPI such as distribution kernels) or "off"
+    /// (virtio_mmio.device= words on the command line and the MP table
+    /// only, for kernels without ACPI).
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off)]
+    acpi: bool,
     /// A virtio-blk drive: path=FILE[,id=NAME][,ro][,root][,direct=on]
     /// [,cache=unsafe|writeback]. Repeat for more drives (vda, vdb, ...).
     /// `root` adds root=/dev/vdX to the command line; `ro` makes the drive
@@ -93,6 +100,15 @@ struct Cli {
     log_level: log::LevelFilter,
 }
 
+/// `on`/`off` for switches that take a value.
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        other => Err(format!("expected on or off, got {other:?}")),
+    }
+}
+
 /// Gives unnamed drives and NICs the ids the guest will know them by.
 fn name_devices(
     drives: Vec<DriveConfig>,
@@ -135,6 +151,7 @@ impl Cli {
                     vcpu_count: self.cpus,
                     mem_size_mib: self.mem,
                     cpu_template: self.cpu_template,
+                    acpi: self.acpi,
                 },
                 drives,
                 network_interfaces,

@@ -2,7 +2,7 @@
 //! loop on the ring until the guest stops.
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::Arc;
 use std::time::Instant;
@@ -11,6 +11,7 @@ use io_uring::{opcode, types};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::api::{ApiHandle, CommandOutput, Controller, Decision, VmCommand};
+use crate::arch::x86_64::acpi::{setup_acpi, AcpiError, AcpiMachine};
 use crate::arch::x86_64::cpuid::CpuTemplate;
 use crate::arch::x86_64::mptable::{setup_mptable, MptableError};
 use crate::boot::{load_kernel, write_boot_data, BootError};
@@ -27,6 +28,7 @@ use crate::vstate::vcpu::{
     create_vcpu, install_kick_handler, VcpuError, VcpuEvent, VcpuHandle, VcpuShared,
 };
 use crate::vstate::vm::{host_is_pvm_native, Vm, VmError};
+use devices::legacy::PowerRequest;
 
 /// Everything that can stop a VM from being built or run.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +57,9 @@ pub enum VmmError {
     /// The MP table could not be written.
     #[error("MP table: {0}")]
     Mptable(#[from] MptableError),
+    /// The ACPI tables could not be written.
+    #[error("ACPI tables: {0}")]
+    Acpi(#[from] AcpiError),
     /// The ring or another host resource failed.
     #[error("{what}: {source}")]
     Host {
@@ -89,6 +94,7 @@ const KIND_HALT_PROBE: u8 = 6;
 const KIND_METRICS_TIMER: u8 = 7;
 const KIND_DEBUG_EXIT: u8 = 8;
 const KIND_API: u8 = 9;
+const KIND_ACPI_POWER: u8 = 10;
 
 /// Period of the automatic metrics flush, as Firecracker's.
 const METRICS_PERIOD_S: u64 = 60;
@@ -104,6 +110,7 @@ struct ReadBuffers {
     vcpu_event: [u8; 8],
     reset: [u8; 8],
     debug_exit: [u8; 8],
+    acpi_power: [u8; 8],
     api: [u8; 8],
     stdin: [u8; STDIN_BUF],
     signal: [u8; std::mem::size_of::<libc::signalfd_siginfo>()],
@@ -140,6 +147,9 @@ pub struct Vmm {
     signal_fd: RawFd,
     debug_exit_evt: EventFd,
     verdict: Arc<std::sync::atomic::AtomicU32>,
+    /// Written by the ACPI power registers; the cell says which request.
+    acpi_power_evt: EventFd,
+    acpi_power: Arc<AtomicU8>,
     /// The configuration booted, kept current (drive paths) for the API.
     config: VmConfig,
     api: Option<ApiRuntime>,
@@ -245,6 +255,12 @@ impl Vmm {
         if config.boot_timer {
             devices.add_boot_timer(process_start)?;
         }
+        let acpi = config.machine_config.acpi;
+        let acpi_power_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(host("eventfd"))?;
+        let acpi_power = match acpi {
+            true => devices.add_acpi_pm(acpi_power_evt.try_clone().map_err(host("eventfd"))?)?,
+            false => Arc::default(),
+        };
 
         let mut drives = Vec::with_capacity(config.drives.len());
         for (drive, file) in config.drives.iter().zip(drive_files) {
@@ -255,11 +271,10 @@ impl Vmm {
             nets.push(NetIface::new(iface, tap, mac, &vm, &mut devices)?);
         }
 
-        let mut extra: Vec<&str> = devices
-            .virtio_cmdline()
-            .iter()
-            .map(String::as_str)
-            .collect();
+        // With ACPI the DSDT describes the devices; the words would make
+        // kernels that also parse them register every device twice.
+        let device_words = if acpi { &[] } else { devices.virtio_cmdline() };
+        let mut extra: Vec<&str> = device_words.iter().map(String::as_str).collect();
         let root = root_param(config);
         extra.extend(root.as_deref());
         extra.extend(template.kernel_params());
@@ -269,7 +284,17 @@ impl Vmm {
             &boot.kernel_image_path,
             boot.initrd_path.as_deref(),
         )?;
-        write_boot_data(vm.memory(), &kernel, &cmdline)?;
+        let rsdp = match acpi {
+            true => Some(setup_acpi(
+                vm.memory(),
+                &AcpiMachine {
+                    vcpus: vcpu_count,
+                    virtio: devices.virtio_slots(),
+                },
+            )?),
+            false => None,
+        };
+        write_boot_data(vm.memory(), &kernel, &cmdline, rsdp)?;
         setup_mptable(vm.memory(), vcpu_count)?;
         log::debug!("kernel entry {:?}; command line: {cmdline}", kernel.entry());
 
@@ -302,6 +327,7 @@ impl Vmm {
                 vcpu_event: [0; 8],
                 reset: [0; 8],
                 debug_exit: [0; 8],
+                acpi_power: [0; 8],
                 api: [0; 8],
                 stdin: [0; STDIN_BUF],
                 signal: [0; std::mem::size_of::<libc::signalfd_siginfo>()],
@@ -323,6 +349,8 @@ impl Vmm {
             signal_fd,
             debug_exit_evt,
             verdict,
+            acpi_power_evt,
+            acpi_power,
             config: config.clone(),
             api: None,
             stdin_open: true,
@@ -576,6 +604,13 @@ impl Vmm {
             &mut self.bufs.debug_exit,
             Token::new(KIND_DEBUG_EXIT, 0, 0),
         )?;
+        let acpi_power_fd = self.acpi_power_evt.as_raw_fd();
+        Self::arm_eventfd(
+            &mut self.ring,
+            acpi_power_fd,
+            &mut self.bufs.acpi_power,
+            Token::new(KIND_ACPI_POWER, 0, 0),
+        )?;
         self.arm_signal()?;
         self.arm_stdin()?;
         self.arm_halt_probe()?;
@@ -654,6 +689,13 @@ impl Vmm {
                 self.arm_stdin()?;
             }
             KIND_API => self.serve_api()?,
+            KIND_ACPI_POWER => {
+                let how = match PowerRequest::load(&self.acpi_power) {
+                    PowerRequest::Reset => "guest reset through ACPI",
+                    _ => "guest powered off through ACPI (S5)",
+                };
+                return Ok(Some(GuestExit::Stopped(how.into())));
+            }
             KIND_DEBUG_EXIT => {
                 let value = self.verdict.load(Ordering::Acquire);
                 return Ok(Some(GuestExit::TestVerdict(value)));
