@@ -30,9 +30,13 @@ fn run_suite(bin: Option<&str>, scratch: &Scratch) -> VmRun {
     let elf = vtest_elf();
     let rw_disk = format!("path={rw}");
     let ro_disk = format!("path={ro},ro");
+    // vtest finds its devices in `virtio_mmio.device=` words, not in ACPI
+    // tables: it needs `--acpi off`.
     let args = [
         "--kernel",
         &elf,
+        "--acpi",
+        "off",
         "--disk",
         &rw_disk,
         "--disk",
@@ -206,6 +210,8 @@ fn net_cases_pass_through_a_tap_in_a_namespace() {
         &bin,
         "--kernel",
         &elf,
+        "--acpi",
+        "off",
         "--disk",
         &disk_arg,
         "--net",

@@ -19,6 +19,8 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 use crate::arch::x86_64::cpuid::{filter_cpuid, CpuTemplate};
 use crate::arch::x86_64::regs::{boot_fpu, boot_msrs, boot_regs, setup_sregs};
 use crate::boot::KernelEntry;
+use crate::vstate::emulation::{deliver_breakpoint, failed_instruction};
+use kvm_bindings::KVM_INTERNAL_ERROR_EMULATION;
 use crate::metrics::VcpuExitCounters;
 use crate::vstate::vm::Vm;
 
@@ -102,6 +104,9 @@ pub struct VcpuShared {
     pub halted_for_good: Arc<Vec<AtomicBool>>,
     /// Exit counts for metrics.
     pub exits: Arc<VcpuExitCounters>,
+    /// Finish kernel-mode `int3` for KVM's instruction emulator by
+    /// injecting #BP (PVM-native KVM; see [`super::emulation`]).
+    pub deliver_int3: bool,
 }
 
 /// Creates vCPU `cpu` of `count` and loads its boot state: CPUID, MSRs,
@@ -265,7 +270,7 @@ enum Next {
     Crash(String),
 }
 
-fn run_vcpu(mut vcpu: VcpuFd, cpu: u8, shared: VcpuShared, _mem: GuestMemoryMmap) {
+fn run_vcpu(mut vcpu: VcpuFd, cpu: u8, shared: VcpuShared, mem: GuestMemoryMmap) {
     let idx = usize::from(cpu);
     while !shared.stop.load(Ordering::Acquire) {
         let next = match vcpu.run() {
@@ -314,14 +319,30 @@ fn run_vcpu(mut vcpu: VcpuFd, cpu: u8, shared: VcpuShared, _mem: GuestMemoryMmap
                 // SAFETY: for KVM_EXIT_INTERNAL_ERROR the kernel fills the
                 // `internal` member of the exit union; we read it as such.
                 let internal = unsafe { vcpu.get_kvm_run().__bindgen_anon_1.internal };
+                if internal.suberror == KVM_INTERNAL_ERROR_EMULATION
+                    && shared.deliver_int3
+                    && deliver_breakpoint(&mut vcpu, &mem)
+                {
+                    VcpuExitCounters::bump(&shared.exits.other);
+                    continue;
+                }
                 let detail = match internal.suberror {
                     1 => "emulation failure (an instruction KVM cannot emulate)",
                     2 => "simultaneous exceptions",
                     3 => "delivery event failed",
                     _ => "unknown suberror",
                 };
+                let insn = match internal.suberror {
+                    KVM_INTERNAL_ERROR_EMULATION => {
+                        let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+                        let bytes = failed_instruction(&mut vcpu, &mem, rip);
+                        let hex: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();
+                        format!("; instruction bytes at RIP: [{}]", hex.join(" "))
+                    }
+                    _ => String::new(),
+                };
                 Next::Crash(format!(
-                    "KVM internal error (exit {sub}, suberror {}: {detail})",
+                    "KVM internal error (exit {sub}, suberror {}: {detail}){insn}",
                     internal.suberror
                 ))
             }

@@ -67,6 +67,13 @@ impl CpuTemplate {
             CpuTemplate::PvmSafe => Some(PVM_SAFE_KERNEL_PARAMS),
         }
     }
+
+    /// Whether ringvm finishes kernel-mode `int3` for KVM's instruction
+    /// emulator (which cannot) by injecting #BP: what lets unpatched
+    /// kernels past the alternatives self-test on PVM-native KVM.
+    pub fn delivers_int3(self) -> bool {
+        self == CpuTemplate::PvmSafe
+    }
 }
 
 // Leaf 1 ECX/EDX bits.

@@ -1,0 +1,142 @@
+//! A distribution kernel as a test subject: Debian's own cloud kernel
+//! (`make debian-kernel`: linux-image-cloud-amd64 from apt, with a small
+//! initramfs of its virtio modules and busybox), booted by ringvm with its
+//! defaults. That kernel has no `virtio_mmio.device=` parameter and no MP
+//! table parser: it finds ringvm's CPUs and devices only through the ACPI
+//! tables, so this is the end-to-end proof that they describe the machine.
+//!
+//! How far it gets depends on the host, and the test asserts exactly that:
+//!
+//! - real KVM: all the way. The kernel reads the tables, brings up both
+//!   vCPUs, runs the initramfs's /init, which loads the modules; the drive
+//!   (vda, found as an ACPI `LNRO0005` device) is mounted, and
+//!   `poweroff -f` ends ringvm with 0 through ACPI.
+//! - PVM-native KVM (guest code in KVM's instruction emulator): ringvm's
+//!   pvm-safe template gets the unpatched kernel through its early boot
+//!   (the alternatives `int3` self-test included: ringvm delivers the #BP
+//!   the emulator cannot). The kernel reads the tables, brings up both
+//!   vCPUs and starts /init; user space then stops at its first system
+//!   call, which the emulator does not deliver (`syscall` faults in user
+//!   mode; our own kernel carries a patch for that, Debian's does not), so
+//!   init dies with SIGSEGV, the kernel panics and, with `panic=-1`,
+//!   reboots: ringvm exits 0. No module is ever loaded, so no drive.
+
+use std::time::Duration;
+
+use ringvm_tests::{guest_dir, kvm_available, run_ringvm, Scratch};
+
+const BOOT_DEADLINE: Duration = Duration::from_secs(900);
+
+fn debian_dir() -> std::path::PathBuf {
+    std::env::var_os("RINGVM_DEBIAN_KERNEL_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| ringvm_tests::workspace_root().join("target/debian-kernel"))
+}
+
+fn host_is_pvm_native() -> bool {
+    std::fs::read_to_string("/sys/module/kvm_pvm/parameters/pvm_native")
+        .is_ok_and(|s| s.trim() == "Y")
+}
+
+fn value<'a>(console: &'a str, key: &str) -> Option<&'a str> {
+    let prefix = format!("DEBIAN: {key}=");
+    console
+        .lines()
+        .find_map(|l| l.trim_end_matches('\r').strip_prefix(prefix.as_str()))
+}
+
+#[test]
+fn debian_cloud_kernel_boots_as_far_as_the_host_allows() {
+    let name = "debian_cloud_kernel_boots_as_far_as_the_host_allows";
+    if !kvm_available(name) {
+        return;
+    }
+    let dir = debian_dir();
+    let file = |f: &str| {
+        let p = dir.join(f);
+        assert!(p.exists(), "{} missing: run `make debian-kernel`", p.display());
+        p.to_string_lossy().into_owned()
+    };
+    let kernel = file("vmlinuz");
+    let initrd = file("initramfs.cpio");
+    let version = std::fs::read_to_string(file("version.txt")).unwrap_or_default();
+    let scratch = Scratch::new("debian");
+    let rootfs = scratch.file("rootfs.ext4");
+    std::fs::copy(guest_dir().join("rootfs.ext4"), &rootfs)
+        .expect("copy the test guest's rootfs.ext4 (run `make guest`)");
+    let drive = format!("path={rootfs},id=debianroot,ro");
+    let run = run_ringvm(
+        &[
+            "--kernel",
+            &kernel,
+            "--initrd",
+            &initrd,
+            "--cpus",
+            "2",
+            "--mem",
+            "512",
+            "--disk",
+            &drive,
+            "--cmdline",
+            "console=ttyS0 reboot=k panic=-1",
+        ],
+        BOOT_DEADLINE,
+    );
+    let t = run.transcript();
+    assert!(!run.timed_out, "{t}");
+
+    // The distribution kernel, described by ACPI only.
+    assert!(
+        run.stdout.contains("Linux version 6.1") && run.stdout.contains("cloud-amd64"),
+        "not Debian's cloud kernel ({version})\n{t}"
+    );
+    for line in [
+        "ACPI: RSDP 0x00000000000E0000",
+        "ACPI: DSDT",
+        "ACPI: Using ACPI (MADT) for SMP configuration information",
+        "smp: Brought up 1 node, 2 CPUs",
+        "Run /init as init process",
+    ] {
+        assert!(run.stdout.contains(line), "no {line:?}\n{t}");
+    }
+    assert!(!run.stdout.contains("virtio_mmio.device="), "{t}");
+
+    if host_is_pvm_native() {
+        // The int3 self-test passed (ringvm delivered the #BP), and the
+        // kernel went on to start user space, which the emulator cannot
+        // run unpatched: init dies at its first system call.
+        assert!(
+            run.stdout
+                .contains("Kernel panic - not syncing: Attempted to kill init! exitcode=0x0000000b"),
+            "expected init to die of SIGSEGV on PVM-native KVM\n{t}"
+        );
+        assert!(
+            !run.stdout.contains("DEBIAN: init start"),
+            "user space ran: update this test and resources/guest/README.md\n{t}"
+        );
+        assert_eq!(run.code, Some(0), "panic=-1 reboots: exit 0\n{t}");
+        eprintln!(
+            "{name}: PVM-native KVM: Debian's kernel ({}) booted to /init with ACPI and both \
+             vCPUs; init died at its first system call, as expected here",
+            version.lines().next().unwrap_or("?")
+        );
+        return;
+    }
+
+    // Real KVM: user space, the modules and the drive.
+    assert!(run.stdout.contains("DEBIAN: init start"), "{t}");
+    assert!(!run.stdout.contains("DEBIAN: insmod"), "a module failed\n{t}");
+    assert_eq!(value(&run.stdout, "nproc"), Some("2"), "{t}");
+    assert_eq!(value(&run.stdout, "disks"), Some("/sys/block/vda"), "{t}");
+    assert!(
+        run.stdout
+            .contains("DEBIAN: root drive mounted, /init present"),
+        "{t}"
+    );
+    assert!(run.stdout.contains("DEBIAN: DONE"), "{t}");
+    assert!(
+        run.stderr.contains("guest powered off through ACPI (S5)"),
+        "{t}"
+    );
+    assert_eq!(run.code, Some(0), "{t}");
+}
