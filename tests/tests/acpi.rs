@@ -14,8 +14,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ringvm_tests::{
-    guest_dir, guest_value, kvm_available, net_available, ringvm_bin, script_image, NetNs,
-    Running, Scratch,
+    guest_dir, guest_value, kvm_available, net_available, ringvm_bin, script_image, NetNs, Running,
+    Scratch,
 };
 
 const BOOT_DEADLINE: Duration = Duration::from_secs(900);
@@ -97,7 +97,8 @@ fn acpi_guest_finds_drives_nic_and_cpus_and_powers_off() {
         assert!(run.stdout.contains(line), "no {line:?}\n{t}");
     }
     assert!(
-        run.stdout.contains("ACPI: Using ACPI (MADT) for SMP configuration"),
+        run.stdout
+            .contains("ACPI: Using ACPI (MADT) for SMP configuration"),
         "{t}"
     );
     let cmdline = guest_value(&run.stdout, "cmdline").unwrap_or_else(|| panic!("no cmdline\n{t}"));
@@ -111,10 +112,7 @@ fn acpi_guest_finds_drives_nic_and_cpus_and_powers_off() {
     );
 
     // Every vCPU, drive and the NIC, found through the DSDT and MADT.
-    assert!(
-        run.stdout.contains("smp: Brought up 1 node, 2 CPUs"),
-        "{t}"
-    );
+    assert!(run.stdout.contains("smp: Brought up 1 node, 2 CPUs"), "{t}");
     assert!(
         run.stdout.contains("GUEST: nproc=2"),
         "user space sees both vCPUs\n{t}"

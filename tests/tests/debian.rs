@@ -54,7 +54,11 @@ fn debian_cloud_kernel_boots_as_far_as_the_host_allows() {
     let dir = debian_dir();
     let file = |f: &str| {
         let p = dir.join(f);
-        assert!(p.exists(), "{} missing: run `make debian-kernel`", p.display());
+        assert!(
+            p.exists(),
+            "{} missing: run `make debian-kernel`",
+            p.display()
+        );
         p.to_string_lossy().into_owned()
     };
     let kernel = file("vmlinuz");
@@ -106,8 +110,9 @@ fn debian_cloud_kernel_boots_as_far_as_the_host_allows() {
         // kernel went on to start user space, which the emulator cannot
         // run unpatched: init dies at its first system call.
         assert!(
-            run.stdout
-                .contains("Kernel panic - not syncing: Attempted to kill init! exitcode=0x0000000b"),
+            run.stdout.contains(
+                "Kernel panic - not syncing: Attempted to kill init! exitcode=0x0000000b"
+            ),
             "expected init to die of SIGSEGV on PVM-native KVM\n{t}"
         );
         assert!(
@@ -125,7 +130,10 @@ fn debian_cloud_kernel_boots_as_far_as_the_host_allows() {
 
     // Real KVM: user space, the modules and the drive.
     assert!(run.stdout.contains("DEBIAN: init start"), "{t}");
-    assert!(!run.stdout.contains("DEBIAN: insmod"), "a module failed\n{t}");
+    assert!(
+        !run.stdout.contains("DEBIAN: insmod"),
+        "a module failed\n{t}"
+    );
     assert_eq!(value(&run.stdout, "nproc"), Some("2"), "{t}");
     assert_eq!(value(&run.stdout, "disks"), Some("/sys/block/vda"), "{t}");
     assert!(

@@ -330,7 +330,10 @@ fn poweroff_without_acpi_ends_ringvm_with_zero() {
         run.stdout.contains("virtio_mmio.device=4K@0xd0001000:5"),
         "no device word on the command line\n{t}"
     );
-    assert!(!run.stdout.contains("ACPI: RSDP"), "tables were written\n{t}");
+    assert!(
+        !run.stdout.contains("ACPI: RSDP"),
+        "tables were written\n{t}"
+    );
     assert!(
         run.stdout.contains("smp: Brought up 1 node, 2 CPUs"),
         "the MP table did not bring up both vCPUs\n{t}"

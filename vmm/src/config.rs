@@ -440,6 +440,8 @@ mod tests {
                        "machine-config":{"vcpu_count":1,"mem_size_mib":128,"acpi":false}}"#;
         let c: VmConfig = serde_json::from_str(json).unwrap();
         assert!(!c.machine_config.acpi);
-        assert!(serde_json::to_string(&c).unwrap().contains(r#""acpi":false"#));
+        assert!(serde_json::to_string(&c)
+            .unwrap()
+            .contains(r#""acpi":false"#));
     }
 }

@@ -19,10 +19,10 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 use crate::arch::x86_64::cpuid::{filter_cpuid, CpuTemplate};
 use crate::arch::x86_64::regs::{boot_fpu, boot_msrs, boot_regs, setup_sregs};
 use crate::boot::KernelEntry;
-use crate::vstate::emulation::{deliver_breakpoint, failed_instruction};
-use kvm_bindings::KVM_INTERNAL_ERROR_EMULATION;
 use crate::metrics::VcpuExitCounters;
+use crate::vstate::emulation::{deliver_breakpoint, failed_instruction};
 use crate::vstate::vm::Vm;
+use kvm_bindings::KVM_INTERNAL_ERROR_EMULATION;
 
 /// Errors setting up a vCPU.
 #[derive(Debug, thiserror::Error)]

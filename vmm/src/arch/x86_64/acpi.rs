@@ -437,7 +437,10 @@ mod tests {
         assert_eq!(rsdp[15], 2, "ACPI 2.0+ RSDP");
         let (xsdt_at, xsdt) = find(&t, b"XSDT");
         assert_eq!(u64_at(rsdp, 24), xsdt_at);
-        let entries: Vec<u64> = (36..xsdt.len()).step_by(8).map(|o| u64_at(xsdt, o)).collect();
+        let entries: Vec<u64> = (36..xsdt.len())
+            .step_by(8)
+            .map(|o| u64_at(xsdt, o))
+            .collect();
         let (fadt_at, fadt) = find(&t, b"FACP");
         let (madt_at, _) = find(&t, b"APIC");
         assert_eq!(entries, vec![fadt_at, madt_at]);
@@ -502,7 +505,10 @@ mod tests {
                 assert_eq!(u32::from(e[3]), u32_at(e, 4), "identity");
             }
             assert_eq!(entries.iter().filter(|(k, _)| *k == 4).count(), 1);
-            assert_eq!(entries.len(), usize::from(vcpus) + 1 + ISA_OVERRIDES.len() + 1);
+            assert_eq!(
+                entries.len(),
+                usize::from(vcpus) + 1 + ISA_OVERRIDES.len() + 1
+            );
         }
     }
 
@@ -549,7 +555,8 @@ mod tests {
             virtio: &[]
         })
         .is_err());
-        let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        let mem: GuestMemoryMmap =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
         let rsdp = setup_acpi(
             &mem,
             &AcpiMachine {
@@ -561,7 +568,8 @@ mod tests {
         let mut sig = [0u8; 8];
         mem.read_slice(&mut sig, rsdp).unwrap();
         assert_eq!(&sig, b"RSD PTR ");
-        let small: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x8_0000)]).unwrap();
+        let small: GuestMemoryMmap =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x8_0000)]).unwrap();
         assert!(matches!(
             setup_acpi(
                 &small,
