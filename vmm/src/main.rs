@@ -50,7 +50,7 @@ struct Cli {
     /// for kernels with CONFIG_ACPI such as distribution kernels) or "off"
     /// (virtio_mmio.device= words on the command line and the MP table
     /// only, for kernels without ACPI).
-    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off)]
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
     acpi: bool,
     /// A virtio-blk drive: path=FILE[,id=NAME][,ro][,root][,direct=on]
     /// [,cache=unsafe|writeback]. Repeat for more drives (vda, vdb, ...).

@@ -316,7 +316,7 @@ impl Vmm {
             events_ready: events_ready.clone(),
             halted_for_good: halted_for_good.clone(),
             exits: exits.clone(),
-            deliver_int3: template.delivers_int3(),
+            finish_for_emulator: template.finishes_for_emulator(),
         };
         let mut fds = Vec::with_capacity(usize::from(vcpu_count));
         for cpu in 0..vcpu_count {

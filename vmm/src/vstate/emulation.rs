@@ -1,6 +1,6 @@
 //! What ringvm does when KVM's instruction emulator gives up: finish a
-//! kernel-mode `int3` (below), and otherwise name the instruction in the
-//! crash report.
+//! kernel-mode `int3` or `fwait` (below), and otherwise name the
+//! instruction in the crash report.
 //!
 //! `int3` for kernels on PVM-native KVM.
 //!
@@ -16,6 +16,11 @@
 //! exception the CPU would have raised, so the guest's own handler runs
 //! with the state it expects (RIP after the `int3`, as for any trap).
 //! Nothing in the guest is patched.
+//!
+//! `fwait` is the same story: the emulator cannot run it, and Linux
+//! executes one in `fpu__drop()` whenever a thread exits. ringvm does what
+//! the CPU does: nothing but step over it, unless the x87 status word says
+//! an unmasked exception is pending, in which case #MF is delivered.
 
 use kvm_bindings::KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES;
 use kvm_ioctls::VcpuFd;
@@ -25,6 +30,13 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 const INT3: u8 = 0xcc;
 /// The breakpoint exception vector.
 const BP_VECTOR: u8 = 3;
+/// `fwait` (`wait`): wait for the x87 unit, raising pending exceptions.
+const FWAIT: u8 = 0x9b;
+/// x87 floating-point error vector.
+const MF_VECTOR: u8 = 16;
+/// x87 status word: error summary, set while an unmasked exception is
+/// pending.
+const FSW_ERROR_SUMMARY: u16 = 1 << 7;
 
 /// Longest x86 instruction.
 const MAX_INSN: usize = 15;
@@ -60,16 +72,34 @@ pub fn failed_instruction(vcpu: &mut VcpuFd, mem: &GuestMemoryMmap, rip: u64) ->
     }
 }
 
-/// Called on an emulation failure: if the instruction was a kernel-mode
-/// `int3`, delivers the #BP the CPU would have raised and returns true
-/// (the vCPU can run on); otherwise returns false and changes nothing.
-pub fn deliver_breakpoint(vcpu: &mut VcpuFd, mem: &GuestMemoryMmap) -> bool {
-    let Ok(mut regs) = vcpu.get_regs() else {
+/// Called on an emulation failure: when the instruction is one ringvm
+/// can finish for the emulator (kernel-mode `int3` or `fwait`), does what
+/// the CPU would have done and returns true, so the vCPU runs on;
+/// otherwise returns false and changes nothing.
+pub fn finish_instruction(vcpu: &mut VcpuFd, mem: &GuestMemoryMmap) -> bool {
+    let Ok(regs) = vcpu.get_regs() else {
         return false;
     };
-    if failed_instruction(vcpu, mem, regs.rip).first() != Some(&INT3) {
-        return false;
+    match failed_instruction(vcpu, mem, regs.rip).first() {
+        Some(&INT3) => deliver_after(vcpu, regs, Some(BP_VECTOR)),
+        Some(&FWAIT) => {
+            // FWAIT raises #MF when an unmasked x87 exception is pending
+            // (the status word's error-summary bit); otherwise it does
+            // nothing. Linux runs one in fpu__drop() at every thread exit.
+            let Ok(fpu) = vcpu.get_fpu() else {
+                return false;
+            };
+            let pending = fpu.fsw & FSW_ERROR_SUMMARY != 0;
+            deliver_after(vcpu, regs, pending.then_some(MF_VECTOR))
+        }
+        _ => false,
     }
+}
+
+/// Moves RIP past the one-byte instruction at it and, if `vector` is
+/// given, injects that exception (a trap: it is delivered with RIP after
+/// the instruction).
+fn deliver_after(vcpu: &mut VcpuFd, mut regs: kvm_bindings::kvm_regs, vector: Option<u8>) -> bool {
     let Ok(mut events) = vcpu.get_vcpu_events() else {
         return false;
     };
@@ -77,9 +107,15 @@ pub fn deliver_breakpoint(vcpu: &mut VcpuFd, mem: &GuestMemoryMmap) -> bool {
         return false; // something else is being delivered: do not stack
     }
     regs.rip = regs.rip.wrapping_add(1);
+    if vcpu.set_regs(&regs).is_err() {
+        return false;
+    }
+    let Some(nr) = vector else {
+        return true;
+    };
     events.exception.injected = 1;
-    events.exception.nr = BP_VECTOR;
+    events.exception.nr = nr;
     events.exception.has_error_code = 0;
     events.exception.error_code = 0;
-    vcpu.set_regs(&regs).is_ok() && vcpu.set_vcpu_events(&events).is_ok()
+    vcpu.set_vcpu_events(&events).is_ok()
 }

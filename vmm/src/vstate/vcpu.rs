@@ -20,7 +20,7 @@ use crate::arch::x86_64::cpuid::{filter_cpuid, CpuTemplate};
 use crate::arch::x86_64::regs::{boot_fpu, boot_msrs, boot_regs, setup_sregs};
 use crate::boot::KernelEntry;
 use crate::metrics::VcpuExitCounters;
-use crate::vstate::emulation::{deliver_breakpoint, failed_instruction};
+use crate::vstate::emulation::{failed_instruction, finish_instruction};
 use crate::vstate::vm::Vm;
 use kvm_bindings::KVM_INTERNAL_ERROR_EMULATION;
 
@@ -104,9 +104,9 @@ pub struct VcpuShared {
     pub halted_for_good: Arc<Vec<AtomicBool>>,
     /// Exit counts for metrics.
     pub exits: Arc<VcpuExitCounters>,
-    /// Finish kernel-mode `int3` for KVM's instruction emulator by
-    /// injecting #BP (PVM-native KVM; see [`super::emulation`]).
-    pub deliver_int3: bool,
+    /// Finish kernel-mode `int3` and `fwait` for KVM's instruction
+    /// emulator (PVM-native KVM; see [`super::emulation`]).
+    pub finish_for_emulator: bool,
 }
 
 /// Creates vCPU `cpu` of `count` and loads its boot state: CPUID, MSRs,
@@ -320,8 +320,8 @@ fn run_vcpu(mut vcpu: VcpuFd, cpu: u8, shared: VcpuShared, mem: GuestMemoryMmap)
                 // `internal` member of the exit union; we read it as such.
                 let internal = unsafe { vcpu.get_kvm_run().__bindgen_anon_1.internal };
                 if internal.suberror == KVM_INTERNAL_ERROR_EMULATION
-                    && shared.deliver_int3
-                    && deliver_breakpoint(&mut vcpu, &mem)
+                    && shared.finish_for_emulator
+                    && finish_instruction(&mut vcpu, &mem)
                 {
                     VcpuExitCounters::bump(&shared.exits.other);
                     continue;

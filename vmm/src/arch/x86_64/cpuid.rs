@@ -68,10 +68,10 @@ impl CpuTemplate {
         }
     }
 
-    /// Whether ringvm finishes kernel-mode `int3` for KVM's instruction
-    /// emulator (which cannot) by injecting #BP: what lets unpatched
-    /// kernels past the alternatives self-test on PVM-native KVM.
-    pub fn delivers_int3(self) -> bool {
+    /// Whether ringvm finishes the kernel-mode instructions KVM's
+    /// instruction emulator cannot run (`int3` by injecting #BP, `fwait`):
+    /// what gets unpatched kernels through boot on PVM-native KVM.
+    pub fn finishes_for_emulator(self) -> bool {
         self == CpuTemplate::PvmSafe
     }
 }
