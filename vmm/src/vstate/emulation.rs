@@ -80,7 +80,12 @@ pub fn finish_instruction(vcpu: &mut VcpuFd, mem: &GuestMemoryMmap) -> bool {
     let Ok(regs) = vcpu.get_regs() else {
         return false;
     };
-    match failed_instruction(vcpu, mem, regs.rip).first() {
+    let opcode = failed_instruction(vcpu, mem, regs.rip).first().copied();
+    log::debug!(
+        "emulation failure at RIP {:#x}, opcode {opcode:02x?}",
+        regs.rip
+    );
+    match opcode.as_ref() {
         Some(&INT3) => deliver_after(vcpu, regs, Some(BP_VECTOR)),
         Some(&FWAIT) => {
             // FWAIT raises #MF when an unmasked x87 exception is pending
