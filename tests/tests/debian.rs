@@ -1,7 +1,7 @@
 //! A distribution kernel as a test subject: Debian's own cloud kernel
 //! (`make debian-kernel`: linux-image-cloud-amd64 from apt, with a small
-//! initramfs of its virtio modules and busybox), booted by ringvm with its
-//! defaults. That kernel has no `virtio_mmio.device=` parameter and no MP
+//! initramfs of its virtio modules and busybox), booted by ringvm with
+//! `--acpi on`. That kernel has no `virtio_mmio.device=` parameter and no MP
 //! table parser: it finds ringvm's CPUs and devices only through the ACPI
 //! tables, so this is the end-to-end proof that they describe the machine.
 //!
@@ -84,6 +84,8 @@ fn debian_cloud_kernel_boots_as_far_as_the_host_allows() {
     let args = [
         "--kernel",
         &kernel,
+        "--acpi",
+        "on",
         "--initrd",
         &initrd,
         "--cpus",

@@ -45,12 +45,13 @@ struct Cli {
     /// host elsewhere.
     #[arg(long, value_name = "NAME")]
     cpu_template: Option<String>,
-    /// Describe the machine with ACPI tables: "on" (default; virtio-mmio
-    /// devices in the DSDT, CPUs in the MADT, power-off through the FADT,
-    /// for kernels with CONFIG_ACPI such as distribution kernels) or "off"
-    /// (virtio_mmio.device= words on the command line and the MP table
-    /// only, for kernels without ACPI).
-    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
+    /// Describe the machine with ACPI tables: "on" (virtio-mmio devices in
+    /// the DSDT instead of virtio_mmio.device= words, CPUs in the MADT,
+    /// power-off through the FADT; what distribution kernels need) or
+    /// "off" (default: the command-line words and the MP table). On
+    /// PVM-native KVM an ACPI guest with more than one vCPU stalls early
+    /// in boot; use one vCPU there.
+    #[arg(long, value_name = "on|off", default_value = "off", value_parser = parse_on_off, action = clap::ArgAction::Set)]
     acpi: bool,
     /// A virtio-blk drive: path=FILE[,id=NAME][,ro][,root][,direct=on]
     /// [,cache=unsafe|writeback]. Repeat for more drives (vda, vdb, ...).
