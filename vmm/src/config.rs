@@ -51,9 +51,9 @@ pub struct MachineConfig {
     /// ringvm extension: describe the machine with ACPI tables (devices in
     /// the DSDT, CPUs in the MADT, power-off through the FADT) instead of
     /// the `virtio_mmio.device=` command-line words, for kernels that only
-    /// know ACPI (distribution kernels). Off by default: on PVM-native KVM
-    /// an ACPI guest with more than one vCPU stalls early in boot (not yet
-    /// understood; see README). Written out only when on, so a
+    /// know ACPI (distribution kernels). Off by default until 2-vCPU ACPI
+    /// guests have passed a full CI run (see README). Written out only
+    /// when on, so a
     /// Firecracker-shaped file stays Firecracker's.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub acpi: bool,

@@ -48,9 +48,7 @@ struct Cli {
     /// Describe the machine with ACPI tables: "on" (virtio-mmio devices in
     /// the DSDT instead of virtio_mmio.device= words, CPUs in the MADT,
     /// power-off through the FADT; what distribution kernels need) or
-    /// "off" (default: the command-line words and the MP table). On
-    /// PVM-native KVM an ACPI guest with more than one vCPU stalls early
-    /// in boot; use one vCPU there.
+    /// "off" (default: the command-line words and the MP table).
     #[arg(long, value_name = "on|off", default_value = "off", value_parser = parse_on_off, action = clap::ArgAction::Set)]
     acpi: bool,
     /// A virtio-blk drive: path=FILE[,id=NAME][,ro][,root][,direct=on]
