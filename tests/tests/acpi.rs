@@ -4,9 +4,8 @@
 //! word reaches the kernel, yet it finds every drive and the NIC through
 //! the DSDT (`LNRO0005` platform devices), every vCPU through the MADT,
 //! and `poweroff -f` ends ringvm with 0 through the FADT's sleep register.
-//! Two vCPUs on real KVM; one on PVM-native KVM, where 2-vCPU guests
-//! stalled early in boot until the pvm-safe template added
-//! `cpuidle.off=1` (see README); 2 there once CI has shown it.
+//! Two vCPUs on real KVM; one on PVM-native KVM, where a 2-vCPU ACPI
+//! guest stalls early in boot (see README; not yet understood).
 //! The fallback (`--acpi off`: command-line words, MP table, power-off by
 //! halting) is `guest::poweroff_without_acpi_ends_ringvm_with_zero`.
 //!

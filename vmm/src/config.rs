@@ -51,8 +51,8 @@ pub struct MachineConfig {
     /// ringvm extension: describe the machine with ACPI tables (devices in
     /// the DSDT, CPUs in the MADT, power-off through the FADT) instead of
     /// the `virtio_mmio.device=` command-line words, for kernels that only
-    /// know ACPI (distribution kernels). Off by default until 2-vCPU ACPI
-    /// guests have passed a full CI run (see README). Written out only
+    /// know ACPI (distribution kernels). Off by default: on PVM-native KVM a
+    /// 2-vCPU ACPI guest still stalls early in boot (see README). Written out only
     /// when on, so a
     /// Firecracker-shaped file stays Firecracker's.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
