@@ -8,6 +8,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod bench;
+pub mod command;
 
 /// The workspace root (this crate lives in `tests/`).
 pub fn workspace_root() -> PathBuf {
@@ -303,6 +304,11 @@ impl Running {
     /// What the program printed on stdout so far.
     pub fn console(&self) -> String {
         self.console.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    /// The program's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Time since the start.

@@ -408,3 +408,291 @@ fn a_guest_configured_over_the_socket_boots_and_is_managed_while_running() {
     );
     assert!(!sock.exists(), "the socket file was left behind");
 }
+
+/// Firecracker's answers to pre-boot requests, over the real socket: files
+/// opened at PUT, limits, typed rate limiters, refused shapes. No guest.
+#[test]
+fn pre_boot_requests_get_firecrackers_answers() {
+    let scratch = Scratch::new("api-semantics");
+    let sock = scratch.path.join("api.sock");
+    let srv = Served::start(&sock, &[]);
+    let img = scratch.file("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).expect("disk image");
+    let kernel = guest_dir().join("vmlinux");
+    let kernel = kernel.to_string_lossy();
+    let missing = scratch.file("missing");
+
+    let refused: Vec<(&str, &str, String, &str)> = vec![
+        (
+            "PUT",
+            "/boot-source",
+            format!(r#"{{"kernel_image_path":"{missing}"}}"#),
+            "Boot source error: The kernel file cannot be opened: No such file or directory",
+        ),
+        (
+            "PUT",
+            "/boot-source",
+            format!(
+                r#"{{"kernel_image_path":"{kernel}","boot_args":"{}"}}"#,
+                "x".repeat(2048)
+            ),
+            "The kernel command line is invalid",
+        ),
+        (
+            "PUT",
+            "/drives/data",
+            format!(r#"{{"drive_id":"data","path_on_host":"{missing}","is_root_device":false}}"#),
+            "Error manipulating the backing file: No such file or directory",
+        ),
+        (
+            "PUT",
+            "/drives/data",
+            format!(r#"{{"drive_id":"data","path_on_host":"{img}"}}"#),
+            "missing field `is_root_device`",
+        ),
+        (
+            "PUT",
+            "/drives/data",
+            format!(
+                r#"{{"drive_id":"data","path_on_host":"{img}","is_root_device":false,"io_engine":"Turbo"}}"#
+            ),
+            "unknown variant `Turbo`",
+        ),
+        (
+            "PUT",
+            "/drives/data",
+            format!(r#"{{"drive_id":"data","socket":"{missing}","is_root_device":false}}"#),
+            "no vhost-user",
+        ),
+        (
+            "PUT",
+            "/drives/data",
+            format!(
+                r#"{{"drive_id":"data","path_on_host":"{img}","is_root_device":false,"rate_limiter":{{"bandwidth":{{"size":-1,"refill_time":100}}}}}}"#
+            ),
+            "invalid value: integer `-1`",
+        ),
+        (
+            "PUT",
+            "/drives/data",
+            format!(
+                r#"{{"drive_id":"data","path_on_host":"{img}","is_root_device":false,"rate_limiter":{{"ops":{{"size":100}}}}}}"#
+            ),
+            "missing field `refill_time`",
+        ),
+        (
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count":33,"mem_size_mib":128}"#.into(),
+            "The number of vCPUs must be greater than 0, less than 32",
+        ),
+        (
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count":3,"mem_size_mib":128,"smt":true}"#.into(),
+            "must be 1 or an even number if SMT is enabled",
+        ),
+        (
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count":2,"mem_size_mib":129,"huge_pages":"2M"}"#.into(),
+            "not a multiple of the configured page size",
+        ),
+        (
+            "PUT",
+            "/machine-config",
+            r#"[2, 128]"#.into(),
+            "expected a JSON object",
+        ),
+        (
+            "PUT",
+            "/actions",
+            r#"{"action_type":"FlushMetrics"}"#.into(),
+            "not supported before starting",
+        ),
+        (
+            "PATCH",
+            "/vm",
+            r#"{"state":"Paused"}"#.into(),
+            "not supported before starting",
+        ),
+    ];
+    for (method, path, body, needle) in &refused {
+        let (code, resp) = request(&sock, method, path, Some(body));
+        assert_eq!(code, 400, "{method} {path} {body}: {resp}");
+        assert!(
+            fault(&resp).contains(needle),
+            "{method} {path} {body}: {resp}"
+        );
+    }
+
+    let accepted: Vec<(&str, String)> = vec![
+        (
+            "/boot-source",
+            format!(r#"{{"kernel_image_path":"{kernel}","boot_args":"console=ttyS0"}}"#),
+        ),
+        (
+            "/drives/a_drive_id_longer_than_twenty_bytes",
+            format!(
+                r#"{{"drive_id":"a_drive_id_longer_than_twenty_bytes","path_on_host":"{img}","is_root_device":false,
+                    "io_engine":"Async","rate_limiter":{{"bandwidth":{{"size":1048576,"refill_time":100,"one_time_burst":4096}}}}}}"#
+            ),
+        ),
+        (
+            "/metrics",
+            format!(
+                r#"{{"metrics_path":"{}","emit_id":true}}"#,
+                scratch.file("m.json")
+            ),
+        ),
+        (
+            "/serial",
+            format!(r#"{{"serial_out_path":"{}"}}"#, scratch.file("console.log")),
+        ),
+        (
+            "/machine-config",
+            r#"{"vcpu_count":32,"mem_size_mib":256,"smt":true}"#.into(),
+        ),
+    ];
+    for (path, body) in &accepted {
+        let (code, resp) = request(&sock, "PUT", path, Some(body));
+        assert_eq!(code, 204, "PUT {path} {body}: {resp}");
+    }
+    let (code, body) = request(&sock, "GET", "/vm/config", None);
+    assert_eq!(code, 200, "{body}");
+    let cfg: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    let drive = &cfg["drives"][0];
+    assert_eq!(drive["io_engine"], "Async", "{body}");
+    assert_eq!(
+        drive["cache_type"], "Unsafe",
+        "Firecracker's default: {body}"
+    );
+    assert_eq!(
+        drive["rate_limiter"]["bandwidth"]["size"], 1048576,
+        "{body}"
+    );
+    assert_eq!(
+        drive["rate_limiter"]["bandwidth"]["one_time_burst"], 4096,
+        "{body}"
+    );
+    drop(srv);
+}
+
+/// Pause and resume a real guest over the socket, with its console in a
+/// file (`PUT /serial`): a guest loop prints a tick a second; while paused
+/// no tick is printed, after resume they continue.
+#[test]
+fn a_paused_guest_stops_and_a_resumed_one_continues() {
+    if !kvm_available("a_paused_guest_stops_and_a_resumed_one_continues") {
+        return;
+    }
+    let scratch = Scratch::new("api-pause");
+    let sock = scratch.path.join("api.sock");
+    let rootfs = scratch.file("rootfs.ext4");
+    std::fs::copy(guest_dir().join("rootfs.ext4"), &rootfs).expect("copy rootfs");
+    let script = scratch.file("script.img");
+    // Builtins only (a fork costs most of a second under PVM): `read -t 1`
+    // on the console, which gets no input, is a one-second sleep.
+    ringvm_tests::script_image(
+        &script,
+        "i=0\nwhile [ $i -lt 100000 ]; do echo \"TICK $i\"; i=$((i+1)); read -t 1 _; done",
+    );
+    let console = scratch.path.join("console.log");
+    let mut srv = Served::start(&sock, &[]);
+    let kernel = guest_dir().join("vmlinux");
+    let put = |path: &str, body: serde_json::Value| {
+        let (code, resp) = request(&sock, "PUT", path, Some(&body.to_string()));
+        assert_eq!(code, 204, "PUT {path}: {resp}");
+    };
+    put(
+        "/boot-source",
+        serde_json::json!({"kernel_image_path": kernel,
+            "boot_args": "console=ttyS0 reboot=k panic=-1 guest.script=/dev/vdb"}),
+    );
+    put(
+        "/drives/rootfs",
+        serde_json::json!({"drive_id":"rootfs","path_on_host":rootfs,"is_root_device":true}),
+    );
+    put(
+        "/drives/script",
+        serde_json::json!({"drive_id":"script","path_on_host":script,"is_root_device":false,"is_read_only":true}),
+    );
+    put("/serial", serde_json::json!({ "serial_out_path": console }));
+    let (code, body) = request(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type":"InstanceStart"}"#),
+    );
+    assert_eq!(code, 204, "{body}");
+
+    let ticks = || -> Vec<u64> {
+        std::fs::read_to_string(&console)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim_end_matches('\r').strip_prefix("TICK ")?.parse().ok())
+            .collect()
+    };
+    let wait_tick = |above: Option<u64>, within: Duration| -> Option<u64> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            let last = ticks().last().copied();
+            if last.is_some() && last > above {
+                return last;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        None
+    };
+    let first = wait_tick(Some(1), Duration::from_secs(900)).unwrap_or_else(|| {
+        panic!(
+            "no guest ticks in the serial file: {:?}",
+            std::fs::read_to_string(&console).unwrap_or_default()
+        )
+    });
+    // The console went to the file, not to stdout.
+    assert!(
+        !srv.wait_for("TICK", Duration::from_millis(500)),
+        "console output reached stdout: {:?}",
+        srv.console
+    );
+
+    let (code, body) = request(&sock, "PATCH", "/vm", Some(r#"{"state":"Paused"}"#));
+    assert_eq!(code, 204, "{body}");
+    let (_, body) = request(&sock, "GET", "/", None);
+    assert!(body.contains(r#""state":"Paused""#), "{body}");
+    let at_pause = std::fs::read(&console).expect("console file").len();
+    std::thread::sleep(Duration::from_secs(6));
+    let after = std::fs::read(&console).expect("console file").len();
+    assert_eq!(
+        at_pause,
+        after,
+        "the guest printed while paused: {:?}",
+        &String::from_utf8_lossy(&std::fs::read(&console).unwrap_or_default())[at_pause..]
+    );
+    // A paused VM still answers runtime requests; configuration stays refused.
+    let (code, body) = request(
+        &sock,
+        "PATCH",
+        "/drives/script",
+        Some(r#"{"drive_id":"script","rate_limiter":{"ops":{"size":1000,"refill_time":1000}}}"#),
+    );
+    assert_eq!(code, 204, "{body}");
+    let (_, body) = request(&sock, "GET", "/vm/config", None);
+    assert!(
+        body.contains(r#""ops":{"size":1000,"refill_time":1000}"#),
+        "{body}"
+    );
+
+    let last_before = ticks().last().copied();
+    let (code, body) = request(&sock, "PATCH", "/vm", Some(r#"{"state":"Resumed"}"#));
+    assert_eq!(code, 204, "{body}");
+    let (_, body) = request(&sock, "GET", "/", None);
+    assert!(body.contains(r#""state":"Running""#), "{body}");
+    let resumed = wait_tick(last_before, Duration::from_secs(300));
+    assert!(
+        resumed.is_some(),
+        "no tick after resume (last {last_before:?}, first {first})"
+    );
+    drop(srv);
+}

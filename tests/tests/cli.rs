@@ -70,6 +70,11 @@ fn help_documents_exit_codes_and_version_is_prefixed() {
         "--boot-timer",
         "Exit codes:",
         "KVM unavailable",
+        "-- <COMMAND>...",
+        "ringvm --kernel vmlinux -- uname -r",
+        "--share <HOST_DIR[:GUEST_DIR][,rw]>",
+        "--root-share",
+        "125  the guest failed before running the command",
     ] {
         assert!(
             run.stdout.contains(needle),
@@ -110,5 +115,61 @@ fn bad_disk_options_are_usage_errors() {
     for bad in ["id=x", "path=/x,bogus=1", "path=/x,ro=perhaps"] {
         let run = run_ringvm(&["--kernel", "/k", "--disk", bad], QUICK);
         assert_eq!(run.code, Some(2), "{bad}: {}", run.transcript());
+    }
+}
+
+#[test]
+fn runner_options_are_checked_before_any_guest() {
+    // Runner options without a command, or a command without a kernel:
+    // usage errors.
+    for args in [
+        &["--kernel", "/k", "--share", "/tmp"][..],
+        &["--kernel", "/k", "--cwd", "/"],
+        &["--", "true"],
+    ] {
+        let run = run_ringvm(args, QUICK);
+        assert_eq!(run.code, Some(2), "{args:?}: {}", run.transcript());
+    }
+    // Shares that do not exist, a relative --cwd, a missing kernel: the
+    // configuration exit code, at once, in one line naming the culprit.
+    for (args, needle) in [
+        (
+            &[
+                "--kernel",
+                "/k",
+                "--share",
+                "/nonexistent/share",
+                "--",
+                "true",
+            ][..],
+            "/nonexistent/share",
+        ),
+        (
+            &[
+                "--kernel",
+                "/k",
+                "--root-share",
+                "/nonexistent/root",
+                "--",
+                "true",
+            ],
+            "/nonexistent/root",
+        ),
+        (
+            &["--kernel", "/k", "--share", "/tmp:relative", "--", "true"],
+            "relative",
+        ),
+        (&["--kernel", "/k", "--cwd", "rel", "--", "true"], "rel"),
+        (
+            &["--kernel", "/nonexistent/vmlinux", "--", "true"],
+            "/nonexistent/vmlinux",
+        ),
+    ] {
+        let run = run_ringvm(args, QUICK);
+        let t = run.transcript();
+        assert_eq!(run.code, Some(3), "{args:?}: {t}");
+        assert!(run.stderr.contains(needle), "{args:?}: {t}");
+        assert_eq!(run.stderr.trim().lines().count(), 1, "{args:?}: {t}");
+        assert!(run.elapsed < Duration::from_secs(5), "{args:?}: {t}");
     }
 }

@@ -83,7 +83,10 @@ fn linux_boots_from_an_ext4_drive_and_its_writes_reach_the_images() {
              echo \"T: dd_rc=$?\"\n\
              echo \"T: ro_flag=$(cat /sys/block/vdc/ro)\"\n\
              dd if=/dev/vdd of=/dev/vdc bs=4k count=1 conv=fsync 2>/dev/null\n\
-             echo \"T: ro_rc=$?\""
+             echo \"T: ro_rc=$?\"\n\
+             read -r RNG < /sys/class/misc/hw_random/rng_current\n\
+             echo \"T: hwrng=$RNG\"\n\
+             echo \"T: hwrng_bytes=$(dd if=/dev/hwrng bs=64 count=1 2>/dev/null | wc -c)\""
         ),
     );
     let kernel = guest_file("vmlinux");
@@ -106,6 +109,7 @@ fn linux_boots_from_an_ext4_drive_and_its_writes_reach_the_images() {
         "--boot-timer",
         "--metrics-path",
         &metrics,
+        "--rng",
         "--cmdline",
         "console=ttyS0 reboot=k panic=-1 ringvm_test_marker=7f3a guest.script=/dev/vde",
     ];
@@ -175,6 +179,19 @@ fn linux_boots_from_an_ext4_drive_and_its_writes_reach_the_images() {
         "read-only image changed"
     );
 
+    // Entropy: the guest entered through PVH, so it got no boot-time seed;
+    // its hwrng is our virtio-rng, it reads from it, and its crng comes up.
+    assert_eq!(
+        guest_value(&run.stdout, "hwrng"),
+        Some("virtio_rng.0"),
+        "{t}"
+    );
+    assert_eq!(guest_value(&run.stdout, "hwrng_bytes"), Some("64"), "{t}");
+    assert!(
+        run.stdout.contains("random: crng init done"),
+        "the guest's crng never initialised\n{t}"
+    );
+
     // The metrics line written at exit counts what the guest did.
     let text = std::fs::read_to_string(&metrics).expect("metrics file");
     let last = text
@@ -193,6 +210,10 @@ fn linux_boots_from_an_ext4_drive_and_its_writes_reach_the_images() {
     assert!(
         m["vcpu"]["exit_io_out"].as_u64().unwrap_or(0) > 0,
         "metrics: {last}"
+    );
+    assert!(
+        m["rng"]["rng0"]["bytes"].as_u64().unwrap_or(0) >= 64,
+        "the guest took no entropy from the device: {last}"
     );
 
     // `reboot -f` at the end of init ends ringvm with 0.

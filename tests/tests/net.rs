@@ -373,7 +373,9 @@ fn busybox_guest_pings_the_host_and_moves_256k_each_way_over_tcp() {
     script_image(
         &script,
         &format!(
-            "ping -c 2 -w 30 {HOST_IP}\n\
+            "read -r MTU < /sys/class/net/eth0/mtu\n\
+             echo \"T: mtu=$MTU\"\n\
+             ping -c 2 -w 30 {HOST_IP}\n\
              echo \"T: ping_rc=$?\"\n\
              nc -w 30 {HOST_IP} {PORT_FROM_GUEST} < /dev/vdb\n\
              echo \"T: send_rc=$?\"\n\
@@ -390,7 +392,8 @@ fn busybox_guest_pings_the_host_and_moves_256k_each_way_over_tcp() {
     let kernel = guest_file("vmlinux");
     let metrics = scratch.file("metrics.json");
     let bin = ringvm_bin().to_string_lossy().into_owned();
-    let net = format!("tap=tap0,mac={GUEST_MAC},id=eth0");
+    // mtu=9000: offered to the guest (VIRTIO_NET_F_MTU) and set on the tap.
+    let net = format!("tap=tap0,mac={GUEST_MAC},id=eth0,mtu=9000");
     let cmdline = format!("console=ttyS0 reboot=k panic=-1 {IP_PARAM} guest.script=/dev/vdc");
     let root = format!("path={rootfs},root");
     let out_disk = format!("path={outbound},ro");
@@ -423,6 +426,16 @@ fn busybox_guest_pings_the_host_and_moves_256k_each_way_over_tcp() {
     let to_guest = to_guest.join().expect("sender thread");
     assert!(!run.timed_out, "guest did not finish in time\n{t}");
 
+    assert_eq!(
+        guest_value(&run.stdout, "mtu"),
+        Some("9000"),
+        "the guest's eth0 did not take the offered MTU\n{t}"
+    );
+    assert_eq!(
+        ns.run(&["cat", "/sys/class/net/tap0/mtu"]).trim(),
+        "9000",
+        "the tap's MTU was not set"
+    );
     assert_eq!(
         guest_value(&run.stdout, "ping_rc"),
         Some("0"),

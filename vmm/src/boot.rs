@@ -23,6 +23,7 @@ use crate::arch::x86_64::layout::{
     PVH_MEMMAP_START, PVH_MODLIST_START, SETUP_DATA_START, ZERO_PAGE_START,
 };
 use crate::arch::x86_64::regs::EntryMode;
+use crate::host_file::{open_image, ImageAccess};
 
 /// Errors while loading the kernel image and its boot data.
 #[derive(Debug, thiserror::Error)]
@@ -116,18 +117,57 @@ const E820_RESERVED: u32 = 2;
 const XEN_HVM_START_MAGIC_VALUE: u32 = 0x336e_c578;
 const PAGE_SIZE: u64 = 4096;
 
-/// Loads the kernel at `kernel_path` (ELF first, then bzImage) and the
-/// optional initrd into `mem`.
-pub fn load_kernel(
-    mem: &GuestMemoryMmap,
-    kernel_path: &Path,
-    initrd_path: Option<&Path>,
-) -> Result<LoadedKernel, BootError> {
+/// The kernel and initrd, opened (and type-checked, see `host_file.rs`)
+/// before KVM is touched, so a bad path is a config error and the files
+/// loaded are the ones checked.
+#[derive(Debug)]
+pub struct BootFiles {
+    kernel: File,
+    kernel_path: PathBuf,
+    initrd: Option<(File, PathBuf)>,
+}
+
+impl BootFiles {
+    /// Opens the kernel and, if given, the initrd: each must be a regular
+    /// file or a block device.
+    pub fn open(kernel_path: &Path, initrd_path: Option<&Path>) -> Result<Self, BootError> {
+        let kernel = open_image(kernel_path, ImageAccess::default()).map_err(|source| {
+            BootError::OpenKernel {
+                path: kernel_path.to_path_buf(),
+                source,
+            }
+        })?;
+        let initrd = match initrd_path {
+            Some(p) => Some((
+                open_image(p, ImageAccess::default()).map_err(|source| BootError::Initrd {
+                    path: p.to_path_buf(),
+                    source,
+                })?,
+                p.to_path_buf(),
+            )),
+            None => None,
+        };
+        Ok(Self {
+            kernel,
+            kernel_path: kernel_path.to_path_buf(),
+            initrd,
+        })
+    }
+}
+
+/// Loads the kernel (ELF first, then bzImage) and the optional initrd
+/// into `mem`.
+pub fn load_kernel(mem: &GuestMemoryMmap, files: BootFiles) -> Result<LoadedKernel, BootError> {
+    let BootFiles {
+        kernel: mut file,
+        kernel_path,
+        initrd: initrd_file,
+    } = files;
+    let kernel_path = kernel_path.as_path();
     let open_err = |source| BootError::OpenKernel {
         path: kernel_path.to_path_buf(),
         source,
     };
-    let mut file = File::open(kernel_path).map_err(open_err)?;
     let himem = Some(GuestAddress(HIMEM_START));
     let (result, entry) = match Elf::load(mem, None, &mut file, himem) {
         Ok(r) => {
@@ -164,8 +204,8 @@ pub fn load_kernel(
             }
         }
     };
-    let initrd = match initrd_path {
-        Some(p) => Some(load_initrd(mem, p, &result)?),
+    let initrd = match initrd_file {
+        Some((file, path)) => Some(load_initrd(mem, file, &path, &result)?),
         None => None,
     };
     Ok(LoadedKernel {
@@ -179,6 +219,7 @@ pub fn load_kernel(
 /// hole and the kernel's `initrd_addr_max`), page aligned.
 fn load_initrd(
     mem: &GuestMemoryMmap,
+    mut file: File,
     path: &Path,
     kernel: &KernelLoaderResult,
 ) -> Result<(GuestAddress, u64), BootError> {
@@ -186,8 +227,9 @@ fn load_initrd(
         path: path.to_path_buf(),
         source,
     };
-    let mut file = File::open(path).map_err(err)?;
-    let size = file.metadata().map_err(err)?.len();
+    // Seeking finds a block device's size too (its metadata says 0).
+    let size = file.seek(SeekFrom::End(0)).map_err(err)?;
+    file.seek(SeekFrom::Start(0)).map_err(err)?;
     let lowmem_end = mem.last_addr().raw_value().min(MMIO_GAP_START - 1) + 1;
     let addr_max = kernel
         .setup_header
@@ -415,7 +457,8 @@ mod tests {
     #[test]
     fn a_missing_kernel_is_named() {
         let m = mem(16 << 20);
-        let e = load_kernel(&m, Path::new("/nonexistent/vmlinux"), None).unwrap_err();
+        let _ = m;
+        let e = BootFiles::open(Path::new("/nonexistent/vmlinux"), None).unwrap_err();
         assert!(e.to_string().contains("/nonexistent/vmlinux"), "{e}");
     }
 
@@ -424,7 +467,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("ringvm-boot-{}", std::process::id()));
         std::fs::write(&dir, vec![0x5a; 8192]).unwrap();
         let m = mem(16 << 20);
-        let e = load_kernel(&m, &dir, None).unwrap_err();
+        let e = load_kernel(&m, BootFiles::open(&dir, None).unwrap()).unwrap_err();
         std::fs::remove_file(&dir).unwrap();
         assert!(matches!(e, BootError::BadKernel { .. }), "{e}");
     }

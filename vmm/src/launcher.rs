@@ -12,10 +12,11 @@ use crate::api::types::{LoggerConfig, MachineConfigBody, MetricsConfig};
 use crate::api::{
     ApiHandle, ApiRequest, ApiServer, CommandOutput, Controller, Decision, VmCommand,
 };
-use crate::config::{BootSource, DriveConfig, NetConfig, VmConfig};
+use crate::config::{BootSource, DriveConfig, EntropyConfig, NetConfig, VmConfig};
 use crate::exit_code;
+use crate::seccomp::{self, Filters, SeccompChoice, SeccompError};
+use crate::stop_signals;
 use crate::vmm::{GuestExit, Vmm, VmmError};
-use crate::vstate::vm::VmError;
 
 /// How this run was asked for.
 #[derive(Debug)]
@@ -34,6 +35,8 @@ pub struct Launch {
     pub metrics_path: Option<PathBuf>,
     /// `--boot-timer`, applied to whatever config is booted.
     pub boot_timer: bool,
+    /// `--no-seccomp` / `--seccomp-filter`.
+    pub seccomp: SeccompChoice,
 }
 
 /// Firecracker's configuration file: the `GET /vm/config` shape.
@@ -52,6 +55,8 @@ struct ConfigFile {
     logger: Option<LoggerConfig>,
     #[serde(default)]
     metrics: Option<MetricsConfig>,
+    #[serde(default)]
+    entropy: Option<EntropyConfig>,
 }
 
 /// Errors before any guest runs, each one line and an exit code.
@@ -68,6 +73,9 @@ pub enum LaunchError {
     /// The API socket cannot be served.
     #[error("API socket: {0}")]
     Api(String),
+    /// The seccomp filters cannot be built (e.g. a bad `--seccomp-filter`).
+    #[error("{0}")]
+    Seccomp(#[from] SeccompError),
     /// Building or running the VM failed.
     #[error("{0}")]
     Vmm(#[from] VmmError),
@@ -77,39 +85,19 @@ impl LaunchError {
     /// The documented exit code for this error.
     pub fn exit_code(&self) -> i32 {
         match self {
-            LaunchError::ConfigFile { .. } | LaunchError::Api(_) => exit_code::BAD_CONFIG,
-            LaunchError::Vmm(e) => vmm_error_exit_code(e),
+            LaunchError::ConfigFile { .. } | LaunchError::Api(_) | LaunchError::Seccomp(_) => {
+                exit_code::BAD_CONFIG
+            }
+            LaunchError::Vmm(e) => e.exit_code(),
         }
     }
 }
 
-/// The documented exit code for a VMM error.
-pub fn vmm_error_exit_code(e: &VmmError) -> i32 {
-    use crate::virtio_block::DriveError;
-    use crate::virtio_net::NetSetupError;
-    match e {
-        VmmError::Config(_)
-        | VmmError::Boot(_)
-        | VmmError::Drive(DriveError::Open { .. })
-        | VmmError::Net(NetSetupError::Tap { .. } | NetSetupError::Mac { .. }) => {
-            exit_code::BAD_CONFIG
-        }
-        VmmError::Vm(VmError::KvmUnavailable(_) | VmError::MissingCap(_)) => {
-            exit_code::KVM_UNAVAILABLE
-        }
-        _ => exit_code::INTERNAL,
-    }
-}
-
-/// Feeds a config file to the controller as the API requests it stands
-/// for, so the file is checked exactly as the API checks them.
-fn apply_config_file(controller: &mut Controller, path: &Path) -> Result<(), LaunchError> {
-    let err = |why: String| LaunchError::ConfigFile {
-        path: path.to_path_buf(),
-        why,
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-    let file: ConfigFile = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+/// Parses a config file's text into the API requests it stands for, in
+/// the order the API would receive them. Public so the fuzzer reaches the
+/// parser without touching the filesystem.
+pub fn config_file_requests(text: &str) -> Result<Vec<ApiRequest>, serde_json::Error> {
+    let file: ConfigFile = serde_json::from_str(text)?;
     let mut requests = vec![ApiRequest::PutBootSource(file.boot_source)];
     if let Some(m) = file.machine_config {
         requests.push(ApiRequest::PutMachineConfig(m));
@@ -122,6 +110,19 @@ fn apply_config_file(controller: &mut Controller, path: &Path) -> Result<(), Lau
     );
     requests.extend(file.logger.map(ApiRequest::PutLogger));
     requests.extend(file.metrics.map(ApiRequest::PutMetrics));
+    requests.extend(file.entropy.map(ApiRequest::PutEntropy));
+    Ok(requests)
+}
+
+/// Feeds a config file to the controller as the API requests it stands
+/// for, so the file is checked exactly as the API checks them.
+fn apply_config_file(controller: &mut Controller, path: &Path) -> Result<(), LaunchError> {
+    let err = |why: String| LaunchError::ConfigFile {
+        path: path.to_path_buf(),
+        why,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let requests = config_file_requests(&text).map_err(|e| err(e.to_string()))?;
     let mut pending_metrics = None;
     for request in requests {
         let answer = match controller.handle(request) {
@@ -155,37 +156,72 @@ fn execute_before_boot(
         .map_err(|e| e.to_string()),
         VmCommand::ConfigureMetrics(m) => {
             // Open it now so a bad path is refused at once.
-            std::fs::OpenOptions::new()
-                .append(true)
-                .create(true)
-                .open(&m.metrics_path)
+            crate::host_file::open_sink(&m.metrics_path)
                 .map_err(|e| format!("{}: {e}", m.metrics_path.display()))?;
             *pending_metrics = Some(m.metrics_path.clone());
             Ok(CommandOutput::Done)
         }
-        VmCommand::FlushMetrics => Ok(CommandOutput::Done),
         _ => Err("the microVM is not running".into()),
     }
 }
 
-/// Blocks until the API thread has queued requests (or was shut down).
-fn wait_for_requests(api: &ApiHandle) {
-    let mut counter = [0u8; 8];
-    // SAFETY: reads at most 8 bytes into our stack buffer from the API's
-    // eventfd, which lives as long as `api`.
-    unsafe { libc::read(api.requests_fd(), counter.as_mut_ptr().cast(), 8) };
+/// What ended the wait for `InstanceStart`.
+enum Configured {
+    /// A VM was built.
+    Built(Box<Vmm>),
+    /// A stop signal arrived first.
+    Stopped(i32),
 }
 
-/// Serves the socket until `InstanceStart` builds a VM.
+/// Blocks until the API thread has queued requests, or a stop signal is
+/// pending; returns that signal.
+fn wait_for_requests(api: &ApiHandle, signals: &std::os::fd::OwnedFd) -> Option<i32> {
+    use std::os::fd::AsRawFd;
+    let mut fds = [
+        libc::pollfd {
+            fd: api.requests_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: signals.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    // SAFETY: `fds` is an array of two valid pollfds for the whole call.
+    unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+    if fds[1].revents != 0 {
+        if let Some(sig) = stop_signals::take_pending(signals) {
+            return Some(sig);
+        }
+    }
+    if fds[0].revents != 0 {
+        let mut counter = [0u8; 8];
+        // SAFETY: reads at most 8 bytes into our stack buffer from the
+        // API's eventfd, which lives as long as `api`; it is readable.
+        unsafe { libc::read(api.requests_fd(), counter.as_mut_ptr().cast(), 8) };
+    }
+    None
+}
+
+/// Serves the socket until `InstanceStart` builds a VM or a stop signal
+/// arrives.
 fn configure_over_api(
     api: &ApiHandle,
     controller: &mut Controller,
     pending_metrics: &mut Option<PathBuf>,
     boot_timer: bool,
     start: Instant,
-) -> Vmm {
+) -> Result<Configured, LaunchError> {
+    let signals = stop_signals::signal_fd().map_err(|source| VmmError::Host {
+        what: "signalfd",
+        source,
+    })?;
     loop {
-        wait_for_requests(api);
+        if let Some(sig) = wait_for_requests(api, &signals) {
+            return Ok(Configured::Stopped(sig));
+        }
         while let Some((request, responder)) = api.try_recv() {
             let answer = match controller.handle(request) {
                 Decision::Respond(r) => r,
@@ -199,7 +235,7 @@ fn configure_over_api(
                     match Vmm::new(&config, start) {
                         Ok(vmm) => {
                             responder.respond(controller.start_result(Ok::<(), String>(())));
-                            return vmm;
+                            return Ok(Configured::Built(Box::new(vmm)));
                         }
                         Err(e) => controller.start_result(Err(e)),
                     }
@@ -212,7 +248,25 @@ fn configure_over_api(
 
 /// Runs what `launch` asks for and returns the process exit code.
 pub fn run(launch: Launch, start: Instant) -> i32 {
-    match try_run(launch, start) {
+    let runs_command = launch
+        .cli_config
+        .as_ref()
+        .is_some_and(|c| c.runner.is_some());
+    let outcome = try_run(launch, start);
+    if runs_command {
+        return match outcome {
+            Ok((exit, console)) => command_exit_code(exit, console.as_deref()),
+            Err(e) => {
+                log::error!("{e}");
+                e.exit_code()
+            }
+        };
+    }
+    match outcome.map(|(exit, _)| exit) {
+        Ok(GuestExit::Command(status)) => {
+            log::info!("the guest reported a command status: {status:?}");
+            crate::runner::status_exit_code(status)
+        }
         Ok(GuestExit::Stopped(why)) => {
             log::info!("{why}; exiting");
             exit_code::GUEST_STOPPED
@@ -240,16 +294,65 @@ pub fn run(launch: Launch, start: Instant) -> i32 {
     }
 }
 
-fn try_run(launch: Launch, start: Instant) -> Result<GuestExit, LaunchError> {
+/// The exit code of `ringvm -- CMD`: the command's status, or 125 with
+/// the reason (and the guest console's last lines) when the guest did not
+/// get to report one.
+fn command_exit_code(exit: GuestExit, console: Option<&[u8]>) -> i32 {
+    use crate::runner::{stage_name, status_exit_code};
+    use devices::legacy::CommandStatus;
+    let show_console = || {
+        if let Some(c) = console.filter(|c| !c.is_empty()) {
+            use std::io::Write;
+            let mut err = std::io::stderr().lock();
+            let _ = writeln!(err, "--- guest console (last {} bytes) ---", c.len());
+            let _ = err.write_all(c);
+            let _ = writeln!(err, "\n--- end of guest console ---");
+        }
+    };
+    match exit {
+        GuestExit::Command(CommandStatus::SetupFailed { stage, errno }) => {
+            log::error!(
+                "the guest failed before running the command: {}: {}",
+                stage_name(stage),
+                std::io::Error::from_raw_os_error(i32::from(errno))
+            );
+            show_console();
+            exit_code::GUEST_SETUP_FAILED
+        }
+        GuestExit::Command(status) => status_exit_code(status),
+        GuestExit::Stopped(why) | GuestExit::Crashed(why) => {
+            log::error!("the guest stopped before reporting the command's status: {why}");
+            show_console();
+            exit_code::GUEST_SETUP_FAILED
+        }
+        GuestExit::TestVerdict(v) => {
+            log::error!(
+                "the guest wrote verdict {v} to the test-exit port instead of running the command"
+            );
+            exit_code::GUEST_SETUP_FAILED
+        }
+        GuestExit::Signal(sig) => exit_code::SIGNAL_BASE + sig,
+    }
+}
+
+fn try_run(launch: Launch, start: Instant) -> Result<(GuestExit, Option<Vec<u8>>), LaunchError> {
+    // Before any thread exists, so every thread inherits the mask.
+    stop_signals::block();
+    let shares = launch
+        .cli_config
+        .as_ref()
+        .is_some_and(|c| c.runner.is_some());
+    let filters = Filters::load(&launch.seccomp, shares)?;
+    seccomp::install_violation_handler()?;
     let (api, api_thread) = match &launch.api_sock {
         Some(path) => {
-            let (handle, thread) = ApiServer::start(path, launch.max_payload)
+            let (handle, thread) = ApiServer::start(path, launch.max_payload, filters.clone())
                 .map_err(|e| LaunchError::Api(e.to_string()))?;
             (Some(handle), Some(thread))
         }
         None => (None, None),
     };
-    let result = boot_and_run(&launch, api, start);
+    let result = boot_and_run(&launch, api, &filters, start);
     // The API thread removes the socket file as it ends: wait for it, so
     // no stale socket outlives the process.
     if let Some(thread) = api_thread {
@@ -261,8 +364,9 @@ fn try_run(launch: Launch, start: Instant) -> Result<GuestExit, LaunchError> {
 fn boot_and_run(
     launch: &Launch,
     api: Option<ApiHandle>,
+    filters: &Filters,
     start: Instant,
-) -> Result<GuestExit, LaunchError> {
+) -> Result<(GuestExit, Option<Vec<u8>>), LaunchError> {
     let mut pending_metrics = launch.metrics_path.clone();
     let mut controller = Controller::new(
         launch.id.clone(),
@@ -282,13 +386,17 @@ fn boot_and_run(
             vmm
         }
         (None, Some(api)) => {
-            let vmm = configure_over_api(
+            let configured = configure_over_api(
                 api,
                 &mut controller,
                 &mut pending_metrics,
                 launch.boot_timer,
                 start,
-            );
+            )?;
+            let vmm = match configured {
+                Configured::Built(vmm) => *vmm,
+                Configured::Stopped(sig) => return Ok((GuestExit::Signal(sig), None)),
+            };
             controller.mark_running();
             vmm
         }
@@ -308,10 +416,11 @@ fn boot_and_run(
     if let Some(api) = api {
         vmm.attach_api(api, controller);
     }
-    let exit = vmm.run()?;
+    let exit = vmm.run(filters)?;
+    let console = vmm.console_tail();
     // Dropping the VM drops the API handle, which stops the API thread.
     drop(vmm);
-    Ok(exit)
+    Ok((exit, console))
 }
 
 #[cfg(test)]
@@ -326,16 +435,23 @@ mod tests {
 
     #[test]
     fn a_firecracker_config_file_fills_the_config() {
-        let p = write(
-            "good",
-            r#"{"boot-source":{"kernel_image_path":"/k","boot_args":"console=ttyS0"},
+        // The files it names are opened, as Firecracker opens them.
+        let kernel = write("kernel", "not really a kernel");
+        let rootfs = write("rootfs", "");
+        let text = r#"{"boot-source":{"kernel_image_path":"KERNEL","boot_args":"console=ttyS0"},
                 "machine-config":{"vcpu_count":2,"mem_size_mib":256,"smt":false},
-                "drives":[{"drive_id":"rootfs","path_on_host":"/r.ext4","is_root_device":true,"is_read_only":false}],
-                "network-interfaces":[]}"#,
-        );
+                "drives":[{"drive_id":"rootfs","path_on_host":"ROOTFS","is_root_device":true,"is_read_only":false,
+                           "rate_limiter":{"bandwidth":{"size":1048576,"refill_time":100}}}],
+                "network-interfaces":[]}"#
+            .replace("KERNEL", &kernel.to_string_lossy())
+            .replace("ROOTFS", &rootfs.to_string_lossy());
+        let p = write("good", &text);
         let mut c = Controller::new("t", VmConfig::default());
         apply_config_file(&mut c, &p).unwrap();
-        std::fs::remove_file(&p).unwrap();
+        for f in [&p, &kernel, &rootfs] {
+            std::fs::remove_file(f).unwrap();
+        }
+        assert!(c.config().drives[0].rate_limiter.is_some());
         assert_eq!(c.config().machine_config.vcpu_count, 2);
         assert_eq!(c.config().drives[0].drive_id, "rootfs");
         assert_eq!(c.config().base_cmdline(), "console=ttyS0");
@@ -344,6 +460,17 @@ mod tests {
     #[test]
     fn bad_config_files_are_one_line_errors() {
         for (name, text, needle) in [
+            (
+                "kernel",
+                r#"{"boot-source":{"kernel_image_path":"/nonexistent/vmlinux"}}"#,
+                "The kernel file cannot be opened",
+            ),
+            (
+                "vcpus",
+                r#"{"boot-source":{"kernel_image_path":"/proc/self/stat"},
+                   "machine-config":{"vcpu_count":33,"mem_size_mib":128}}"#,
+                "number of vCPUs",
+            ),
             ("json", "{not json", "key must be a string"),
             (
                 "field",
@@ -352,9 +479,9 @@ mod tests {
             ),
             (
                 "twoRoots",
-                r#"{"boot-source":{"kernel_image_path":"/k"},"drives":[
-                   {"drive_id":"a","path_on_host":"/a","is_root_device":true,"is_read_only":false},
-                   {"drive_id":"b","path_on_host":"/b","is_root_device":true,"is_read_only":false}]}"#,
+                r#"{"boot-source":{"kernel_image_path":"/proc/self/stat"},"drives":[
+                   {"drive_id":"a","path_on_host":"/proc/self/stat","is_root_device":true,"is_read_only":true},
+                   {"drive_id":"b","path_on_host":"/proc/self/stat","is_root_device":true,"is_read_only":true}]}"#,
                 "root",
             ),
         ] {

@@ -1,23 +1,37 @@
 //! `ringvm`: command line → [`Launch`] (one [`VmConfig`] from flags, a
 //! config file or the API) → run → exit code.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
 use vmm::api::http::DEFAULT_MAX_PAYLOAD;
-use vmm::config::{BootSource, DriveConfig, MachineConfig, NetConfig, VmConfig};
+use vmm::config::{BootSource, DriveConfig, EntropyConfig, MachineConfig, NetConfig, VmConfig};
 use vmm::exit_code;
 use vmm::launcher::{self, Launch};
+use vmm::runner::{RunnerConfig, ShareConfig};
+use vmm::seccomp::SeccompChoice;
 
-/// Boot a Linux guest with KVM; its block and network I/O are served from
-/// one io_uring ring on one VMM thread.
+/// What `--help` shows before the exit codes.
+const RUNNER_HELP: &str = "\
+Run a command in a fresh kernel, with the host's files:
+  ringvm --kernel vmlinux -- uname -r
+  ringvm --kernel vmlinux --share ./out:/out,rw -- sh -c 'make check > /out/log'
+The guest's root is the host's / (or --root-share DIR), read-only with a
+tmpfs overlay for writes; the command runs in the current directory (or
+--cwd) and ringvm exits with its status.
+";
+
+/// Boot a Linux guest with KVM, or run one command in a fresh kernel; its
+/// block, network and shared-directory I/O are served from one io_uring
+/// ring on one VMM thread.
 #[derive(Debug, Parser)]
 #[command(
     name = "ringvm",
     version = concat!("v", env!("CARGO_PKG_VERSION")),
-    after_help = exit_code::HELP
+    after_help = format!("{RUNNER_HELP}\n{}", exit_code::HELP)
 )]
 struct Cli {
     /// Guest kernel: an ELF vmlinux (entered through PVH when it has the
@@ -33,7 +47,8 @@ struct Cli {
     /// any " -- ".
     #[arg(long, value_name = "ARGS", requires = "kernel")]
     cmdline: Option<String>,
-    /// Number of vCPUs (1-254).
+    /// Number of vCPUs (1-254; the API and --config-file keep Firecracker's
+    /// 1-32).
     #[arg(long, value_name = "N", default_value_t = 1)]
     cpus: u8,
     /// Guest memory in MiB.
@@ -52,19 +67,27 @@ struct Cli {
     #[arg(long, value_name = "on|off", default_value = "off", value_parser = parse_on_off, action = clap::ArgAction::Set)]
     acpi: bool,
     /// A virtio-blk drive: path=FILE[,id=NAME][,ro][,root][,direct=on]
-    /// [,cache=unsafe|writeback]. Repeat for more drives (vda, vdb, ...).
-    /// `root` adds root=/dev/vdX to the command line; `ro` makes the drive
-    /// read-only for the guest.
+    /// [,cache=unsafe|writeback][,bw=SIZE/MS[+BURST]][,ops=N/MS[+BURST]].
+    /// Repeat for more drives (vda, vdb, ...). `root` adds root=/dev/vdX to
+    /// the command line; `ro` makes the drive read-only for the guest;
+    /// bw/ops are Firecracker's token buckets: SIZE bytes (K, M, G) or N
+    /// requests per MS milliseconds, plus a one-time BURST.
     #[arg(long, value_name = "OPTIONS", requires = "kernel")]
     disk: Vec<DriveConfig>,
     /// A virtio-net interface on an existing tap: tap=NAME[,mac=02:..]
-    /// [,id=eth0]. ringvm opens the tap (IFF_TAP | IFF_NO_PI |
-    /// IFF_VNET_HDR); it never creates host interfaces. Repeat for more.
+    /// [,id=eth0][,mtu=N][,rx_bw=..][,rx_ops=..][,tx_bw=..][,tx_ops=..]
+    /// (buckets as in --disk). ringvm opens the tap (IFF_TAP | IFF_NO_PI |
+    /// IFF_VNET_HDR); it never creates host interfaces. mtu is offered to
+    /// the guest and set on the tap. Repeat for more.
     #[arg(long, value_name = "OPTIONS", requires = "kernel")]
     net: Vec<NetConfig>,
+    /// A virtio-rng entropy device fed by the host's getrandom (the guest's
+    /// crng initialises from it even without a boot-time seed).
+    #[arg(long, requires = "kernel")]
+    rng: bool,
     /// Boot the VM described by this Firecracker-style JSON file
     /// (boot-source, machine-config, drives, network-interfaces, logger,
-    /// metrics).
+    /// metrics, entropy).
     #[arg(long, value_name = "PATH", conflicts_with = "kernel")]
     config_file: Option<PathBuf>,
     /// Serve the Firecracker-compatible JSON API on this Unix socket. Alone,
@@ -94,9 +117,39 @@ struct Cli {
     /// file every 60 s and at exit.
     #[arg(long, value_name = "PATH")]
     metrics_path: Option<PathBuf>,
-    /// Log level: error, warn, info, debug or trace.
-    #[arg(long, value_name = "LEVEL", default_value = "info")]
-    log_level: log::LevelFilter,
+    /// Log level: error, warn, info, debug or trace [default: info; warn
+    /// when running a command].
+    #[arg(long, value_name = "LEVEL")]
+    log_level: Option<log::LevelFilter>,
+    /// Run without seccomp filters (they are on by default: each thread
+    /// may make only the syscalls its job needs).
+    #[arg(long)]
+    no_seccomp: bool,
+    /// Use these seccomp filters instead of the built-in ones: a JSON file
+    /// in seccompiler's format (not Firecracker's compiled BPF) with one
+    /// filter per thread kind, keyed "vmm", "api" and "vcpu".
+    #[arg(long, value_name = "PATH", conflicts_with = "no_seccomp")]
+    seccomp_filter: Option<PathBuf>,
+    /// Share a host directory with the command's guest:
+    /// HOST_DIR[:GUEST_DIR][,rw]. Read-only unless ",rw"; GUEST_DIR
+    /// defaults to HOST_DIR. Repeat for more.
+    #[arg(long, value_name = "HOST_DIR[:GUEST_DIR][,rw]", requires = "command")]
+    share: Vec<ShareConfig>,
+    /// The host directory the command's guest sees as / (read-only, with a
+    /// tmpfs overlay) [default: the host's /].
+    #[arg(long, value_name = "DIR", requires = "command")]
+    root_share: Option<PathBuf>,
+    /// The command's working directory in the guest [default: the current
+    /// directory with the host's root, / with --root-share].
+    #[arg(long, value_name = "DIR", requires = "command")]
+    cwd: Option<PathBuf>,
+    /// Show the guest's console (kernel and init messages) on stderr.
+    #[arg(long, requires = "command")]
+    verbose: bool,
+    /// Run this command in the guest and exit with its status; its
+    /// stdin, stdout and stderr are ringvm's.
+    #[arg(last = true, value_name = "COMMAND", requires = "kernel")]
+    command: Vec<OsString>,
 }
 
 /// `on`/`off` for switches that take a value.
@@ -137,7 +190,7 @@ fn name_devices(
 }
 
 impl Cli {
-    fn into_launch(self) -> Launch {
+    fn into_launch(self, runner: Option<RunnerConfig>) -> Launch {
         let cli_config = self.kernel.map(|kernel| {
             let (drives, network_interfaces) = name_devices(self.disk, self.net);
             VmConfig {
@@ -154,7 +207,10 @@ impl Cli {
                 },
                 drives,
                 network_interfaces,
+                entropy: self.rng.then(EntropyConfig::default),
                 boot_timer: self.boot_timer,
+                serial: Default::default(),
+                runner,
             }
         });
         Launch {
@@ -165,12 +221,19 @@ impl Cli {
             max_payload: self.http_api_max_payload_size,
             metrics_path: self.metrics_path,
             boot_timer: self.boot_timer,
+            seccomp: match (self.no_seccomp, self.seccomp_filter) {
+                (true, _) => SeccompChoice::Off,
+                (false, Some(path)) => SeccompChoice::File(path),
+                (false, None) => SeccompChoice::Builtin,
+            },
         }
     }
 }
 
 fn main() -> ExitCode {
     let start = Instant::now();
+    // First of all: threads inherit the mask (see stop_signals.rs).
+    vmm::stop_signals::block();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -183,13 +246,35 @@ fn main() -> ExitCode {
         eprintln!("error: give --kernel PATH, --config-file PATH or --api-sock PATH (see --help)");
         return ExitCode::from(exit_code::USAGE as u8);
     }
-    vmm::logger::init(cli.log_level);
+    let runner = if cli.command.is_empty() {
+        None
+    } else {
+        match RunnerConfig::new(
+            cli.command.clone(),
+            cli.root_share.clone(),
+            cli.share.clone(),
+            cli.cwd.clone(),
+            cli.verbose,
+        ) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(exit_code::BAD_CONFIG as u8);
+            }
+        }
+    };
+    let default_level = if runner.is_some() {
+        log::LevelFilter::Warn
+    } else {
+        log::LevelFilter::Info
+    };
+    vmm::logger::init(cli.log_level.unwrap_or(default_level));
     if let Some(path) = &cli.log_path {
         if let Err(e) = vmm::logger::configure(Some(path), None, true, false) {
             log::error!("cannot open log file {}: {e}", path.display());
             return ExitCode::from(exit_code::BAD_CONFIG as u8);
         }
     }
-    let code = launcher::run(cli.into_launch(), start);
+    let code = launcher::run(cli.into_launch(runner), start);
     ExitCode::from(code as u8)
 }

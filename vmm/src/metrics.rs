@@ -5,12 +5,12 @@
 //! Counters live with what they count (devices keep their own, vCPU
 //! threads bump shared atomics); this module only gathers them.
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde_json::{json, Map, Value};
+
+use crate::host_file::{open_sink, LineSink};
 
 /// vCPU exits by kind, bumped by every vCPU thread (relaxed: they are
 /// statistics, not synchronisation).
@@ -61,7 +61,7 @@ pub struct ApiCounters {
 /// One device's counters under its id.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeviceMetrics {
-    /// "block" or "net".
+    /// The device kind ("block", "net", "rng"): its section in the line.
     pub kind: &'static str,
     /// The user's id for the device.
     pub id: String,
@@ -69,20 +69,31 @@ pub struct DeviceMetrics {
     pub fields: Value,
 }
 
-/// Where metrics lines go.
+/// Where metrics lines go: a regular file or a FIFO, written without
+/// blocking (a line the reader has no room for is dropped and counted in
+/// the next line's `logger.missed_metrics_count`).
 #[derive(Debug, Default)]
 pub struct MetricsSink {
     path: Option<PathBuf>,
-    file: Option<File>,
+    file: Option<LineSink>,
+    /// Lines lost with earlier files, so the count survives a new path.
+    missed_before: u64,
 }
 
 impl MetricsSink {
-    /// Sends later flushes to `path` (appended; created if missing).
+    /// Sends later flushes to `path` (a regular file, appended to and
+    /// created if missing, or a FIFO).
     pub fn configure(&mut self, path: &Path) -> std::io::Result<()> {
-        let file = OpenOptions::new().append(true).create(true).open(path)?;
+        let file = LineSink::new(open_sink(path)?);
+        self.missed_before = self.missed();
         self.path = Some(path.to_path_buf());
         self.file = Some(file);
         Ok(())
+    }
+
+    /// Lines lost so far.
+    pub fn missed(&self) -> u64 {
+        self.missed_before + self.file.as_ref().map_or(0, LineSink::dropped)
     }
 
     /// Whether a metrics path is set.
@@ -97,40 +108,49 @@ impl MetricsSink {
         vcpus: &VcpuExitCounters,
         api: &ApiCounters,
     ) -> std::io::Result<()> {
+        let missed = self.missed();
         let Some(file) = self.file.as_mut() else {
             return Ok(());
         };
-        let line = render(devices, vcpus, api);
-        writeln!(file, "{line}")
+        let mut line = render(devices, vcpus, api);
+        line["logger"] = json!({
+            "missed_log_count": crate::logger::missed_lines(),
+            "missed_metrics_count": missed,
+        });
+        let mut text = line.to_string();
+        text.push('\n');
+        file.write_line(text.as_bytes()).map(|_| ())
     }
 }
 
 /// The JSON object of one flush.
 pub fn render(devices: &[DeviceMetrics], vcpus: &VcpuExitCounters, api: &ApiCounters) -> Value {
-    let mut block = Map::new();
-    let mut net = Map::new();
-    for d in devices {
-        let section = if d.kind == "net" {
-            &mut net
-        } else {
-            &mut block
-        };
-        section.insert(d.id.clone(), d.fields.clone());
-    }
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
-    json!({
+    let mut line = json!({
         "utc_timestamp_ms": now_ms,
-        "block": block,
-        "net": net,
+        // Always present, so readers of block and net find their sections
+        // even on a VM without such devices.
+        "block": {},
+        "net": {},
         "vcpu": vcpus.snapshot(),
         "api_server": {
             "requests": api.requests.load(Ordering::Relaxed),
             "errors": api.errors.load(Ordering::Relaxed),
         },
-    })
+    });
+    // One section per device kind, keyed by the user's device ids.
+    for d in devices {
+        if let Some(Value::Object(section)) = line
+            .as_object_mut()
+            .map(|o| o.entry(d.kind).or_insert_with(|| Value::Object(Map::new())))
+        {
+            section.insert(d.id.clone(), d.fields.clone());
+        }
+    }
+    line
 }
 
 #[cfg(test)]
@@ -164,5 +184,49 @@ mod tests {
         assert_eq!(v["block"]["rootfs"]["requests"], 7);
         assert_eq!(v["vcpu"]["exit_mmio_write"], 1);
         assert_eq!(v["api_server"]["requests"], 3);
+        assert_eq!(v["logger"]["missed_metrics_count"], 0);
+    }
+
+    #[test]
+    fn lines_a_stalled_fifo_cannot_take_are_dropped_and_counted() {
+        let path = std::env::temp_dir().join(format!("ringvm-metrics-fifo-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo with a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let mut sink = MetricsSink::default();
+        // Nobody reads yet: configuring neither blocks nor fails.
+        sink.configure(&path).unwrap();
+        let vcpus = VcpuExitCounters::default();
+        let api = ApiCounters::default();
+        let devices: Vec<DeviceMetrics> = (0..8)
+            .map(|i| DeviceMetrics {
+                kind: "block",
+                id: format!("drive{i}"),
+                fields: json!({"requests": i}),
+            })
+            .collect();
+        let start = std::time::Instant::now();
+        for _ in 0..400 {
+            sink.flush(&devices, &vcpus, &api).unwrap();
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(5));
+        let missed = sink.missed();
+        assert!(missed > 0, "a 64 KiB pipe cannot hold 400 lines");
+        // A reader arrives: the lines it gets are whole, and the next line
+        // reports the drops.
+        let mut reader = std::fs::File::open(&path).unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        let n = std::io::Read::read(&mut reader, &mut buf).unwrap();
+        sink.flush(&devices, &vcpus, &api).unwrap();
+        let m = std::io::Read::read(&mut reader, &mut buf[n..]).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let text = std::str::from_utf8(&buf[..n + m]).unwrap();
+        let last = text.lines().last().unwrap();
+        let v: Value = serde_json::from_str(last).unwrap();
+        assert_eq!(v["logger"]["missed_metrics_count"], missed);
+        for line in text.lines() {
+            serde_json::from_str::<Value>(line).unwrap();
+        }
     }
 }

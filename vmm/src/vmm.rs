@@ -1,34 +1,39 @@
 //! The machine: builds a VM from a [`VmConfig`] and runs its VMM thread
 //! loop on the ring until the guest stops.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use io_uring::{opcode, types};
 use vmm_sys_util::eventfd::EventFd;
+
+use devices::virtio::block::BlockDevice;
 
 use crate::api::{ApiHandle, CommandOutput, Controller, Decision, VmCommand};
 use crate::arch::x86_64::acpi::{setup_acpi, AcpiError, AcpiMachine};
 use crate::arch::x86_64::cpuid::CpuTemplate;
 use crate::arch::x86_64::mptable::{setup_mptable, MptableError};
-use crate::boot::{load_kernel, write_boot_data, BootError};
+use crate::boot::{load_kernel, write_boot_data, BootError, BootFiles};
 use crate::cmdline::{compose_cmdline, root_param};
-use crate::config::{ConfigError, VmConfig};
-use crate::device_loop::DeviceLoop;
-use crate::device_manager::{DeviceError, DeviceManager};
-use crate::event_loop::{Completion, EventLoop, Token};
-use crate::metrics::{ApiCounters, DeviceMetrics, MetricsSink, VcpuExitCounters};
-use crate::terminal::RawTerminal;
-use crate::virtio_block::{open_backing_file, Drive, DriveError};
-use crate::virtio_net::{open_tap, NetIface, NetSetupError};
-use crate::vstate::vcpu::{
+use crate::config::{ConfigError, RateLimiterConfig, VmConfig};
+use crate::console::ConsoleOut;
+use crate::exit_code;
+use crate::kvm::pause::PauseGate;
+use crate::kvm::vcpu::{
     create_vcpu, install_kick_handler, VcpuError, VcpuEvent, VcpuHandle, VcpuShared,
 };
-use crate::vstate::vm::{host_is_pvm_native, Vm, VmError};
-use devices::legacy::PowerRequest;
+use crate::kvm::vm::{host_is_pvm_native, Vm, VmError};
+use crate::machine::builder::{open_backing_file, DeviceSetupError, VirtioBuilder};
+use crate::machine::device_manager::{DeviceError, DeviceManager};
+use crate::metrics::{ApiCounters, DeviceMetrics, MetricsSink, VcpuExitCounters};
+use crate::ring::{Completion, Ring, Token, VirtioDevices};
+use crate::runner::{ConsoleTail, RunnerConfig};
+use crate::seccomp::{Filters, SeccompError, ThreadKind};
+use crate::terminal::RawTerminal;
+use devices::legacy::{CommandStatus, ExitCell, ExitReport, PowerRequest};
 
 /// Everything that can stop a VM from being built or run.
 #[derive(Debug, thiserror::Error)]
@@ -48,12 +53,12 @@ pub enum VmmError {
     /// A device could not be created or placed.
     #[error("{0}")]
     Device(#[from] DeviceError),
-    /// A drive could not be set up.
+    /// A virtio device could not be set up.
     #[error("{0}")]
-    Drive(#[from] DriveError),
-    /// A network interface could not be set up.
+    Setup(#[from] DeviceSetupError),
+    /// A seccomp filter could not be installed.
     #[error("{0}")]
-    Net(#[from] NetSetupError),
+    Seccomp(#[from] SeccompError),
     /// The MP table could not be written.
     #[error("MP table: {0}")]
     Mptable(#[from] MptableError),
@@ -70,6 +75,19 @@ pub enum VmmError {
     },
 }
 
+impl VmmError {
+    /// The documented exit code for this error: the user's configuration,
+    /// KVM's absence, or ringvm's own failure.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            VmmError::Config(_) | VmmError::Boot(_) => exit_code::BAD_CONFIG,
+            VmmError::Setup(e) => e.exit_code(),
+            VmmError::Vm(e) => e.exit_code(),
+            _ => exit_code::INTERNAL,
+        }
+    }
+}
+
 /// How the guest ended, which decides ringvm's exit code.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GuestExit {
@@ -82,22 +100,15 @@ pub enum GuestExit {
     /// A test guest wrote its verdict to the test-exit port: 0 means every
     /// case passed.
     TestVerdict(u32),
+    /// The guest init of `ringvm -- CMD` reported the command's status.
+    Command(CommandStatus),
 }
-
-// Token kinds on the ring.
-const KIND_VCPU_EVENT: u8 = 1;
-const KIND_RESET: u8 = 2;
-const KIND_STDIN: u8 = 3;
-const KIND_STDIN_RETRY: u8 = 4;
-const KIND_SIGNAL: u8 = 5;
-const KIND_HALT_PROBE: u8 = 6;
-const KIND_METRICS_TIMER: u8 = 7;
-const KIND_DEBUG_EXIT: u8 = 8;
-const KIND_API: u8 = 9;
-const KIND_ACPI_POWER: u8 = 10;
 
 /// Period of the automatic metrics flush, as Firecracker's.
 const METRICS_PERIOD_S: u64 = 60;
+
+/// How long `PATCH /vm` Paused waits for every vCPU to park.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How often the VMM thread checks whether every vCPU halted for good.
 const HALT_PROBE_NS: u32 = 500_000_000;
@@ -131,13 +142,16 @@ struct ApiRuntime {
 pub struct Vmm {
     // The ring is declared first so it is dropped (and waits for every
     // operation it holds) before the buffers and guest memory it points at.
-    ring: EventLoop,
+    ring: Ring,
     bufs: Box<ReadBuffers>,
     vm: Vm,
     devices: DeviceManager,
-    device_loop: DeviceLoop,
+    virtio: VirtioDevices,
     vcpus: Vec<VcpuHandle>,
     stop: Arc<AtomicBool>,
+    /// Closed while the guest is paused; the flag a device slot reads to
+    /// stop draining its queues meanwhile ([`Vmm::is_paused`]).
+    pause: Arc<PauseGate>,
     vcpu_events: Receiver<VcpuEvent>,
     vcpu_events_ready: Arc<EventFd>,
     halted_for_good: Arc<Vec<AtomicBool>>,
@@ -146,10 +160,14 @@ pub struct Vmm {
     metrics: MetricsSink,
     signal_fd: RawFd,
     debug_exit_evt: EventFd,
-    verdict: Arc<std::sync::atomic::AtomicU32>,
+    exit_report: Arc<ExitCell>,
     /// Written by the ACPI power registers; the cell says which request.
     acpi_power_evt: EventFd,
     acpi_power: Arc<AtomicU8>,
+    /// Running a command (`ringvm -- CMD`): stdin belongs to the command,
+    /// not to the console.
+    runs_command: bool,
+    console_tail: Option<ConsoleTail>,
     /// The configuration booted, kept current (drive paths) for the API.
     config: VmConfig,
     api: Option<ApiRuntime>,
@@ -188,69 +206,51 @@ fn choose_template(config: &VmConfig) -> Result<CpuTemplate, VmmError> {
     }
 }
 
-/// Blocks the stop signals in this thread (and so in every thread spawned
-/// after) and returns a signalfd that reads them on the ring.
-fn signal_fd() -> Result<RawFd, VmmError> {
-    // SAFETY: sigset_t is plain data and sigemptyset initialises it.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: all calls below take pointers to `set`, which we own.
-    unsafe {
-        libc::sigemptyset(&mut set);
-        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
-            libc::sigaddset(&mut set, sig);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-    }
-    // SAFETY: `set` is initialised; signalfd returns a new fd or -1.
-    let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
-    if fd < 0 {
-        return Err(VmmError::Host {
-            what: "signalfd",
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    Ok(fd)
-}
-
 impl Vmm {
     /// Builds the VM: memory, devices, kernel, boot tables and vCPUs. The
     /// vCPUs do not run until [`Vmm::run`].
     pub fn new(config: &VmConfig, process_start: Instant) -> Result<Self, VmmError> {
         config.validate()?;
-        // Check the files before touching KVM, so a typo is a config error
+        // Open the files before touching KVM, so a typo is a config error
         // even on a host without /dev/kvm.
         let boot = &config.boot_source;
-        std::fs::File::open(&boot.kernel_image_path).map_err(|source| BootError::OpenKernel {
-            path: boot.kernel_image_path.clone(),
-            source,
-        })?;
-        if let Some(initrd) = &boot.initrd_path {
-            std::fs::File::open(initrd).map_err(|source| BootError::Initrd {
-                path: initrd.clone(),
-                source,
-            })?;
+        let boot_files = BootFiles::open(&boot.kernel_image_path, boot.initrd_path.as_deref())?;
+        // Drives and taps too: a missing or unreadable image is a config
+        // error, found before KVM is touched.
+        let mut virtio = VirtioBuilder::new();
+        for drive in &config.drives {
+            virtio.add_drive(drive)?;
         }
-        // Drives too: a missing or unreadable image is a config error, found
-        // before KVM is touched.
-        let drive_files = config
-            .drives
-            .iter()
-            .map(open_backing_file)
-            .collect::<Result<Vec<_>, _>>()?;
-        let taps = config
-            .network_interfaces
-            .iter()
-            .map(open_tap)
-            .collect::<Result<Vec<_>, _>>()?;
+        for iface in &config.network_interfaces {
+            virtio.add_net(iface)?;
+        }
+        if let Some(entropy) = &config.entropy {
+            virtio.add_rng(entropy)?;
+        }
+        if let Some(runner) = &config.runner {
+            virtio.add_runner(runner)?;
+        }
         let template = choose_template(config)?;
         let vcpu_count = config.machine_config.vcpu_count;
 
         let vm = Vm::new(config.machine_config.mem_size_mib)?;
         let mut devices = DeviceManager::new()?;
-        devices.add_serial(&vm)?;
+        let (console, console_tail) = match &config.runner {
+            None => (
+                ConsoleOut::open(&config.serial).map_err(host("opening the serial output"))?,
+                None,
+            ),
+            Some(r) if r.verbose => (ConsoleOut::to_writer(Box::new(std::io::stderr())), None),
+            Some(_) => {
+                let tail = ConsoleTail::default();
+                (ConsoleOut::to_writer(Box::new(tail.clone())), Some(tail))
+            }
+        };
+        let console_is_stdout = console.is_stdout();
+        devices.add_serial(&vm, console)?;
         devices.add_i8042(&vm)?;
         let debug_exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(host("eventfd"))?;
-        let verdict =
+        let exit_report =
             devices.add_debug_exit(debug_exit_evt.try_clone().map_err(host("eventfd"))?)?;
         if config.boot_timer {
             devices.add_boot_timer(process_start)?;
@@ -262,14 +262,13 @@ impl Vmm {
             false => Arc::default(),
         };
 
-        let mut drives = Vec::with_capacity(config.drives.len());
-        for (drive, file) in config.drives.iter().zip(drive_files) {
-            drives.push(Drive::new(drive, file, &vm, &mut devices)?);
-        }
-        let mut nets = Vec::with_capacity(taps.len());
-        for (iface, (tap, mac)) in config.network_interfaces.iter().zip(taps) {
-            nets.push(NetIface::new(iface, tap, mac, &vm, &mut devices)?);
-        }
+        let virtio = virtio.place(&mut devices, &vm)?;
+
+        let runner_params = config
+            .runner
+            .as_ref()
+            .map(RunnerConfig::kernel_params)
+            .unwrap_or_default();
 
         // With ACPI the DSDT describes the devices; the words would make
         // kernels that also parse them register every device twice.
@@ -277,13 +276,10 @@ impl Vmm {
         let mut extra: Vec<&str> = device_words.iter().map(String::as_str).collect();
         let root = root_param(config);
         extra.extend(root.as_deref());
+        extra.extend(runner_params.iter().map(String::as_str));
         extra.extend(template.kernel_params());
         let cmdline = compose_cmdline(config.base_cmdline(), &extra);
-        let kernel = load_kernel(
-            vm.memory(),
-            &boot.kernel_image_path,
-            boot.initrd_path.as_deref(),
-        )?;
+        let kernel = load_kernel(vm.memory(), boot_files)?;
         let rsdp = match acpi {
             true => Some(setup_acpi(
                 vm.memory(),
@@ -298,13 +294,16 @@ impl Vmm {
         setup_mptable(vm.memory(), vcpu_count)?;
         log::debug!("kernel entry {:?}; command line: {cmdline}", kernel.entry());
 
-        let ring = EventLoop::new().map_err(host("creating the io_uring ring"))?;
-        let signal_fd = signal_fd()?;
+        let ring = Ring::new().map_err(host("creating the io_uring ring"))?;
+        let signal_fd = crate::stop_signals::signal_fd()
+            .map_err(host("signalfd"))?
+            .into_raw_fd();
         install_kick_handler()?;
 
         let (tx, rx) = channel();
         let events_ready = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(host("eventfd"))?);
         let stop = Arc::new(AtomicBool::new(false));
+        let pause = Arc::new(PauseGate::default());
         let exits = Arc::new(VcpuExitCounters::default());
         let halted_for_good: Arc<Vec<AtomicBool>> =
             Arc::new((0..vcpu_count).map(|_| AtomicBool::new(false)).collect());
@@ -316,6 +315,7 @@ impl Vmm {
             events_ready: events_ready.clone(),
             halted_for_good: halted_for_good.clone(),
             exits: exits.clone(),
+            pause: pause.clone(),
             finish_for_emulator: template.finishes_for_emulator(),
         };
         let mut fds = Vec::with_capacity(usize::from(vcpu_count));
@@ -338,9 +338,10 @@ impl Vmm {
             }),
             vm,
             devices,
-            device_loop: DeviceLoop::new(drives, nets),
+            virtio,
             vcpus: Vec::new(),
             stop,
+            pause,
             vcpu_events: rx,
             vcpu_events_ready: events_ready,
             halted_for_good,
@@ -349,12 +350,16 @@ impl Vmm {
             metrics: MetricsSink::default(),
             signal_fd,
             debug_exit_evt,
-            verdict,
+            exit_report,
             acpi_power_evt,
             acpi_power,
+            runs_command: config.runner.is_some(),
+            console_tail,
             config: config.clone(),
             api: None,
-            stdin_open: true,
+            // With the console in a file, stdin is not the guest's (as in
+            // Firecracker).
+            stdin_open: console_is_stdout,
             pending_input: Vec::new(),
             _terminal: None,
         };
@@ -367,7 +372,7 @@ impl Vmm {
 
     /// Arms an 8-byte eventfd read into `buf`.
     fn arm_eventfd(
-        ring: &mut EventLoop,
+        ring: &mut Ring,
         fd: RawFd,
         buf: &mut [u8; 8],
         token: Token,
@@ -392,10 +397,9 @@ impl Vmm {
             .offset(u64::MAX)
             .build();
             // SAFETY: the boxed buffer outlives the ring, as above.
-            return unsafe { self.ring.push(read, Token::new(KIND_STDIN, 0, 0)) }
-                .map_err(host("arming stdin"));
+            return unsafe { self.ring.push(read, Token::Stdin) }.map_err(host("arming stdin"));
         } else {
-            Token::new(KIND_STDIN_RETRY, 0, 0)
+            Token::StdinRetry
         };
         // The guest has not drained the UART yet: look again in 10 ms.
         let timeout = opcode::Timeout::new(&self.bufs.retry).build();
@@ -414,12 +418,7 @@ impl Vmm {
             return Ok(());
         };
         let fd = api.handle.requests_fd();
-        Self::arm_eventfd(
-            &mut self.ring,
-            fd,
-            &mut self.bufs.api,
-            Token::new(KIND_API, 0, 0),
-        )
+        Self::arm_eventfd(&mut self.ring, fd, &mut self.bufs.api, Token::Api)
     }
 
     /// Answers every queued API request, then re-arms the requests eventfd
@@ -474,6 +473,7 @@ impl Vmm {
             VmCommand::UpdateDrive {
                 drive_id,
                 path_on_host,
+                rate_limiter,
             } => {
                 let Some(index) = self
                     .config
@@ -483,16 +483,52 @@ impl Vmm {
                 else {
                     return Err(format!("no drive {drive_id:?}"));
                 };
-                let mut cfg = self.config.drives[index].clone();
-                cfg.path_on_host = path_on_host.clone();
-                let drive = self
-                    .device_loop
-                    .drives_mut()
+                if let Some(path) = path_on_host {
+                    let mut cfg = self.config.drives[index].clone();
+                    cfg.path_on_host = path.clone();
+                    let file = open_backing_file(&cfg).map_err(|e| e.to_string())?;
+                    let drive = self
+                        .virtio
+                        .device_mut::<BlockDevice>(drive_id)
+                        .ok_or_else(|| format!("no drive {drive_id:?}"))?;
+                    drive
+                        .swap_disk(file)
+                        .map_err(|e| format!("drive {drive_id}: {e}"))?;
+                    self.config.drives[index] = cfg;
+                }
+                if let Some(update) = rate_limiter {
+                    let d = &mut self.config.drives[index];
+                    d.rate_limiter = RateLimiterConfig::patched(d.rate_limiter, update);
+                    self.rate_limiter_updated(drive_id, "", update);
+                }
+                Ok(CommandOutput::Done)
+            }
+            VmCommand::UpdateNetRateLimiters { iface_id, rx, tx } => {
+                let Some(n) = self
+                    .config
+                    .network_interfaces
                     .iter_mut()
-                    .find(|d| &d.id == drive_id)
-                    .ok_or_else(|| format!("no drive {drive_id:?}"))?;
-                drive.swap_backing_file(&cfg).map_err(|e| e.to_string())?;
-                self.config.drives[index] = cfg;
+                    .find(|n| &n.iface_id == iface_id)
+                else {
+                    return Err(format!("no network interface {iface_id:?}"));
+                };
+                if let Some(update) = rx {
+                    n.rx_rate_limiter = RateLimiterConfig::patched(n.rx_rate_limiter, update);
+                }
+                if let Some(update) = tx {
+                    n.tx_rate_limiter = RateLimiterConfig::patched(n.tx_rate_limiter, update);
+                }
+                for (side, update) in [("rx", rx), ("tx", tx)] {
+                    if let Some(update) = update {
+                        self.rate_limiter_updated(iface_id, side, update);
+                    }
+                }
+                Ok(CommandOutput::Done)
+            }
+            VmCommand::Pause => self.pause_guest().map(|()| CommandOutput::Done),
+            VmCommand::Resume => {
+                self.pause.open();
+                log::info!("guest resumed");
                 Ok(CommandOutput::Done)
             }
             VmCommand::ConfigureLogger(l) => crate::logger::configure(
@@ -510,6 +546,44 @@ impl Vmm {
         }
     }
 
+    /// Whether the guest is paused (`PATCH /vm`): its vCPUs are parked.
+    /// Devices keep completing what is in flight; a device slot that must
+    /// also stop draining its queues reads this on the VMM thread.
+    pub fn is_paused(&self) -> bool {
+        self.pause.is_paused()
+    }
+
+    /// Parks every running vCPU; fails (leaving the guest running) if one
+    /// does not leave `KVM_RUN` within [`PAUSE_TIMEOUT`].
+    fn pause_guest(&mut self) -> Result<(), String> {
+        let vcpus = &self.vcpus;
+        let paused = self.pause.close(
+            || vcpus.iter().filter(|v| !v.is_finished()).count(),
+            || vcpus.iter().for_each(VcpuHandle::kick),
+            PAUSE_TIMEOUT,
+        );
+        if !paused {
+            return Err(format!(
+                "a vCPU did not stop within {} s",
+                PAUSE_TIMEOUT.as_secs()
+            ));
+        }
+        log::info!("guest paused ({} vCPUs parked)", self.pause.parked());
+        Ok(())
+    }
+
+    /// A live limiter update (`PATCH`) reached the VMM and is recorded in
+    /// the running configuration (`GET /vm/config` shows it). The device
+    /// data paths take their limiters from the device contract, which
+    /// applies `update.as_update()` to the device's
+    /// [`devices::rate_limiter::RateLimiter`]; until then this records.
+    fn rate_limiter_updated(&mut self, device: &str, side: &str, update: &RateLimiterConfig) {
+        log::info!(
+            "rate limiter of {device}{}{side} updated: {update:?}",
+            if side.is_empty() { "" } else { " " }
+        );
+    }
+
     /// Sends metrics to `path` from now on (`--metrics-path`, `PUT /metrics`).
     pub fn configure_metrics(&mut self, path: &std::path::Path) -> std::io::Result<()> {
         self.metrics.configure(path)
@@ -520,9 +594,14 @@ impl Vmm {
         self.api_counters.clone()
     }
 
+    /// The console's last bytes, kept when a command ran quietly.
+    pub fn console_tail(&self) -> Option<Vec<u8>> {
+        self.console_tail.as_ref().map(ConsoleTail::contents)
+    }
+
     /// Every device's counters, for a metrics line or the API.
     pub fn device_metrics(&self) -> Vec<DeviceMetrics> {
-        self.device_loop.metrics()
+        self.virtio.metrics()
     }
 
     /// Writes one metrics line now (`FlushMetrics`); a no-op without a
@@ -536,18 +615,14 @@ impl Vmm {
     fn arm_metrics_timer(&mut self) -> Result<(), VmmError> {
         let timeout = opcode::Timeout::new(&self.bufs.metrics_period).build();
         // SAFETY: the timespec is in the boxed buffers, which outlive the ring.
-        unsafe {
-            self.ring
-                .push(timeout, Token::new(KIND_METRICS_TIMER, 0, 0))
-        }
-        .map_err(host("arming the metrics timer"))
+        unsafe { self.ring.push(timeout, Token::MetricsTimer) }
+            .map_err(host("arming the metrics timer"))
     }
 
     fn arm_halt_probe(&mut self) -> Result<(), VmmError> {
         let timeout = opcode::Timeout::new(&self.bufs.halt_probe).build();
         // SAFETY: the timespec is in the boxed buffers, which outlive the ring.
-        unsafe { self.ring.push(timeout, Token::new(KIND_HALT_PROBE, 0, 0)) }
-            .map_err(host("arming the halt probe"))
+        unsafe { self.ring.push(timeout, Token::HaltProbe) }.map_err(host("arming the halt probe"))
     }
 
     fn arm_signal(&mut self) -> Result<(), VmmError> {
@@ -558,8 +633,7 @@ impl Vmm {
         )
         .build();
         // SAFETY: as for the other boxed buffers.
-        unsafe { self.ring.push(read, Token::new(KIND_SIGNAL, 0, 0)) }
-            .map_err(host("arming the signalfd"))
+        unsafe { self.ring.push(read, Token::Signal) }.map_err(host("arming the signalfd"))
     }
 
     /// Moves stdin bytes into the UART as far as its FIFO has room.
@@ -581,72 +655,90 @@ impl Vmm {
     }
 
     /// Runs the VMM thread loop until the guest stops; then stops and
-    /// joins every vCPU.
-    pub fn run(&mut self) -> Result<GuestExit, VmmError> {
-        self._terminal = RawTerminal::enter(libc::STDIN_FILENO);
+    /// joins every vCPU. The VMM thread's seccomp filter from `filters` is
+    /// installed first, then each vCPU thread installs its own and only
+    /// then enters the guest.
+    pub fn run(&mut self, filters: &Filters) -> Result<GuestExit, VmmError> {
+        if self.runs_command {
+            // The command reads stdin through its own file; the terminal
+            // stays as it is (^C stops ringvm).
+            self.stdin_open = false;
+        } else if self.stdin_open {
+            self._terminal = RawTerminal::enter(libc::STDIN_FILENO);
+        }
+        filters.install(ThreadKind::Vmm)?;
+        #[cfg(feature = "broken-seccomp")]
+        crate::seccomp::broken::forbidden_call();
+        for vcpu in &mut self.vcpus {
+            vcpu.start(filters.clone());
+        }
         let events_fd = self.vcpu_events_ready.as_raw_fd();
         let reset_fd = self.devices.reset_evt.as_raw_fd();
         Self::arm_eventfd(
             &mut self.ring,
             events_fd,
             &mut self.bufs.vcpu_event,
-            Token::new(KIND_VCPU_EVENT, 0, 0),
+            Token::VcpuEvent,
         )?;
         Self::arm_eventfd(
             &mut self.ring,
             reset_fd,
             &mut self.bufs.reset,
-            Token::new(KIND_RESET, 0, 0),
+            Token::GuestReset,
         )?;
         let debug_exit_fd = self.debug_exit_evt.as_raw_fd();
         Self::arm_eventfd(
             &mut self.ring,
             debug_exit_fd,
             &mut self.bufs.debug_exit,
-            Token::new(KIND_DEBUG_EXIT, 0, 0),
+            Token::DebugExit,
         )?;
         let acpi_power_fd = self.acpi_power_evt.as_raw_fd();
         Self::arm_eventfd(
             &mut self.ring,
             acpi_power_fd,
             &mut self.bufs.acpi_power,
-            Token::new(KIND_ACPI_POWER, 0, 0),
+            Token::AcpiPower,
         )?;
         self.arm_signal()?;
         self.arm_stdin()?;
         self.arm_halt_probe()?;
         self.arm_metrics_timer()?;
         self.arm_api()?;
-        self.device_loop
+        self.virtio
             .arm(&mut self.ring)
             .map_err(host("arming device eventfds"))?;
 
         let mut completions = Vec::with_capacity(64);
         let outcome = 'outer: loop {
             completions.clear();
+            let wait = !self.virtio.has_work_now();
             self.ring
-                .turn(&mut completions)
+                .turn(&mut completions, wait)
                 .map_err(host("io_uring_enter"))?;
             for c in completions.iter().copied() {
-                if DeviceLoop::owns(c.token.kind) {
-                    self.device_loop
-                        .dispatch(c, &mut self.ring, self.vm.memory())
+                if VirtioDevices::owns(c.token) {
+                    self.virtio
+                        .dispatch(c.token, c.result, &mut self.ring, self.vm.memory())
                         .map_err(host("re-arming a device eventfd"))?;
                 } else if let Some(exit) = self.dispatch(c)? {
                     break 'outer exit;
                 }
             }
             // Drains that stopped at their budget or on a full ring resume
-            // now, after this batch freed slots.
-            self.device_loop.resume(&mut self.ring, self.vm.memory());
+            // now, after this batch freed slots; then each device makes its
+            // one interrupt decision for the turn.
+            self.virtio
+                .end_turn(&mut self.ring, self.vm.memory())
+                .map_err(host("re-arming a device poll"))?;
         };
         self.shutdown();
         Ok(outcome)
     }
 
     fn dispatch(&mut self, c: Completion) -> Result<Option<GuestExit>, VmmError> {
-        match c.token.kind {
-            KIND_VCPU_EVENT => {
+        match c.token {
+            Token::VcpuEvent => {
                 if let Ok(event) = self.vcpu_events.try_recv() {
                     return Ok(Some(match event {
                         VcpuEvent::Reset { cpu, reason } => {
@@ -663,12 +755,12 @@ impl Vmm {
                 let fd = self.vcpu_events_ready.as_raw_fd();
                 Self::arm_eventfd(&mut self.ring, fd, &mut self.bufs.vcpu_event, c.token)?;
             }
-            KIND_RESET => {
+            Token::GuestReset => {
                 return Ok(Some(GuestExit::Stopped(
                     "guest reset through the i8042".into(),
                 )));
             }
-            KIND_SIGNAL => {
+            Token::Signal => {
                 if c.result > 0 {
                     // SAFETY: the kernel filled the buffer with one
                     // signalfd_siginfo; read_unaligned copes with alignment.
@@ -678,7 +770,7 @@ impl Vmm {
                 }
                 self.arm_signal()?;
             }
-            KIND_STDIN => {
+            Token::Stdin => {
                 if c.result <= 0 {
                     // EOF or an unreadable stdin: the guest gets no more input.
                     self.stdin_open = false;
@@ -689,27 +781,36 @@ impl Vmm {
                 self.feed_serial();
                 self.arm_stdin()?;
             }
-            KIND_API => self.serve_api()?,
-            KIND_ACPI_POWER => {
+            Token::Api => self.serve_api()?,
+            Token::AcpiPower => {
                 let how = match PowerRequest::load(&self.acpi_power) {
                     PowerRequest::Reset => "guest reset through ACPI",
                     _ => "guest powered off through ACPI (S5)",
                 };
                 return Ok(Some(GuestExit::Stopped(how.into())));
             }
-            KIND_DEBUG_EXIT => {
-                let value = self.verdict.load(Ordering::Acquire);
-                return Ok(Some(GuestExit::TestVerdict(value)));
+            Token::DebugExit => {
+                return Ok(match self.exit_report.get() {
+                    Some(ExitReport::TestVerdict(v)) => Some(GuestExit::TestVerdict(u32::from(v))),
+                    Some(ExitReport::Command(status)) => Some(GuestExit::Command(status)),
+                    None => None,
+                });
             }
-            KIND_METRICS_TIMER => {
+            Token::MetricsTimer => {
                 if let Err(e) = self.flush_metrics() {
                     log::warn!("metrics flush failed: {e}");
                 }
                 self.arm_metrics_timer()?;
             }
-            KIND_HALT_PROBE => {
+            Token::HaltProbe => {
                 // Flags set by the previous probe's kicks: every vCPU asleep
                 // with interrupts off means the guest halted or powered off.
+                // Parked vCPUs do not refresh their flags: no verdict and
+                // no kicks while the guest is paused.
+                if self.pause.is_paused() {
+                    self.arm_halt_probe()?;
+                    return Ok(None);
+                }
                 if self
                     .halted_for_good
                     .iter()
@@ -724,11 +825,11 @@ impl Vmm {
                 }
                 self.arm_halt_probe()?;
             }
-            KIND_STDIN_RETRY => {
+            Token::StdinRetry => {
                 self.feed_serial();
                 self.arm_stdin()?;
             }
-            other => log::warn!("completion for unknown source kind {other}"),
+            other => log::warn!("completion for an unknown source: {other:?}"),
         }
         Ok(None)
     }
@@ -745,6 +846,7 @@ impl Vmm {
             }
         }
         self.stop.store(true, Ordering::Release);
+        self.pause.release();
         for vcpu in &mut self.vcpus {
             vcpu.stop_and_join();
         }

@@ -14,6 +14,8 @@ pub use acpi_pm::{
     SLEEP_CONTROL, SLEEP_STATUS,
 };
 pub use boot_timer::{BootTimer, BOOT_TIMER_MAGIC};
-pub use debug_exit::{DebugExit, DEBUG_EXIT_PORT, NO_VERDICT};
+pub use debug_exit::{
+    CommandStatus, DebugExit, ExitCell, ExitReport, DEBUG_EXIT_LEN, DEBUG_EXIT_PORT,
+};
 pub use i8042::I8042;
 pub use serial::{EventFdTrigger, Serial};

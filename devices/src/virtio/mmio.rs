@@ -16,7 +16,7 @@
 //!  any ──FAILED──► +FAILED          backend ──NEEDS_RESET──► Status shows DEVICE_NEEDS_RESET
 //! ```
 
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::Arc;
 
 use log::{error, warn};
@@ -118,12 +118,19 @@ pub enum TransportError {
     },
 }
 
+/// Messages a transport may have queued for the VMM thread at once. A
+/// driver following the spec has at most two outstanding (a reset, then an
+/// activation); one that floods status writes past this bound gets its
+/// device marked NEEDS_RESET instead of growing the VMM's memory.
+pub const TRANSPORT_QUEUE_DEPTH: usize = 16;
+
 /// Where activation and reset messages go, and how the VMM thread's ring
 /// learns there is one to read.
 #[derive(Debug)]
 pub struct TransportEvents {
-    /// The VMM thread receives from the other end.
-    pub sender: Sender<TransportEvent>,
+    /// The VMM thread receives from the other end; made with
+    /// `sync_channel(TRANSPORT_QUEUE_DEPTH)`.
+    pub sender: SyncSender<TransportEvent>,
     /// Written after each message; the VMM thread watches it on its ring.
     pub wake: EventFd,
 }
@@ -136,7 +143,7 @@ pub struct TransportEvents {
 /// use std::sync::{mpsc, Arc};
 /// use devices::bus::{BusAccess, BusDevice};
 /// use devices::virtio::{DeviceShared, MmioTransport, VirtioDeviceInfo, F_VERSION_1};
-/// use devices::virtio::mmio::TransportEvents;
+/// use devices::virtio::mmio::{TransportEvents, TRANSPORT_QUEUE_DEPTH};
 /// use vmm_sys_util::eventfd::EventFd;
 ///
 /// let info = VirtioDeviceInfo {
@@ -145,7 +152,7 @@ pub struct TransportEvents {
 ///     queue_max_sizes: vec![256],
 ///     shared: Arc::new(DeviceShared::new(vec![0; 8], vec![])),
 /// };
-/// let (sender, _receiver) = mpsc::channel();
+/// let (sender, _receiver) = mpsc::sync_channel(TRANSPORT_QUEUE_DEPTH);
 /// let wake = EventFd::new(libc::EFD_NONBLOCK).unwrap();
 /// let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
 /// let mut t = MmioTransport::new(info, TransportEvents { sender, wake }, vec![kick]).unwrap();
@@ -508,7 +515,10 @@ impl MmioTransport {
         for (i, q) in self.regs.queues.iter().enumerate() {
             let max = self.info.queue_max_sizes.get(i).copied().unwrap_or(0);
             if let (true, Err(e)) = (q.ready, q.check(max)) {
-                error!("{}: queue {i} refused at DRIVER_OK: {e}", self.label);
+                self.log_once(
+                    LOG_BAD_QUEUE,
+                    format_args!("queue {i} refused at DRIVER_OK: {e}"),
+                );
                 return false;
             }
         }
@@ -524,13 +534,23 @@ impl MmioTransport {
     }
 
     fn send(&mut self, event: TransportEvent) -> bool {
-        let sent = self.events.sender.send(event).is_ok();
-        if !sent {
-            self.log_once(
-                LOG_SEND,
-                format_args!("the VMM thread no longer listens for transport events"),
-            );
-            return false;
+        match self.events.sender.try_send(event) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                self.info.shared.set_needs_reset();
+                self.log_once(
+                    LOG_SEND,
+                    format_args!("the driver queued more resets and activations than the VMM thread took; device needs reset"),
+                );
+                return false;
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                self.log_once(
+                    LOG_SEND,
+                    format_args!("the VMM thread no longer listens for transport events"),
+                );
+                return false;
+            }
         }
         if let Err(e) = self.events.wake.write(1) {
             error!("{}: waking the VMM thread failed: {e}", self.label);
@@ -638,7 +658,7 @@ mod tests {
             queue_max_sizes: vec![256, 64],
             shared: shared.clone(),
         };
-        let (sender, rx) = mpsc::channel();
+        let (sender, rx) = mpsc::sync_channel(TRANSPORT_QUEUE_DEPTH);
         let wake = evt();
         let kicks = vec![evt(), evt()];
         let t = MmioTransport::new(
@@ -857,6 +877,27 @@ mod tests {
         assert!(r.rx.try_recv().is_err());
     }
 
+    /// Bug: the transport → VMM channel was unbounded, so a driver looping
+    /// DRIVER_OK / reset faster than the VMM thread ran could grow it.
+    #[test]
+    fn a_driver_flooding_activations_gets_needs_reset_not_an_unbounded_queue() {
+        let mut r = rig();
+        for _ in 0..TRANSPORT_QUEUE_DEPTH {
+            r.negotiate(FEATURES);
+            r.setup_queue0();
+            r.drive_ok();
+            r.w(REG_STATUS, 0);
+            // The VMM thread never answers; the hostile driver does not
+            // wait for Status to read 0 either.
+        }
+        r.negotiate(FEATURES);
+        r.setup_queue0();
+        r.drive_ok();
+        assert!(r.shared.needs_reset(), "the device gave up on the driver");
+        let queued = std::iter::from_fn(|| r.rx.try_recv().ok()).count();
+        assert_eq!(queued, TRANSPORT_QUEUE_DEPTH, "bounded");
+    }
+
     #[test]
     fn needs_reset_shows_in_status_and_survives_driver_writes() {
         let mut r = rig();
@@ -993,7 +1034,7 @@ mod tests {
             shared: shared.clone(),
         };
         let ev = || {
-            let (sender, _rx) = mpsc::channel();
+            let (sender, _rx) = mpsc::sync_channel(TRANSPORT_QUEUE_DEPTH);
             TransportEvents {
                 sender,
                 wake: evt(),

@@ -16,26 +16,37 @@
 //!
 //! The transport never touches a queue or guest memory; the backend never
 //! sees a register. What they share is deliberately small ([`DeviceShared`])
-//! and never locked on the data path. A new device type (e.g. virtio-net)
-//! plugs into the same transport by producing a [`VirtioDeviceInfo`] and
-//! consuming [`TransportEvent`]s.
+//! and never locked on the data path. A device plugs into the same
+//! transport, and into the VMM thread's ring, by implementing
+//! [`VirtioDevice`]; the pieces every device shares ([`Virtqueues`],
+//! [`drain`], [`InFlight`]) live here so a device is only its own requests.
 
 pub mod block;
+mod device;
+mod inflight;
 pub mod mmio;
 pub mod net;
+pub mod p9;
 mod queue;
+pub mod rng;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testing;
+mod virtqueues;
 
 use std::io;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use vm_memory::GuestMemory;
-
 use crate::io::InterruptLine;
 
+pub use device::{DeviceError, PollRequest, ProcessOutcome, VirtioDevice};
+pub use inflight::{
+    map_guest_buffer, Generation, InFlight, Iovecs, MapError, Reserved, Tag, Taken,
+};
 pub use mmio::{MmioTransport, TransportError, MMIO_SIZE, NOTIFY_REG_OFFSET};
 pub use queue::{QueueConfig, QueueConfigError};
+pub use virtqueues::{drain, drain_queue, ChainTaken, Virtqueues};
 
 /// ISR bit: the device put buffers in a used ring.
 pub const INT_VRING: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
@@ -265,71 +276,6 @@ impl Interrupt {
     /// The shared state this interrupt writes.
     pub fn shared(&self) -> &Arc<DeviceShared> {
         &self.shared
-    }
-}
-
-/// The lifecycle every virtio backend on the VMM thread shares: the
-/// transport's activation and reset messages, activation that asks the
-/// driver for a reset when it fails, and a reset that is only reported
-/// complete once the backend let go of the queues. A device supplies the
-/// hooks; the sequence is written once, here.
-pub trait VirtioBackend {
-    /// The device's own error type.
-    type Error;
-
-    /// Whether the queues are live.
-    fn is_active(&self) -> bool;
-
-    /// Checks the negotiated features and takes the queues.
-    fn try_activate<M: GuestMemory>(
-        &mut self,
-        mem: &M,
-        activation: &Activation,
-    ) -> Result<(), Self::Error>;
-
-    /// Drops the queues and forgets in-flight work (its completions are
-    /// ignored when they come).
-    fn drop_queues(&mut self);
-
-    /// Sets DEVICE_NEEDS_RESET and raises the config interrupt.
-    fn request_reset(&mut self);
-
-    /// The interrupt (and the state it shares with the transport).
-    fn interrupt(&self) -> &Interrupt;
-
-    /// Takes ownership of the queues the driver set up. On error the device
-    /// stays inactive and asks the driver for a reset.
-    fn activate<M: GuestMemory>(
-        &mut self,
-        mem: &M,
-        activation: &Activation,
-    ) -> Result<(), Self::Error> {
-        if self.is_active() {
-            self.drop_queues();
-        }
-        let result = self.try_activate(mem, activation);
-        if result.is_err() {
-            self.request_reset();
-        }
-        result
-    }
-
-    /// Applies a message from the transport.
-    fn handle_event<M: GuestMemory>(
-        &mut self,
-        mem: &M,
-        event: &TransportEvent,
-    ) -> Result<(), Self::Error> {
-        match event {
-            TransportEvent::Activate(a) => self.activate(mem, a),
-            TransportEvent::Reset => {
-                self.drop_queues();
-                // No used-ring write or interrupt can come from us now:
-                // let the driver see the reset complete.
-                self.interrupt().shared().finish_reset();
-                Ok(())
-            }
-        }
     }
 }
 

@@ -25,6 +25,7 @@ mod mem;
 mod msg;
 mod net;
 mod probe;
+mod rng;
 mod serial;
 mod time;
 mod virtio;
@@ -87,8 +88,10 @@ pub extern "C" fn kmain(zero_page: u64) -> ! {
 
     let mut ctx = Ctx {
         rw: None,
+        rw2: None,
         ro: None,
         net: None,
+        rng: None,
         ram_end: info.ram_end,
         low_ram_end: info.low_ram_end,
         tag: 0,
@@ -113,9 +116,13 @@ pub extern "C" fn kmain(zero_page: u64) -> ! {
                 ctx.ro = Some(dev);
             } else if !ro && ctx.rw.is_none() {
                 ctx.rw = Some(dev);
+            } else if !ro && ctx.rw2.is_none() {
+                ctx.rw2 = Some(dev);
             }
         } else if dev.device_id == net::DEVICE_ID && ctx.net.is_none() {
             ctx.net = Some(dev);
+        } else if dev.device_id == rng::DEVICE_ID && ctx.rng.is_none() {
+            ctx.rng = Some(dev);
         }
     }
 
@@ -128,6 +135,7 @@ pub extern "C" fn kmain(zero_page: u64) -> ! {
             Need::Rw if ctx.rw.is_none() => Some("no writable virtio-blk drive"),
             Need::Ro if ctx.ro.is_none() => Some("no read-only virtio-blk drive (--disk ...,ro)"),
             Need::Net if ctx.net.is_none() => Some("no virtio-net device (--net tap=...)"),
+            Need::Rng if ctx.rng.is_none() => Some("no virtio-rng device (--rng)"),
             _ => None,
         };
         if let Some(why) = missing {
@@ -156,7 +164,7 @@ pub extern "C" fn kmain(zero_page: u64) -> ! {
             }
         }
         // Leave every device quiet for the next case.
-        for dev in [ctx.rw, ctx.ro, ctx.net].iter().flatten() {
+        for dev in [ctx.rw, ctx.rw2, ctx.ro, ctx.net, ctx.rng].iter().flatten() {
             let _ = dev.reset();
         }
     }

@@ -78,29 +78,57 @@ pub fn r64(addr: u64) -> u64 {
     unsafe { ptr::read_volatile(addr as *const u64) }
 }
 
-/// Fills `len` bytes (a multiple of 8) with a pattern derived from `seed`.
+/// The state [`pattern`] starts from for `seed`.
+pub fn pattern_start(seed: u64) -> u64 {
+    seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1
+}
+
+/// The pattern's next 8-byte word after `x` (xorshift64).
+pub fn pattern_next(mut x: u64) -> u64 {
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    x
+}
+
+/// Fills `len` bytes with a pattern derived from `seed` (8-byte words; a
+/// tail shorter than a word gets the next word's low bytes).
 pub fn pattern(addr: u64, len: usize, seed: u64) {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut x = pattern_start(seed);
     for i in 0..len / 8 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
+        x = pattern_next(x);
         w64(addr + i as u64 * 8, x);
+    }
+    let x = pattern_next(x).to_le_bytes();
+    for (i, &b) in x.iter().enumerate().take(len % 8) {
+        w8(addr + (len / 8 * 8 + i) as u64, b);
     }
 }
 
-/// Offset of the first 8-byte word that differs from `pattern(seed)`.
+/// Offset of the first 8-byte word (or tail byte) that differs from
+/// `pattern(seed)`.
 pub fn check_pattern(addr: u64, len: usize, seed: u64) -> Option<usize> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut x = pattern_start(seed);
     for i in 0..len / 8 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
+        x = pattern_next(x);
         if r64(addr + i as u64 * 8) != x {
             return Some(i * 8);
         }
     }
-    None
+    let x = pattern_next(x).to_le_bytes();
+    (0..len % 8)
+        .map(|i| len / 8 * 8 + i)
+        .find(|&off| r8(addr + off as u64) != x[off % 8])
+}
+
+/// Offset of the first byte of `len` at `addr` that is not `b` (compared
+/// a word at a time).
+pub fn check_fill(addr: u64, b: u8, len: usize) -> Option<usize> {
+    let word = u64::from_le_bytes([b; 8]);
+    if let Some(i) = (0..len / 8).find(|i| r64(addr + *i as u64 * 8) != word) {
+        return Some(i * 8);
+    }
+    (len / 8 * 8..len).find(|&off| r8(addr + off as u64) != b)
 }
 
 /// Offset of the first non-zero 8-byte word.

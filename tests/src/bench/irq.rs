@@ -1,6 +1,6 @@
-//! The synthetic driver's side of notifications: when to kick
-//! (`vring_need_event`) and how to sleep on the interrupt line, as a guest
-//! does it on real KVM.
+//! The synthetic driver's side of interrupts: how to sleep on the
+//! interrupt line, as a guest does it on real KVM (when to kick is the
+//! shared driver mock's `DriverQueue::kick_wanted`).
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -8,11 +8,6 @@ use std::os::fd::AsRawFd;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::Res;
-
-/// `vring_need_event` from the virtio spec (§2.7.10).
-pub fn need_event(event: u16, new: u16, old: u16) -> bool {
-    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
-}
 
 /// Sleeps on the irq eventfd for up to `timeout_ms`: `None` if nothing
 /// came, else the eventfd counter consumed (the device's irq writes; 0 if

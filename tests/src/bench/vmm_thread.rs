@@ -12,17 +12,16 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use vm_memory::GuestMemoryMmap;
-use vmm::device_loop::DeviceLoop;
-use vmm::event_loop::{EventLoop, Token};
+use vmm::ring::{Ring, Token, VirtioDevices};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::clock::thread_cpu_ns;
 use super::task::TaskCounters;
 use super::Res;
 
-/// Ring token kind of the bench's own stop eventfd (outside the device
-/// loop's kinds).
-const KIND_STOP: u8 = 200;
+/// The bench's stop eventfd plays the part a stop signal plays in
+/// `Vmm::run`, under the same token.
+const STOP: Token = Token::Signal;
 
 /// What the VMM thread publishes for the measurements.
 #[derive(Default)]
@@ -35,7 +34,7 @@ struct VmmShared {
 /// The VMM thread loop, as `Vmm::run` runs it for the devices, plus a stop
 /// eventfd and a counter of ring turns (one `io_uring_enter` each).
 fn vmm_thread(
-    devices: impl FnOnce() -> DeviceLoop,
+    devices: impl FnOnce() -> VirtioDevices,
     mem: GuestMemoryMmap,
     stop: EventFd,
     shared: Arc<VmmShared>,
@@ -48,26 +47,26 @@ fn vmm_thread(
     let mut devices = devices();
     // Declared after the buffers it reads into, so it is dropped (and its
     // in-flight operations cancelled) before them.
-    let mut ring = EventLoop::new()?;
+    let mut ring = Ring::new()?;
     shared
         .deferred_taskrun
         .store(ring.deferred_taskrun(), Ordering::Release);
     devices.arm(&mut ring)?;
     // SAFETY: `stop_buf` lives on this frame until after `ring` is dropped.
-    unsafe { ring.arm_eventfd(stop.as_raw_fd(), &mut stop_buf, Token::new(KIND_STOP, 0, 0)) }?;
+    unsafe { ring.arm_eventfd(stop.as_raw_fd(), &mut stop_buf, STOP) }?;
     let mut done = Vec::with_capacity(1024);
     let mut stopping = false;
     while !stopping {
-        ring.turn(&mut done)?;
+        ring.turn(&mut done, !devices.has_work_now())?;
         shared.turns.fetch_add(1, Ordering::Relaxed);
         for c in done.drain(..) {
-            if DeviceLoop::owns(c.token.kind) {
-                devices.dispatch(c, &mut ring, &mem)?;
-            } else if c.token.kind == KIND_STOP {
+            if VirtioDevices::owns(c.token) {
+                devices.dispatch(c.token, c.result, &mut ring, &mem)?;
+            } else if c.token == STOP {
                 stopping = true;
             }
         }
-        devices.resume(&mut ring, &mem);
+        devices.end_turn(&mut ring, &mem)?;
     }
     drop(ring);
     Ok(())
@@ -100,7 +99,7 @@ impl VmmHandle {
     /// Starts the VMM thread ("vmm") on `mem`; `devices` builds its device
     /// loop on that thread. Returns once the thread has published its tid.
     pub fn spawn(
-        devices: impl FnOnce() -> DeviceLoop + Send + 'static,
+        devices: impl FnOnce() -> VirtioDevices + Send + 'static,
         mem: &GuestMemoryMmap,
     ) -> Res<Self> {
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;

@@ -2,7 +2,7 @@
 
 use std::cell::RefCell;
 
-use vmm::device_manager::{DeviceError, EventWiring};
+use vmm::machine::device_manager::{DeviceError, EventWiring};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Keeps the eventfds a device wires instead of registering them with KVM,

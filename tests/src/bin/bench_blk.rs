@@ -6,8 +6,8 @@
 //! queue's doorbell eventfd (what KVM's ioeventfd does on a QueueNotify
 //! write) and sleeps on the irq eventfd (what KVM's irqfd would inject).
 //! The device side is exactly what `ringvm` runs for a booted guest:
-//! [`Drive`] (the real `BlockDevice`) inside a [`DeviceLoop`] on its own
-//! thread, turning one [`EventLoop`] io_uring ring.
+//! the real `BlockDevice` in its generic device slot (`VirtioDevices`) on its
+//! own thread, turning one `Ring` (io_uring).
 //!
 //! Each point is measured for ringvm and then for
 //! `fio --ioengine=io_uring` on the same file in the same run; the ratio
@@ -21,17 +21,24 @@ use std::fs::OpenOptions;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
-use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use devices::virtio::testing::DriverQueue;
 use devices::virtio::NOTIFY_REG_OFFSET;
 use ringvm_tests::bench::clock::own_cpu_ns;
-use ringvm_tests::bench::host::{HostCpu, HostInfo, Own};
-use ringvm_tests::bench::irq::{need_event, wait_irq};
+use ringvm_tests::bench::host::{HostInfo, Own};
+use ringvm_tests::bench::inline_vmm::{watchdog, InlineVmm};
+use ringvm_tests::bench::interleave::{interleave, Round};
+use ringvm_tests::bench::irq::wait_irq;
 use ringvm_tests::bench::mmio::MmioRegs;
+use ringvm_tests::bench::points::{Better, Point, PointRound, Target};
 use ringvm_tests::bench::report;
+use ringvm_tests::bench::stats::{median, Spread};
+use ringvm_tests::bench::summary::summary_json;
+use ringvm_tests::bench::task::IoWorkers;
 use ringvm_tests::bench::vmm_thread::{VmmHandle, VmmSnap};
+use ringvm_tests::bench::wakeup::{eventfd_round_trip, floor_rate};
 use ringvm_tests::bench::wiring::BenchWiring;
 use ringvm_tests::bench::Res;
 use serde_json::{json, Value};
@@ -44,19 +51,19 @@ use virtio_bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
 };
+use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm::config::DriveConfig;
-use vmm::device_loop::DeviceLoop;
-use vmm::device_manager::DeviceManager;
-use vmm::virtio_block::{open_backing_file, Drive};
+use vmm::machine::builder::VirtioBuilder;
+use vmm::machine::device_manager::DeviceManager;
 use vmm_sys_util::eventfd::EventFd;
 
 // Guest memory layout of the synthetic driver.
 const MEM_SIZE: usize = 256 << 20;
 const QUEUE_SIZE: u16 = 256;
-const DESC_TABLE: u64 = 0x1000;
-const AVAIL_RING: u64 = 0x3000;
-const USED_RING: u64 = 0x4000;
+/// Where the queue's rings start (the shared driver mock's layout: table,
+/// then avail ring at +0x1000, used ring at +0x2000).
+const QUEUE_BASE: u64 = 0x1000;
 /// One 3-entry indirect table per slot, 64 bytes apart.
 const INDIRECT_BASE: u64 = 0x1_0000;
 /// One 16-byte request header per slot.
@@ -73,15 +80,21 @@ const MIB: f64 = 1024.0 * 1024.0;
 #[derive(Parser, Debug)]
 #[command(about = "virtio-blk data path (synthetic driver, real device and loop) vs fio io_uring")]
 struct Args {
-    /// Measured seconds per point (ringvm and fio each).
-    #[arg(long, default_value_t = 2.0)]
+    /// Measured seconds per run (ringvm and fio each).
+    #[arg(long, default_value_t = 1.0)]
     seconds: f64,
-    /// Measurements per point and side, alternating which side goes first.
-    #[arg(long, default_value_t = 2)]
-    repeats: u32,
-    /// Unmeasured warm-up seconds before each point (fio: --ramp_time).
-    #[arg(long, default_value_t = 0.5)]
+    /// Rounds per point: each round runs ringvm and fio back to back
+    /// (alternating which goes first) and gives one ratio; the report
+    /// shows the median ratio and its spread.
+    #[arg(long, alias = "repeats", default_value_t = 3)]
+    rounds: u32,
+    /// Unmeasured warm-up seconds before each run (fio: --ramp_time).
+    #[arg(long, default_value_t = 0.3)]
     warmup: f64,
+    /// Seconds of the eventfd round-trip measurement that makes the QD1
+    /// floor, once per QD1 round.
+    #[arg(long, default_value_t = 0.3)]
+    floor_seconds: f64,
     /// Where blk.json and blk.md go (default: <workspace>/target/bench).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -97,10 +110,29 @@ struct Args {
     /// Keep the test files afterwards.
     #[arg(long)]
     keep_files: bool,
+    /// Skip the on-disk file opened with O_DIRECT (by ringvm and fio).
+    #[arg(long)]
+    no_direct: bool,
+    /// At QD >= 32, also run fio with --force_async=1 (IOSQE_ASYNC on every
+    /// request) in each round: where io_uring punts requests to io-wq
+    /// anyway (tmpfs, buffered ext4 writes), that is the host's limit, not
+    /// fio's default.
+    #[arg(long)]
+    async_reference: bool,
     /// Run only the points whose "<file> <workload> QD<n>" label contains
     /// this text (e.g. "disk randwrite 4k QD32"); for investigating.
     #[arg(long)]
     only: Option<String>,
+    /// --only must match the whole label ("tmpfs randread 4k QD1" then
+    /// leaves out QD128).
+    #[arg(long)]
+    exact: bool,
+    /// Instead of measuring: run the selected points with ringvm only,
+    /// about this many requests each, the VMM loop turned by the driver's
+    /// own thread (see `bench::inline_vmm`), and print one JSON line per
+    /// point. What `make bench-callgrind` runs under valgrind.
+    #[arg(long)]
+    callgrind_requests: Option<u64>,
 }
 
 // ---------------------------------------------------------------------------
@@ -144,14 +176,16 @@ fn workloads() -> Vec<Workload> {
             });
         }
     }
-    v.push(Workload {
-        rw: "read",
-        op: Op::Read,
-        random: false,
-        bs: 128 << 10,
-        qd: 32,
-        bandwidth: true,
-    });
+    for (rw, op) in [("read", Op::Read), ("write", Op::Write)] {
+        v.push(Workload {
+            rw,
+            op,
+            random: false,
+            bs: 128 << 10,
+            qd: 32,
+            bandwidth: true,
+        });
+    }
     v
 }
 
@@ -174,13 +208,8 @@ fn data_addr(slot: usize) -> u64 {
     DATA_BASE + slot as u64 * MAX_BLOCK
 }
 
-fn descriptor(addr: u64, len: u32, flags: u32, next: u16) -> [u8; 16] {
-    let mut d = [0u8; 16];
-    d[0..8].copy_from_slice(&addr.to_le_bytes());
-    d[8..12].copy_from_slice(&len.to_le_bytes());
-    d[12..14].copy_from_slice(&(flags as u16).to_le_bytes());
-    d[14..16].copy_from_slice(&next.to_le_bytes());
-    d
+fn descriptor(addr: u64, len: u32, flags: u32, next: u16) -> Descriptor {
+    Descriptor::new(addr, len, flags as u16, next)
 }
 
 /// What the driver saw, cumulative.
@@ -203,9 +232,11 @@ struct Driver {
     kick: EventFd,
     irq: EventFd,
     qsize: u16,
+    /// The queue's rings, written and read as a guest driver does.
+    vq: DriverQueue<GuestMemoryMmap>,
+    /// Heads filled this round, published with one index update.
+    staged: Vec<u16>,
     capacity: u64,
-    avail_idx: u16,
-    last_used: u16,
     free: Vec<usize>,
     busy: Vec<bool>,
     stats: DriverStats,
@@ -237,7 +268,9 @@ impl Driver {
             return Err(format!("queue maximum {max} is below the QD 128 we need"));
         }
         regs.write32(VIRTIO_MMIO_QUEUE_NUM, u32::from(self.qsize));
-        regs.set_queue_rings(DESC_TABLE, AVAIL_RING, USED_RING);
+        self.vq = DriverQueue::new(self.mem.clone(), QUEUE_BASE, self.qsize);
+        let vq = &self.vq;
+        regs.set_queue_rings(vq.desc_table(), vq.avail_ring(), vq.used_ring());
         regs.driver_ok(status)?;
         let sectors = u64::from(self.regs.read32(VIRTIO_MMIO_CONFIG))
             | (u64::from(self.regs.read32(VIRTIO_MMIO_CONFIG + 4)) << 32);
@@ -252,17 +285,8 @@ impl Driver {
         Ok(())
     }
 
-    fn used_event_addr(&self) -> GuestAddress {
-        GuestAddress(AVAIL_RING + 4 + 2 * u64::from(self.qsize))
-    }
-
-    fn avail_event_addr(&self) -> GuestAddress {
-        GuestAddress(USED_RING + 4 + 8 * u64::from(self.qsize))
-    }
-
     /// Points `qd` descriptors at their indirect tables for workload `w`.
     fn configure(&mut self, w: &Workload) -> Res<()> {
-        let gm = |e: vm_memory::GuestMemoryError| format!("guest memory: {e}");
         let data_flags = VRING_DESC_F_NEXT
             | if w.op == Op::Read {
                 VRING_DESC_F_WRITE
@@ -271,19 +295,15 @@ impl Driver {
             };
         for slot in 0..w.qd {
             let table = indirect_table(slot);
-            let head = descriptor(table, 48, VRING_DESC_F_INDIRECT, 0);
-            self.mem
-                .write_slice(&head, GuestAddress(DESC_TABLE + 16 * slot as u64))
-                .map_err(gm)?;
+            self.vq
+                .store(slot as u16, descriptor(table, 48, VRING_DESC_F_INDIRECT, 0));
             let entries = [
                 descriptor(header_addr(slot), 16, VRING_DESC_F_NEXT, 1),
                 descriptor(data_addr(slot), w.bs as u32, data_flags, 2),
                 descriptor(status_addr(slot), 1, VRING_DESC_F_WRITE, 0),
             ];
-            for (i, d) in entries.iter().enumerate() {
-                self.mem
-                    .write_slice(d, GuestAddress(table + 16 * i as u64))
-                    .map_err(gm)?;
+            for (i, d) in entries.into_iter().enumerate() {
+                self.vq.store_indirect(table, i as u16, d);
             }
         }
         self.free = (0..w.qd).rev().collect();
@@ -314,7 +334,6 @@ impl Driver {
             return Ok(());
         }
         let gm = |e: vm_memory::GuestMemoryError| format!("guest memory: {e}");
-        let old = self.avail_idx;
         let kind = if w.op == Op::Read {
             VIRTIO_BLK_T_IN
         } else {
@@ -331,27 +350,11 @@ impl Driver {
             self.mem
                 .write_obj(0xffu8, GuestAddress(status_addr(slot)))
                 .map_err(gm)?;
-            let entry = AVAIL_RING + 4 + 2 * u64::from(self.avail_idx % self.qsize);
-            self.mem
-                .write_obj((slot as u16).to_le(), GuestAddress(entry))
-                .map_err(gm)?;
             self.busy[slot] = true;
-            self.avail_idx = self.avail_idx.wrapping_add(1);
+            self.staged.push(slot as u16);
         }
-        self.mem
-            .store(
-                self.avail_idx.to_le(),
-                GuestAddress(AVAIL_RING + 2),
-                Ordering::Release,
-            )
-            .map_err(gm)?;
-        fence(Ordering::SeqCst);
-        let event = u16::from_le(
-            self.mem
-                .load(self.avail_event_addr(), Ordering::Acquire)
-                .map_err(gm)?,
-        );
-        if need_event(event, self.avail_idx, old) {
+        let (old, new) = self.vq.publish_all(self.staged.drain(..));
+        if self.vq.kick_wanted(old, new) {
             self.kick
                 .write(1)
                 .map_err(|e| format!("doorbell write: {e}"))?;
@@ -360,22 +363,12 @@ impl Driver {
         Ok(())
     }
 
-    fn used_idx(&self) -> Res<u16> {
-        self.mem
-            .load(GuestAddress(USED_RING + 2), Ordering::Acquire)
-            .map(u16::from_le)
-            .map_err(|e| format!("guest memory: {e}"))
-    }
-
     /// Takes every used element; checks id, length and status.
     fn harvest(&mut self, w: &Workload) -> Res<u64> {
         let gm = |e: vm_memory::GuestMemoryError| format!("guest memory: {e}");
-        let used = self.used_idx()?;
         let mut n = 0;
-        while self.last_used != used {
-            let elem = USED_RING + 4 + 8 * u64::from(self.last_used % self.qsize);
-            let id = u32::from_le(self.mem.read_obj(GuestAddress(elem)).map_err(gm)?) as usize;
-            let len = u32::from_le(self.mem.read_obj(GuestAddress(elem + 4)).map_err(gm)?);
+        while let Some((id, len)) = self.vq.next_used() {
+            let id = id as usize;
             if !self.busy.get(id).copied().unwrap_or(false) {
                 return Err(format!(
                     "device returned descriptor {id}, which is not in flight"
@@ -394,7 +387,6 @@ impl Driver {
             }
             self.busy[id] = false;
             self.free.push(id);
-            self.last_used = self.last_used.wrapping_add(1);
             n += 1;
         }
         self.stats.completed += n;
@@ -406,16 +398,7 @@ impl Driver {
     /// does what Linux's virtio-mmio interrupt handler does: read and
     /// acknowledge InterruptStatus.
     fn wait_irq(&mut self) -> Res<()> {
-        let gm = |e: vm_memory::GuestMemoryError| format!("guest memory: {e}");
-        self.mem
-            .store(
-                self.last_used.to_le(),
-                self.used_event_addr(),
-                Ordering::Release,
-            )
-            .map_err(gm)?;
-        fence(Ordering::SeqCst);
-        if self.used_idx()? != self.last_used {
+        if self.arm_irq() {
             return Ok(());
         }
         let Some(signals) = wait_irq(&self.irq, 10_000)? else {
@@ -425,6 +408,27 @@ impl Driver {
         self.stats.irq_signals += signals;
         self.regs.ack_interrupt();
         Ok(())
+    }
+
+    /// Re-arms the interrupt (used_event = what we have seen); true when
+    /// completions arrived meanwhile, so there is no need to sleep.
+    fn arm_irq(&mut self) -> bool {
+        self.vq.set_used_event(self.vq.seen_used());
+        self.vq.used_idx() != self.vq.seen_used()
+    }
+
+    /// Takes an interrupt the device already raised, without sleeping
+    /// (the single-threaded run, where the loop turned on this thread).
+    fn take_irq(&mut self) -> Res<()> {
+        match self.irq.read() {
+            Ok(n) => {
+                self.stats.irq_signals += n;
+                self.regs.ack_interrupt();
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+            Err(e) => Err(format!("irq eventfd read: {e}")),
+        }
     }
 
     fn in_flight(&self) -> usize {
@@ -437,11 +441,44 @@ impl Driver {
 
 struct Harness {
     driver: Driver,
-    vmm: VmmHandle,
+    vmm: Vmm,
+}
+
+/// Where the device loop turns.
+enum Vmm {
+    /// On its own thread, as in ringvm: the measured runs.
+    Thread(VmmHandle),
+    /// On the driver's thread, one turn at a time: the callgrind runs.
+    Inline(Box<InlineVmm>),
+}
+
+impl Vmm {
+    fn thread(&self) -> Res<&VmmHandle> {
+        match self {
+            Vmm::Thread(h) => Ok(h),
+            Vmm::Inline(_) => Err("this run turns the VMM loop inline".into()),
+        }
+    }
+
+    fn deferred_taskrun(&self) -> bool {
+        match self {
+            Vmm::Thread(h) => h.deferred_taskrun(),
+            Vmm::Inline(v) => v.deferred_taskrun(),
+        }
+    }
+
+    fn stop(self) -> Res<()> {
+        match self {
+            Vmm::Thread(h) => h.stop(),
+            Vmm::Inline(_) => Ok(()),
+        }
+    }
 }
 
 impl Harness {
-    fn new(path: &Path) -> Res<Self> {
+    /// A drive on `path` (opened with O_DIRECT if `direct`), its VMM loop
+    /// on its own thread, or turned inline by the driver if `inline`.
+    fn new(path: &Path, direct: bool, inline: bool) -> Res<Self> {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)])
             .map_err(|e| format!("guest memory: {e}"))?;
         let mut devices = DeviceManager::new().map_err(|e| e.to_string())?;
@@ -449,10 +486,14 @@ impl Harness {
         let cfg = DriveConfig {
             drive_id: "bench".into(),
             path_on_host: path.to_path_buf(),
+            direct,
             ..DriveConfig::default()
         };
-        let file = open_backing_file(&cfg).map_err(|e| e.to_string())?;
-        let drive = Drive::new(&cfg, file, &wiring, &mut devices).map_err(|e| e.to_string())?;
+        let mut builder = VirtioBuilder::new();
+        builder.add_drive(&cfg).map_err(|e| e.to_string())?;
+        let virtio = builder
+            .place(&mut devices, &wiring)
+            .map_err(|e| e.to_string())?;
         let irq = wiring
             .take_irq()
             .ok_or("the drive wired no interrupt line")?;
@@ -461,8 +502,13 @@ impl Harness {
             .into_iter()
             .next()
             .ok_or("the drive wired no doorbell")?;
-        let vmm = VmmHandle::spawn(move || DeviceLoop::new(vec![drive], Vec::new()), &mem)?;
+        let vmm = if inline {
+            Vmm::Inline(Box::new(InlineVmm::new(virtio, &mem)?))
+        } else {
+            Vmm::Thread(VmmHandle::spawn(move || virtio, &mem)?)
+        };
         let mut driver = Driver {
+            vq: DriverQueue::new(mem.clone(), QUEUE_BASE, QUEUE_SIZE),
             mem,
             regs: MmioRegs {
                 bus: devices.mmio.clone(),
@@ -471,9 +517,8 @@ impl Harness {
             kick,
             irq,
             qsize: 0,
+            staged: Vec::with_capacity(MAX_QD),
             capacity: 0,
-            avail_idx: 0,
-            last_used: 0,
             free: Vec::new(),
             busy: Vec::new(),
             stats: DriverStats::default(),
@@ -484,6 +529,38 @@ impl Harness {
         Ok(Self { driver, vmm })
     }
 
+    /// Runs `w` for about `requests` requests with the VMM loop turned on
+    /// this thread (see `bench::inline_vmm`), from the first request to
+    /// the last completion; what callgrind measures.
+    fn run_inline(&mut self, w: &Workload, requests: u64) -> Res<Value> {
+        let Vmm::Inline(vmm) = &mut self.vmm else {
+            return Err("the inline run needs an inline VMM loop".into());
+        };
+        let d = &mut self.driver;
+        d.configure(w)?;
+        let (c0, k0, t0) = (d.stats.completed, d.stats.kicks, vmm.turns());
+        loop {
+            if d.stats.completed - c0 + (d.in_flight() as u64) < requests {
+                d.submit_all(w)?;
+            }
+            let got = d.harvest(w)?;
+            if d.stats.completed - c0 >= requests && d.in_flight() == 0 {
+                break;
+            }
+            if got == 0 && !d.arm_irq() {
+                watchdog(120);
+                vmm.turn().map_err(|e| format!("VMM loop turn: {e}"))?;
+                d.take_irq()?;
+            }
+        }
+        watchdog(0);
+        Ok(json!({
+            "requests": d.stats.completed - c0,
+            "turns": vmm.turns() - t0,
+            "kicks": d.stats.kicks - k0,
+        }))
+    }
+
     /// Runs `w` for warm-up + `secs`, measuring only the second part, then
     /// drains the queue.
     fn run(&mut self, w: &Workload, warmup: f64, secs: f64) -> Res<RingvmResult> {
@@ -492,7 +569,7 @@ impl Harness {
         let start = Instant::now();
         let t_measure = start + Duration::from_secs_f64(warmup);
         let t_end = t_measure + Duration::from_secs_f64(secs);
-        let mut first: Option<(Instant, DriverStats, VmmSnap)> = None;
+        let mut first: Option<(Instant, DriverStats, VmmSnap, IoWorkers)> = None;
         let mut result: Option<RingvmResult> = None;
         loop {
             if result.is_none() {
@@ -503,12 +580,17 @@ impl Harness {
             match &first {
                 None if now >= t_measure => {
                     d.stats.cpu_ns = own_cpu_ns()?;
-                    first = Some((now, d.stats, self.vmm.snap()?));
+                    first = Some((now, d.stats, self.vmm.thread()?.snap()?, IoWorkers::read()));
                 }
-                Some((t0, s0, v0)) if result.is_none() && now >= t_end => {
+                Some((t0, s0, v0, io0)) if result.is_none() && now >= t_end => {
                     d.stats.cpu_ns = own_cpu_ns()?;
-                    let v1 = self.vmm.snap()?;
-                    result = Some(RingvmResult::new(w, now - *t0, s0, &d.stats, v0, &v1));
+                    let v1 = self.vmm.thread()?.snap()?;
+                    let mut r = RingvmResult::new(w, now - *t0, s0, &d.stats, v0, &v1);
+                    let io = IoWorkers::read().since(io0);
+                    r.iowq_cpu_ns = io.cpu_ns;
+                    r.iowq_wakeups = io.timeslices;
+                    r.iowq_threads = io.threads;
+                    result = Some(r);
                 }
                 _ => {}
             }
@@ -539,6 +621,12 @@ struct RingvmResult {
     kicks: u64,
     driver_waits: u64,
     irq_signals_seen: u64,
+    /// CPU of the ring's io-wq workers (work that did not complete inline).
+    iowq_cpu_ns: u64,
+    /// Times those workers were scheduled in: their wake-ups.
+    iowq_wakeups: u64,
+    /// Most io-wq workers seen in one window.
+    iowq_threads: u64,
 }
 
 impl RingvmResult {
@@ -568,6 +656,7 @@ impl RingvmResult {
             kicks: s1.kicks - s0.kicks,
             driver_waits: s1.waits - s0.waits,
             irq_signals_seen: s1.irq_signals - s0.irq_signals,
+            ..Self::default()
         }
     }
 
@@ -584,6 +673,15 @@ impl RingvmResult {
         self.kicks += o.kicks;
         self.driver_waits += o.driver_waits;
         self.irq_signals_seen += o.irq_signals_seen;
+        self.iowq_cpu_ns += o.iowq_cpu_ns;
+        self.iowq_wakeups += o.iowq_wakeups;
+        self.iowq_threads = self.iowq_threads.max(o.iowq_threads);
+    }
+
+    /// Cross-thread wake-ups per request: the VMM thread's, the driver's
+    /// and the io-wq workers'.
+    fn wakeups(&self) -> u64 {
+        self.vmm_sleeps + self.driver_waits + self.iowq_wakeups
     }
 
     fn iops(&self) -> f64 {
@@ -632,8 +730,25 @@ fn fio_version() -> Res<String> {
     }
 }
 
-fn run_fio(file: &Path, w: &Workload, warmup: f64, secs: f64) -> Res<FioResult> {
-    let args = vec![
+/// How fio hands its requests to io_uring.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FioMode {
+    /// fio's default: each request first tried inline.
+    Default,
+    /// `--force_async=1`: every request with IOSQE_ASYNC, straight to
+    /// io-wq workers (skips the inline attempt, several workers at once).
+    Async,
+}
+
+fn run_fio(
+    file: &Path,
+    direct: bool,
+    w: &Workload,
+    warmup: f64,
+    secs: f64,
+    mode: FioMode,
+) -> Res<FioResult> {
+    let mut args = vec![
         "--name=host".to_string(),
         "--ioengine=io_uring".into(),
         format!("--filename={}", file.display()),
@@ -641,7 +756,7 @@ fn run_fio(file: &Path, w: &Workload, warmup: f64, secs: f64) -> Res<FioResult> 
         format!("--bs={}", w.bs),
         format!("--iodepth={}", w.qd),
         "--numjobs=1".into(),
-        "--direct=0".into(),
+        format!("--direct={}", u8::from(direct)),
         // Keep the page cache the ringvm run used.
         "--invalidate=0".into(),
         "--norandommap".into(),
@@ -650,6 +765,9 @@ fn run_fio(file: &Path, w: &Workload, warmup: f64, secs: f64) -> Res<FioResult> 
         format!("--runtime={}ms", (secs * 1000.0).round() as u64),
         "--output-format=json".into(),
     ];
+    if mode == FioMode::Async {
+        args.push("--force_async=1".into());
+    }
     let command = format!("fio {}", args.join(" "));
     let out = Command::new("fio")
         .args(&args)
@@ -690,6 +808,8 @@ struct TestFile {
     kind: &'static str,
     path: PathBuf,
     fs: String,
+    /// Opened with O_DIRECT (ringvm's `direct=on`, fio's --direct=1).
+    direct: bool,
 }
 
 /// The file system type of the mount holding `dir` (longest mount-point
@@ -746,46 +866,210 @@ fn settle(path: &Path) -> Res<()> {
 // ---------------------------------------------------------------------------
 // Report.
 
-fn mean(values: impl Iterator<Item = f64>) -> f64 {
-    let (sum, n) = values.fold((0.0, 0u32), |(s, n), v| (s + v, n + 1));
-    sum / f64::from(n.max(1))
+/// The reference side of one round: fio's run and, at QD1, the wake-up
+/// round trip measured right after it.
+#[derive(Clone, Debug)]
+struct Reference {
+    fio: FioResult,
+    rtt_s: Option<f64>,
+    /// With --async-reference at QD >= 32: fio again with IOSQE_ASYNC.
+    fio_async: Option<FioResult>,
 }
+
+/// The QD1 floor target: ringvm's latency within 1.2x of the floor's.
+const FLOOR_TARGET: f64 = 1.0 / 1.2;
+/// The throughput target at QD >= 32 (issue 14).
+const RATIO_TARGET: f64 = 0.9;
+/// The syscall target at QD >= 32 (issue 14).
+const SYSCALL_TARGET: f64 = 0.1;
 
 struct Row {
     file_kind: &'static str,
     w: Workload,
-    /// All repetitions summed.
+    /// ringvm's windows of all rounds summed, for the breakdown tables.
     ringvm: RingvmResult,
-    /// Each repetition, to show the spread.
-    ringvm_runs: Vec<RingvmResult>,
-    fio: Vec<FioResult>,
-    /// CPUs other processes kept busy during the point (both runs).
-    others_cpus: f64,
+    rounds: Vec<Round<RingvmResult, Reference>>,
 }
 
 impl Row {
-    fn ringvm_value(&self) -> f64 {
-        if self.w.bandwidth {
-            self.ringvm.mib_s()
-        } else {
-            self.ringvm.iops()
+    fn new(
+        file_kind: &'static str,
+        w: Workload,
+        rounds: Vec<Round<RingvmResult, Reference>>,
+    ) -> Self {
+        let mut ringvm = RingvmResult::default();
+        for r in &rounds {
+            ringvm.add(&r.ringvm);
+        }
+        Self {
+            file_kind,
+            w,
+            ringvm,
+            rounds,
         }
     }
 
-    fn fio_value(&self) -> f64 {
+    /// What --only matches and the report's point name.
+    fn key(&self) -> String {
+        format!("{} {} QD{}", self.file_kind, self.w.label(), self.w.qd)
+    }
+
+    fn unit(&self) -> &'static str {
         if self.w.bandwidth {
-            mean(self.fio.iter().map(|f| f.mib_s))
+            "MiB/s"
         } else {
-            mean(self.fio.iter().map(|f| f.iops))
+            "IOPS"
         }
+    }
+
+    fn value(&self, r: &RingvmResult) -> f64 {
+        if self.w.bandwidth {
+            r.mib_s()
+        } else {
+            r.iops()
+        }
+    }
+
+    fn fio_value(&self, f: &FioResult) -> f64 {
+        if self.w.bandwidth {
+            f.mib_s
+        } else {
+            f.iops
+        }
+    }
+
+    /// ringvm against fio, round by round.
+    fn point(&self) -> Point {
+        Point {
+            bench: "blk".into(),
+            key: self.key(),
+            unit: self.unit().into(),
+            reference: "fio io_uring".into(),
+            better: Better::Higher,
+            rounds: self
+                .rounds
+                .iter()
+                .map(|r| PointRound {
+                    ringvm: self.value(&r.ringvm),
+                    reference: self.fio_value(&r.reference.fio),
+                    others_cpus: r.others_cpus,
+                })
+                .collect(),
+            target: (self.w.qd >= 32).then(|| Target {
+                ratio: RATIO_TARGET,
+                source: "issue 14".into(),
+            }),
+            note: None,
+        }
+    }
+
+    /// With --async-reference: ringvm against fio with IOSQE_ASYNC on every
+    /// request, round by round (no target: it shows where the host's limit
+    /// lies when io-wq workers run requests in parallel).
+    fn async_point(&self) -> Option<Point> {
+        let rounds: Vec<PointRound> = self
+            .rounds
+            .iter()
+            .filter_map(|r| {
+                r.reference.fio_async.as_ref().map(|f| PointRound {
+                    ringvm: self.value(&r.ringvm),
+                    reference: self.fio_value(f),
+                    others_cpus: r.others_cpus,
+                })
+            })
+            .collect();
+        (!rounds.is_empty()).then(|| Point {
+            bench: "blk".into(),
+            key: format!("{} vs fio async", self.key()),
+            unit: self.unit().into(),
+            reference: "fio io_uring --force_async=1".into(),
+            better: Better::Higher,
+            rounds,
+            target: None,
+            note: None,
+        })
+    }
+
+    /// At QD1: ringvm against the floor (fio's latency plus one eventfd
+    /// round trip), round by round.
+    fn floor_point(&self) -> Option<Point> {
+        if self.w.qd != 1 {
+            return None;
+        }
+        let rounds = self
+            .rounds
+            .iter()
+            .map(|r| PointRound {
+                ringvm: self.value(&r.ringvm),
+                reference: floor_rate(
+                    self.fio_value(&r.reference.fio),
+                    r.reference.rtt_s.unwrap_or(0.0),
+                ),
+                others_cpus: r.others_cpus,
+            })
+            .collect();
+        Some(Point {
+            bench: "blk".into(),
+            key: format!("{} vs floor", self.key()),
+            unit: self.unit().into(),
+            reference: "fio + eventfd round trip".into(),
+            better: Better::Higher,
+            rounds,
+            target: Some(Target {
+                ratio: FLOOR_TARGET,
+                source: "issue 14 (within 1.2x of the floor latency)".into(),
+            }),
+            note: self.rtt_us().map(|rtt| {
+                format!("eventfd round trip between two threads: {rtt:.1} µs (median of rounds)")
+            }),
+        })
+    }
+
+    fn ratio(&self) -> Option<Spread> {
+        self.point().ratio()
+    }
+
+    fn ringvm_median(&self) -> f64 {
+        median(
+            &self
+                .rounds
+                .iter()
+                .map(|r| self.value(&r.ringvm))
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    fn fio_median(&self) -> f64 {
+        median(
+            &self
+                .rounds
+                .iter()
+                .map(|r| self.fio_value(&r.reference.fio))
+                .collect::<Vec<_>>(),
+        )
     }
 
     fn fio_cpu_us_per_req(&self) -> f64 {
-        mean(self.fio.iter().map(|f| f.cpu_us_per_req))
+        median(
+            &self
+                .rounds
+                .iter()
+                .map(|r| r.reference.fio.cpu_us_per_req)
+                .collect::<Vec<_>>(),
+        )
     }
 
-    fn ratio(&self) -> f64 {
-        self.ringvm_value() / self.fio_value().max(f64::MIN_POSITIVE)
+    fn rtt_us(&self) -> Option<f64> {
+        let rtts: Vec<f64> = self
+            .rounds
+            .iter()
+            .filter_map(|r| r.reference.rtt_s.map(|s| s * 1e6))
+            .collect();
+        Spread::of(&rtts).map(|s| s.median)
+    }
+
+    fn others(&self) -> Option<Spread> {
+        self.point().others()
     }
 
     fn fmt_value(&self, v: f64) -> String {
@@ -799,6 +1083,15 @@ impl Row {
     }
 }
 
+fn fmt_spread(s: Option<Spread>) -> (String, String) {
+    s.map_or(("-".into(), "-".into()), |s| {
+        (
+            format!("{:.2}x", s.median),
+            format!("{:.2}–{:.2}", s.min, s.max),
+        )
+    })
+}
+
 struct Context {
     host: HostInfo,
     fio: String,
@@ -807,27 +1100,48 @@ struct Context {
 }
 
 const METHOD: &[&str] = &[
-    "Device side: the real `Drive` (virtio-blk `BlockDevice` + virtio-mmio transport on the MMIO bus) in the real `DeviceLoop`, on its own thread turning one `EventLoop` io_uring ring, as `Vmm::run` does for a booted guest. No KVM.",
+    "Device side: the real virtio-blk `BlockDevice` + virtio-mmio transport on the MMIO bus, in the real generic device slot (`VirtioDevices`), on its own thread turning one `Ring` (io_uring), as `Vmm::run` does for a booted guest. No KVM.",
     "Driver side: a split-virtqueue driver on the main thread (queue size 256, VERSION_1 + EVENT_IDX + INDIRECT_DESC, one indirect 3-descriptor chain per request: 16-byte header, data, 1-byte status), set up through the virtio-mmio v2 registers. It kicks by writing the doorbell eventfd (KVM's ioeventfd) only when vring_need_event says so, and sleeps on the irq eventfd (KVM's irqfd) only when it has nothing to submit or reap, after re-arming used_event; on wake it reads and acks InterruptStatus like Linux's vm_interrupt.",
-    "Files: 1 GiB (default) of non-zero data, buffered I/O through the host page cache for both ringvm and fio (drive opened without O_DIRECT; fio --direct=0 --invalidate=0); the file is fdatasync'ed before every run so dirty pages of a previous write run do not carry over.",
-    "Host limit: fio --ioengine=io_uring, numjobs=1, same file, same rw/bs/iodepth, --norandommap, same warm-up (--ramp_time) and duration, alternating with the ringvm runs of the same point (ABBA). ratio = ringvm rate over all its runs / mean fio rate.",
+    "Files: 1 GiB (default) of non-zero data. `tmpfs` and `disk`: buffered I/O through the host page cache for both ringvm and fio (drive opened without O_DIRECT; fio --direct=0 --invalidate=0); `disk-direct`: the same on-disk file opened with O_DIRECT by both (ringvm's direct=on, fio --direct=1). The file is fdatasync'ed before every run so dirty pages of a previous write run do not carry over.",
+    "Host limit: fio --ioengine=io_uring, numjobs=1, same file, same rw/bs/iodepth, --norandommap, same warm-up (--ramp_time) and duration. Rounds: each round runs ringvm and fio back to back (ringvm first in even rounds, fio first in odd ones) and gives one ratio ringvm / fio; the point's ratio is the median over rounds, with min–max and IQR beside it, so one round hit by a neighbour's burst does not move it.",
+    "With --async-reference, QD >= 32 rounds also run fio --force_async=1 (IOSQE_ASYNC on every SQE): where io_uring would punt the request to io-wq anyway (tmpfs; buffered ext4 writes), this skips the failed inline attempt on the submitting thread and lets several io-wq workers run at once, so it is the host's higher limit there (and a lower one where requests complete inline, e.g. ext4 page-cache reads).",
+    "QD1 floor: after fio's QD1 run in each round, two threads bounce an eventfd (each blocking in read(2)) for --floor-seconds; floor rate = 1 / (1/fio rate + one round trip). That is what ringvm's QD1 path cannot avoid on top of the I/O: the doorbell wakes the VMM thread, the interrupt wakes the driver. Target: ringvm within 1.2x of the floor's latency, i.e. ratio ringvm / floor >= 0.83.",
+    "ringvm figures per point (rate, CPU, syscalls, breakdown): all rounds' measured windows summed, so rates are requests over seconds of all rounds; the ratio columns are the per-round medians.",
     "VMM CPU: CLOCK_THREAD_CPUTIME of the VMM thread (pthread_getcpuclockid) over the measured window, divided by requests completed in it. Work io_uring hands to io-wq kernel workers (e.g. buffered writes that cannot complete inline) is not in that thread's time; fio's figure is (usr_cpu+sys_cpu) x runtime / ios of its job thread, with the same blind spot.",
-    "VMM syscalls: io_uring_enter calls counted around `EventLoop::turn` (one per turn) + read/write syscalls from /proc/self/task/<tid>/io (syscr+syscw; the only write(2)s are irq eventfd signals, cross-checked against the counter values the driver read from the irq eventfd). The loop takes no locks and makes no other syscalls on the data path; SQ-full submits inside `EventLoop::push` are not counted (cannot happen at QD <= 128 with a 256-entry SQ).",
-    "VMM sleeps: voluntary context switches of the VMM thread (/proc/self/task/<tid>/status), i.e. turns that blocked in io_uring_enter. Driver CPU: CLOCK_THREAD_CPUTIME of the synthetic driver thread (the guest's share, not ringvm's).",
-    "Others' CPUs: how many CPUs other processes kept busy on average during the point (/proc/stat busy time minus this process's and fio's CPU time). This benchmark shares the machine; with 2 CPUs, ringvm needs one for the VMM thread and one for the guest driver, fio one for itself, so anything else running skews ringvm more.",
+    "VMM syscalls: io_uring_enter calls counted around `Ring::turn` (one per turn) + read/write syscalls from /proc/self/task/<tid>/io (syscr+syscw; the only write(2)s are irq eventfd signals, cross-checked against the counter values the driver read from the irq eventfd). The loop takes no locks and makes no other syscalls on the data path; SQ-full submits inside `Ring::push` are not counted (cannot happen at QD <= 128 with a 256-entry SQ).",
+    "VMM sleeps: voluntary context switches of the VMM thread (/proc/self/task/<tid>/status), i.e. turns that blocked in io_uring_enter. Driver CPU: CLOCK_THREAD_CPUTIME of the synthetic driver thread (the guest's share, not ringvm's). io-wq: the ring's worker threads (iou-wrk-*), where io_uring runs what cannot complete inline (here: every tmpfs read and write, and buffered ext4 writes); their wake-ups are schedstat timeslices, their CPU schedstat run time, summed over the workers alive at the window's edges. Wake-ups in all = VMM sleeps + driver sleeps + io-wq wake-ups: the cross-thread hand-offs per request.",
+    "Others' CPUs: how many CPUs other processes kept busy on average during each round (/proc/stat busy time minus this process's and fio's CPU time). This benchmark shares the machine; with 2 CPUs, ringvm needs one for the VMM thread and one for the guest driver, fio one for itself, so anything else running skews ringvm more.",
     "Method cross-check (done once by hand): `perf stat -e raw_syscalls:sys_enter -t <vmm tid>` over a tmpfs randread QD32 run counted only io_uring_enter and write, at the same rate as the counters above.",
 ];
 
 /// What bounds the figures, as the breakdown table shows it.
 const BOUNDS: &[&str] = &[
     "Syscalls per request = (io_uring_enter + irq writes) / requests, so staying under 0.1 needs about 20 requests per turn and at most one irq write per turn. At QD 32 that means nearly the whole queue must be popped in one drain and completed in one turn.",
-    "Requests per turn: `EventLoop::turn` is `submit_and_wait(1)`, so a turn ends at the first completion. Where io_uring completes inline (ext4 page-cache reads), a kick's whole drain completes in one turn. Where it punts to io-wq (every tmpfs request here: an iou-wrk thread shows up, and buffered ext4 writes), completions come back one or two at a time, and each one wakes the thread for a turn of its own. Waiting for more (min_complete > 1 with a short IORING_ENTER_EXT_ARG timeout / min-wait) or leaving the queue's notifications off while I/O is in flight (popping new requests on each completion turn instead of taking a kick) would make batches bigger.",
-    "Irq writes: `BlockDevice::complete` runs `needs_notification` after every completion. While the VMM thread works through a batch, the guest (on the other CPU) can wake up, reap, and re-arm used_event, and then the next completion in the same batch signals again. So irq writes per turn can go above 1 (see the disk randread rows). Signalling once per queue at the end of a turn's batch would cap them at one per turn.",
-    "QD 1: every request costs two cross-thread wake-ups (doorbell -> VMM thread, irqfd -> guest). fio does one syscall with an inline completion. On this nested VM a cross-CPU wake-up costs several µs, which is why the VMM thread's CPU per request is high there. A real guest pays those two hops too (ioeventfd exit, irq injection).",
+    "Requests per turn: a turn ends at the first completion unless 4 or more disk operations are in flight, when it waits up to 10 µs (IORING_ENTER min-wait, kernel 6.12+) for a quarter of them. Where io_uring completes inline (ext4 page-cache reads), a kick's whole drain completes in one turn. Where it punts to io-wq (tmpfs, buffered ext4 writes), completions come back a few at a time.",
+    "Irq writes: at most one per drive per turn (`VirtioDevices::end_turn` raises each device's interrupt once for the batch).",
+    "io-wq: on this kernel io_uring punts every tmpfs read and write and every buffered ext4 write to an io-wq worker (an iou-wrk thread appears, for fio too): the submitting thread first tries the request inline, fails, and hands it over, so each such request costs one more cross-thread hand-off (the io-wq wake-ups column). Measured with fio alone (--async-reference does it in the rounds): --force_async=1, which skips the inline attempt and lets several workers run at once, gave 3x fio's default IOPS on tmpfs randread QD32 and 4x on buffered ext4 randwrite QD32, with less CPU on the submitting thread (0.77 vs 1.20 µs/request), but 0.4x on ext4 page-cache randread QD1. So at QD >= 32 on tmpfs fio's default is not the host's limit.",
+    "VMM instructions per request (bench-callgrind, deterministic): about 4000-4400 at QD32, of which parsing the request (`request::parse`) is half, guest-memory address translation and slice copies (to_region_addr, read_slice, write_slice, the descriptor walk) about 30%, and 4 heap allocations and frees per request about 20%; writes also pay about 330 in the FLUSH barrier's BTreeMap (insert at submit, remove at completion).",
+    "QD 1: three syscalls per request on the VMM thread (strace -c -p <vmm tid>: exactly 2 io_uring_enter + 1 irq write per request, nothing else), and every request costs two cross-thread wake-ups (doorbell -> VMM thread, irqfd -> guest), three or more where io-wq runs the I/O. fio does one syscall with an inline completion. On this nested VM a cross-CPU wake-up costs several µs, which is why the VMM thread's CPU per request is high there. A real guest pays those two hops too (ioeventfd exit, irq injection).",
     "Throughput ratio: on 2 CPUs the VMM thread and the guest driver take one CPU each, plus io-wq workers, while fio's single thread has the machine to itself. Whatever else runs (the others' CPUs column) costs ringvm more than fio. Ratios vary by ±20-30% between runs on this shared machine, so treat single points as rough.",
 ];
 
 const QEMU_NOTE: &str = "QEMU side-by-side: not run. This machine's KVM is PVM-native (guest code runs in KVM's instruction emulator at ~1.6 us/instruction), so a QEMU guest would measure the emulator, not QEMU's block layer; a fake figure would be worse than none. The comparison here is against the host limit (fio io_uring on the same file) instead.";
+
+fn settings(ctx: &Context, args: &Args) -> String {
+    format!(
+        "Kernel {}, {} x {}, {}, io_uring DEFER_TASKRUN: {}. Each point: {} rounds of ringvm and fio back to back ({} s measured per side after {} s warm-up), the order alternating; QD1 rounds add {} s of eventfd round trips for the floor. Load average at the start: {}.",
+        ctx.host.kernel,
+        ctx.host.cpus,
+        ctx.host.cpu,
+        ctx.fio,
+        if ctx.deferred_taskrun { "yes" } else { "no" },
+        args.rounds,
+        args.seconds,
+        args.warmup,
+        args.floor_seconds,
+        ctx.host.loadavg,
+    )
+}
 
 fn markdown(rows: &[Row], ctx: &Context, args: &Args) -> String {
     let mut s = String::new();
@@ -835,41 +1149,98 @@ fn markdown(rows: &[Row], ctx: &Context, args: &Args) -> String {
         s,
         "# ringvm virtio-blk vs host io_uring (fio), same file, same run\n"
     );
-    let _ = writeln!(
-        s,
-        "Kernel {}, {} x {}, {}, io_uring DEFER_TASKRUN: {}. Each point: {} x {} s measured per side (after {} s warm-up each), ringvm and fio alternating ABBA; buffered I/O (host page cache) on both sides. Load average at the start: {}.\n",
-        ctx.host.kernel,
-        ctx.host.cpus,
-        ctx.host.cpu,
-        ctx.fio,
-        if ctx.deferred_taskrun { "yes" } else { "no" },
-        args.repeats,
-        args.seconds,
-        args.warmup,
-        ctx.host.loadavg,
-    );
+    let _ = writeln!(s, "{}\n", settings(ctx, args));
     for (kind, path, fs) in &ctx.files {
         let _ = writeln!(s, "- {kind}: `{path}` ({fs})");
     }
     let _ = writeln!(
         s,
-        "\n| file | workload | QD | ringvm | fio io_uring | ratio | VMM CPU µs/req | fio CPU µs/req | VMM syscalls/req |"
+        "\n| file | workload | QD | ringvm | fio io_uring | ratio (median) | min–max | others' CPUs | VMM CPU µs/req | fio CPU µs/req | VMM syscalls/req |"
     );
-    let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|");
     for r in rows {
+        let (ratio, range) = fmt_spread(r.ratio());
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {:.2}x | {:.2} | {:.2} | {:.3} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.3} |",
             r.file_kind,
             r.w.label(),
             r.w.qd,
-            r.fmt_value(r.ringvm_value()),
-            r.fmt_value(r.fio_value()),
-            r.ratio(),
+            r.fmt_value(r.ringvm_median()),
+            r.fmt_value(r.fio_median()),
+            ratio,
+            range,
+            r.others()
+                .map_or("-".into(), |o| format!("{:.2}", o.median)),
             r.ringvm.cpu_us_per_req(),
             r.fio_cpu_us_per_req(),
             r.ringvm.per_req(r.ringvm.syscalls()),
         );
+    }
+    let floors: Vec<(&Row, Point)> = rows
+        .iter()
+        .filter_map(|r| r.floor_point().map(|p| (r, p)))
+        .collect();
+    if !floors.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n## QD1 against its floor (fio's latency + one eventfd round trip, same rounds)\n"
+        );
+        let _ = writeln!(
+            s,
+            "| file | workload | ringvm | fio | eventfd round trip µs | floor | ringvm / floor (median) | min–max | target ≥{FLOOR_TARGET:.2} |"
+        );
+        let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---|---|");
+        for (r, p) in floors {
+            let (ratio, range) = fmt_spread(p.ratio());
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {:.1} | {} | {} | {} | {} |",
+                r.file_kind,
+                r.w.label(),
+                r.fmt_value(r.ringvm_median()),
+                r.fmt_value(r.fio_median()),
+                r.rtt_us().unwrap_or(f64::NAN),
+                r.fmt_value(p.reference_spread().map_or(f64::NAN, |x| x.median)),
+                ratio,
+                range,
+                match p.target_met() {
+                    Some(true) => "met",
+                    Some(false) => "MISSED",
+                    None => "-",
+                },
+            );
+        }
+    }
+    let asyncs: Vec<(&Row, Point)> = rows
+        .iter()
+        .filter_map(|r| r.async_point().map(|p| (r, p)))
+        .collect();
+    if !asyncs.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n## Against fio with IOSQE_ASYNC on every request (--force_async=1), same rounds\n"
+        );
+        let _ = writeln!(
+            s,
+            "| file | workload | QD | ringvm | fio default | fio force_async | ringvm / fio force_async (median) | min–max |"
+        );
+        let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---|");
+        for (r, p) in asyncs {
+            let (ratio, range) = fmt_spread(p.ratio());
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                r.file_kind,
+                r.w.label(),
+                r.w.qd,
+                r.fmt_value(r.ringvm_median()),
+                r.fmt_value(r.fio_median()),
+                r.fmt_value(p.reference_spread().map_or(f64::NAN, |x| x.median)),
+                ratio,
+                range,
+            );
+        }
     }
     let _ = writeln!(
         s,
@@ -877,17 +1248,17 @@ fn markdown(rows: &[Row], ctx: &Context, args: &Args) -> String {
     );
     let _ = writeln!(
         s,
-        "| file | workload | QD | requests/turn | io_uring_enter | irq writes | other r/w | VMM sleeps | driver kicks | driver sleeps | driver CPU µs/req | others' CPUs |"
+        "| file | workload | QD | requests/turn | io_uring_enter | irq writes | other r/w | VMM sleeps | driver kicks | driver sleeps | io-wq wake-ups | wake-ups in all | driver CPU µs/req | io-wq CPU µs/req (workers) |"
     );
     let _ = writeln!(
         s,
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for r in rows {
         let g = &r.ringvm;
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {:.1} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} | {:.2} |",
+            "| {} | {} | {} | {:.1} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} | {:.2} ({}) |",
             r.file_kind,
             r.w.label(),
             r.w.qd,
@@ -898,34 +1269,53 @@ fn markdown(rows: &[Row], ctx: &Context, args: &Args) -> String {
             g.per_req(g.vmm_sleeps),
             g.per_req(g.kicks),
             g.per_req(g.driver_waits),
+            g.per_req(g.iowq_wakeups),
+            g.per_req(g.wakeups()),
             g.driver_cpu_us_per_req(),
-            r.others_cpus,
+            g.per_req(g.iowq_cpu_ns) / 1000.0,
+            g.iowq_threads,
         );
     }
     let _ = writeln!(
         s,
-        "\n## Targets (issue #3): at QD 32, ratio >= 0.9 and < 0.1 syscalls/request\n"
+        "\n## Targets (issue 14): at QD >= 32, median ratio >= {RATIO_TARGET} and < {SYSCALL_TARGET} syscalls/request\n"
     );
     let _ = writeln!(
         s,
-        "| file | workload | ratio | syscalls/req | ratio target | syscall target |"
+        "| file | workload | QD | ratio | syscalls/req | ratio target | syscall target |"
     );
-    let _ = writeln!(s, "|---|---|---:|---:|---|---|");
-    for r in rows.iter().filter(|r| r.w.qd == 32) {
+    let _ = writeln!(s, "|---|---|---:|---:|---:|---|---|");
+    for r in rows.iter().filter(|r| r.w.qd >= 32) {
         let sc = r.ringvm.per_req(r.ringvm.syscalls());
+        let ratio = r.ratio().map_or(f64::NAN, |x| x.median);
         let _ = writeln!(
             s,
-            "| {} | {} | {:.2}x | {:.3} | {} | {} |",
+            "| {} | {} | {} | {:.2}x | {:.3} | {} | {} |",
             r.file_kind,
             r.w.label(),
-            r.ratio(),
+            r.w.qd,
+            ratio,
             sc,
-            if r.ratio() >= 0.9 { "met" } else { "MISSED" },
-            if sc < 0.1 { "met" } else { "MISSED" },
+            if ratio >= RATIO_TARGET {
+                "met"
+            } else {
+                "MISSED"
+            },
+            if sc < SYSCALL_TARGET { "met" } else { "MISSED" },
         );
     }
     report::notes_markdown(&mut s, BOUNDS, METHOD, QEMU_NOTE);
     s
+}
+
+fn points(rows: &[Row]) -> Vec<Point> {
+    rows.iter()
+        .flat_map(|r| {
+            std::iter::once(r.point())
+                .chain(r.floor_point())
+                .chain(r.async_point())
+        })
+        .collect()
 }
 
 fn json_report(rows: &[Row], ctx: &Context, args: &Args) -> Value {
@@ -934,15 +1324,13 @@ fn json_report(rows: &[Row], ctx: &Context, args: &Args) -> Value {
         .map(|r| {
             let g = &r.ringvm;
             json!({
+                "key": r.key(),
                 "file_kind": r.file_kind,
                 "workload": r.w.rw,
                 "block_size": r.w.bs,
                 "queue_depth": r.w.qd,
-                "unit": if r.w.bandwidth { "MiB/s" } else { "IOPS" },
-                "ringvm_value": r.ringvm_value(),
-                "fio_value": r.fio_value(),
-                "ratio": r.ratio(),
-                "others_cpus_busy": r.others_cpus,
+                "unit": r.unit(),
+                "ratio": r.ratio().map(|x| x.json()),
                 "ringvm": {
                     "seconds": g.seconds,
                     "requests": g.requests,
@@ -950,13 +1338,6 @@ fn json_report(rows: &[Row], ctx: &Context, args: &Args) -> Value {
                     "mib_s": g.mib_s(),
                     "vmm_cpu_us_per_req": g.cpu_us_per_req(),
                     "driver_cpu_us_per_req": g.driver_cpu_us_per_req(),
-                    "runs": r.ringvm_runs.iter().map(|x| json!({
-                        "seconds": x.seconds,
-                        "iops": x.iops(),
-                        "mib_s": x.mib_s(),
-                        "vmm_cpu_us_per_req": x.cpu_us_per_req(),
-                        "vmm_syscalls_per_req": x.per_req(x.syscalls()),
-                    })).collect::<Vec<_>>(),
                     "vmm_syscalls_per_req": g.per_req(g.syscalls()),
                     "io_uring_enter": g.turns,
                     "irq_writes": g.irq_writes,
@@ -966,33 +1347,34 @@ fn json_report(rows: &[Row], ctx: &Context, args: &Args) -> Value {
                     "requests_per_turn": g.requests as f64 / g.turns.max(1) as f64,
                     "driver_kicks": g.kicks,
                     "driver_sleeps": g.driver_waits,
+                    "iowq_cpu_us_per_req": g.per_req(g.iowq_cpu_ns) / 1000.0,
+                    "iowq_wakeups": g.iowq_wakeups,
+                    "iowq_threads": g.iowq_threads,
+                    "wakeups_per_req": g.per_req(g.wakeups()),
                 },
-                "fio": {
-                    "iops": mean(r.fio.iter().map(|f| f.iops)),
-                    "mib_s": mean(r.fio.iter().map(|f| f.mib_s)),
-                    "cpu_us_per_req": r.fio_cpu_us_per_req(),
-                    "command": r.fio.first().map(|f| f.command.clone()),
-                    "runs": r.fio.iter().map(|f| json!({
+                "fio_command": r.rounds.first().map(|x| x.reference.fio.command.clone()),
+                "rounds": r.rounds.iter().map(|x| json!({
+                    "ringvm_first": x.ringvm_first,
+                    "others_cpus": x.others_cpus,
+                    "ringvm": {
+                        "seconds": x.ringvm.seconds,
+                        "iops": x.ringvm.iops(),
+                        "mib_s": x.ringvm.mib_s(),
+                        "vmm_cpu_us_per_req": x.ringvm.cpu_us_per_req(),
+                        "vmm_syscalls_per_req": x.ringvm.per_req(x.ringvm.syscalls()),
+                    },
+                    "fio": {
+                        "iops": x.reference.fio.iops,
+                        "mib_s": x.reference.fio.mib_s,
+                        "cpu_us_per_req": x.reference.fio.cpu_us_per_req,
+                    },
+                    "eventfd_round_trip_us": x.reference.rtt_s.map(|s| s * 1e6),
+                    "fio_force_async": x.reference.fio_async.as_ref().map(|f| json!({
                         "iops": f.iops,
                         "mib_s": f.mib_s,
                         "cpu_us_per_req": f.cpu_us_per_req,
-                    })).collect::<Vec<_>>(),
-                },
-            })
-        })
-        .collect();
-    let targets: Vec<Value> = rows
-        .iter()
-        .filter(|r| r.w.qd == 32)
-        .map(|r| {
-            let sc = r.ringvm.per_req(r.ringvm.syscalls());
-            json!({
-                "file_kind": r.file_kind,
-                "workload": r.w.label(),
-                "ratio": r.ratio(),
-                "ratio_target_met": r.ratio() >= 0.9,
-                "syscalls_per_req": sc,
-                "syscall_target_met": sc < 0.1,
+                    })),
+                })).collect::<Vec<_>>(),
             })
         })
         .collect();
@@ -1000,16 +1382,21 @@ fn json_report(rows: &[Row], ctx: &Context, args: &Args) -> Value {
     host["fio"] = json!(ctx.fio);
     json!({
         "benchmark": "bench-blk",
+        "summary": summary_json(
+            "virtio-blk vs fio io_uring on the same file",
+            &settings(ctx, args),
+            &[format!("QD >= 32 also has a syscall target (< {SYSCALL_TARGET} per request): see blk.md.")],
+        ),
         "host": host,
         "config": {
             "seconds_per_run": args.seconds,
-            "runs_per_side": args.repeats,
+            "rounds": args.rounds,
             "warmup_seconds": args.warmup,
+            "floor_seconds": args.floor_seconds,
             "file_mib": args.file_mib,
-            "caching": "buffered (host page cache) for ringvm and fio",
             "files": ctx.files.iter().map(|(k, p, f)| json!({"kind": k, "path": p, "fs": f})).collect::<Vec<_>>(),
         },
-        "targets": {"qd": 32, "ratio_min": 0.9, "syscalls_per_req_max": 0.1, "points": targets},
+        "points": points(rows).iter().map(Point::json).collect::<Vec<_>>(),
         "results": results,
         "method": METHOD,
         "bounds": BOUNDS,
@@ -1019,25 +1406,114 @@ fn json_report(rows: &[Row], ctx: &Context, args: &Args) -> Value {
 
 // ---------------------------------------------------------------------------
 
-fn run(args: &Args) -> Res<()> {
-    let fio = fio_version()?;
-    if args.seconds <= 0.0 || args.warmup < 0.0 || args.file_mib == 0 || args.repeats == 0 {
-        return Err("--seconds must be > 0, --warmup >= 0, --file-mib and --repeats > 0".into());
-    }
-    let out_dir = report::out_dir(args.out.as_deref())?;
+fn test_files(args: &Args) -> Vec<TestFile> {
     let pid = std::process::id();
-    let files = [
+    let disk = args.disk_dir.join(format!("ringvm-bench-blk-{pid}.img"));
+    let mut files = vec![
         TestFile {
             kind: "tmpfs",
             path: args.shm_dir.join(format!("ringvm-bench-blk-{pid}.img")),
             fs: fs_type(&args.shm_dir),
+            direct: false,
         },
         TestFile {
             kind: "disk",
-            path: args.disk_dir.join(format!("ringvm-bench-blk-{pid}.img")),
+            path: disk.clone(),
             fs: fs_type(&args.disk_dir),
+            direct: false,
         },
     ];
+    if !args.no_direct {
+        files.push(TestFile {
+            kind: "disk-direct",
+            path: disk,
+            fs: format!("{}, O_DIRECT", fs_type(&args.disk_dir)),
+            direct: true,
+        });
+    }
+    files
+}
+
+/// The points of `f` that --only selects.
+fn selected(f: &TestFile, args: &Args) -> Vec<Workload> {
+    workloads()
+        .into_iter()
+        .filter(|w| {
+            let label = format!("{} {} QD{}", f.kind, w.label(), w.qd);
+            args.only.as_deref().is_none_or(|o| {
+                if args.exact {
+                    label == o
+                } else {
+                    label.contains(o)
+                }
+            })
+        })
+        .collect()
+}
+
+/// Prepares `f`'s file unless an earlier kind on the same path did.
+fn prepare_once(f: &TestFile, args: &Args, prepared: &mut Vec<PathBuf>) -> Res<()> {
+    if prepared.contains(&f.path) {
+        return Ok(());
+    }
+    eprintln!(
+        "bench-blk: writing {} MiB to {}",
+        args.file_mib,
+        f.path.display()
+    );
+    prepared.push(f.path.clone());
+    prepare_file(&f.path, args.file_mib)
+}
+
+/// The callgrind run: ringvm only, a fixed number of requests per point,
+/// the loop turned on this thread; one JSON line per point on stdout.
+fn run_inline(args: &Args, requests: u64) -> Res<()> {
+    let mut prepared = Vec::new();
+    let mut outcome = Ok(());
+    for f in test_files(args) {
+        let points = selected(&f, args);
+        if points.is_empty() {
+            continue;
+        }
+        outcome = prepare_once(&f, args, &mut prepared).and_then(|()| {
+            let mut h = Harness::new(&f.path, f.direct, true)?;
+            for w in points {
+                let mut v = h.run_inline(&w, requests)?;
+                v["point"] = json!(format!("{} {} QD{}", f.kind, w.label(), w.qd));
+                println!("{v}");
+            }
+            Ok(())
+        });
+        if outcome.is_err() {
+            break;
+        }
+    }
+    if !args.keep_files {
+        for p in &prepared {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+    outcome
+}
+
+fn run(args: &Args) -> Res<()> {
+    if args.seconds <= 0.0
+        || args.warmup < 0.0
+        || args.floor_seconds <= 0.0
+        || args.file_mib == 0
+        || args.rounds == 0
+    {
+        return Err(
+            "--seconds and --floor-seconds must be > 0, --warmup >= 0, --file-mib and --rounds > 0"
+                .into(),
+        );
+    }
+    if let Some(n) = args.callgrind_requests {
+        return run_inline(args, n);
+    }
+    let fio = fio_version()?;
+    let out_dir = report::out_dir(args.out.as_deref())?;
+    let files = test_files(args);
     let mut ctx = Context {
         host: HostInfo::read(),
         fio,
@@ -1054,70 +1530,80 @@ fn run(args: &Args) -> Res<()> {
             .collect(),
     };
     eprintln!(
-        "bench-blk: {} points x 2 files, {} x ({} s + {} s warm-up) per side, ringvm and fio alternating ABBA",
+        "bench-blk: {} points x {} files, {} rounds of ringvm and fio ({} s + {} s warm-up each)",
         workloads().len(),
-        args.repeats,
+        files.len(),
+        args.rounds,
         args.seconds,
         args.warmup
     );
     let mut rows = Vec::new();
+    let mut prepared = Vec::new();
     let mut outcome = Ok(());
     for f in &files {
-        let points: Vec<Workload> = workloads()
-            .into_iter()
-            .filter(|w| {
-                let label = format!("{} {} QD{}", f.kind, w.label(), w.qd);
-                args.only.as_deref().is_none_or(|o| label.contains(o))
-            })
-            .collect();
+        let points = selected(f, args);
         if points.is_empty() {
             continue;
         }
-        eprintln!(
-            "bench-blk: writing {} MiB to {}",
-            args.file_mib,
-            f.path.display()
-        );
-        outcome = prepare_file(&f.path, args.file_mib).and_then(|()| {
-            let mut h = Harness::new(&f.path)?;
+        outcome = prepare_once(f, args, &mut prepared).and_then(|()| {
+            let mut h = Harness::new(&f.path, f.direct, false)?;
             let result: Res<()> = (|| {
                 for w in points {
-                    let cpu0 = HostCpu::sample(Own::ProcessAndChildren)?;
-                    let mut ringvm_runs = Vec::new();
-                    let mut fio = Vec::new();
-                    // ABBA order (ringvm, fio, fio, ringvm, ...) so a drift
-                    // in the machine's state favours neither side.
-                    for rep in 0..args.repeats {
-                        for ringvm_turn in [rep % 2 == 0, rep % 2 != 0] {
+                    let rounds = interleave(
+                        args.rounds,
+                        Own::ProcessAndChildren,
+                        |_| {
                             settle(&f.path)?;
-                            if ringvm_turn {
-                                ringvm_runs.push(h.run(&w, args.warmup, args.seconds)?);
+                            h.run(&w, args.warmup, args.seconds)
+                        },
+                        |_| {
+                            settle(&f.path)?;
+                            let fio = run_fio(
+                                &f.path,
+                                f.direct,
+                                &w,
+                                args.warmup,
+                                args.seconds,
+                                FioMode::Default,
+                            )?;
+                            let fio_async = if args.async_reference && w.qd >= 32 {
+                                settle(&f.path)?;
+                                Some(run_fio(
+                                    &f.path,
+                                    f.direct,
+                                    &w,
+                                    args.warmup,
+                                    args.seconds,
+                                    FioMode::Async,
+                                )?)
                             } else {
-                                fio.push(run_fio(&f.path, &w, args.warmup, args.seconds)?);
-                            }
-                        }
-                    }
-                    let others_cpus = HostCpu::sample(Own::ProcessAndChildren)?.others_since(&cpu0);
-                    let mut ringvm = RingvmResult::default();
-                    for r in &ringvm_runs {
-                        ringvm.add(r);
-                    }
-                    let row = Row {
-                        file_kind: f.kind,
-                        w,
-                        ringvm,
-                        ringvm_runs,
-                        fio,
-                        others_cpus,
-                    };
+                                None
+                            };
+                            let rtt_s = if w.qd == 1 {
+                                Some(eventfd_round_trip(Duration::from_secs_f64(
+                                    args.floor_seconds,
+                                ))?)
+                            } else {
+                                None
+                            };
+                            Ok(Reference {
+                                fio,
+                                rtt_s,
+                                fio_async,
+                            })
+                        },
+                    )?;
+                    let row = Row::new(f.kind, w, rounds);
+                    let (ratio, range) = fmt_spread(row.ratio());
                     eprintln!(
-                        "  {:5} {:14} QD{:<3} ringvm {:>14}  fio {:>14}  {:.2}x  {:.2} µs/req  {:.3} syscalls/req",
+                        "  {:11} {:14} QD{:<3} ringvm {:>14}  fio {:>14}  {} ({})  {:.2} µs/req  {:.3} syscalls/req",
                         row.file_kind,
                         row.w.label(),
                         row.w.qd,
-                        row.fmt_value(row.ringvm_value()),
-                        row.fmt_value(row.fio_value()),
-                        row.ratio(),
+                        row.fmt_value(row.ringvm_median()),
+                        row.fmt_value(row.fio_median()),
+                        ratio,
+                        range,
                         row.ringvm.cpu_us_per_req(),
                         row.ringvm.per_req(row.ringvm.syscalls())
                     );
@@ -1129,11 +1615,13 @@ fn run(args: &Args) -> Res<()> {
             let stopped = h.vmm.stop();
             result.and(stopped)
         });
-        if !args.keep_files {
-            let _ = std::fs::remove_file(&f.path);
-        }
         if outcome.is_err() {
             break;
+        }
+    }
+    if !args.keep_files {
+        for p in &prepared {
+            let _ = std::fs::remove_file(p);
         }
     }
     outcome?;

@@ -10,23 +10,30 @@
 //!   Decision::Start(config) ──caller boots──► start_result(Ok)  ──► Running
 //!                                          └─► start_result(Err) ──► Not started
 //!
-//!   Running: config PUTs → 400 "not supported after starting";
-//!            PATCH drives, SendCtrlAltDel, FlushMetrics, GET /vm/config
+//!   Running ⇄ Paused (PATCH /vm, carried out by the VMM):
+//!            config PUTs → 400 "not supported after starting";
+//!            PATCH drives/network-interfaces/vm, SendCtrlAltDel,
+//!            FlushMetrics, GET /vm/config
 //!            → Decision::Execute(VmCommand) ──caller runs it──► complete()
 //! ```
 //!
-//! The controller never touches KVM, files or devices, so every rule here
-//! is unit-tested; the VMM side owns one and feeds it each request it
-//! receives from [`super::ApiHandle::try_recv`].
+//! The controller never touches KVM or devices, and files only through a
+//! [`HostCheck`] (opening what a PUT names, as Firecracker does), so every
+//! rule here is unit-tested; the VMM side owns one and feeds it each
+//! request it receives from [`super::ApiHandle::try_recv`].
 
 use std::fmt::Display;
 use std::path::PathBuf;
 
+use super::host_check::{HostCheck, HostFiles};
 use super::types::{
     ActionType, ApiRequest, ApiResponse, FullVmConfig, InstanceInfo, LoggerConfig,
-    MachineConfigBody, MachineConfigUpdate, MachineExtras, MetricsConfig,
+    MachineConfigBody, MachineConfigUpdate, MachineExtras, MetricsConfig, VmStateRequest,
 };
-use crate::config::{ConfigError, MachineConfig, NetConfig, VmConfig};
+use crate::config::{
+    BootSource, ConfigError, DriveConfig, MachineConfig, NetConfig, RateLimiterConfig, VmConfig,
+    MAX_BOOT_ARGS,
+};
 
 /// Firecracker's answer to a configuration request after boot.
 pub const NOT_AFTER_START: &str =
@@ -36,6 +43,14 @@ pub const NOT_BEFORE_START: &str =
     "The requested operation is not supported before starting the microVM.";
 /// Firecracker's answer to `InstanceStart` without `PUT /boot-source`.
 pub const MISSING_KERNEL: &str = "Cannot start microvm without kernel configuration.";
+
+/// Firecracker's vCPU limit for the API and config files (ringvm's own
+/// `--cpus` goes to [`crate::config::MAX_VCPUS`]).
+pub const API_MAX_VCPUS: u8 = 32;
+/// Firecracker's answer to a vCPU count it refuses.
+pub const BAD_VCPU_COUNT: &str = "Machine config error: The number of vCPUs must be greater than 0, less than 32 and must be 1 or an even number if SMT is enabled.";
+/// Firecracker's answer to a memory size it refuses.
+pub const BAD_MEM_SIZE: &str = "Machine config error: The memory size (MiB) is either 0, or not a multiple of the configured page size.";
 
 /// The instance id Firecracker reports when none is given.
 pub const DEFAULT_INSTANCE_ID: &str = "anonymous-instance";
@@ -50,6 +65,8 @@ pub enum VmState {
     NotStarted,
     /// The guest has been started.
     Running,
+    /// Started, and its vCPUs are stopped (`PATCH /vm` Paused).
+    Paused,
 }
 
 impl VmState {
@@ -58,6 +75,7 @@ impl VmState {
         match self {
             VmState::NotStarted => "Not started",
             VmState::Running => "Running",
+            VmState::Paused => "Paused",
         }
     }
 }
@@ -67,15 +85,32 @@ impl VmState {
 /// [`Controller::complete`] with the outcome.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VmCommand {
-    /// Re-open a running drive's backing file at `path_on_host` (Firecracker
-    /// uses this after the host replaced or resized the file) and let the
-    /// guest see the new size.
+    /// Change a running drive: re-open its backing file at `path_on_host`
+    /// (Firecracker uses this after the host replaced or resized the file;
+    /// the guest sees the new size) and/or replace the buckets its rate
+    /// limiter names ([`RateLimiterConfig::as_update`]).
     UpdateDrive {
         /// Which drive.
         drive_id: String,
-        /// The new backing file.
-        path_on_host: PathBuf,
+        /// The new backing file, if any.
+        path_on_host: Option<PathBuf>,
+        /// The limiter update, if any.
+        rate_limiter: Option<RateLimiterConfig>,
     },
+    /// Replace the buckets a running interface's limiters name.
+    UpdateNetRateLimiters {
+        /// Which interface.
+        iface_id: String,
+        /// Receive-side update, if any.
+        rx: Option<RateLimiterConfig>,
+        /// Transmit-side update, if any.
+        tx: Option<RateLimiterConfig>,
+    },
+    /// Stop every vCPU (kick it out of KVM_RUN and park it) and let the
+    /// devices stop draining their queues.
+    Pause,
+    /// Let the parked vCPUs and the devices run again.
+    Resume,
     /// Press Ctrl+Alt+Del on the guest's keyboard controller.
     SendCtrlAltDel,
     /// Write the metrics now (a no-op when no metrics file is set).
@@ -113,6 +148,7 @@ pub enum Decision {
 /// The API state machine for one VM.
 #[derive(Debug)]
 pub struct Controller {
+    host: Box<dyn HostCheck>,
     id: String,
     state: VmState,
     /// `InstanceStart` was handed out and its result is not back yet.
@@ -128,6 +164,7 @@ impl Controller {
     /// (the defaults, or what the command line already gave).
     pub fn new(instance_id: impl Into<String>, config: VmConfig) -> Self {
         Self {
+            host: Box::new(HostFiles),
             id: instance_id.into(),
             state: VmState::NotStarted,
             starting: false,
@@ -136,6 +173,12 @@ impl Controller {
             logger: None,
             metrics: None,
         }
+    }
+
+    /// Uses `host` instead of the real files and taps (tests).
+    pub fn with_host_check(mut self, host: Box<dyn HostCheck>) -> Self {
+        self.host = host;
+        self
     }
 
     /// For a VM booted without the API (`--config-file` or CLI flags) that
@@ -168,7 +211,7 @@ impl Controller {
     /// Applies one request: answers it, or says what the caller must do.
     pub fn handle(&mut self, request: ApiRequest) -> Decision {
         use ApiRequest as R;
-        let running = self.state == VmState::Running;
+        let running = self.state != VmState::NotStarted;
         if self.starting {
             return respond(ApiResponse::bad_request(
                 "The microVM is starting; retry when InstanceStart has been answered.",
@@ -199,11 +242,18 @@ impl Controller {
             | R::PutNetworkInterface(_)
             | R::PutLogger(_)
             | R::PutMetrics(_)
+            | R::PutSerial(_)
+            | R::PutEntropy(_)
                 if running =>
             {
                 respond(ApiResponse::bad_request(NOT_AFTER_START))
             }
-            R::PatchDrive(_) | R::PatchNetworkInterface(_) if !running => {
+            R::PatchDrive(_)
+            | R::PatchNetworkInterface(_)
+            | R::PatchVmState(_)
+            | R::Action(ActionType::FlushMetrics | ActionType::SendCtrlAltDel)
+                if !running =>
+            {
                 respond(ApiResponse::bad_request(NOT_BEFORE_START))
             }
 
@@ -219,23 +269,18 @@ impl Controller {
                 respond(self.update_machine(update))
             }
             R::PatchMachineConfig(update) => respond(self.update_machine(update)),
-            R::PutBootSource(boot_source) => {
-                self.config.boot_source = boot_source;
+            R::PutBootSource(boot_source) => respond(self.put_boot_source(boot_source)),
+            R::PutDrive(drive) => respond(self.put_drive(drive)),
+            R::PutSerial(serial) => {
+                self.config.serial = serial;
                 respond(ApiResponse::no_content())
             }
-            R::PutDrive(drive) => {
+            R::PutNetworkInterface(iface) => respond(self.put_net(iface)),
+            R::PutEntropy(entropy) => {
                 let mut candidate = self.config.clone();
-                match candidate
-                    .drives
-                    .iter_mut()
-                    .find(|d| d.drive_id == drive.drive_id)
-                {
-                    Some(existing) => *existing = drive,
-                    None => candidate.drives.push(drive),
-                }
+                candidate.entropy = Some(entropy);
                 respond(self.accept(candidate))
             }
-            R::PutNetworkInterface(iface) => respond(self.put_net(iface)),
             R::PatchDrive(update) => {
                 if !self
                     .config
@@ -248,31 +293,40 @@ impl Controller {
                         update.drive_id
                     )));
                 }
-                match update.path_on_host {
-                    Some(path_on_host) => Decision::Execute(VmCommand::UpdateDrive {
-                        drive_id: update.drive_id,
-                        path_on_host,
-                    }),
-                    // Only a rate limiter, which ringvm does not enforce.
-                    None => respond(ApiResponse::no_content()),
+                if update.path_on_host.is_none() && update.rate_limiter.is_none() {
+                    // Firecracker's vhost-user "config update"; ringvm's
+                    // drives have nothing to refresh.
+                    return respond(ApiResponse::no_content());
                 }
+                Decision::Execute(VmCommand::UpdateDrive {
+                    drive_id: update.drive_id,
+                    path_on_host: update.path_on_host,
+                    rate_limiter: update.rate_limiter,
+                })
             }
             R::PatchNetworkInterface(update) => {
-                if self
+                if !self
                     .config
                     .network_interfaces
                     .iter()
                     .any(|n| n.iface_id == update.iface_id)
                 {
-                    // Rate limiters are accepted and not enforced.
-                    respond(ApiResponse::no_content())
-                } else {
-                    respond(ApiResponse::bad_request(format!(
+                    return respond(ApiResponse::bad_request(format!(
                         "Invalid network interface ID: no interface {:?} is attached.",
                         update.iface_id
-                    )))
+                    )));
                 }
+                if update.rx_rate_limiter.is_none() && update.tx_rate_limiter.is_none() {
+                    return respond(ApiResponse::no_content());
+                }
+                Decision::Execute(VmCommand::UpdateNetRateLimiters {
+                    iface_id: update.iface_id,
+                    rx: update.rx_rate_limiter,
+                    tx: update.tx_rate_limiter,
+                })
             }
+            R::PatchVmState(VmStateRequest::Paused) => Decision::Execute(VmCommand::Pause),
+            R::PatchVmState(VmStateRequest::Resumed) => Decision::Execute(VmCommand::Resume),
             R::PutLogger(logger) => Decision::Execute(VmCommand::ConfigureLogger(logger)),
             R::PutMetrics(_) if self.metrics.is_some() => respond(ApiResponse::bad_request(
                 "Reinitialization of metrics not allowed.",
@@ -283,12 +337,7 @@ impl Controller {
                 respond(ApiResponse::bad_request(NOT_AFTER_START))
             }
             R::Action(ActionType::InstanceStart) => self.instance_start(),
-            R::Action(ActionType::SendCtrlAltDel) if running => {
-                Decision::Execute(VmCommand::SendCtrlAltDel)
-            }
-            R::Action(ActionType::SendCtrlAltDel) => {
-                respond(ApiResponse::bad_request(NOT_BEFORE_START))
-            }
+            R::Action(ActionType::SendCtrlAltDel) => Decision::Execute(VmCommand::SendCtrlAltDel),
             R::Action(ActionType::FlushMetrics) => Decision::Execute(VmCommand::FlushMetrics),
         }
     }
@@ -319,6 +368,9 @@ impl Controller {
             Err(e) => {
                 let what = match command {
                     VmCommand::UpdateDrive { .. } => "Cannot update the drive",
+                    VmCommand::UpdateNetRateLimiters { .. } => "Cannot update the interface",
+                    VmCommand::Pause => "Cannot pause the microVM",
+                    VmCommand::Resume => "Cannot resume the microVM",
                     VmCommand::SendCtrlAltDel => "Cannot send Ctrl+Alt+Del",
                     VmCommand::FlushMetrics => "Cannot flush the metrics",
                     VmCommand::GetVmConfig => "Cannot read the VM configuration",
@@ -332,6 +384,7 @@ impl Controller {
             VmCommand::UpdateDrive {
                 drive_id,
                 path_on_host,
+                rate_limiter,
             } => {
                 if let Some(d) = self
                     .config
@@ -339,8 +392,37 @@ impl Controller {
                     .iter_mut()
                     .find(|d| d.drive_id == drive_id)
                 {
-                    d.path_on_host = path_on_host;
+                    if let Some(path) = path_on_host {
+                        d.path_on_host = path;
+                    }
+                    if let Some(update) = rate_limiter {
+                        d.rate_limiter = RateLimiterConfig::patched(d.rate_limiter, &update);
+                    }
                 }
+                ApiResponse::no_content()
+            }
+            VmCommand::UpdateNetRateLimiters { iface_id, rx, tx } => {
+                if let Some(n) = self
+                    .config
+                    .network_interfaces
+                    .iter_mut()
+                    .find(|n| n.iface_id == iface_id)
+                {
+                    if let Some(update) = rx {
+                        n.rx_rate_limiter = RateLimiterConfig::patched(n.rx_rate_limiter, &update);
+                    }
+                    if let Some(update) = tx {
+                        n.tx_rate_limiter = RateLimiterConfig::patched(n.tx_rate_limiter, &update);
+                    }
+                }
+                ApiResponse::no_content()
+            }
+            VmCommand::Pause => {
+                self.state = VmState::Paused;
+                ApiResponse::no_content()
+            }
+            VmCommand::Resume => {
+                self.state = VmState::Running;
                 ApiResponse::no_content()
             }
             VmCommand::GetVmConfig => match output {
@@ -401,6 +483,16 @@ impl Controller {
         if let Some(v) = update.huge_pages {
             extras.huge_pages = v;
         }
+        // Firecracker's limits, before ringvm's own (which are wider for
+        // vCPUs and narrower for memory).
+        let vcpus = candidate.machine_config.vcpu_count;
+        if vcpus == 0 || vcpus > API_MAX_VCPUS || (extras.smt && vcpus > 1 && vcpus % 2 == 1) {
+            return ApiResponse::bad_request(BAD_VCPU_COUNT);
+        }
+        let mem = candidate.machine_config.mem_size_mib;
+        if mem == 0 || !mem.is_multiple_of(extras.huge_pages.page_mib()) {
+            return ApiResponse::bad_request(BAD_MEM_SIZE);
+        }
         let response = self.accept(candidate);
         if response.status == 204 {
             self.extras = extras;
@@ -408,14 +500,52 @@ impl Controller {
         response
     }
 
-    fn put_net(&mut self, iface: NetConfig) -> ApiResponse {
-        if let Some(mac) = &iface.guest_mac {
-            if parse_mac(mac).is_none() {
+    fn put_boot_source(&mut self, boot_source: BootSource) -> ApiResponse {
+        if let Some(args) = &boot_source.boot_args {
+            if let Err(e) = linux_loader::cmdline::Cmdline::try_from(args, MAX_BOOT_ARGS) {
                 return ApiResponse::bad_request(format!(
-                    "Invalid guest MAC address {mac:?}: expected six hex octets such as 06:00:AC:10:00:02."
+                    "Boot source error: The kernel command line is invalid: {e}"
                 ));
             }
         }
+        let checked = self
+            .host
+            .kernel(&boot_source.kernel_image_path)
+            .and_then(|()| match &boot_source.initrd_path {
+                Some(initrd) => self.host.initrd(initrd),
+                None => Ok(()),
+            });
+        if let Err(why) = checked {
+            return ApiResponse::bad_request(why);
+        }
+        self.config.boot_source = boot_source;
+        ApiResponse::no_content()
+    }
+
+    fn put_drive(&mut self, drive: DriveConfig) -> ApiResponse {
+        let mut candidate = self.config.clone();
+        match candidate
+            .drives
+            .iter_mut()
+            .find(|d| d.drive_id == drive.drive_id)
+        {
+            Some(existing) => *existing = drive.clone(),
+            None => candidate.drives.push(drive.clone()),
+        }
+        if let Err(e) = candidate.validate() {
+            if e != ConfigError::NoKernel {
+                return ApiResponse::bad_request(e.to_string());
+            }
+        }
+        if let Err(why) = self.host.drive(&drive) {
+            return ApiResponse::bad_request(why);
+        }
+        self.accept(candidate)
+    }
+
+    fn put_net(&mut self, iface: NetConfig) -> ApiResponse {
+        // A malformed or multicast MAC never gets here: `MacAddr` refused it
+        // while the body was parsed, as it does for --net and config files.
         for other in self
             .config
             .network_interfaces
@@ -428,16 +558,13 @@ impl Controller {
                     iface.host_dev_name, other.iface_id
                 ));
             }
-            let same_mac = match (&other.guest_mac, &iface.guest_mac) {
-                (Some(a), Some(b)) => parse_mac(a) == parse_mac(b),
-                _ => false,
-            };
-            if same_mac {
-                return ApiResponse::bad_request(format!(
-                    "The guest MAC address {:?} is already in use by interface {:?}.",
-                    iface.guest_mac.as_deref().unwrap_or_default(),
-                    other.iface_id
-                ));
+            if let (Some(a), Some(b)) = (&other.guest_mac, &iface.guest_mac) {
+                if a == b {
+                    return ApiResponse::bad_request(format!(
+                        "The guest MAC address {b} is already in use by interface {:?}.",
+                        other.iface_id
+                    ));
+                }
             }
         }
         let mut candidate = self.config.clone();
@@ -446,8 +573,16 @@ impl Controller {
             .iter_mut()
             .find(|n| n.iface_id == iface.iface_id)
         {
-            Some(existing) => *existing = iface,
-            None => candidate.network_interfaces.push(iface),
+            Some(existing) => *existing = iface.clone(),
+            None => candidate.network_interfaces.push(iface.clone()),
+        }
+        if let Err(e) = candidate.validate() {
+            if e != ConfigError::NoKernel {
+                return ApiResponse::bad_request(e.to_string());
+            }
+        }
+        if let Err(why) = self.host.tap(&iface) {
+            return ApiResponse::bad_request(why);
         }
         self.accept(candidate)
     }
@@ -472,26 +607,13 @@ impl Controller {
             network_interfaces: config.network_interfaces.clone(),
             logger: self.logger.clone(),
             metrics: self.metrics.clone(),
+            entropy: config.entropy.clone(),
         }
     }
 }
 
 fn respond(response: ApiResponse) -> Decision {
     Decision::Respond(response)
-}
-
-/// Parses `aa:bb:cc:dd:ee:ff` (any hex case).
-fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let mut parts = s.split(':');
-    for byte in &mut mac {
-        let part = parts.next()?;
-        if part.len() != 2 {
-            return None;
-        }
-        *byte = u8::from_str_radix(part, 16).ok()?;
-    }
-    parts.next().is_none().then_some(mac)
 }
 
 #[cfg(test)]
@@ -520,8 +642,40 @@ mod tests {
         serde_json::from_str(r.body.as_deref().unwrap_or_default()).unwrap()
     }
 
+    /// Files and taps whose names start with "/missing" or "missing" do
+    /// not exist; everything else does.
+    #[derive(Debug)]
+    struct FakeHost;
+
+    impl HostCheck for FakeHost {
+        fn kernel(&self, path: &std::path::Path) -> Result<(), String> {
+            check(path.to_string_lossy().as_ref(), "kernel")
+        }
+        fn initrd(&self, path: &std::path::Path) -> Result<(), String> {
+            check(path.to_string_lossy().as_ref(), "initrd")
+        }
+        fn drive(&self, drive: &DriveConfig) -> Result<(), String> {
+            check(drive.path_on_host.to_string_lossy().as_ref(), "drive")
+        }
+        fn tap(&self, iface: &NetConfig) -> Result<(), String> {
+            check(&iface.host_dev_name, "tap")
+        }
+    }
+
+    fn check(name: &str, what: &str) -> Result<(), String> {
+        if name.trim_start_matches('/').starts_with("missing") {
+            Err(format!("no {what} {name}"))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn controller() -> Controller {
+        Controller::new("vm0", VmConfig::default()).with_host_check(Box::new(FakeHost))
+    }
+
     fn configured() -> Controller {
-        let mut c = Controller::new("vm0", VmConfig::default());
+        let mut c = controller();
         let r = answer(
             &mut c,
             Method::Put,
@@ -553,7 +707,8 @@ mod tests {
 
     #[test]
     fn instance_info_and_version() {
-        let mut c = Controller::new(DEFAULT_INSTANCE_ID, VmConfig::default());
+        let mut c = Controller::new(DEFAULT_INSTANCE_ID, VmConfig::default())
+            .with_host_check(Box::new(FakeHost));
         let v = json(&answer(&mut c, Method::Get, "/", ""));
         assert_eq!(v["id"], "anonymous-instance");
         assert_eq!(v["state"], "Not started");
@@ -568,7 +723,7 @@ mod tests {
 
     #[test]
     fn machine_config_put_get_patch() {
-        let mut c = Controller::new("vm", VmConfig::default());
+        let mut c = controller();
         let v = json(&answer(&mut c, Method::Get, "/machine-config", ""));
         assert_eq!(
             v,
@@ -623,10 +778,7 @@ mod tests {
             "/machine-config",
             r#"{"vcpu_count":0,"smt":true}"#,
         );
-        assert_eq!(
-            r.fault_message(),
-            Some(ConfigError::VcpuCount(0).to_string())
-        );
+        assert_eq!(r.fault_message().as_deref(), Some(BAD_VCPU_COUNT));
         assert_eq!(c.config().machine_config.vcpu_count, 1);
         assert_eq!(
             json(&answer(&mut c, Method::Get, "/machine-config", ""))["smt"],
@@ -653,7 +805,7 @@ mod tests {
 
     #[test]
     fn instance_start_without_kernel() {
-        let mut c = Controller::new("vm", VmConfig::default());
+        let mut c = controller();
         let r = answer(
             &mut c,
             Method::Put,
@@ -698,8 +850,9 @@ mod tests {
             (
                 Method::Put,
                 "/drives/d2",
-                r#"{"drive_id":"d2","path_on_host":"/x"}"#,
+                r#"{"drive_id":"d2","path_on_host":"/x","is_root_device":false}"#,
             ),
+            (Method::Put, "/serial", r#"{"serial_out_path":"/s"}"#),
             (
                 Method::Put,
                 "/network-interfaces/eth0",
@@ -798,14 +951,36 @@ mod tests {
         );
         assert_eq!(r.fault_message(), Some(ConfigError::TwoRoots.to_string()));
         assert_eq!(c.config().drives.len(), 1);
-        // Ids longer than the virtio serial are refused.
+        // Ids longer than the virtio serial are fine (Firecracker has no
+        // limit; the guest's serial is the first 20 bytes).
         let r = answer(
             &mut c,
             Method::Put,
             "/drives/a123456789012345678901",
-            r#"{"drive_id":"a123456789012345678901","path_on_host":"/d"}"#,
+            r#"{"drive_id":"a123456789012345678901","path_on_host":"/d","is_root_device":false}"#,
         );
-        assert_eq!(r.status, 400);
+        assert_eq!(r.status, 204, "{r:?}");
+        // The file is opened at PUT: a missing one is refused there.
+        let r = answer(
+            &mut c,
+            Method::Put,
+            "/drives/gone",
+            r#"{"drive_id":"gone","path_on_host":"/missing.img","is_root_device":false}"#,
+        );
+        assert_eq!(r.fault_message().as_deref(), Some("no drive /missing.img"));
+        let r = answer(
+            &mut c,
+            Method::Put,
+            "/drives/vhost",
+            r#"{"drive_id":"vhost","socket":"/run/vhost.sock","is_root_device":false}"#,
+        );
+        assert!(
+            r.fault_message()
+                .unwrap_or_default()
+                .contains("no vhost-user"),
+            "{r:?}"
+        );
+        assert_eq!(c.config().drives.len(), 2);
         let v = json(&answer(&mut c, Method::Get, "/vm/config", ""));
         assert_eq!(v["drives"][0]["path_on_host"], "/img2");
         assert_eq!(v["boot-source"]["kernel_image_path"], "/vmlinux");
@@ -835,7 +1010,8 @@ mod tests {
             cmd,
             VmCommand::UpdateDrive {
                 drive_id: "rootfs".into(),
-                path_on_host: "/new".into()
+                path_on_host: Some("/new".into()),
+                rate_limiter: None,
             }
         );
         let r = c.complete::<String>(cmd.clone(), Err("No such file".into()));
@@ -850,12 +1026,44 @@ mod tests {
         );
         assert_eq!(c.config().drives[0].path_on_host, PathBuf::from("/new"));
 
-        // Only a rate limiter: accepted without bothering the VMM.
+        // A rate limiter goes to the VMM as a typed update, and GET
+        // /vm/config shows the merged result.
+        let d = send(
+            &mut c,
+            Method::Patch,
+            "/drives/rootfs",
+            r#"{"drive_id":"rootfs","rate_limiter":{"ops":{"size":100,"refill_time":1000}}}"#,
+        );
+        let Decision::Execute(cmd) = d else {
+            panic!("{d:?}")
+        };
+        let VmCommand::UpdateDrive {
+            path_on_host: None,
+            rate_limiter: Some(rl),
+            ..
+        } = &cmd
+        else {
+            panic!("{cmd:?}")
+        };
+        assert_eq!(rl.ops.map(|b| (b.size, b.refill_time)), Some((100, 1000)));
+        assert_eq!(
+            c.complete::<String>(cmd, Ok(CommandOutput::Done)).status,
+            204
+        );
+        assert_eq!(
+            c.config().drives[0]
+                .rate_limiter
+                .and_then(|r| r.ops)
+                .map(|b| b.size),
+            Some(100)
+        );
+        // Nothing to change: answered at once, as Firecracker answers a
+        // vhost-user config refresh.
         let r = answer(
             &mut c,
             Method::Patch,
             "/drives/rootfs",
-            r#"{"drive_id":"rootfs","rate_limiter":{}}"#,
+            r#"{"drive_id":"rootfs"}"#,
         );
         assert_eq!(r.status, 204);
         let r = answer(
@@ -877,15 +1085,14 @@ mod tests {
             r#"{"action_type":"SendCtrlAltDel"}"#,
         );
         assert_eq!(r.fault_message().as_deref(), Some(NOT_BEFORE_START));
-        assert_eq!(
-            send(
-                &mut c,
-                Method::Put,
-                "/actions",
-                r#"{"action_type":"FlushMetrics"}"#
-            ),
-            Decision::Execute(VmCommand::FlushMetrics)
+        // Firecracker refuses FlushMetrics before boot too.
+        let r = answer(
+            &mut c,
+            Method::Put,
+            "/actions",
+            r#"{"action_type":"FlushMetrics"}"#,
         );
+        assert_eq!(r.fault_message().as_deref(), Some(NOT_BEFORE_START));
         boot(&mut c);
         let d = send(
             &mut c,
@@ -961,17 +1168,20 @@ mod tests {
             r.fault_message().unwrap_or_default().contains("MAC"),
             "{r:?}"
         );
-        let r = put(
-            &mut c,
-            "eth1",
-            r#"{"iface_id":"eth1","host_dev_name":"tap1","guest_mac":"06:00:AC:10:00"}"#,
-        );
-        assert!(
-            r.fault_message()
-                .unwrap_or_default()
-                .contains("Invalid guest MAC"),
-            "{r:?}"
-        );
+        // Malformed and multicast MACs are refused while the body is parsed
+        // (the same `MacAddr` rule as --net and config files).
+        for (mac, why) in [
+            ("06:00:AC:10:00", "bad MAC address"),
+            ("01:00:5e:00:00:01", "multicast"),
+        ] {
+            let body =
+                format!(r#"{{"iface_id":"eth1","host_dev_name":"tap1","guest_mac":"{mac}"}}"#);
+            let e = routes::parse(&Method::Put, "/network-interfaces/eth1", body.as_bytes())
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(e.contains(why), "{mac}: {e}");
+        }
         // Re-putting the same interface replaces it.
         assert_eq!(
             put(
@@ -991,11 +1201,26 @@ mod tests {
         );
         assert_eq!(r.fault_message().as_deref(), Some(NOT_BEFORE_START));
         boot(&mut c);
+        let d = send(
+            &mut c,
+            Method::Patch,
+            "/network-interfaces/eth0",
+            r#"{"iface_id":"eth0","rx_rate_limiter":{"bandwidth":{"size":1000,"refill_time":10}}}"#,
+        );
+        let Decision::Execute(cmd @ VmCommand::UpdateNetRateLimiters { .. }) = d else {
+            panic!("{d:?}")
+        };
+        assert_eq!(
+            c.complete::<String>(cmd, Ok(CommandOutput::Done)).status,
+            204
+        );
+        assert!(c.config().network_interfaces[0].rx_rate_limiter.is_some());
+        assert!(c.config().network_interfaces[0].tx_rate_limiter.is_none());
         let r = answer(
             &mut c,
             Method::Patch,
             "/network-interfaces/eth0",
-            r#"{"iface_id":"eth0","rx_rate_limiter":{}}"#,
+            r#"{"iface_id":"eth0"}"#,
         );
         assert_eq!(r.status, 204);
         let r = answer(
@@ -1053,14 +1278,191 @@ mod tests {
     }
 
     #[test]
-    fn mac_parsing() {
-        assert_eq!(
-            parse_mac("06:00:AC:10:00:02"),
-            Some([6, 0, 0xac, 0x10, 0, 2])
+    fn firecrackers_machine_limits() {
+        let mut c = controller();
+        let put = |c: &mut Controller, body: &str| answer(c, Method::Put, "/machine-config", body);
+        for body in [
+            r#"{"vcpu_count":33,"mem_size_mib":128}"#,
+            r#"{"vcpu_count":0,"mem_size_mib":128}"#,
+            r#"{"vcpu_count":3,"mem_size_mib":128,"smt":true}"#,
+        ] {
+            assert_eq!(
+                put(&mut c, body).fault_message().as_deref(),
+                Some(BAD_VCPU_COUNT),
+                "{body}"
+            );
+        }
+        for body in [
+            r#"{"vcpu_count":32,"mem_size_mib":128}"#,
+            r#"{"vcpu_count":1,"mem_size_mib":128,"smt":true}"#,
+            r#"{"vcpu_count":4,"mem_size_mib":128,"smt":true}"#,
+            r#"{"vcpu_count":1,"mem_size_mib":130,"huge_pages":"2M"}"#,
+        ] {
+            assert_eq!(put(&mut c, body).status, 204, "{body}");
+        }
+        let r = put(
+            &mut c,
+            r#"{"vcpu_count":1,"mem_size_mib":129,"huge_pages":"2M"}"#,
         );
-        assert_eq!(parse_mac("06:00:AC:10:00:02:03"), None);
-        assert_eq!(parse_mac("6:00:AC:10:00:02"), None);
-        assert_eq!(parse_mac("zz:00:AC:10:00:02"), None);
-        assert_eq!(parse_mac(""), None);
+        assert_eq!(r.fault_message().as_deref(), Some(BAD_MEM_SIZE));
+        // A PATCH is checked against what it does not name, too.
+        let r = answer(
+            &mut c,
+            Method::Patch,
+            "/machine-config",
+            r#"{"mem_size_mib":131}"#,
+        );
+        assert_eq!(r.fault_message().as_deref(), Some(BAD_MEM_SIZE));
+        let r = answer(
+            &mut c,
+            Method::Patch,
+            "/machine-config",
+            r#"{"vcpu_count":3,"smt":true}"#,
+        );
+        assert_eq!(r.fault_message().as_deref(), Some(BAD_VCPU_COUNT));
+        assert_eq!(c.config().machine_config.mem_size_mib, 130);
+        // The command line stays wider: a CLI config is not re-checked.
+        let mut cli = VmConfig::default();
+        cli.machine_config.vcpu_count = 200;
+        let mut c = Controller::new("cli", cli);
+        c.mark_running();
+        assert_eq!(
+            json(&answer(&mut c, Method::Get, "/machine-config", ""))["vcpu_count"],
+            200
+        );
+    }
+
+    #[test]
+    fn boot_source_is_checked_at_put() {
+        let mut c = controller();
+        let r = answer(
+            &mut c,
+            Method::Put,
+            "/boot-source",
+            r#"{"kernel_image_path":"/missing/vmlinux"}"#,
+        );
+        assert_eq!(
+            r.fault_message().as_deref(),
+            Some("no kernel /missing/vmlinux")
+        );
+        let r = answer(
+            &mut c,
+            Method::Put,
+            "/boot-source",
+            r#"{"kernel_image_path":"/vmlinux","initrd_path":"/missing.cpio"}"#,
+        );
+        assert_eq!(
+            r.fault_message().as_deref(),
+            Some("no initrd /missing.cpio")
+        );
+        assert!(c
+            .config()
+            .boot_source
+            .kernel_image_path
+            .as_os_str()
+            .is_empty());
+        // 2047 bytes and the NUL fit; 2048 do not.
+        let args = |n: usize| {
+            format!(
+                r#"{{"kernel_image_path":"/vmlinux","boot_args":"{}"}}"#,
+                "x".repeat(n)
+            )
+        };
+        assert_eq!(
+            answer(&mut c, Method::Put, "/boot-source", &args(2047)).status,
+            204
+        );
+        let r = answer(&mut c, Method::Put, "/boot-source", &args(2048));
+        assert!(
+            r.fault_message()
+                .unwrap_or_default()
+                .starts_with("Boot source error: The kernel command line is invalid: "),
+            "{r:?}"
+        );
+        let r = answer(
+            &mut c,
+            Method::Put,
+            "/network-interfaces/eth0",
+            r#"{"iface_id":"eth0","host_dev_name":"missing0"}"#,
+        );
+        assert_eq!(r.fault_message().as_deref(), Some("no tap missing0"));
+        let r = answer(
+            &mut c,
+            Method::Put,
+            "/network-interfaces/eth0",
+            r#"{"iface_id":"eth0","host_dev_name":"tap0","mtu":40}"#,
+        );
+        assert_eq!(r.fault_message(), Some(ConfigError::Mtu(40).to_string()));
+        assert!(c.config().network_interfaces.is_empty());
+    }
+
+    #[test]
+    fn pause_and_resume_are_post_boot_and_reported() {
+        let mut c = configured();
+        let r = answer(&mut c, Method::Patch, "/vm", r#"{"state":"Paused"}"#);
+        assert_eq!(r.fault_message().as_deref(), Some(NOT_BEFORE_START));
+        // The serial output is set before boot only.
+        let r = answer(
+            &mut c,
+            Method::Put,
+            "/serial",
+            r#"{"serial_out_path":"/tmp/console"}"#,
+        );
+        assert_eq!(r.status, 204);
+        assert_eq!(
+            c.config().serial.serial_out_path.as_deref(),
+            Some(std::path::Path::new("/tmp/console"))
+        );
+        boot(&mut c);
+        let d = send(&mut c, Method::Patch, "/vm", r#"{"state":"Paused"}"#);
+        assert_eq!(d, Decision::Execute(VmCommand::Pause));
+        // A pause the VMM could not carry out leaves the guest running.
+        let r = c.complete::<String>(VmCommand::Pause, Err("a vCPU did not stop".into()));
+        assert_eq!(
+            r.fault_message().as_deref(),
+            Some("Cannot pause the microVM: a vCPU did not stop")
+        );
+        assert_eq!(
+            json(&answer(&mut c, Method::Get, "/", ""))["state"],
+            "Running"
+        );
+        assert_eq!(
+            c.complete::<String>(VmCommand::Pause, Ok(CommandOutput::Done))
+                .status,
+            204
+        );
+        assert_eq!(c.state(), VmState::Paused);
+        assert_eq!(
+            json(&answer(&mut c, Method::Get, "/", ""))["state"],
+            "Paused"
+        );
+        // Paused is still started: runtime requests go on, config ones do not.
+        let r = answer(
+            &mut c,
+            Method::Put,
+            "/boot-source",
+            r#"{"kernel_image_path":"/k"}"#,
+        );
+        assert_eq!(r.fault_message().as_deref(), Some(NOT_AFTER_START));
+        assert_eq!(
+            send(
+                &mut c,
+                Method::Put,
+                "/actions",
+                r#"{"action_type":"FlushMetrics"}"#
+            ),
+            Decision::Execute(VmCommand::FlushMetrics)
+        );
+        let d = send(&mut c, Method::Patch, "/vm", r#"{"state":"Resumed"}"#);
+        assert_eq!(d, Decision::Execute(VmCommand::Resume));
+        assert_eq!(
+            c.complete::<String>(VmCommand::Resume, Ok(CommandOutput::Done))
+                .status,
+            204
+        );
+        assert_eq!(
+            json(&answer(&mut c, Method::Get, "/", ""))["state"],
+            "Running"
+        );
     }
 }

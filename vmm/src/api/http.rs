@@ -434,6 +434,7 @@ pub fn reason(status: u16) -> &'static str {
         204 => "No Content",
         400 => "Bad Request",
         404 => "Not Found",
+        408 => "Request Timeout",
         413 => "Payload Too Large",
         417 => "Expectation Failed",
         500 => "Internal Server Error",

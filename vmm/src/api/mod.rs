@@ -5,9 +5,12 @@
 //!
 //! - [`http`]: strict HTTP/1.1 parsing and response framing.
 //! - [`routes`]: method + path + body → [`ApiRequest`] (pure).
-//! - [`controller`]: the pre-boot / post-boot state machine (pure).
-//! - [`server`]: the API thread (event-manager loop) and the
-//!   [`ApiHandle`] / [`Responder`] pair the VMM thread uses.
+//! - [`controller`]: the pre-boot / post-boot / paused state machine
+//!   (pure but for [`host_check`], which opens the files a PUT names).
+//! - [`channel`]: the [`ApiHandle`] / [`Responder`] pair the VMM thread
+//!   uses.
+//! - [`server`]: the API thread (event-manager loop: listener,
+//!   connections, timeouts).
 //!
 //! The VMM side, in outline:
 //!
@@ -15,8 +18,10 @@
 //! use std::path::Path;
 //! use vmm::api::{ApiServer, Controller, Decision, CommandOutput, http::DEFAULT_MAX_PAYLOAD};
 //! use vmm::config::VmConfig;
+//! use vmm::seccomp::Filters;
 //!
-//! let (api, _thread) = ApiServer::start(Path::new("/tmp/ringvm.sock"), DEFAULT_MAX_PAYLOAD)?;
+//! let (api, _thread) =
+//!     ApiServer::start(Path::new("/tmp/ringvm.sock"), DEFAULT_MAX_PAYLOAD, Filters::none())?;
 //! let mut controller = Controller::new("anonymous-instance", VmConfig::default());
 //! // ... arm an 8-byte read of api.requests_fd() on the ring; on its completion:
 //! while let Some((request, responder)) = api.try_recv() {
@@ -36,12 +41,15 @@
 //! # Ok::<(), vmm::api::ApiError>(())
 //! ```
 
+pub mod channel;
 pub mod controller;
+pub mod host_check;
 pub mod http;
 pub mod routes;
 pub mod server;
 pub mod types;
 
+pub use channel::{ApiHandle, Responder};
 pub use controller::{CommandOutput, Controller, Decision, VmCommand, VmState};
-pub use server::{ApiError, ApiHandle, ApiServer, Responder};
+pub use server::{ApiError, ApiServer};
 pub use types::{ApiRequest, ApiResponse};

@@ -7,23 +7,20 @@ use serde::de::DeserializeOwned;
 use super::http::Method;
 use super::types::{
     ActionBody, ApiRequest, ApiResponse, MachineConfigBody, MachineConfigUpdate, PartialDrive,
-    PartialNetworkInterface,
+    PartialNetworkInterface, VmStateBody,
 };
-use crate::config::{BootSource, DriveConfig, NetConfig};
+use crate::config::{BootSource, DriveConfig, NetConfig, SerialConfig};
 
 /// Firecracker endpoints ringvm does not implement: a request for one of
 /// them says so instead of only "invalid path".
 const NOT_IMPLEMENTED: &[&str] = &[
     "balloon",
     "cpu-config",
-    "entropy",
     "hotplug",
     "memory-hotplug",
     "mmds",
     "pmem",
-    "serial",
     "snapshot",
-    "vm",
     "vsock",
 ];
 
@@ -68,6 +65,14 @@ pub enum RouteError {
     /// The id in the body is not the id in the path.
     #[error("The id from the path does not match the id from the body!")]
     IdMismatch,
+    /// The same for an interface, which Firecracker words differently.
+    #[error("The id from the path [{path}] does not match the id from the body [{body}]!")]
+    IfaceIdMismatch {
+        /// The id in the path.
+        path: String,
+        /// The id in the body.
+        body: String,
+    },
     /// The body is not JSON, has a field of the wrong type, lacks a
     /// required field or has an unknown one; serde names which.
     #[error("An error occurred when deserializing the json body of a request: {0}.")]
@@ -80,7 +85,16 @@ impl From<RouteError> for ApiResponse {
     }
 }
 
+/// Every body is a JSON object. serde's derived structs would also take
+/// an array (fields by position), which Firecracker's clients never send
+/// and ringvm refuses.
 fn json<T: DeserializeOwned>(body: &[u8]) -> Result<T, RouteError> {
+    if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+        return Err(RouteError::Json(serde::de::Error::invalid_type(
+            serde::de::Unexpected::Seq,
+            &"a JSON object",
+        )));
+    }
     Ok(serde_json::from_slice(body)?)
 }
 
@@ -117,14 +131,11 @@ pub fn parse(method: &Method, path: &str, body: &[u8]) -> Result<ApiRequest, Rou
     };
 
     if let Some(&resource) = NOT_IMPLEMENTED.iter().find(|r| **r == resource) {
-        // `GET /vm/config` is implemented; the rest of `/vm` is not.
-        if !(resource == "vm" && *method == Method::Get && id == Some("config")) {
-            return Err(RouteError::NotImplemented {
-                method: method.to_string(),
-                path: trimmed.to_string(),
-                resource,
-            });
-        }
+        return Err(RouteError::NotImplemented {
+            method: method.to_string(),
+            path: trimmed.to_string(),
+            resource,
+        });
     }
     if extra {
         return Err(invalid());
@@ -183,7 +194,10 @@ pub fn parse(method: &Method, path: &str, body: &[u8]) -> Result<ApiRequest, Rou
             needs_body(RouteError::EmptyPut)?;
             let iface: NetConfig = json(body)?;
             if iface.iface_id != id {
-                return Err(RouteError::IdMismatch);
+                return Err(RouteError::IfaceIdMismatch {
+                    path: id.into(),
+                    body: iface.iface_id,
+                });
             }
             ApiRequest::PutNetworkInterface(iface)
         }
@@ -192,7 +206,10 @@ pub fn parse(method: &Method, path: &str, body: &[u8]) -> Result<ApiRequest, Rou
             needs_body(RouteError::EmptyPatch)?;
             let update: PartialNetworkInterface = json(body)?;
             if update.iface_id != id {
-                return Err(RouteError::IdMismatch);
+                return Err(RouteError::IfaceIdMismatch {
+                    path: id.into(),
+                    body: update.iface_id,
+                });
             }
             ApiRequest::PatchNetworkInterface(update)
         }
@@ -203,6 +220,18 @@ pub fn parse(method: &Method, path: &str, body: &[u8]) -> Result<ApiRequest, Rou
         (Method::Put, "metrics", None) => {
             needs_body(RouteError::EmptyPut)?;
             ApiRequest::PutMetrics(json(body)?)
+        }
+        (Method::Put, "serial", None) => {
+            needs_body(RouteError::EmptyPut)?;
+            ApiRequest::PutSerial(json::<SerialConfig>(body)?)
+        }
+        (Method::Patch, "vm", None) => {
+            needs_body(RouteError::EmptyPatch)?;
+            ApiRequest::PatchVmState(json::<VmStateBody>(body)?.state)
+        }
+        (Method::Put, "entropy", None) => {
+            needs_body(RouteError::EmptyPut)?;
+            ApiRequest::PutEntropy(json(body)?)
         }
         _ => return Err(invalid()),
     };
@@ -221,7 +250,7 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use crate::api::types::{ActionType, HugePages, LogLevel};
+    use crate::api::types::{ActionType, HugePages, LogLevel, VmStateRequest};
     use crate::config::CacheType;
 
     fn ok(method: Method, path: &str, body: &str) -> ApiRequest {
@@ -345,7 +374,7 @@ mod tests {
             err(
                 Method::Put,
                 "/drives/other",
-                r#"{"drive_id":"rootfs","path_on_host":"/img"}"#
+                r#"{"drive_id":"rootfs","path_on_host":"/img","is_root_device":false}"#
             ),
             "The id from the path does not match the id from the body!"
         );
@@ -361,13 +390,47 @@ mod tests {
         let e = err(
             Method::Put,
             "/drives/x",
-            r#"{"drive_id":"x","path_on_host":"/i","bogus":1}"#,
+            r#"{"drive_id":"x","path_on_host":"/i","is_root_device":false,"bogus":1}"#,
         );
         assert!(e.contains("unknown field `bogus`"), "{e}");
+        // Firecracker requires is_root_device and knows two engines.
         let e = err(
             Method::Put,
             "/drives/x",
-            r#"{"drive_id":"x","path_on_host":"/i","is_read_only":"yes"}"#,
+            r#"{"drive_id":"x","path_on_host":"/i"}"#,
+        );
+        assert!(e.contains("missing field `is_root_device`"), "{e}");
+        let e = err(
+            Method::Put,
+            "/drives/x",
+            r#"{"drive_id":"x","path_on_host":"/i","is_root_device":false,"io_engine":"Fast"}"#,
+        );
+        assert!(
+            e.contains("unknown variant `Fast`, expected `Sync` or `Async`"),
+            "{e}"
+        );
+        let r = ok(
+            Method::Put,
+            "/drives/x",
+            r#"{"drive_id":"x","path_on_host":"/i","is_root_device":false,"io_engine":"Async",
+                "socket":"/s"}"#,
+        );
+        let ApiRequest::PutDrive(d) = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(d.cache_type, CacheType::Unsafe);
+        assert_eq!(d.socket.as_deref(), Some("/s"));
+        let e = err(
+            Method::Put,
+            "/drives/x",
+            r#"{"drive_id":"x","path_on_host":"/i","is_root_device":false,
+                "rate_limiter":{"bandwidth":{"size":"1","refill_time":1}}}"#,
+        );
+        assert!(e.contains("invalid type: string"), "{e}");
+        let e = err(
+            Method::Put,
+            "/drives/x",
+            r#"{"drive_id":"x","path_on_host":"/i","is_root_device":false,"is_read_only":"yes"}"#,
         );
         assert!(e.contains("invalid type"), "{e}");
         let e = err(Method::Put, "/drives/x", "not json");
@@ -391,11 +454,26 @@ mod tests {
                 rate_limiter: None
             })
         );
-        ok(
+        let r = ok(
             Method::Patch,
             "/drives/x",
-            r#"{"drive_id":"x","rate_limiter":{}}"#,
+            r#"{"drive_id":"x","rate_limiter":{"ops":{"size":5,"refill_time":100,"one_time_burst":10}}}"#,
         );
+        let ApiRequest::PatchDrive(p) = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(
+            p.rate_limiter
+                .and_then(|r| r.ops)
+                .and_then(|b| b.one_time_burst),
+            Some(10)
+        );
+        let e = err(
+            Method::Patch,
+            "/drives/x",
+            r#"{"drive_id":"x","rate_limiter":{"bandwidth":{"size":1}}}"#,
+        );
+        assert!(e.contains("missing field `refill_time`"), "{e}");
         let e = err(
             Method::Patch,
             "/drives/x",
@@ -426,8 +504,34 @@ mod tests {
                 "/network-interfaces/eth1",
                 r#"{"iface_id":"eth0","host_dev_name":"tap0"}"#
             ),
-            "The id from the path does not match the id from the body!"
+            "The id from the path [eth1] does not match the id from the body [eth0]!"
         );
+        let r = ok(
+            Method::Put,
+            "/network-interfaces/eth0",
+            r#"{"iface_id":"eth0","host_dev_name":"tap0","mtu":9000,
+                "rx_rate_limiter":{"bandwidth":{"size":1000,"refill_time":100}}}"#,
+        );
+        let ApiRequest::PutNetworkInterface(n) = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(n.mtu, Some(9000));
+        assert_eq!(
+            n.rx_rate_limiter.and_then(|r| r.bandwidth).map(|b| b.size),
+            Some(1000)
+        );
+        let e = err(
+            Method::Put,
+            "/network-interfaces/eth0",
+            r#"{"iface_id":"eth0","host_dev_name":"tap0","mtu":65536}"#,
+        );
+        assert!(e.contains("expected u16"), "{e}");
+        let e = err(
+            Method::Patch,
+            "/network-interfaces/eth0",
+            r#"{"iface_id":"eth0","tx_rate_limiter":{"ops":{"size":-5,"refill_time":1}}}"#,
+        );
+        assert!(e.contains("-5"), "{e}");
         let e = err(
             Method::Put,
             "/network-interfaces/eth0",
@@ -512,11 +616,67 @@ mod tests {
             err(Method::Get, "/drives/x", ""),
             "Invalid request method and/or path: GET drives/x."
         );
-        assert_eq!(err(Method::Get, "/vm/other", ""),
-            "Invalid request method and/or path: GET vm/other. (ringvm does not implement Firecracker's /vm endpoint.)");
+        assert_eq!(
+            err(Method::Get, "/vm/other", ""),
+            "Invalid request method and/or path: GET vm/other."
+        );
         assert!(err(Method::Put, "/snapshot/create", "{}")
             .contains("does not implement Firecracker's /snapshot endpoint"));
-        assert!(err(Method::Patch, "/vm", r#"{"state":"Paused"}"#).contains("/vm endpoint"));
         assert!(err(Method::Put, "/balloon", "{}").contains("/balloon endpoint"));
+    }
+
+    #[test]
+    fn vm_state_and_serial() {
+        assert_eq!(
+            ok(Method::Patch, "/vm", r#"{"state":"Paused"}"#),
+            ApiRequest::PatchVmState(VmStateRequest::Paused)
+        );
+        assert_eq!(
+            ok(Method::Patch, "/vm", r#"{"state":"Resumed"}"#),
+            ApiRequest::PatchVmState(VmStateRequest::Resumed)
+        );
+        let e = err(Method::Patch, "/vm", r#"{"state":"Stopped"}"#);
+        assert!(e.contains("unknown variant `Stopped`"), "{e}");
+        assert_eq!(err(Method::Patch, "/vm", ""), "Empty PATCH request.");
+        let r = ok(
+            Method::Put,
+            "/serial",
+            r#"{"serial_out_path":"/tmp/console.log","rate_limiter":{"size":100,"refill_time":10}}"#,
+        );
+        let ApiRequest::PutSerial(s) = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(s.serial_out_path, Some(PathBuf::from("/tmp/console.log")));
+        assert_eq!(s.rate_limiter.map(|b| b.size), Some(100));
+        assert!(err(Method::Put, "/serial", r#"{"out":"/x"}"#).contains("unknown field `out`"));
+    }
+
+    #[test]
+    fn bodies_must_be_objects() {
+        for (method, path, body) in [
+            (Method::Put, "/actions", r#"["InstanceStart"]"#),
+            (Method::Patch, "/machine-config", "[]"),
+            (Method::Put, "/machine-config", " \n [1, 128]"),
+            (Method::Put, "/drives/a", r#"["a","/x",false]"#),
+            (Method::Put, "/metrics", r#"["/m"]"#),
+        ] {
+            let e = err(method, path, body);
+            assert!(
+                e.contains("invalid type: sequence, expected a JSON object"),
+                "{path} {body}: {e}"
+            );
+        }
+        let e = err(Method::Put, "/actions", "3");
+        assert!(e.contains("invalid type"), "{e}");
+    }
+
+    #[test]
+    fn metrics_ignore_unknown_fields_as_firecracker_does() {
+        let r = ok(
+            Method::Put,
+            "/metrics",
+            r#"{"metrics_path":"/m","emit_id":true,"properties":{"a":"b"}}"#,
+        );
+        assert!(matches!(r, ApiRequest::PutMetrics(_)));
     }
 }

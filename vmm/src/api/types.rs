@@ -10,10 +10,13 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::config::{BootSource, DriveConfig, NetConfig, VmConfig};
+use crate::config::{
+    BootSource, DriveConfig, EntropyConfig, NetConfig, RateLimiterConfig, SerialConfig, VmConfig,
+};
 
-/// Firecracker's `huge_pages` machine setting. Accepted and remembered so
-/// a client reads back what it wrote; ringvm backs guest memory with
+/// Firecracker's `huge_pages` machine setting. Checked (memory must be a
+/// whole number of huge pages, as in Firecracker) and remembered so a
+/// client reads back what it wrote; ringvm backs guest memory with
 /// ordinary anonymous pages either way.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HugePages {
@@ -23,6 +26,16 @@ pub enum HugePages {
     /// 2 MiB hugetlbfs pages (ignored by ringvm).
     #[serde(rename = "2M")]
     Hugetlbfs2M,
+}
+
+impl HugePages {
+    /// The page size guest memory must be a multiple of, in MiB.
+    pub fn page_mib(self) -> u64 {
+        match self {
+            HugePages::None => 1,
+            HugePages::Hugetlbfs2M => 2,
+        }
+    }
 }
 
 /// Body of `PUT /machine-config` and of `GET /machine-config`'s answer.
@@ -76,7 +89,8 @@ impl MachineConfigUpdate {
 }
 
 /// Body of `PATCH /drives/{id}`: swap the backing file of a running
-/// drive (e.g. after the host resized or replaced it).
+/// drive (e.g. after the host resized or replaced it) and/or change its
+/// rate limiter.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PartialDrive {
@@ -85,24 +99,41 @@ pub struct PartialDrive {
     /// New backing file.
     #[serde(default)]
     pub path_on_host: Option<PathBuf>,
-    /// Accepted for Firecracker compatibility; not enforced.
+    /// Buckets to replace (see [`RateLimiterConfig::as_update`]).
     #[serde(default)]
-    pub rate_limiter: Option<serde_json::Value>,
+    pub rate_limiter: Option<RateLimiterConfig>,
 }
 
-/// Body of `PATCH /network-interfaces/{id}`: Firecracker updates rate
-/// limiters with it; ringvm accepts and ignores them.
+/// Body of `PATCH /network-interfaces/{id}`: change an interface's rate
+/// limiters while the guest runs.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PartialNetworkInterface {
     /// Must equal the id in the path.
     pub iface_id: String,
-    /// Accepted; not enforced.
+    /// Buckets to replace on the receive side.
     #[serde(default)]
-    pub rx_rate_limiter: Option<serde_json::Value>,
-    /// Accepted; not enforced.
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    /// Buckets to replace on the transmit side.
     #[serde(default)]
-    pub tx_rate_limiter: Option<serde_json::Value>,
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
+}
+
+/// `state` of `PATCH /vm`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub enum VmStateRequest {
+    /// Stop every vCPU.
+    Paused,
+    /// Let them run again.
+    Resumed,
+}
+
+/// Body of `PATCH /vm`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmStateBody {
+    /// The state wanted.
+    pub state: VmStateRequest,
 }
 
 /// `action_type` of `PUT /actions`.
@@ -211,9 +242,9 @@ pub struct LoggerConfig {
     pub module: Option<String>,
 }
 
-/// Body of `PUT /metrics`.
+/// Body of `PUT /metrics`. Unknown fields are ignored, as Firecracker
+/// ignores them (newer Firecrackers add `emit_id` and `properties` here).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
     /// File or named pipe the JSON metrics lines are written to.
     pub metrics_path: PathBuf,
@@ -251,6 +282,12 @@ pub enum ApiRequest {
     PutLogger(LoggerConfig),
     /// `PUT /metrics`.
     PutMetrics(MetricsConfig),
+    /// `PUT /serial`.
+    PutSerial(SerialConfig),
+    /// `PATCH /vm`.
+    PatchVmState(VmStateRequest),
+    /// `PUT /entropy`.
+    PutEntropy(EntropyConfig),
 }
 
 /// Status and JSON body of one answer. Bodies are JSON text already, so
@@ -311,7 +348,7 @@ pub struct InstanceInfo {
     /// The instance id (`--id`; Firecracker's default is
     /// `anonymous-instance`).
     pub id: String,
-    /// `Not started` or `Running`.
+    /// `Not started`, `Running` or `Paused`.
     pub state: &'static str,
     /// ringvm's version.
     pub vmm_version: &'static str,
@@ -338,6 +375,9 @@ pub struct FullVmConfig {
     pub logger: Option<LoggerConfig>,
     /// Metrics settings, if set through the API.
     pub metrics: Option<MetricsConfig>,
+    /// The entropy device, if configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entropy: Option<EntropyConfig>,
 }
 
 /// The settings of [`MachineConfigBody`] that [`VmConfig`] has no place

@@ -1,36 +1,59 @@
-//! The virtio-blk backend on the VMM thread: the thin queue loop that
-//! pops chains, has them parsed and executed, answers completions and
-//! interrupts the guest.
+//! The virtio-blk device: the thin queue loop that pops chains, has them
+//! parsed and executed, answers completions, and owns the backing files.
 //!
 //! ```text
 //!   new ──► inactive ──activate──► active ──process_queue / complete──► active
 //!              ▲                     │  bad queue state: NEEDS_RESET, queue stops
-//!              └──────── reset ◄─────┘  (in-flight ops orphaned, results dropped)
+//!              └──────── reset ◄─────┘  (in-flight ops orphaned; the VMM reports
+//!                                        the reset done once they completed)
 //! ```
+//!
+//! # Swapping the backing file (PATCH /drives)
+//!
+//! The old file is *retired*, not closed: ops that name it keep running, and
+//! writes the guest was told are done may still sit in the host's page
+//! cache. Each file carries an epoch; a retired file is closed once no op
+//! names it and, on a flushing drive, once a FLUSH has synced it. A FLUSH
+//! therefore syncs the current file and then every retired file not yet
+//! synced, one op after the other in the FLUSH's own slot, before the
+//! guest hears it is done: no acknowledged write is ever left behind.
+//!
+//! # FLUSH is a barrier
+//!
+//! Completions come back in any order, so an fsync submitted while an
+//! earlier write is still in the kernel could finish first and leave that
+//! write out. A FLUSH therefore waits, parked in the device (not in the
+//! kernel), until every write submitted before it has completed; only then
+//! is its fsync submitted. A guest that does not wait for its writes before
+//! flushing is still safe. Writes that arrive after the FLUSH do not delay
+//! it.
 
+use std::any::Any;
 use std::fs::File;
 use std::io::{self, Seek, SeekFrom};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
-use log::{error, warn};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
-use super::executor::{
-    encode_tag, tag_queue, InFlight, NotSubmitted, PendingKind, Taken, GEN_MASK,
-};
+use super::executor::{prepare, Pending, PendingKind};
 use super::request::{self, DiskLimits, Operation, Request};
 use super::{
     config_bytes, features, set_capacity, BlockCounters, DEVICE_TYPE, ID_BYTES, NUM_QUEUES,
     QUEUE_MAX_SIZE, SECTOR_SHIFT,
 };
-use crate::io::{InterruptLine, IoSubmit};
+use crate::guest_log::GuestLog;
+use crate::io::{InterruptLine, IoOp, IoSubmit, IoSubmitError};
 use crate::virtio::{
-    Activation, DeviceShared, Interrupt, QueueConfigError, VirtioBackend, VirtioDeviceInfo,
-    F_EVENT_IDX, F_VERSION_1,
+    drain_queue, ChainTaken, DeviceError, DeviceShared, Generation, InFlight, Interrupt,
+    ProcessOutcome, Taken, VirtioDevice, Virtqueues,
 };
+
+/// Retired files kept at most; a further swap waits (SwapBusy) until the
+/// guest's I/O or a FLUSH lets one go, so an API client cannot pile up fds.
+pub const MAX_RETIRED_DISKS: usize = 8;
 
 /// What a drive is made of.
 #[derive(Debug)]
@@ -46,68 +69,59 @@ pub struct BlockConfig {
     pub id: String,
 }
 
-/// Errors the VMM thread sees from the block device. Request-level
-/// problems never surface here: they become status bytes for the guest.
+/// Errors building a drive or swapping its file. Request-level problems
+/// never surface here: they become status bytes for the guest.
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
-    /// The driver negotiated features we did not offer.
-    #[error("driver features {0:#x} were not offered")]
-    BadFeatures(u64),
-    /// Activation named a different number of queues.
-    #[error("activation has {0} queues, expected {NUM_QUEUES}")]
-    QueueCount(usize),
-    /// A required queue is not enabled.
-    #[error("queue {0} is not ready")]
-    QueueNotReady(usize),
-    /// A queue's layout is invalid.
-    #[error("queue {0}: {1}")]
-    QueueConfig(usize, #[source] QueueConfigError),
-    /// No such queue index.
-    #[error("no queue {0}")]
-    NoSuchQueue(usize),
-    /// The queue is corrupt; the device asked the driver for a reset.
-    #[error("queue {0} needs a reset: {1}")]
-    QueueBroken(usize, String),
-    /// A backing file swap while the previous old file still has I/O in flight.
-    #[error("previous disk still has I/O in flight")]
+    /// Too many swapped-out files still wait for their I/O or a FLUSH.
+    #[error(
+        "{MAX_RETIRED_DISKS} previous disk files still have I/O in flight or unflushed writes"
+    )]
     SwapBusy,
     /// Reading the backing file's size failed.
     #[error("cannot size the backing file: {0}")]
     Size(#[source] io::Error),
 }
 
-/// What one [`BlockDevice::process_queue`] call did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ProcessOutcome {
-    /// Chains taken from the available ring.
-    pub popped: u16,
-    /// Ops handed to the ring.
-    pub submitted: u16,
-    /// The drain stopped at its budget (the queue size) with requests
-    /// possibly left: call `process_queue` again on the next loop turn.
-    pub more: bool,
-    /// No free slot or a full ring stopped the drain; the chain was put
-    /// back. Call `process_queue` again after completions are delivered.
-    pub blocked: bool,
-}
-
+/// A backing file and what still depends on it.
 #[derive(Debug)]
-struct QueueState {
-    max: u16,
-    queue: Option<Queue>,
-    inflight: InFlight,
-    /// Corrupt; nothing more is popped until reset.
-    broken: bool,
-    /// Used entries were added since the last interrupt decision.
-    signal_pending: bool,
+struct Disk {
+    file: File,
+    epoch: u32,
+    /// Ops in the kernel that name this file.
+    ops: usize,
+    /// Writes may have completed since its last successful sync.
+    dirty: bool,
 }
 
-/// A virtio-blk device backend, owned by the VMM thread.
+/// The request a slot serves, and where a FLUSH is in its walk over the
+/// retired files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct BlockPending {
+    req: Pending,
+    /// Epoch of the file the op runs on.
+    epoch: u32,
+    /// For a write: its place in submission order.
+    write_seq: Option<u64>,
+}
+
+/// A FLUSH waiting for the writes submitted before it.
+#[derive(Debug)]
+struct ParkedFlush {
+    head: u16,
+    req: Request,
+    /// Every write with a smaller sequence number must complete first.
+    barrier: u64,
+}
+
+/// A virtio-blk device, owned by the VMM thread.
 ///
 /// # Example
 ///
 /// ```
 /// use devices::virtio::block::{BlockConfig, BlockDevice};
+/// use devices::virtio::VirtioDevice;
+/// use vm_memory::GuestMemoryMmap;
 /// use vmm_sys_util::{eventfd::EventFd, tempfile::TempFile};
 ///
 /// let file = TempFile::new().unwrap().into_file();
@@ -119,24 +133,29 @@ struct QueueState {
 /// )
 /// .unwrap();
 /// assert_eq!(dev.capacity_sectors(), 2048);
-/// assert_eq!(dev.info().device_type, 2);
+/// assert_eq!(VirtioDevice::<GuestMemoryMmap>::info(&dev).device_type, 2);
 /// ```
 #[derive(Debug)]
 pub struct BlockDevice {
-    disk: File,
-    /// A swapped-out disk kept open until the ops that name it complete.
-    retired: Option<File>,
+    disk: Disk,
+    /// Swapped-out files kept open until their ops complete and (when the
+    /// drive flushes) a FLUSH has synced them.
+    retired: Vec<Disk>,
+    next_epoch: u32,
     read_only: bool,
     flush: bool,
-    batch_interrupts: bool,
     id: [u8; ID_BYTES],
     capacity_sectors: u64,
-    irq: Interrupt,
-    acked_features: u64,
-    activated: bool,
-    generation: u32,
-    queues: Vec<QueueState>,
+    queues: Virtqueues,
+    generation: Generation,
+    inflight: InFlight<BlockPending>,
+    /// Sequence number the next write gets.
+    next_write_seq: u64,
+    /// FLUSHes waiting for earlier writes, oldest first (at most a queue's
+    /// worth: each holds a chain).
+    parked_flushes: std::collections::VecDeque<ParkedFlush>,
     counters: BlockCounters,
+    log: GuestLog,
 }
 
 fn disk_sectors(file: &File) -> Result<u64, BlockError> {
@@ -146,33 +165,8 @@ fn disk_sectors(file: &File) -> Result<u64, BlockError> {
     Ok(size >> SECTOR_SHIFT)
 }
 
-/// Everything a request needs besides its queue.
-struct Ctx<'a> {
-    qidx: usize,
-    generation: u32,
-    fd: std::os::fd::RawFd,
-    limits: DiskLimits,
-    id: &'a [u8; ID_BYTES],
-    counters: &'a mut BlockCounters,
-}
-
-/// Writes the status byte and returns the chain to the driver.
-fn answer<M: GuestMemory>(
-    queue: &mut Queue,
-    mem: &M,
-    head: u16,
-    status: Option<(GuestAddress, u8)>,
-    used_len: u32,
-) -> Result<(), virtio_queue::Error> {
-    if let Some((addr, byte)) = status {
-        // The address was checked at parse time; a failure here means the
-        // memory map changed, and the used entry still must go back.
-        if let Err(e) = mem.write_obj(byte, addr) {
-            warn!("virtio-blk: status write at {:#x} failed: {e}", addr.0);
-        }
-    }
-    queue.add_used(mem, head, used_len)
-}
+/// The one request queue.
+const REQUEST_QUEUE: usize = 0;
 
 impl BlockDevice {
     /// Builds an inactive device; `line` is the irqfd the VMM wired to the
@@ -188,38 +182,30 @@ impl BlockDevice {
         let n = src.len().min(ID_BYTES);
         id[..n].copy_from_slice(&src[..n]);
         Ok(Self {
-            disk: config.file,
-            retired: None,
+            disk: Disk {
+                file: config.file,
+                epoch: 0,
+                ops: 0,
+                dirty: false,
+            },
+            retired: Vec::new(),
+            next_epoch: 1,
             read_only: config.read_only,
             flush: config.flush,
-            batch_interrupts: false,
             id,
             capacity_sectors,
-            irq: Interrupt::new(shared, line),
-            acked_features: 0,
-            activated: false,
-            generation: 0,
-            queues: (0..NUM_QUEUES)
-                .map(|_| QueueState {
-                    max: QUEUE_MAX_SIZE,
-                    queue: None,
-                    inflight: InFlight::new(QUEUE_MAX_SIZE),
-                    broken: false,
-                    signal_pending: false,
-                })
-                .collect(),
+            queues: Virtqueues::new(
+                "virtio-blk",
+                &[QUEUE_MAX_SIZE; NUM_QUEUES],
+                Interrupt::new(shared, line),
+            ),
+            generation: Generation::default(),
+            inflight: InFlight::new(REQUEST_QUEUE as u8, QUEUE_MAX_SIZE),
+            next_write_seq: 0,
+            parked_flushes: std::collections::VecDeque::new(),
             counters: BlockCounters::default(),
+            log: GuestLog::new("virtio-blk"),
         })
-    }
-
-    /// What the transport presents to the driver.
-    pub fn info(&self) -> VirtioDeviceInfo {
-        VirtioDeviceInfo {
-            device_type: DEVICE_TYPE,
-            avail_features: features(self.read_only, self.flush),
-            queue_max_sizes: self.queues.iter().map(|q| q.max).collect(),
-            shared: self.irq.shared().clone(),
-        }
     }
 
     /// Capacity in 512-byte sectors.
@@ -229,24 +215,21 @@ impl BlockDevice {
 
     /// Counters since the device was made.
     pub fn counters(&self) -> BlockCounters {
-        self.counters
+        BlockCounters {
+            needs_reset: self.queues.resets_requested(),
+            log_lines_suppressed: self.log.suppressed() + self.queues.log_lines_suppressed(),
+            ..self.counters
+        }
     }
 
     /// Features the driver acknowledged at the last activation.
     pub fn acked_features(&self) -> u64 {
-        self.acked_features
+        self.queues.acked_features()
     }
 
-    /// Whether the driver activated the device and no reset followed.
-    pub fn is_active(&self) -> bool {
-        self.activated
-    }
-
-    /// Ops the kernel may still be working on. The VMM must not drop the
-    /// device (or unmap guest memory) before this reaches 0; if it does,
-    /// the device leaks its iovec arrays and files rather than free them.
-    pub fn in_flight(&self) -> usize {
-        self.queues.iter().map(|q| q.inflight.outstanding()).sum()
+    /// Swapped-out files still open.
+    pub fn retired_disks(&self) -> usize {
+        self.retired.len()
     }
 
     fn limits(&self) -> DiskLimits {
@@ -257,194 +240,324 @@ impl BlockDevice {
         }
     }
 
-    fn activate_queues<M: GuestMemory>(
-        &mut self,
-        mem: &M,
-        activation: &Activation,
-    ) -> Result<(), BlockError> {
-        let f = activation.features;
-        if f & !features(self.read_only, self.flush) != 0 || f & F_VERSION_1 == 0 {
-            return Err(BlockError::BadFeatures(f));
+    fn disk_mut(&mut self, epoch: u32) -> Option<&mut Disk> {
+        if self.disk.epoch == epoch {
+            return Some(&mut self.disk);
         }
-        if activation.queues.len() != self.queues.len() {
-            return Err(BlockError::QueueCount(activation.queues.len()));
+        self.retired.iter_mut().find(|d| d.epoch == epoch)
+    }
+
+    /// Closes retired files nothing depends on any more.
+    fn release_retired(&mut self) {
+        let flush = self.flush;
+        self.retired.retain(|d| d.ops > 0 || (flush && d.dirty));
+    }
+
+    /// The next retired file a FLUSH that just synced file `epoch` must
+    /// sync, walking from the current file through the retired ones in the
+    /// order they were retired.
+    fn next_to_sync(&self, after_epoch: u32) -> Option<(u32, RawFd)> {
+        let start = if after_epoch == self.disk.epoch {
+            0
+        } else {
+            self.retired.iter().position(|d| d.epoch == after_epoch)? + 1
+        };
+        self.retired
+            .iter()
+            .skip(start)
+            .find(|d| d.dirty)
+            .map(|d| (d.epoch, d.file.as_raw_fd()))
+    }
+
+    /// Replaces the backing file (e.g. PATCH /drives): updates capacity,
+    /// bumps the config generation and raises a config-change interrupt.
+    /// The old file stays open until the ops that use it complete and the
+    /// writes it took are flushed (see the module docs).
+    pub fn swap_disk(&mut self, file: File) -> Result<(), BlockError> {
+        self.release_retired();
+        if self.retired.len() >= MAX_RETIRED_DISKS {
+            return Err(BlockError::SwapBusy);
         }
-        let event_idx = f & F_EVENT_IDX != 0;
-        let mut built = Vec::with_capacity(self.queues.len());
-        for (i, (cfg, state)) in activation.queues.iter().zip(&self.queues).enumerate() {
-            if !cfg.ready {
-                return Err(BlockError::QueueNotReady(i));
-            }
-            let q = cfg
-                .build(state.max, event_idx, mem)
-                .map_err(|e| BlockError::QueueConfig(i, e))?;
-            built.push(q);
+        let sectors = disk_sectors(&file)?;
+        let epoch = self.next_epoch;
+        self.next_epoch = self.next_epoch.wrapping_add(1);
+        let old = std::mem::replace(
+            &mut self.disk,
+            Disk {
+                file,
+                epoch,
+                ops: 0,
+                dirty: false,
+            },
+        );
+        self.retired.push(old);
+        self.release_retired();
+        self.capacity_sectors = sectors;
+        let irq = self.queues.interrupt();
+        irq.shared().update_config(|c| set_capacity(c, sectors));
+        if let Err(e) = irq.config_changed() {
+            log::error!("virtio-blk: config interrupt failed: {e}");
         }
-        for (state, q) in self.queues.iter_mut().zip(built) {
-            state.queue = Some(q);
-            state.broken = false;
-        }
-        self.acked_features = f;
-        self.activated = true;
         Ok(())
     }
 
-    /// Device reset: drops the queues and forgets in-flight requests,
-    /// whose completions will be ignored when they arrive.
-    pub fn reset(&mut self) {
-        for q in &mut self.queues {
-            q.queue = None;
-            q.broken = false;
-            q.inflight.orphan_all();
-        }
-        self.generation = self.generation.wrapping_add(1) & GEN_MASK;
-        self.acked_features = 0;
-        self.activated = false;
-    }
-
-    fn ask_for_reset(&mut self) {
-        self.counters.needs_reset += 1;
-        if let Err(e) = self.irq.needs_reset() {
-            error!("virtio-blk: raising the config interrupt failed: {e}");
-        }
-    }
-
-    /// Marks queue `qidx` corrupt and asks the driver for a reset.
-    fn break_queue(&mut self, qidx: usize, why: String) -> BlockError {
-        if let Some(q) = self.queues.get_mut(qidx) {
-            q.broken = true;
-        }
-        error!("virtio-blk: queue {qidx} is corrupt, device needs reset: {why}");
-        self.ask_for_reset();
-        BlockError::QueueBroken(qidx, why)
-    }
-
-    fn signal_used<M: GuestMemory>(&mut self, qidx: usize, mem: &M) {
-        let Some(queue) = self.queues.get_mut(qidx).and_then(|q| q.queue.as_mut()) else {
-            return;
-        };
-        match crate::virtio::queue::driver_wants_interrupt(queue, mem) {
-            Ok(false) => {}
-            Ok(true) => {
-                if let Err(e) = self.irq.used_buffer() {
-                    error!("virtio-blk: interrupt failed: {e}");
-                }
-            }
-            Err(e) => warn!("virtio-blk: reading used_event failed: {e}"),
-        }
-    }
-
-    /// Drains up to one queue's worth of requests from queue `qidx`:
-    /// answers what can be answered at once (errors, GET_ID) and submits
-    /// one op per remaining request to `io`. Call it when the queue's kick
-    /// fires, and again as [`ProcessOutcome`] asks.
-    pub fn process_queue<M: GuestMemory>(
+    /// Parses, checks and executes one chain.
+    fn take_chain<M: GuestMemory>(
         &mut self,
-        qidx: usize,
+        queue: &mut Queue,
         mem: &M,
         io: &mut dyn IoSubmit,
-    ) -> Result<ProcessOutcome, BlockError> {
-        let limits = self.limits();
-        let Some(state) = self.queues.get_mut(qidx) else {
-            return Err(BlockError::NoSuchQueue(qidx));
-        };
-        let mut out = ProcessOutcome::default();
-        let mut used = 0u32;
-        let QueueState {
-            queue: Some(queue),
-            inflight,
-            broken: false,
-            ..
-        } = state
-        else {
-            return Ok(out);
-        };
-        let mut ctx = Ctx {
-            qidx,
-            generation: self.generation,
-            fd: self.disk.as_raw_fd(),
-            limits,
-            id: &self.id,
-            counters: &mut self.counters,
-        };
-        let budget = queue.size();
-        let broken: Option<String> = 'drain: loop {
-            if let Err(e) = queue.disable_notification(mem) {
-                break 'drain Some(format!("disabling notifications: {e}"));
-            }
-            while out.popped < budget {
-                let chain = match queue.iter(mem) {
-                    Ok(mut it) => it.next(),
-                    Err(e) => break 'drain Some(e.to_string()),
-                };
-                let Some(chain) = chain else {
-                    break;
-                };
-                out.popped += 1;
-                ctx.counters.requests += 1;
-                let head = chain.head_index();
-                if head >= queue.size() {
-                    break 'drain Some(format!("head index {head} outside the queue"));
-                }
-                if inflight.head_in_flight(head) {
-                    break 'drain Some(format!("head index {head} is already in flight"));
-                }
-                match handle_chain(&mut ctx, queue, inflight, mem, io, head, chain) {
-                    Ok(Handled::Submitted) => out.submitted += 1,
-                    Ok(Handled::Answered) => used += 1,
-                    Ok(Handled::Blocked) => {
-                        queue.go_to_previous_position();
-                        ctx.counters.requests -= 1;
-                        out.popped -= 1;
-                        out.blocked = true;
-                        break 'drain None;
-                    }
-                    Err(e) => break 'drain Some(format!("used ring: {e}")),
-                }
-            }
-            if out.popped >= budget {
-                out.more = true;
-                break 'drain None;
-            }
-            match queue.enable_notification(mem) {
-                Ok(true) => continue,
-                Ok(false) => break 'drain None,
-                Err(e) => break 'drain Some(format!("enabling notifications: {e}")),
-            }
-        };
-        if used > 0 {
-            self.signal_used(qidx, mem);
+        head: u16,
+        chain: DescriptorChain<&M>,
+    ) -> Result<ChainTaken, String> {
+        if self.inflight.head_in_flight(head) || self.parked_flushes.iter().any(|p| p.head == head)
+        {
+            return Err(format!("head index {head} is already in flight"));
         }
-        match broken {
-            Some(why) => Err(self.break_queue(qidx, why)),
-            None => Ok(out),
+        self.counters.requests += 1;
+        let limits = self.limits();
+        let parsed =
+            request::parse(chain, mem, &limits).and_then(|r| {
+                match request::check_request(&r, &limits) {
+                    Ok(()) => Ok(r),
+                    Err(error) => Err(request::ParseError {
+                        status: Some(r.status),
+                        error,
+                    }),
+                }
+            });
+        let req = match parsed {
+            Ok(r) => r,
+            Err(e) => {
+                self.counters.errors += 1;
+                // A guest can send bad requests as fast as it likes: they
+                // are counted, and logged at a bounded rate.
+                self.log
+                    .warn("refused", format_args!("request refused: {}", e.error));
+                let status = e.status.map(|a| (a, e.error.status()));
+                let len = u32::from(status.is_some());
+                answer(queue, mem, head, status, len)?;
+                return Ok(ChainTaken::Answered);
+            }
+        };
+        let ok = VIRTIO_BLK_S_OK as u8;
+        match req.op {
+            Operation::GetId => {
+                let written = write_id(mem, &req, &self.id);
+                answer(queue, mem, head, Some((req.status, ok)), written + 1)?;
+                return Ok(ChainTaken::Answered);
+            }
+            Operation::Read { .. } | Operation::Write { .. } if req.data_len == 0 => {
+                answer(queue, mem, head, Some((req.status, ok)), 1)?;
+                return Ok(ChainTaken::Answered);
+            }
+            Operation::Flush if self.must_wait(self.next_write_seq) => {
+                // Held in the device until the writes before it complete;
+                // bounded, as each holds one of the queue's heads.
+                let barrier = self.next_write_seq;
+                self.parked_flushes
+                    .push_back(ParkedFlush { head, req, barrier });
+                return Ok(ChainTaken::Submitted);
+            }
+            _ => {}
+        }
+        match self.submit(mem, io, head, &req) {
+            Ok(true) => Ok(ChainTaken::Submitted),
+            Ok(false) => {
+                self.counters.requests -= 1;
+                Ok(ChainTaken::PutBack)
+            }
+            Err(e) => {
+                self.counters.errors += 1;
+                self.log.warn(
+                    "not-submitted",
+                    format_args!("request failed before I/O: {e}"),
+                );
+                let status = Some((req.status, VIRTIO_BLK_S_IOERR as u8));
+                answer(queue, mem, head, status, 1)?;
+                Ok(ChainTaken::Answered)
+            }
         }
     }
 
-    /// Answers the op tagged `tag` with the CQE result `res` (bytes, or
-    /// -errno). Unknown and pre-reset tags are ignored.
-    pub fn complete<M: GuestMemory>(&mut self, tag: u64, res: i32, mem: &M) {
-        let qidx = tag_queue(tag);
-        let Some(state) = self.queues.get_mut(qidx) else {
-            warn!("virtio-blk: completion for unknown queue (tag {tag:#x})");
-            return;
+    /// Submits `req`'s op; `Ok(false)` when there is no room now.
+    fn submit<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        io: &mut dyn IoSubmit,
+        head: u16,
+        req: &Request,
+    ) -> Result<bool, super::executor::ExecuteError> {
+        let fd = self.disk.file.as_raw_fd();
+        let epoch = self.disk.epoch;
+        let Some((slot, iovecs)) = self.inflight.reserve(self.generation) else {
+            return Ok(false);
         };
-        let pending = match state.inflight.take(tag) {
-            None => {
-                warn!("virtio-blk: completion for unknown tag {tag:#x}");
+        let (op, pending) = match prepare(mem, fd, req, iovecs) {
+            Ok(v) => v,
+            Err(e) => {
+                self.inflight.release(slot);
+                return Err(e);
+            }
+        };
+        // SAFETY: the iovec array lives in this slot of the in-flight
+        // table, which is neither touched nor freed until `take` sees this
+        // tag's completion (a reset only orphans the slot, and dropping the
+        // table with ops in flight leaks the arrays). The buffers are guest
+        // memory, mapped for the VM's life and checked by `prepare` to lie
+        // inside it. `fd` is a file of this device, kept open while any op
+        // names its epoch.
+        match unsafe { io.submit(op, slot.tag) } {
+            Ok(()) => {
+                let write_seq = pending.kind.writes().then(|| {
+                    let seq = self.next_write_seq;
+                    self.next_write_seq += 1;
+                    seq
+                });
+                self.inflight.commit(
+                    slot,
+                    head,
+                    BlockPending {
+                        req: pending,
+                        epoch,
+                        write_seq,
+                    },
+                );
+                self.disk.ops += 1;
+                Ok(true)
+            }
+            Err(IoSubmitError::QueueFull) => {
+                self.inflight.release(slot);
+                Ok(false)
+            }
+            Err(e) => {
+                self.inflight.release(slot);
+                Err(super::executor::ExecuteError::Submit(e))
+            }
+        }
+    }
+
+    /// Whether a FLUSH with this barrier must wait: a write submitted
+    /// before it is still in the kernel. A scan of the in-flight table
+    /// (bounded by the queue size), made only when a FLUSH arrives or one
+    /// is parked, so writes themselves pay nothing for the barrier.
+    fn must_wait(&self, barrier: u64) -> bool {
+        self.inflight
+            .pending()
+            .any(|p| p.write_seq.is_some_and(|seq| seq < barrier))
+    }
+
+    /// Submits the parked FLUSHes whose earlier writes have all completed,
+    /// oldest first; one that finds no room waits for the next completion.
+    fn release_flushes<M: GuestMemory>(&mut self, mem: &M, io: &mut dyn IoSubmit) {
+        while let Some(front) = self.parked_flushes.front() {
+            if self.must_wait(front.barrier) {
                 return;
             }
-            Some(Taken::Stale) => {
-                self.drop_retired_if_idle();
+            let Some(flush) = self.parked_flushes.pop_front() else {
                 return;
+            };
+            match self.submit(mem, io, flush.head, &flush.req) {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.parked_flushes.push_front(flush);
+                    return;
+                }
+                Err(e) => {
+                    self.counters.errors += 1;
+                    self.log.warn(
+                        "not-submitted",
+                        format_args!("flush failed before I/O: {e}"),
+                    );
+                    let pending = Pending {
+                        status: flush.req.status,
+                        kind: PendingKind::Flush,
+                        expected: 0,
+                    };
+                    self.respond(flush.head, pending, VIRTIO_BLK_S_IOERR as u8, 0, mem);
+                }
             }
-            Some(Taken::Live(p)) => p,
+        }
+    }
+
+    /// A FLUSH that synced file `epoch` moves on to the next retired file
+    /// that needs it; returns true if it did (the request stays in flight).
+    fn continue_flush(
+        &mut self,
+        io: &mut dyn IoSubmit,
+        head: u16,
+        pending: BlockPending,
+    ) -> Result<bool, IoSubmitError> {
+        let Some((epoch, fd)) = self.next_to_sync(pending.epoch) else {
+            return Ok(false);
         };
+        let Some((slot, _)) = self.inflight.reserve(self.generation) else {
+            return Err(IoSubmitError::QueueFull);
+        };
+        let op = IoOp::Fsync { fd, datasync: true };
+        // SAFETY: an fsync carries no buffer; `fd` is a retired file kept
+        // open while an op names its epoch (counted below).
+        match unsafe { io.submit(op, slot.tag) } {
+            Ok(()) => {
+                self.inflight.commit(
+                    slot,
+                    head,
+                    BlockPending {
+                        req: pending.req,
+                        epoch,
+                        write_seq: None,
+                    },
+                );
+                if let Some(d) = self.disk_mut(epoch) {
+                    d.ops += 1;
+                }
+                Ok(true)
+            }
+            Err(e) => {
+                self.inflight.release(slot);
+                Err(e)
+            }
+        }
+    }
+
+    /// Judges a completed op and answers its chain.
+    fn finish<M: GuestMemory>(
+        &mut self,
+        head: u16,
+        p: BlockPending,
+        res: i32,
+        mem: &M,
+        io: &mut dyn IoSubmit,
+    ) {
+        let pending = p.req;
         let done = u64::try_from(res).ok();
         let ok = match pending.kind {
             PendingKind::Read | PendingKind::Write => done == Some(pending.expected),
             PendingKind::Flush | PendingKind::Discard | PendingKind::WriteZeroes => res == 0,
         };
+        if let Some(d) = self.disk_mut(p.epoch) {
+            match pending.kind {
+                PendingKind::Write | PendingKind::WriteZeroes | PendingKind::Discard => {
+                    d.dirty = true
+                }
+                PendingKind::Flush if ok => d.dirty = false,
+                _ => {}
+            }
+        }
+        if ok && pending.kind == PendingKind::Flush {
+            match self.continue_flush(io, head, p) {
+                Ok(true) => return,
+                Ok(false) => {}
+                Err(e) => {
+                    // Not durable: the guest must hear it failed.
+                    self.counters.errors += 1;
+                    self.log
+                        .warn("flush", format_args!("flushing a retired file failed: {e}"));
+                    self.respond(head, pending, VIRTIO_BLK_S_IOERR as u8, 0, mem);
+                    return;
+                }
+            }
+        }
         let status = if ok {
             VIRTIO_BLK_S_OK
         } else if res == -libc::EOPNOTSUPP
@@ -467,186 +580,82 @@ impl BlockDevice {
         }
         if !ok {
             c.errors += 1;
-            warn!("virtio-blk: {:?} failed: result {res}", pending.kind);
+            self.log.warn(
+                "io-failed",
+                format_args!("{:?} failed: result {res}", pending.kind),
+            );
         }
-        // Bytes the device wrote into device-writable buffers, plus status.
+        // Bytes the device wrote into device-writable buffers.
         let written = if pending.kind == PendingKind::Read {
             transferred as u32
         } else {
             0
         };
-        let answered = match state.queue.as_mut() {
-            Some(queue) => answer(
-                queue,
-                mem,
-                pending.head,
-                Some((pending.status, status)),
-                written.saturating_add(1),
-            ),
-            None => Ok(()),
+        self.respond(head, pending, status, written, mem);
+    }
+
+    /// Writes the status byte and returns the chain to the driver.
+    fn respond<M: GuestMemory>(
+        &mut self,
+        head: u16,
+        pending: Pending,
+        status: u8,
+        written: u32,
+        mem: &M,
+    ) {
+        let Some(queue) = self.queues.queue(REQUEST_QUEUE) else {
+            return;
         };
-        self.drop_retired_if_idle();
+        let answered = answer(
+            queue,
+            mem,
+            head,
+            Some((pending.status, status)),
+            written.saturating_add(1),
+        );
         match answered {
-            Ok(()) if self.batch_interrupts => {
-                if let Some(q) = self.queues.get_mut(qidx) {
-                    q.signal_pending = true;
-                }
-            }
-            Ok(()) => self.signal_used(qidx, mem),
-            Err(e) => {
-                let _ = self.break_queue(qidx, format!("used ring: {e}"));
+            Ok(()) => self.queues.mark_used(REQUEST_QUEUE),
+            Err(why) => {
+                let _ = self.queues.break_queue(REQUEST_QUEUE, why);
             }
         }
-    }
-
-    /// Completions no longer decide on an interrupt one by one: the VMM
-    /// calls [`Self::flush_interrupts`] once per loop turn, so a batch of
-    /// completions costs at most one irqfd write per queue.
-    pub fn set_batch_interrupts(&mut self, on: bool) {
-        self.batch_interrupts = on;
-    }
-
-    /// Signals every queue that got used entries since the last call, if
-    /// the driver wants it (EVENT_IDX / NO_INTERRUPT).
-    pub fn flush_interrupts<M: GuestMemory>(&mut self, mem: &M) {
-        for qidx in 0..self.queues.len() {
-            let pending = self
-                .queues
-                .get_mut(qidx)
-                .map(|q| std::mem::take(&mut q.signal_pending))
-                .unwrap_or(false);
-            if pending {
-                self.signal_used(qidx, mem);
-            }
-        }
-    }
-
-    fn drop_retired_if_idle(&mut self) {
-        if self.retired.is_some() && self.in_flight() == 0 {
-            self.retired = None;
-        }
-    }
-
-    /// Replaces the backing file (e.g. PATCH /drives): updates capacity,
-    /// bumps the config generation and raises a config-change interrupt.
-    /// The old file stays open until the ops that use it complete.
-    pub fn swap_disk(&mut self, file: File) -> Result<(), BlockError> {
-        self.drop_retired_if_idle();
-        if self.retired.is_some() {
-            return Err(BlockError::SwapBusy);
-        }
-        let sectors = disk_sectors(&file)?;
-        let old = std::mem::replace(&mut self.disk, file);
-        if self.in_flight() > 0 {
-            self.retired = Some(old);
-        }
-        self.capacity_sectors = sectors;
-        self.irq
-            .shared()
-            .update_config(|c| set_capacity(c, sectors));
-        if let Err(e) = self.irq.config_changed() {
-            error!("virtio-blk: config interrupt failed: {e}");
-        }
-        Ok(())
     }
 }
 
 impl Drop for BlockDevice {
     fn drop(&mut self) {
-        if self.in_flight() > 0 {
-            // At VMM exit the ring is dropped first and has already waited for
-            // (cancelled) every op, so this is expected there and harmless.
+        if self.inflight.outstanding() > 0 {
+            // At VMM exit the ring is dropped first and has already waited
+            // for (cancelled) every op, so this is not expected there.
             log::debug!("virtio-blk: dropped with I/O in flight; leaking its files");
-            // The kernel may still use these fds' numbers via queued ops;
-            // closing them could redirect I/O to a file opened later.
-            if let Ok(f) = self.disk.try_clone() {
-                std::mem::forget(std::mem::replace(&mut self.disk, f));
+            // Queued ops name these fds' numbers: closing them could
+            // redirect I/O to a file opened later.
+            if let Ok(f) = self.disk.file.try_clone() {
+                std::mem::forget(std::mem::replace(&mut self.disk.file, f));
             }
-            std::mem::forget(self.retired.take());
+            std::mem::forget(std::mem::take(&mut self.retired));
         }
     }
 }
 
-enum Handled {
-    Submitted,
-    Answered,
-    Blocked,
-}
-
-/// Parses, checks and executes one chain.
-fn handle_chain<M: GuestMemory>(
-    ctx: &mut Ctx<'_>,
+/// Writes the status byte (if any) and returns the chain to the driver.
+fn answer<M: GuestMemory>(
     queue: &mut Queue,
-    inflight: &mut InFlight,
     mem: &M,
-    io: &mut dyn IoSubmit,
     head: u16,
-    chain: virtio_queue::DescriptorChain<&M>,
-) -> Result<Handled, virtio_queue::Error> {
-    let req = match request::parse(chain, mem, &ctx.limits).and_then(|r| {
-        match request::check_request(&r, &ctx.limits) {
-            Ok(()) => Ok(r),
-            Err(error) => Err(request::ParseError {
-                status: Some(r.status),
-                error,
-            }),
-        }
-    }) {
-        Ok(r) => r,
-        Err(e) => {
-            ctx.counters.errors += 1;
-            // A guest can send bad requests as fast as it likes: they are
-            // counted, and logged only at debug level.
-            log::debug!("virtio-blk: request refused: {}", e.error);
-            let status = e.status.map(|a| (a, e.error.status()));
-            let len = u32::from(status.is_some());
-            answer(queue, mem, head, status, len)?;
-            return Ok(Handled::Answered);
-        }
-    };
-    match req.op {
-        Operation::GetId => {
-            let written = write_id(mem, &req, ctx.id);
-            answer(
-                queue,
-                mem,
-                head,
-                Some((req.status, VIRTIO_BLK_S_OK as u8)),
-                written + 1,
-            )?;
-            return Ok(Handled::Answered);
-        }
-        Operation::Read { .. } | Operation::Write { .. } if req.data_len == 0 => {
-            answer(
-                queue,
-                mem,
-                head,
-                Some((req.status, VIRTIO_BLK_S_OK as u8)),
-                1,
-            )?;
-            return Ok(Handled::Answered);
-        }
-        _ => {}
-    }
-    let (qidx, generation) = (ctx.qidx as u8, ctx.generation);
-    match inflight.submit(mem, io, ctx.fd, head, &req, |slot| {
-        encode_tag(qidx, generation, slot)
-    }) {
-        Ok(()) => Ok(Handled::Submitted),
-        Err(NotSubmitted::Blocked) => Ok(Handled::Blocked),
-        Err(NotSubmitted::Failed(e)) => {
-            ctx.counters.errors += 1;
-            warn!("virtio-blk: request failed before I/O: {e}");
-            answer(
-                queue,
-                mem,
-                head,
-                Some((req.status, VIRTIO_BLK_S_IOERR as u8)),
-                1,
-            )?;
-            Ok(Handled::Answered)
+    status: Option<(GuestAddress, u8)>,
+    used_len: u32,
+) -> Result<(), String> {
+    if let Some((addr, byte)) = status {
+        // The address was checked at parse time; a failure here means the
+        // memory map changed, and the used entry still must go back.
+        if let Err(e) = mem.write_obj(byte, addr) {
+            log::debug!("virtio-blk: status write at {:#x} failed: {e}", addr.0);
         }
     }
+    queue
+        .add_used(mem, head, used_len)
+        .map_err(|e| format!("used ring: {e}"))
 }
 
 /// Copies the zero-padded serial into the request's buffers; returns the
@@ -669,30 +678,89 @@ fn write_id<M: GuestMemory>(mem: &M, req: &Request, id: &[u8; ID_BYTES]) -> u32 
     done as u32
 }
 
-impl VirtioBackend for BlockDevice {
-    type Error = BlockError;
-
-    fn is_active(&self) -> bool {
-        self.activated
+impl<M: GuestMemory> VirtioDevice<M> for BlockDevice {
+    fn kind(&self) -> &'static str {
+        "block"
     }
 
-    fn try_activate<M: GuestMemory>(
+    fn device_type(&self) -> u32 {
+        DEVICE_TYPE
+    }
+
+    fn features(&self) -> u64 {
+        features(self.read_only, self.flush)
+    }
+
+    fn queues(&self) -> &Virtqueues {
+        &self.queues
+    }
+
+    fn queues_mut(&mut self) -> &mut Virtqueues {
+        &mut self.queues
+    }
+
+    fn reset(&mut self) {
+        self.queues.reset();
+        self.inflight.orphan_all();
+        // Parked FLUSHes never reached the kernel; their chains are the old
+        // driver's. Orphaned writes still count for later FLUSHes' barriers
+        // until they complete.
+        self.parked_flushes.clear();
+        self.generation.bump();
+    }
+
+    fn process_queue(
         &mut self,
+        qidx: usize,
         mem: &M,
-        activation: &Activation,
-    ) -> Result<(), BlockError> {
-        self.activate_queues(mem, activation)
+        io: &mut dyn IoSubmit,
+    ) -> Result<ProcessOutcome, DeviceError> {
+        if qidx != REQUEST_QUEUE {
+            return Err(DeviceError::NoSuchQueue(qidx));
+        }
+        drain_queue(
+            self,
+            |d| &mut d.queues,
+            qidx,
+            mem,
+            |d, q, chain, head| d.take_chain(q, mem, io, head, chain),
+        )
     }
 
-    fn drop_queues(&mut self) {
-        self.reset();
+    fn complete(&mut self, tag: u64, res: i32, mem: &M, io: &mut dyn IoSubmit) {
+        let (head, pending) = match self.inflight.take(tag) {
+            None => {
+                log::debug!("virtio-blk: completion for unknown tag {tag:#x}");
+                return;
+            }
+            Some(Taken::Live { head, pending }) => (Some(head), pending),
+            Some(Taken::Stale { pending }) => (None, pending),
+        };
+        if let Some(d) = self.disk_mut(pending.epoch) {
+            d.ops = d.ops.saturating_sub(1);
+        }
+        if let Some(head) = head {
+            self.finish(head, pending, res, mem, io);
+        }
+        if !self.parked_flushes.is_empty() {
+            self.release_flushes(mem, io);
+        }
+        self.release_retired();
     }
 
-    fn request_reset(&mut self) {
-        self.ask_for_reset();
+    fn in_flight(&self) -> usize {
+        self.inflight.outstanding()
     }
 
-    fn interrupt(&self) -> &Interrupt {
-        &self.irq
+    fn batch_completions(&self) -> bool {
+        true
+    }
+
+    fn metrics(&self) -> serde_json::Value {
+        serde_json::to_value(self.counters()).unwrap_or_default()
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
     }
 }

@@ -3,9 +3,8 @@
 //! Three rooms, as STYLE.md asks:
 //! - [`request`] turns a descriptor chain into plain data and checks it
 //!   against the disk and the spec, with no host I/O at all;
-//! - `executor` maps a checked request's guest buffers to host iovecs,
-//!   submits one [`IoOp`](crate::io::IoOp) per request and keeps the
-//!   in-flight table;
+//! - `executor` turns a checked request into one [`IoOp`](crate::io::IoOp)
+//!   with its guest buffers mapped to host iovecs;
 //! - [`BlockDevice`] is the thin queue loop around them: pop, parse,
 //!   execute, complete, interrupt.
 
@@ -20,7 +19,7 @@ use virtio_bindings::virtio_blk::{
 
 use super::{feature, F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1};
 
-pub use device::{BlockConfig, BlockDevice, BlockError, ProcessOutcome};
+pub use device::{BlockConfig, BlockDevice, BlockError, MAX_RETIRED_DISKS};
 
 /// virtio device ID of a block device.
 pub const DEVICE_TYPE: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
@@ -130,7 +129,7 @@ pub fn config_bytes(sectors: u64) -> Vec<u8> {
 }
 
 /// Per-device counters for metrics; the device only ever adds to them.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct BlockCounters {
     /// Requests popped from the queue (good or bad).
     pub requests: u64,
@@ -144,6 +143,8 @@ pub struct BlockCounters {
     pub errors: u64,
     /// Times the device asked the driver for a reset.
     pub needs_reset: u64,
+    /// Guest-caused warnings not logged (rate limit); each was counted above.
+    pub log_lines_suppressed: u64,
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
 use super::{MAX_BUFFER_LEN, MIN_TX_LEN, VNET_HDR_LEN};
 use crate::io::IOV_MAX;
+use crate::virtio::{map_guest_buffer, MapError};
 
 /// Why a chain was returned unused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -123,7 +124,10 @@ fn walk_inner<T: GuestMemory>(
         if dir == Direction::Tx && total > MAX_BUFFER_LEN {
             return Err(ChainError::TooLong);
         }
-        map(mem, desc.addr(), len, access, iov)?;
+        map_guest_buffer(mem, desc.addr(), len, access, iov).map_err(|e| match e {
+            MapError::OutsideMemory(addr) => ChainError::OutsideMemory(addr),
+            MapError::TooManyIovecs => ChainError::TooManyIovecs,
+        })?;
         if let Some(s) = segs.as_deref_mut() {
             s.push(Segment {
                 addr: desc.addr(),
@@ -143,41 +147,6 @@ fn walk_inner<T: GuestMemory>(
         return Err(ChainError::TooShort(total));
     }
     Ok(total)
-}
-
-/// Maps one guest range to host iovecs, splitting at region boundaries.
-fn map<M: GuestMemory>(
-    mem: &M,
-    addr: GuestAddress,
-    len: usize,
-    access: Permissions,
-    out: &mut Vec<libc::iovec>,
-) -> Result<(), ChainError> {
-    let outside = ChainError::OutsideMemory(addr.0);
-    let slices = mem.get_slices(addr, len, access).map_err(|_| outside)?;
-    let mut mapped = 0usize;
-    for slice in slices {
-        let slice = slice.map_err(|_| outside)?;
-        if out.len() >= IOV_MAX {
-            return Err(ChainError::TooManyIovecs);
-        }
-        // The pointer stays valid after the guard drops for the mmap
-        // backends the VMM uses (the guard only matters for Xen maps).
-        let base = if access == Permissions::Write {
-            slice.ptr_guard_mut().as_ptr()
-        } else {
-            slice.ptr_guard().as_ptr().cast_mut()
-        };
-        out.push(libc::iovec {
-            iov_base: base.cast(),
-            iov_len: slice.len(),
-        });
-        mapped += slice.len();
-    }
-    if mapped != len {
-        return Err(outside);
-    }
-    Ok(())
 }
 
 /// Writes `bytes` at byte `offset` of the buffer the segments describe

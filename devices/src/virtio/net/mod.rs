@@ -28,7 +28,9 @@
 
 mod device;
 mod frame;
+mod rx;
 pub mod tap;
+mod tx;
 
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
@@ -39,7 +41,7 @@ use virtio_bindings::virtio_net::{
 
 use super::{feature, F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1};
 
-pub use device::{NetConfig, NetDevice, NetError, ProcessOutcome};
+pub use device::{NetConfig, NetDevice};
 pub use frame::ChainError;
 pub use tap::{Tap, TapDevice, TapError};
 
@@ -69,14 +71,92 @@ pub const MAX_BUFFER_LEN: usize = VNET_HDR_LEN + MAX_FRAME_LEN;
 /// tap refuses anything shorter).
 pub const MIN_TX_LEN: usize = VNET_HDR_LEN + 14;
 /// Bytes of `struct virtio_net_config` we expose: mac, status and
-/// max_virtqueue_pairs.
+/// max_virtqueue_pairs; two more (`mtu`) when an MTU is offered.
 pub const CONFIG_LEN: usize = 10;
+/// Offset of `mtu` in the config space (VIRTIO_NET_F_MTU).
+pub const MTU_OFFSET: usize = 10;
 
-/// A MAC address.
-pub type MacAddr = [u8; 6];
+/// A NIC's MAC address: always unicast, as a NIC cannot own a multicast
+/// address. The one parser and printer the CLI, the config file and the
+/// API share.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MacAddr([u8; 6]);
+
+/// Why a MAC address was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum MacAddrError {
+    /// Not six two-digit hex bytes separated by colons.
+    #[error("bad MAC address {0:?} (want 6 hex bytes like 02:00:00:00:00:01)")]
+    Syntax(String),
+    /// Bit 0 of the first byte is set.
+    #[error("MAC address {0} is multicast; a NIC needs a unicast address")]
+    Multicast(String),
+}
+
+impl MacAddr {
+    /// Checks that `bytes` is a unicast address.
+    pub fn from_bytes(bytes: [u8; 6]) -> Result<Self, MacAddrError> {
+        if bytes[0] & 1 == 1 {
+            return Err(MacAddrError::Multicast(Self(bytes).to_string()));
+        }
+        Ok(Self(bytes))
+    }
+
+    /// The six bytes, as the config space and frames carry them.
+    pub fn bytes(&self) -> [u8; 6] {
+        self.0
+    }
+}
+
+impl std::str::FromStr for MacAddr {
+    type Err = MacAddrError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let syntax = || MacAddrError::Syntax(s.chars().take(64).collect());
+        let mut mac = [0u8; 6];
+        let mut parts = s.split(':');
+        for byte in &mut mac {
+            let part = parts.next().ok_or_else(syntax)?;
+            if part.len() != 2 {
+                return Err(syntax());
+            }
+            *byte = u8::from_str_radix(part, 16).map_err(|_| syntax())?;
+        }
+        if parts.next().is_some() {
+            return Err(syntax());
+        }
+        Self::from_bytes(mac)
+    }
+}
+
+impl std::fmt::Display for MacAddr {
+    /// The way `ip link` shows it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let b = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            b[0], b[1], b[2], b[3], b[4], b[5]
+        )
+    }
+}
+
+impl serde::Serialize for MacAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for MacAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
 
 /// Features every network device offers. No CTRL_VQ (and so nothing that
-/// depends on it), no MQ, no MTU: one queue pair of plain Ethernet.
+/// depends on it), no MQ: one queue pair of plain Ethernet. [`features`]
+/// adds MTU for a device given one.
 pub const FEATURES: u64 = F_VERSION_1
     | F_EVENT_IDX
     | F_INDIRECT_DESC
@@ -93,6 +173,15 @@ pub const FEATURES: u64 = F_VERSION_1
     | feature(VIRTIO_NET_F_HOST_TSO6)
     | feature(VIRTIO_NET_F_HOST_ECN)
     | feature(VIRTIO_NET_F_HOST_UFO);
+
+/// What a device with `mtu` offers: [`FEATURES`], plus VIRTIO_NET_F_MTU
+/// when the user gave an MTU.
+pub fn features(mtu: Option<u16>) -> u64 {
+    match mtu {
+        Some(_) => FEATURES | feature(virtio_bindings::virtio_net::VIRTIO_NET_F_MTU),
+        None => FEATURES,
+    }
+}
 
 /// VIRTIO_NET_F_MRG_RXBUF as a mask.
 pub const F_MRG_RXBUF: u64 = feature(VIRTIO_NET_F_MRG_RXBUF);
@@ -126,12 +215,16 @@ pub fn tap_offloads(features: u64) -> u32 {
 }
 
 /// The config space a device with `mac` presents: the link is always up
-/// (the tap's carrier is the host's business) and there is one queue pair.
-pub fn config_bytes(mac: MacAddr) -> Vec<u8> {
+/// (the tap's carrier is the host's business), there is one queue pair,
+/// and the MTU follows when one is offered.
+pub fn config_bytes(mac: MacAddr, mtu: Option<u16>) -> Vec<u8> {
     let mut c = vec![0u8; CONFIG_LEN];
-    c[0..6].copy_from_slice(&mac);
+    c[0..6].copy_from_slice(&mac.bytes());
     c[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
     c[8..10].copy_from_slice(&1u16.to_le_bytes());
+    if let Some(mtu) = mtu {
+        c.extend_from_slice(&mtu.to_le_bytes());
+    }
     c
 }
 
@@ -152,11 +245,11 @@ pub fn generate_mac() -> MacAddr {
     }
     // Locally administered (bit 1), unicast (bit 0 clear).
     mac[0] = (mac[0] & 0xfc) | 0x02;
-    mac
+    MacAddr(mac)
 }
 
 /// Per-device counters for metrics; the device only ever adds to them.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct NetCounters {
     /// Frames delivered to the guest.
     pub rx_packets: u64,
@@ -176,7 +269,44 @@ pub struct NetCounters {
     pub tx_dropped: u64,
     /// Times the device asked the driver for a reset.
     pub needs_reset: u64,
+    /// Guest-caused warnings not logged (rate limit); each was counted above.
+    pub log_lines_suppressed: u64,
 }
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod mac_tests {
+    use super::*;
+
+    #[test]
+    fn macs_parse_print_and_refuse_multicast_in_one_place() {
+        let mac: MacAddr = "06:00:AC:10:00:02".parse().expect("mac");
+        assert_eq!(mac.bytes(), [6, 0, 0xac, 0x10, 0, 2]);
+        assert_eq!(mac.to_string(), "06:00:ac:10:00:02");
+        for bad in [
+            "",
+            "02:00:00:aa:bb",
+            "02:00:00:aa:bb:0c:01",
+            "0g:00:00:00:00:00",
+            "2:0:0:0:0:0",
+        ] {
+            assert!(
+                matches!(bad.parse::<MacAddr>(), Err(MacAddrError::Syntax(_))),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            "01:00:5e:00:00:01".parse::<MacAddr>(),
+            Err(MacAddrError::Multicast(_))
+        ));
+        let json: MacAddr = serde_json::from_str("\"02:00:00:00:00:01\"").expect("json");
+        assert_eq!(
+            serde_json::to_string(&json).ok().as_deref(),
+            Some("\"02:00:00:00:00:01\"")
+        );
+        assert!(serde_json::from_str::<MacAddr>("\"03:00:00:00:00:01\"").is_err());
+        assert_eq!(generate_mac().bytes()[0] & 3, 2, "local, unicast");
+    }
+}

@@ -75,6 +75,18 @@ pub enum TapError {
         #[source]
         source: io::Error,
     },
+    /// The interface's MTU cannot be read or set (SIOCGIFMTU/SIOCSIFMTU).
+    #[error("tap {name}: cannot set the MTU to {mtu}: {source}")]
+    Mtu {
+        /// The interface.
+        name: String,
+        /// The MTU asked for.
+        mtu: u16,
+        /// Why (EPERM: the MTU differs and ringvm lacks CAP_NET_ADMIN;
+        /// EINVAL: the interface refuses that size).
+        #[source]
+        source: io::Error,
+    },
     /// TUNSETOFFLOAD refused the offloads.
     #[error("tap: cannot set offloads {flags:#x}: {source}")]
     Offload {
@@ -171,6 +183,45 @@ impl TapDevice {
     /// The interface name, for messages.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Makes the host side's MTU `mtu`, so frames as large as the guest
+    /// is told it may send (VIRTIO_NET_F_MTU) pass the tap. An interface
+    /// already at that MTU is left alone, so a tap its owner prepared
+    /// works without CAP_NET_ADMIN.
+    pub fn set_mtu(&self, mtu: u16) -> Result<(), TapError> {
+        let err = |source| TapError::Mtu {
+            name: self.name.clone(),
+            mtu,
+            source,
+        };
+        let cname = check_name(&self.name)?;
+        // SAFETY: plain socket(2) call; the fd is owned below.
+        let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if raw < 0 {
+            return Err(err(io::Error::last_os_error()));
+        }
+        // SAFETY: `raw` is a fresh fd nobody else owns.
+        let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+        // SAFETY: ifreq is plain old data; all zeroes is a valid value.
+        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, src) in ifr.ifr_name.iter_mut().zip(cname.as_bytes()) {
+            *dst = *src as libc::c_char;
+        }
+        // SAFETY: SIOCGIFMTU reads the name from and writes the MTU into
+        // the ifreq on our stack; the socket fd is ours.
+        let ret = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFMTU, &mut ifr) };
+        // SAFETY: after SIOCGIFMTU the union holds ifru_mtu.
+        if ret == 0 && unsafe { ifr.ifr_ifru.ifru_mtu } == libc::c_int::from(mtu) {
+            return Ok(());
+        }
+        ifr.ifr_ifru.ifru_mtu = libc::c_int::from(mtu);
+        // SAFETY: SIOCSIFMTU reads the ifreq on our stack; the fd is ours.
+        let ret = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFMTU, &ifr) };
+        if ret < 0 {
+            return Err(err(io::Error::last_os_error()));
+        }
+        Ok(())
     }
 }
 

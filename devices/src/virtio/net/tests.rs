@@ -1,5 +1,4 @@
-//! Device-level tests: a hand-written driver on one side (virtio-queue
-//! 0.18's `MockSplitQueue` misplaces the used ring above 8 entries), a
+//! Device-level tests: the shared driver-side queue mock on one side, a
 //! socketpair standing in for the tap on the other, and a fake ring that
 //! runs tap I/O the way io_uring does: writes at once, reads parked until
 //! a frame is there, and a read reports a frame's full length even when
@@ -16,14 +15,18 @@ use super::tap::fake::FakeTap;
 use super::*;
 use crate::io::fake::{CountingLine, PanicIo, RecordingIo};
 use crate::io::{IoOp, IoSubmit, IoSubmitError, TAG_MAX};
-use crate::virtio::{feature, Activation, QueueConfig, TransportEvent, VirtioBackend, INT_CONFIG};
+use crate::virtio::testing::{transport_event, DriverQueue};
+use crate::virtio::{
+    feature, Activation, DeviceError, ProcessOutcome, TransportEvent, VirtioDevice,
+    VirtioDeviceInfo, INT_CONFIG,
+};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
 const QSIZE: u16 = 16;
 const W: u16 = VRING_DESC_F_WRITE as u16;
 const N: u16 = VRING_DESC_F_NEXT as u16;
-const MAC: MacAddr = [0x02, 0x11, 0x22, 0x33, 0x44, 0x55];
+const MAC: MacAddr = MacAddr([0x02, 0x11, 0x22, 0x33, 0x44, 0x55]);
 /// Everything but MRG_RXBUF and EVENT_IDX: one chain per frame, and every
 /// used buffer interrupts.
 const PLAIN: u64 = FEATURES & !F_MRG_RXBUF & !crate::virtio::F_EVENT_IDX;
@@ -50,93 +53,11 @@ fn memory() -> GuestMemoryMmap {
     .expect("guest memory")
 }
 
-/// The driver's side of one split queue whose table, avail and used rings
-/// sit at base, base+0x1000, base+0x2000.
-struct Vq<'m> {
-    mem: &'m GuestMemoryMmap,
-    base: u64,
-    next_desc: u16,
-}
+/// The driver's side of one split queue (shared mock).
+type Vq = DriverQueue<GuestMemoryMmap>;
 
-impl Vq<'_> {
-    fn desc(&self) -> u64 {
-        self.base
-    }
-    fn avail(&self) -> u64 {
-        self.base + 0x1000
-    }
-    fn used(&self) -> u64 {
-        self.base + 0x2000
-    }
-    fn config(&self) -> QueueConfig {
-        QueueConfig {
-            size: QSIZE,
-            ready: true,
-            desc_table: self.desc(),
-            avail_ring: self.avail(),
-            used_ring: self.used(),
-        }
-    }
-    fn clear(&mut self) {
-        self.mem
-            .write_slice(&[0u8; 0x3000], GuestAddress(self.base))
-            .expect("clear rings");
-        self.next_desc = 0;
-    }
-    fn store(&self, idx: u16, d: Descriptor) {
-        self.mem
-            .write_obj(
-                RawDescriptor::from(d),
-                GuestAddress(self.desc() + 16 * u64::from(idx)),
-            )
-            .expect("descriptor");
-    }
-    fn avail_idx(&self) -> u16 {
-        self.mem
-            .read_obj(GuestAddress(self.avail() + 2))
-            .expect("avail idx")
-    }
-    fn publish(&self, head: u16) {
-        let idx = self.avail_idx();
-        let at = self.avail() + 4 + 2 * u64::from(idx % QSIZE);
-        self.mem.write_obj(head, GuestAddress(at)).expect("avail");
-        self.mem
-            .write_obj(idx.wrapping_add(1), GuestAddress(self.avail() + 2))
-            .expect("avail idx");
-    }
-    /// Puts a chain of `(addr, len, flags)` in the table (NEXT links are
-    /// added) and publishes it; returns its head.
-    fn push(&mut self, descs: &[(u64, u32, u16)]) -> u16 {
-        let head = self.next_desc;
-        for (i, &(addr, len, flags)) in descs.iter().enumerate() {
-            let idx = (self.next_desc + i as u16) % QSIZE;
-            let last = i + 1 == descs.len();
-            let (flags, next) = if last {
-                (flags & !N, 0)
-            } else {
-                (flags | N, (idx + 1) % QSIZE)
-            };
-            self.store(idx, Descriptor::new(addr, len, flags, next));
-        }
-        self.next_desc = (self.next_desc + descs.len() as u16) % QSIZE;
-        self.publish(head);
-        head
-    }
-    /// Used entries so far as (head, len).
-    fn used_entries(&self) -> Vec<(u32, u32)> {
-        let n: u16 = self
-            .mem
-            .read_obj(GuestAddress(self.used() + 2))
-            .expect("used idx");
-        (0..n)
-            .map(|i| {
-                let at = self.used() + 4 + 8 * u64::from(i % QSIZE);
-                let id: u32 = self.mem.read_obj(GuestAddress(at)).expect("id");
-                let len: u32 = self.mem.read_obj(GuestAddress(at + 4)).expect("len");
-                (id, len)
-            })
-            .collect()
-    }
+fn info<T: Tap + 'static>(dev: &NetDevice<T>) -> VirtioDeviceInfo {
+    VirtioDevice::<GuestMemoryMmap>::info(dev)
 }
 
 /// A ring stand-in with io_uring's behaviour on a tap.
@@ -238,8 +159,8 @@ impl IoSubmit for TapIo {
 
 struct Rig<'m> {
     mem: &'m GuestMemoryMmap,
-    rxq: Vq<'m>,
-    txq: Vq<'m>,
+    rxq: Vq,
+    txq: Vq,
     dev: NetDevice<FakeTap>,
     host: OwnedFd,
     line: CountingLine,
@@ -261,24 +182,14 @@ impl<'m> Rig<'m> {
         );
         let mut rig = Rig {
             mem,
-            rxq: Vq {
-                mem,
-                base: RX_RINGS,
-                next_desc: 0,
-            },
-            txq: Vq {
-                mem,
-                base: TX_RINGS,
-                next_desc: 0,
-            },
+            rxq: DriverQueue::new(mem.clone(), RX_RINGS, QSIZE),
+            txq: DriverQueue::new(mem.clone(), TX_RINGS, QSIZE),
             dev,
             host,
             line,
             io: TapIo::default(),
             offload,
         };
-        rig.rxq.clear();
-        rig.txq.clear();
         let a = rig.activation(feats);
         rig.dev.activate(mem, &a).expect("activate");
         rig
@@ -291,8 +202,31 @@ impl<'m> Rig<'m> {
         }
     }
 
-    fn kick(&mut self, q: usize) -> Result<ProcessOutcome, NetError> {
-        self.dev.process_queue(q, self.mem, &mut self.io)
+    /// One loop turn's worth: a drain, then the turn's interrupt decision.
+    fn kick(&mut self, q: usize) -> Result<ProcessOutcome, DeviceError> {
+        let out = self.dev.process_queue(q, self.mem, &mut self.io);
+        self.dev.end_turn(self.mem);
+        out
+    }
+
+    fn reset(&mut self) {
+        VirtioDevice::<GuestMemoryMmap>::reset(&mut self.dev);
+    }
+
+    fn is_active(&self) -> bool {
+        VirtioDevice::<GuestMemoryMmap>::is_active(&self.dev)
+    }
+
+    fn in_flight(&self) -> usize {
+        VirtioDevice::<GuestMemoryMmap>::in_flight(&self.dev)
+    }
+
+    fn wants_tap_poll(&self) -> bool {
+        VirtioDevice::<GuestMemoryMmap>::poll_request(&self.dev).is_some()
+    }
+
+    fn stale_rx_tag(&self) -> Option<u64> {
+        self.dev.stale_rx_tags().first().copied()
     }
 
     /// Lets the fake ring finish what it can and hands completions back
@@ -307,6 +241,7 @@ impl<'m> Rig<'m> {
             for (tag, res) in done {
                 self.dev.complete(tag, res, self.mem, &mut self.io);
             }
+            self.dev.end_turn(self.mem);
         }
         panic!("the device kept completing");
     }
@@ -348,7 +283,7 @@ impl<'m> Rig<'m> {
     }
 
     fn needs_reset(&self) -> bool {
-        self.dev.info().shared.needs_reset()
+        info(&self.dev).shared.needs_reset()
     }
 }
 
@@ -368,20 +303,20 @@ fn num_buffers(hdr: &[u8]) -> u16 {
 fn info_features_and_config_space() {
     let mem = memory();
     let rig = Rig::new(&mem, PLAIN);
-    let info = rig.dev.info();
-    assert_eq!(info.device_type, 1);
-    assert_eq!(info.queue_max_sizes, vec![QUEUE_MAX_SIZE, QUEUE_MAX_SIZE]);
-    assert_eq!(info.avail_features, FEATURES);
+    let i = info(&rig.dev);
+    assert_eq!(i.device_type, 1);
+    assert_eq!(i.queue_max_sizes, vec![QUEUE_MAX_SIZE, QUEUE_MAX_SIZE]);
+    assert_eq!(i.avail_features, FEATURES);
     for absent in [VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MQ] {
         assert_eq!(FEATURES & feature(absent), 0);
     }
-    assert_eq!(info.shared.config_len(), CONFIG_LEN);
+    assert_eq!(i.shared.config_len(), CONFIG_LEN);
     let mut c = [0u8; CONFIG_LEN];
-    info.shared.read_config(0, &mut c);
-    assert_eq!(&c[..6], &MAC);
+    i.shared.read_config(0, &mut c);
+    assert_eq!(&c[..6], &MAC.bytes());
     assert_eq!(u16::from_le_bytes([c[6], c[7]]), 1, "link up");
     assert_eq!(u16::from_le_bytes([c[8], c[9]]), 1, "one queue pair");
-    assert!(!info.shared.write_config(0, &[0; 6]), "mac is read-only");
+    assert!(!i.shared.write_config(0, &[0; 6]), "mac is read-only");
 
     let (tap, _host) = FakeTap::new().expect("socketpair");
     let dev = NetDevice::new(
@@ -389,10 +324,40 @@ fn info_features_and_config_space() {
         Box::new(CountingLine::default()),
     );
     let mac = dev.mac();
-    assert_eq!(mac[0] & 0x03, 0x02, "locally administered unicast");
+    assert_eq!(mac.bytes()[0] & 0x03, 0x02, "locally administered unicast");
     let mut c = [0u8; 6];
-    dev.info().shared.read_config(0, &mut c);
-    assert_eq!(c, mac);
+    info(&dev).shared.read_config(0, &mut c);
+    assert_eq!(c, mac.bytes());
+}
+
+#[test]
+fn an_mtu_is_offered_in_features_and_config_space() {
+    let mem = memory();
+    let rig = Rig::new(&mem, PLAIN);
+    let mtu_bit = feature(virtio_bindings::virtio_net::VIRTIO_NET_F_MTU);
+    assert_eq!(
+        info(&rig.dev).avail_features & mtu_bit,
+        0,
+        "no MTU unless given"
+    );
+
+    let (tap, _host) = FakeTap::new().expect("socketpair");
+    let mut dev = NetDevice::with_mtu(
+        NetConfig {
+            tap,
+            mac: Some(MAC),
+        },
+        Box::new(CountingLine::default()),
+        Some(9000),
+    );
+    let i = info(&dev);
+    assert_eq!(i.avail_features, FEATURES | mtu_bit);
+    assert_eq!(i.shared.config_len(), CONFIG_LEN + 2);
+    let mut mtu = [0u8; 2];
+    i.shared.read_config(MTU_OFFSET as u64, &mut mtu);
+    assert_eq!(u16::from_le_bytes(mtu), 9000);
+    // A driver may negotiate it.
+    assert!(dev.activate(&mem, &rig.activation(PLAIN | mtu_bit)).is_ok());
 }
 
 #[test]
@@ -416,7 +381,7 @@ fn offloads_follow_the_negotiated_guest_features() {
     let mut rig = Rig::new(&mem, FEATURES);
     let now = || rig.offload.load(std::sync::atomic::Ordering::SeqCst);
     assert_eq!(now(), tap_offloads(FEATURES));
-    rig.dev.reset();
+    rig.reset();
     assert_eq!(rig.offload.load(std::sync::atomic::Ordering::SeqCst), 0);
 }
 
@@ -424,21 +389,21 @@ fn offloads_follow_the_negotiated_guest_features() {
 fn activation_refuses_bad_features_and_asks_for_reset() {
     let mem = memory();
     let mut rig = Rig::new(&mem, PLAIN);
-    rig.dev.reset();
+    rig.reset();
     let ctrl = rig.activation(PLAIN | feature(VIRTIO_NET_F_CTRL_VQ));
     assert!(matches!(
-        rig.dev.activate(&mem, &ctrl),
-        Err(NetError::BadFeatures(_))
+        transport_event(&mut rig.dev, &mem, &TransportEvent::Activate(ctrl)),
+        Err(DeviceError::BadFeatures(_))
     ));
     assert!(rig.needs_reset());
-    assert!(!rig.dev.is_active());
+    assert!(!rig.is_active());
     let legacy = rig.activation(PLAIN & !F_VERSION_1);
     assert!(rig.dev.activate(&mem, &legacy).is_err());
     let mut one_queue = rig.activation(PLAIN);
     one_queue.queues.pop();
     assert!(matches!(
         rig.dev.activate(&mem, &one_queue),
-        Err(NetError::QueueCount(1))
+        Err(DeviceError::QueueCount { got: 1, want: 2 })
     ));
     // The tap refusing offloads fails activation too.
     let (tap, _host) = FakeTap::new().expect("socketpair");
@@ -449,10 +414,15 @@ fn activation_refuses_bad_features_and_asks_for_reset() {
         Box::new(CountingLine::default()),
     );
     assert!(matches!(
-        dev.activate(&mem, &rig.activation(FEATURES)),
-        Err(NetError::Offload(_))
+        transport_event(
+            &mut dev,
+            &mem,
+            &TransportEvent::Activate(rig.activation(FEATURES))
+        ),
+        Err(DeviceError::Host(_))
     ));
-    assert!(dev.info().shared.interrupt_status() & INT_CONFIG != 0);
+    assert!(!VirtioDevice::<GuestMemoryMmap>::is_active(&dev));
+    assert!(info(&dev).shared.interrupt_status() & INT_CONFIG != 0);
 }
 
 #[test]
@@ -477,7 +447,7 @@ fn tx_frame_reaches_the_tap_byte_for_byte() -> TestResult {
     let c = rig.dev.counters();
     assert_eq!((c.tx_packets, c.tx_bytes, c.tx_errors), (1, 1000, 0));
     assert_eq!(rig.line.count(), 1);
-    assert_eq!(rig.dev.in_flight(), 0);
+    assert_eq!(rig.in_flight(), 0);
     Ok(())
 }
 
@@ -520,16 +490,14 @@ fn hostile_tx_chains_are_returned_unsent() -> TestResult {
         rig.txq.push(&[(BIG, MAX_BUFFER_LEN as u32 + 1, 0)]),
     ];
     // A loop: a descriptor whose next is itself.
-    let lp = rig.txq.next_desc;
+    let lp = rig.txq.take_desc();
     rig.txq.store(lp, Descriptor::new(tx_buf(0), 100, N, lp));
-    rig.txq.next_desc += 1;
     rig.txq.publish(lp);
     heads.push(lp);
     // A next index outside the table.
-    let bad = rig.txq.next_desc;
+    let bad = rig.txq.take_desc();
     rig.txq
         .store(bad, Descriptor::new(tx_buf(0), 100, N, QSIZE + 3));
-    rig.txq.next_desc += 1;
     rig.txq.publish(bad);
     heads.push(bad);
 
@@ -582,7 +550,7 @@ fn a_head_reused_while_in_flight_breaks_the_queue() -> TestResult {
     rig.dev.process_queue(TX_QUEUE, &mem, &mut rec)?;
     rig.txq.publish(head);
     let err = rig.dev.process_queue(TX_QUEUE, &mem, &mut rec);
-    assert!(matches!(err, Err(NetError::QueueBroken(TX_QUEUE, _))));
+    assert!(matches!(err, Err(DeviceError::QueueBroken(TX_QUEUE, _))));
     assert!(rig.needs_reset());
     Ok(())
 }
@@ -610,7 +578,7 @@ fn rx_frame_lands_in_the_posted_buffer() -> TestResult {
     assert_eq!(rig.line.count(), 1);
     // No buffers left: no read in flight.
     assert!(rig.io.parked.is_empty());
-    assert_eq!(rig.dev.in_flight(), 0);
+    assert_eq!(rig.in_flight(), 0);
     Ok(())
 }
 
@@ -782,11 +750,11 @@ fn rx_eagain_waits_for_the_tap_poll() -> TestResult {
     let tag = rig.io.parked[0].1;
     rig.io.parked.clear();
     rig.dev.complete(tag, -libc::EAGAIN, &mem, &mut rig.io);
-    assert!(rig.dev.rx_needs_tap_poll());
+    assert!(rig.wants_tap_poll());
     assert!(rig.io.parked.is_empty(), "no spinning on the tap");
     // The VMM's poll fired: RX resumes with the same buffer.
     rig.kick(RX_QUEUE)?;
-    assert!(!rig.dev.rx_needs_tap_poll());
+    assert!(!rig.wants_tap_poll());
     rig.host_send(&packet(40, 1));
     rig.settle();
     assert_eq!(rig.rxq.used_entries(), vec![(u32::from(head), 52)]);
@@ -808,11 +776,11 @@ fn reset_mid_flight_ignores_late_completions() -> TestResult {
     rig.rxq.push(&[(rx_buf(0), 2048, W)]);
     rig.kick(RX_QUEUE)?;
     let rx_tag = rig.io.parked[0].1;
-    assert_eq!(rig.dev.in_flight(), 3);
+    assert_eq!(rig.in_flight(), 3);
 
-    rig.dev.reset();
-    rig.dev.info().shared.clear();
-    assert_eq!(rig.dev.stale_rx_tag(), Some(rx_tag));
+    rig.reset();
+    info(&rig.dev).shared.clear();
+    assert_eq!(rig.stale_rx_tag(), Some(rx_tag));
     rig.rxq.clear();
     rig.txq.clear();
     let a = rig.activation(PLAIN);
@@ -832,7 +800,7 @@ fn reset_mid_flight_ignores_late_completions() -> TestResult {
     // The VMM cancels it; its completion frees the way.
     assert!(rig.io.cancel(rx_tag));
     rig.settle();
-    assert_eq!(rig.dev.stale_rx_tag(), None);
+    assert_eq!(rig.stale_rx_tag(), None);
     assert_eq!(rig.io.parked.len(), 1, "a fresh read for the new buffers");
     assert_ne!(rig.io.parked[0].1, rx_tag);
     let pkt = packet(50, 9);
@@ -841,7 +809,7 @@ fn reset_mid_flight_ignores_late_completions() -> TestResult {
     assert_eq!(rig.rxq.used_entries(), vec![(u32::from(head), 62)]);
     assert_eq!(rig.read(rx_buf(1) + 12, 50), &pkt[12..]);
     assert!(rig.line.count() >= 1);
-    assert_eq!(rig.dev.in_flight(), 0, "no buffers left, so no read");
+    assert_eq!(rig.in_flight(), 0, "no buffers left, so no read");
     Ok(())
 }
 
@@ -853,9 +821,9 @@ fn unknown_tags_and_queues_are_ignored() {
     rig.dev.complete(1 << 40, 0, &mem, &mut rig.io);
     assert!(matches!(
         rig.dev.process_queue(2, &mem, &mut rig.io),
-        Err(NetError::NoSuchQueue(2))
+        Err(DeviceError::NoSuchQueue(2))
     ));
-    assert_eq!(rig.dev.in_flight(), 0);
+    assert_eq!(rig.in_flight(), 0);
     assert!(rig.txq.used_entries().is_empty());
 }
 
@@ -863,13 +831,13 @@ fn unknown_tags_and_queues_are_ignored() {
 fn handle_event_resets_and_activates() -> TestResult {
     let mem = memory();
     let mut rig = Rig::new(&mem, PLAIN);
-    rig.dev.handle_event(&mem, &TransportEvent::Reset)?;
-    assert!(!rig.dev.is_active());
+    transport_event(&mut rig.dev, &mem, &TransportEvent::Reset)?;
+    assert!(!rig.is_active());
     let out = rig.kick(TX_QUEUE)?;
     assert_eq!(out, ProcessOutcome::default());
     let a = rig.activation(FEATURES);
-    rig.dev.handle_event(&mem, &TransportEvent::Activate(a))?;
-    assert!(rig.dev.is_active());
+    transport_event(&mut rig.dev, &mem, &TransportEvent::Activate(a))?;
+    assert!(rig.is_active());
     assert_eq!(rig.dev.acked_features(), FEATURES);
     Ok(())
 }
@@ -880,7 +848,7 @@ fn event_idx_suppresses_interrupts_the_driver_did_not_ask_for() -> TestResult {
     let mut rig = Rig::new(&mem, PLAIN | crate::virtio::F_EVENT_IDX);
     // used_event (after the avail ring) = 1: interrupt only once the used
     // index moves past 1, i.e. on the second used buffer.
-    let used_event = rig.txq.avail() + 4 + 2 * u64::from(QSIZE);
+    let used_event = rig.txq.avail_ring() + 4 + 2 * u64::from(QSIZE);
     mem.write_obj(1u16, GuestAddress(used_event))?;
     let pkt = packet(64, 1);
     rig.write(tx_buf(0), &pkt);
@@ -904,7 +872,7 @@ fn plain_rx_keeps_several_reads_in_flight_each_on_its_own_buffer() -> TestResult
         .collect();
     rig.kick(RX_QUEUE)?;
     assert_eq!(rig.io.parked.len(), 4, "several reads while buffers last");
-    assert_eq!(rig.dev.in_flight(), 4);
+    assert_eq!(rig.in_flight(), 4);
     let pkts: Vec<Vec<u8>> = (0..5).map(|i| packet(100 + i, i as u8)).collect();
     for p in &pkts {
         rig.host_send(p);
@@ -929,7 +897,7 @@ fn plain_rx_keeps_several_reads_in_flight_each_on_its_own_buffer() -> TestResult
         );
     }
     assert_eq!(rig.dev.counters().rx_packets, 5);
-    assert_eq!(rig.dev.in_flight(), 1, "one buffer left, one read");
+    assert_eq!(rig.in_flight(), 1, "one buffer left, one read");
     Ok(())
 }
 
@@ -1003,10 +971,9 @@ fn mrg_rxbuf_reset_forgets_held_chains() -> TestResult {
     rig.settle();
     assert_eq!(rig.rxq.used_entries().len(), 1);
     let stale = rig.io.parked[0].1;
-    rig.dev.reset();
-    rig.dev.info().shared.clear();
+    rig.reset();
+    info(&rig.dev).shared.clear();
     rig.rxq.clear();
-    rig.rxq.next_desc = 0;
     let a = rig.activation(MRG);
     rig.dev.activate(&mem, &a)?;
     assert!(rig.io.cancel(stale));

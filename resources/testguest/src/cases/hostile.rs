@@ -738,3 +738,146 @@ pub fn reset_in_flight(ctx: &mut Ctx) -> R {
     }
     Ok(())
 }
+
+/// Mark `p` of READ `i`'s buffer in round `round`: unlike the disk's
+/// bytes (0x5a) and every other round's marks.
+fn race_mark(round: usize, i: u64, p: u64) -> u64 {
+    0x6d61_726b_0000_0000 | (round as u64) << 24 | i << 12 | p
+}
+
+/// How a round of [`reset_read_race`] times its reset.
+#[derive(Clone, Copy, Debug)]
+enum RaceAt {
+    /// Once the device has taken every READ (avail_event, EVENT_IDX).
+    AllTaken,
+    /// Once it has taken every READ and answered the first.
+    FirstAnswer,
+    /// Straight after the kick.
+    Kick,
+}
+
+/// The rounds of [`reset_read_race`]: each outcome of the race depends on
+/// the host's timing, so it runs several.
+const ROUNDS: [RaceAt; 5] = [
+    RaceAt::AllTaken,
+    RaceAt::FirstAnswer,
+    RaceAt::Kick,
+    RaceAt::AllTaken,
+    RaceAt::FirstAnswer,
+];
+
+/// Resets while 32 READs of 256 KiB (8 MiB from the disk into RAM) are in
+/// flight, in the [`ROUNDS`]. VIRTIO 1.2 §2.4.1: once Status reads 0 the
+/// device must not write the driver's buffers. The moment Status reads 0
+/// the driver marks the last word of every READ's buffer (the last READ
+/// first; a late READ writes its whole buffer), then every 16 KiB of them
+/// and their status bytes; 20 ms later every mark must be intact, the old
+/// used index unmoved, InterruptStatus 0. Runs on the second writable
+/// drive when there is one: given `direct=on`, its reads take real disk
+/// time, so the reset lands while they are in flight (from a cached file
+/// they are all done before ringvm sees the reset).
+pub fn reset_read_race(ctx: &mut Ctx) -> R {
+    const N: u64 = 32;
+    const LEN: u64 = 256 << 10;
+    /// Marks per buffer besides its last word: one every 16 KiB.
+    const MARKS: u64 = LEN / STRIDE;
+    const STRIDE: u64 = 16 << 10;
+    const SRC: u64 = 0x0200_0000;
+    const BUFS: u64 = 0x0200_0000;
+    ensure!(ctx.ram_end >= 0x0300_0000, "needs 48 MiB of RAM");
+    let d = ctx.rw2.unwrap_or(ctx.rw());
+    let f = polite_features(&d) | (d.offered & F_EVENT_IDX);
+    let mut vq = d.up(f, 128)?;
+    ensure!(capacity(&d)? >= 32768, "disk smaller than 16 MiB");
+    // The READs read the first MiB of the disk, written from RAM that
+    // holds 0x5a bytes where the marks go: a late READ overwrites a mark
+    // with something else. (Written, not a hole: a hole is read without
+    // any disk time.)
+    for off in (0..1 << 20).step_by(STRIDE as usize) {
+        mem::w64(SRC + off, 0x5a5a_5a5a_5a5a_5a5a);
+        mem::w64(SRC + off + STRIDE - 8, 0x5a5a_5a5a_5a5a_5a5a);
+    }
+    request_ok(&d, &mut vq, T_OUT, 0, Data::Out(SRC, 1 << 20))?;
+    let mut raced = 0;
+    for (round, at) in ROUNDS.into_iter().enumerate() {
+        vq = d.up(f, 128)?;
+        let mut status = [0u64; N as usize];
+        for i in 0..N {
+            let data = Data::In(BUFS + i * LEN, LEN as u32);
+            let sector = (i % 4) * (LEN / 512);
+            status[i as usize] = queue_simple(&mut vq, i as u16 * 3, T_IN, sector, data).status;
+        }
+        d.notify(0);
+        let dl = Deadline::after_ms(WAIT_MS);
+        let taken = |vq: &Vq| f & F_EVENT_IDX == 0 || vq.avail_event() == N as u16;
+        match at {
+            RaceAt::AllTaken => while !taken(&vq) && !dl.passed() {},
+            RaceAt::FirstAnswer => while !(dl.passed() || taken(&vq) && vq.used_idx() > 0) {},
+            RaceAt::Kick => {}
+        }
+        d.w(STATUS, 0);
+        let dl = Deadline::after_ms(1000);
+        while d.status() != 0 {
+            ensure!(
+                !dl.passed(),
+                "round {round}: Status never read 0 after the reset"
+            );
+        }
+        // Status reads 0: the buffers are the driver's again. One mark
+        // per READ first (a late one writes its whole buffer), then the
+        // rest.
+        let last = LEN - 8;
+        for i in (0..N).rev() {
+            mem::w64(BUFS + i * LEN + last, race_mark(round, i, MARKS));
+        }
+        let u0 = vq.used_idx();
+        for i in (0..N).rev() {
+            mem::w8(status[i as usize], 0x77);
+            for p in (0..MARKS).rev() {
+                mem::w64(BUFS + i * LEN + p * STRIDE, race_mark(round, i, p));
+            }
+        }
+        if u0 < N as u16 {
+            raced += 1;
+        }
+        sleep_ms(20);
+        for i in 0..N {
+            let buf = BUFS + i * LEN;
+            let st = r8(status[i as usize]);
+            ensure!(
+                st == 0x77,
+                "round {round}: READ {i}'s status byte written ({st:#x}) after Status read 0"
+            );
+            for (p, at) in (0..MARKS)
+                .map(|p| (p, buf + p * STRIDE))
+                .chain([(MARKS, buf + last)])
+            {
+                let got = mem::r64(at);
+                ensure!(
+                    got == race_mark(round, i, p),
+                    "round {round}: READ {i} wrote its buffer at byte {} ({got:#x}) after \
+                     Status read 0 ({u0} of {N} READs answered before)",
+                    at - buf
+                );
+            }
+        }
+        crate::note!("reset_read_race round {round} ({at:?}): {u0} of {N} used when Status read 0");
+        let u1 = vq.used_idx();
+        ensure!(
+            u1 == u0,
+            "round {round}: {} used entries written after Status read 0",
+            u1.wrapping_sub(u0)
+        );
+        let isr = d.r(INTERRUPT_STATUS);
+        ensure!(
+            isr == 0,
+            "round {round}: InterruptStatus {isr:#x} after Status read 0"
+        );
+    }
+    crate::note!(
+        "reset_read_race: the reset overtook READs in {raced} of {} rounds",
+        ROUNDS.len()
+    );
+    let mut vq = d.up(f, 16)?;
+    good_io(&d, &mut vq, ctx.tag)
+}

@@ -5,6 +5,7 @@ mod hostile;
 mod mmio;
 mod net;
 mod ring;
+mod rng;
 
 use crate::msg::R;
 use crate::virtio::Dev;
@@ -13,10 +14,15 @@ use crate::virtio::Dev;
 pub struct Ctx {
     /// The first writable virtio-blk device.
     pub rw: Option<Dev>,
+    /// The second writable virtio-blk device, if any (`hostile.reset_read_race`
+    /// runs on it: give it `direct=on`).
+    pub rw2: Option<Dev>,
     /// The first read-only virtio-blk device.
     pub ro: Option<Dev>,
     /// The first virtio-net device.
     pub net: Option<Dev>,
+    /// The first virtio-rng device.
+    pub rng: Option<Dev>,
     /// First byte past guest RAM.
     pub ram_end: u64,
     /// First byte past the RAM below 4 GiB.
@@ -35,6 +41,9 @@ impl Ctx {
     pub fn net(&self) -> Dev {
         self.net.expect("runner checked Need::Net")
     }
+    pub fn rng(&self) -> Dev {
+        self.rng.expect("runner checked Need::Rng")
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -43,6 +52,8 @@ pub enum Need {
     Ro,
     /// A virtio-net device whose tap peer answers ARP and pings.
     Net,
+    /// A virtio-rng device.
+    Rng,
 }
 
 pub struct Case {
@@ -55,7 +66,7 @@ const fn c(name: &'static str, need: Need, run: fn(&mut Ctx) -> R) -> Case {
     Case { name, need, run }
 }
 
-use Need::{Net, Ro, Rw};
+use Need::{Net, Rng, Ro, Rw};
 
 pub static CASES: &[Case] = &[
     c("mmio.identity", Rw, mmio::identity),
@@ -110,6 +121,13 @@ pub static CASES: &[Case] = &[
     c("hostile.late_writes", Rw, hostile::late_writes),
     c("hostile.bad_queue_layout", Rw, hostile::bad_queue_layout),
     c("hostile.reset_in_flight", Rw, hostile::reset_in_flight),
+    c("hostile.reset_read_race", Rw, hostile::reset_read_race),
+    c("rng.identity", Rng, rng::identity),
+    c("rng.fill", Rng, rng::fill),
+    c("rng.max_request", Rng, rng::max_request),
+    c("rng.refused", Rng, rng::refused),
+    c("rng.head_out_of_range", Rng, rng::head_out_of_range),
+    c("rng.reset_in_flight", Rng, rng::reset_in_flight),
     c("net.identity", Net, net::identity),
     c("net.arp", Net, net::arp),
     c("net.ping", Net, net::ping),
@@ -118,6 +136,7 @@ pub static CASES: &[Case] = &[
     c("net.big_frame_dropped", Net, net::big_frame_dropped),
     c("net.big_frame_mrg", Net, net::big_frame_mrg),
     c("net.reset_rx_parked", Net, net::reset_rx_parked),
+    c("net.reset_rx_race", Net, net::reset_rx_race),
     c("net.hostile_tx_writable", Net, net::hostile_tx_writable),
     c("net.hostile_tx_zero_len", Net, net::hostile_tx_zero_len),
     c(

@@ -305,6 +305,106 @@ pub fn reset_rx_parked(ctx: &mut Ctx) -> R {
     Ok(())
 }
 
+/// Frames racing a reset (VIRTIO 1.2 §2.4.1): with receive buffers posted
+/// and tap reads parked, a batch of 8 echo requests goes out in one kick
+/// and the driver resets while their replies come in (at once after the
+/// kick, after the first reply, after the fourth: 3 rounds). Whatever
+/// lands before Status reads 0 is fine; the moment it reads 0 the driver
+/// marks the first word of every old receive buffer (where a frame's
+/// header lands), fills the rest of each and the old used ring, and
+/// checks InterruptStatus is 0. Then, with frames flowing again (a fresh
+/// device on new rings pings twice; late replies to the raced pings are
+/// skipped), every mark must still be intact.
+pub fn reset_rx_race(ctx: &mut Ctx) -> R {
+    const PINGS: u16 = 8;
+    let used_len = 6 + 8 * usize::from(QSIZE);
+    for (round, after) in [0u16, 1, 4].into_iter().enumerate() {
+        let mut n = ready(ctx, 0)?;
+        let mut bufs = [(0u64, 0usize); NBUFS as usize];
+        for (i, b) in bufs.iter_mut().enumerate() {
+            let d = n.rx.desc_addr(i as u16);
+            *b = (mem::r64(d), mem::r32(d + 8) as usize);
+        }
+        for k in 0..PINGS {
+            let p = n.echo_request(next_seq(), 56)?;
+            let head = n.tx.chain(
+                2 * k,
+                &[(p.base, HDR_LEN as u32, 0), (p.base + 12, p.len as u32, 0)],
+            );
+            n.tx.publish(head);
+        }
+        n.dev.notify(TXQ);
+        if after > 0 {
+            let dl = crate::time::Deadline::after_ms(WAIT_MS);
+            while n.rx.used_idx() < after && !dl.passed() {}
+        }
+        n.dev.w(STATUS, 0);
+        let dl = crate::time::Deadline::after_ms(1000);
+        while n.dev.status() != 0 {
+            ensure!(
+                !dl.passed(),
+                "round {round}: Status never read 0 after the reset"
+            );
+        }
+        // Status reads 0: the buffers are the driver's again.
+        for (i, &(a, _)) in bufs.iter().enumerate() {
+            mem::w64(a, race_mark(round, i));
+        }
+        for (i, &(a, l)) in bufs.iter().enumerate() {
+            mem::fill(a + 8, race_byte(round, i), l - 8);
+        }
+        let got = n.rx.used_idx();
+        let seed = 0x7261_6365 + round as u64;
+        mem::pattern(n.rx.used, used_len, seed);
+        let isr = n.dev.r(INTERRUPT_STATUS);
+        ensure!(
+            isr == 0,
+            "round {round}: InterruptStatus {isr:#x} after Status read 0"
+        );
+        crate::note!("reset_rx_race round {round}: {got} frames received when Status read 0");
+        let mut fresh = Net::polite(ctx.net(), 0)?;
+        fresh.post_plain();
+        let pinged = good_ping(&mut fresh, &[]).and_then(|()| good_ping(&mut fresh, &[]));
+        // A frame in an old buffer explains a lost reply: report it first.
+        if let Some(w) = race_marks_changed(&bufs, n.rx.used, round, seed) {
+            fail!("round {round}: {} written after Status read 0", w.as_str());
+        }
+        pinged.map_err(what("the device after the reset"))?;
+    }
+    Ok(())
+}
+
+/// Which part of round `round`'s old RX queue (buffers `bufs`, used ring
+/// at `used` holding `pattern(seed)`) no longer holds its marks.
+fn race_marks_changed(bufs: &[(u64, usize)], used: u64, round: usize, seed: u64) -> Option<Msg> {
+    for (i, &(a, l)) in bufs.iter().enumerate() {
+        let first = mem::r64(a);
+        if first != race_mark(round, i) {
+            return Some(Msg::new(format_args!(
+                "old RX buffer {i} (first word {first:#x})"
+            )));
+        }
+        if let Some(off) = mem::check_fill(a + 8, race_byte(round, i), l - 8) {
+            return Some(Msg::new(format_args!(
+                "old RX buffer {i} (at byte {})",
+                off + 8
+            )));
+        }
+    }
+    mem::check_pattern(used, 6 + 8 * usize::from(QSIZE), seed)
+        .map(|off| Msg::new(format_args!("old RX used ring (at byte {off})")))
+}
+
+/// The first word of RX buffer `i` in round `round`, after a reset.
+fn race_mark(round: usize, i: usize) -> u64 {
+    0x6d61_726b_0000_0000 | (round as u64) << 8 | i as u64
+}
+
+/// The byte the rest of RX buffer `i` is filled with in round `round`.
+fn race_byte(round: usize, i: usize) -> u8 {
+    0xa0 ^ (round as u8) << 4 ^ i as u8
+}
+
 // ---- hostile ----------------------------------------------------------
 
 /// Publishes the TX chain `parts` (descriptors 0..), expects it back with

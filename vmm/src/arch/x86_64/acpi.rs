@@ -37,7 +37,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError, Permissions}
 
 use super::layout::{HIMEM_START, VIRTIO_MMIO_SIZE};
 use super::mptable::{APIC_ADDR, IOAPIC_ADDR, MAX_CPUS};
-use crate::device_manager::{VirtioSlot, COM1_IRQ, COM1_PORT, I8042_KBD_IRQ, I8042_PORT};
+use crate::machine::device_manager::{VirtioSlot, COM1_IRQ, COM1_PORT, I8042_KBD_IRQ, I8042_PORT};
 
 /// Where the RSDP goes: the start of the BIOS read-only area, one of the
 /// places Linux scans when the boot protocol does not hand it the address.

@@ -1,5 +1,5 @@
 //! The CPU state a kernel expects at its entry point, built as plain
-//! values so it can be checked without KVM; `vstate::vcpu` loads it.
+//! values so it can be checked without KVM; `kvm::vcpu` loads it.
 //!
 //! Two entries are supported: PVH (32-bit protected mode, paging off, `rbx`
 //! at the start info) and the Linux 64-bit boot protocol (long mode with an

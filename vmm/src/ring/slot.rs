@@ -1,0 +1,533 @@
+//! Any virtio device on the ring: the one generic slot that does, for every
+//! device, what the device contract (`devices::virtio::VirtioDevice`)
+//! leaves to the VMM thread.
+//!
+//! Per device a slot keeps the transport's ends (one doorbell eventfd per
+//! queue, the wake eventfd and the message channel), the buffers the ring
+//! reads those eventfds into, which queues want another drain, and the
+//! reset hand-off:
+//!
+//! ```text
+//!  Kick{q} ──► process_queue(q) ──► ops on the ring ──► DeviceIo{tag} ──► complete(tag)
+//!  TransportMessage ──► Activate: reset if live, activate, serve every queue
+//!                   └─► Reset:    reset(), cancel stale_tags(), and only when
+//!                                 in_flight() == 0: finish_reset() (Status reads 0)
+//!  end of every turn ──► re-run drains that stopped early, end_turn() (interrupts),
+//!                        arm the device's PollRequest if it has one
+//! ```
+//!
+//! The slot never reports a reset complete while the kernel may still
+//! write into buffers the driver handed the device: VIRTIO 1.2 §2.4 lets
+//! the driver reuse them as soon as Status reads 0.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::mpsc::Receiver;
+
+use devices::virtio::{TransportEvent, VirtioDevice};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{DeviceIo, Ring, Token};
+use crate::metrics::DeviceMetrics;
+
+/// A virtio device as the VMM thread serves it.
+pub type DynDevice = dyn VirtioDevice<GuestMemoryMmap>;
+
+/// When a queue's drain must run again without a kick.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Rerun {
+    /// Not needed.
+    No,
+    /// After completions free room (no slot, full ring).
+    AfterCompletions,
+    /// On the next turn at once: it stopped at its budget with chains left.
+    Now,
+}
+
+/// One virtio device and its ends of the transport, owned by the VMM
+/// thread. Boxed by [`VirtioDevices`]: the ring holds pointers into its
+/// read buffers, so a slot never moves.
+#[derive(Debug)]
+pub struct DeviceSlot {
+    id: String,
+    device: Box<DynDevice>,
+    kicks: Vec<EventFd>,
+    wake: EventFd,
+    messages: Receiver<TransportEvent>,
+    /// Where the ring reads each doorbell's counter.
+    kick_bufs: Vec<[u8; 8]>,
+    /// Where the ring reads the wake counter.
+    wake_buf: [u8; 8],
+    /// Queues whose last drain asked to be resumed, and when.
+    rerun: Vec<Rerun>,
+    /// A POLLIN for the device's [`devices::virtio::PollRequest`] is armed.
+    poll_armed: bool,
+    /// Stale tags already asked to be cancelled.
+    cancelled: Vec<u64>,
+    /// The driver reset the device and waits for Status to read 0, which
+    /// it may only once the kernel holds none of the device's buffers.
+    reset_waiting: bool,
+    batched: bool,
+}
+
+impl DeviceSlot {
+    /// A slot for `device` (named `id` in logs and metrics) with the
+    /// transport's ends: one doorbell per queue, the wake eventfd and the
+    /// message channel.
+    pub fn new(
+        id: String,
+        device: Box<DynDevice>,
+        kicks: Vec<EventFd>,
+        wake: EventFd,
+        messages: Receiver<TransportEvent>,
+    ) -> Self {
+        let queues = kicks.len();
+        let batched = device.batch_completions();
+        Self {
+            id,
+            device,
+            kicks,
+            wake,
+            messages,
+            kick_bufs: vec![[0; 8]; queues],
+            wake_buf: [0; 8],
+            rerun: vec![Rerun::No; queues],
+            poll_armed: false,
+            cancelled: Vec::new(),
+            reset_waiting: false,
+            batched,
+        }
+    }
+
+    /// The name the user gave the device.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The device, for management calls (PATCH /drives).
+    pub fn device_mut(&mut self) -> &mut DynDevice {
+        self.device.as_mut()
+    }
+
+    fn io<'r>(&self, ring: &'r mut Ring, index: u8) -> DeviceIo<'r> {
+        DeviceIo::new(ring, index, self.batched)
+    }
+
+    fn arm_kick(&mut self, ring: &mut Ring, index: u8, queue: usize) -> io::Result<()> {
+        let (Some(kick), Some(buf)) = (self.kicks.get(queue), self.kick_bufs.get_mut(queue)) else {
+            return Ok(());
+        };
+        let token = Token::Kick {
+            device: index,
+            queue: queue as u16,
+        };
+        // SAFETY: the buffer lives in this boxed slot, which the owner of
+        // the ring keeps until after the ring is dropped.
+        unsafe { ring.arm_eventfd(kick.as_raw_fd(), buf, token) }
+    }
+
+    fn arm_wake(&mut self, ring: &mut Ring, index: u8) -> io::Result<()> {
+        let fd: RawFd = self.wake.as_raw_fd();
+        // SAFETY: as for the kicks.
+        unsafe {
+            ring.arm_eventfd(
+                fd,
+                &mut self.wake_buf,
+                Token::TransportMessage { device: index },
+            )
+        }
+    }
+
+    fn serve(&mut self, queue: usize, ring: &mut Ring, mem: &GuestMemoryMmap, index: u8) {
+        let Some(rerun) = self.rerun.get_mut(queue) else {
+            return;
+        };
+        *rerun = Rerun::No;
+        if !self.device.is_active() {
+            return;
+        }
+        let mut io = DeviceIo::new(ring, index, self.batched);
+        match self.device.process_queue(queue, mem, &mut io) {
+            Ok(outcome) => {
+                if let Some(r) = self.rerun.get_mut(queue) {
+                    *r = if outcome.more {
+                        Rerun::Now
+                    } else if outcome.blocked {
+                        Rerun::AfterCompletions
+                    } else {
+                        Rerun::No
+                    };
+                }
+            }
+            // A broken queue already asked the driver for a reset and
+            // logged why; anything else is the host's and worth a line.
+            Err(e) => log::debug!("{} {}: queue {queue}: {e}", self.device.kind(), self.id),
+        }
+    }
+
+    /// Applies every pending activation or reset message.
+    fn on_transport_message(&mut self, ring: &mut Ring, mem: &GuestMemoryMmap, index: u8) {
+        while let Ok(event) = self.messages.try_recv() {
+            match event {
+                TransportEvent::Activate(activation) => {
+                    if self.device.is_active() {
+                        self.device.reset();
+                    }
+                    match self.device.activate(mem, &activation) {
+                        Ok(()) => {
+                            // A driver may kick before DRIVER_OK: serve
+                            // whatever already waits.
+                            for queue in 0..self.kicks.len() {
+                                self.serve(queue, ring, mem, index);
+                            }
+                        }
+                        Err(e) => {
+                            log::warn!(
+                                "{} {}: activation refused: {e}",
+                                self.device.kind(),
+                                self.id
+                            );
+                            self.device.request_reset();
+                        }
+                    }
+                }
+                TransportEvent::Reset => {
+                    self.device.reset();
+                    self.rerun.fill(Rerun::No);
+                    self.reset_waiting = true;
+                }
+            }
+        }
+    }
+
+    /// What follows any event: cancelling ops a reset left behind,
+    /// reporting the reset done once none is left, and watching the fd the
+    /// device waits on.
+    fn settle(&mut self, ring: &mut Ring, index: u8) -> io::Result<()> {
+        for tag in self.device.stale_tags() {
+            if self.cancelled.contains(&tag) {
+                continue;
+            }
+            let target = Token::DeviceIo {
+                device: index,
+                tag,
+                batched: self.batched,
+            };
+            ring.cancel(target, Token::Cancel)?;
+            self.cancelled.push(tag);
+        }
+        if self.reset_waiting && self.device.in_flight() == 0 {
+            self.reset_waiting = false;
+            self.cancelled.clear();
+            // No used-ring write or interrupt can come from the device now,
+            // and the kernel holds none of its buffers.
+            self.device.info().shared.finish_reset();
+        }
+        if !self.poll_armed {
+            if let Some(poll) = self.device.poll_request() {
+                self.poll_armed = true;
+                ring.poll_readable(poll.fd, Token::DevicePoll { device: index })?;
+            }
+        }
+        Ok(())
+    }
+
+    fn wants_rerun(&self) -> bool {
+        self.rerun.iter().any(|r| *r != Rerun::No)
+    }
+}
+
+/// Every virtio device the VMM thread serves; device `i` is slot `i`.
+#[derive(Debug, Default)]
+pub struct VirtioDevices {
+    // Boxed: the ring holds pointers into each slot's read buffers, so a
+    // slot must never move, whatever happens to the vector.
+    #[allow(clippy::vec_box)]
+    slots: Vec<Box<DeviceSlot>>,
+}
+
+impl VirtioDevices {
+    /// Adds a slot; it gets the next index (at most 256 devices, far more
+    /// than the machine has IRQ lines for).
+    pub fn push(&mut self, slot: DeviceSlot) {
+        self.slots.push(Box::new(slot));
+    }
+
+    /// The slots, in index order.
+    pub fn slots(&self) -> impl Iterator<Item = &DeviceSlot> {
+        self.slots.iter().map(|s| s.as_ref())
+    }
+
+    /// The device named `id` as its concrete type `T`, for management
+    /// calls only one kind has.
+    pub fn device_mut<T: 'static>(&mut self, id: &str) -> Option<&mut T> {
+        self.slots
+            .iter_mut()
+            .find(|s| s.id == id)
+            .and_then(|s| s.device.as_any_mut().downcast_mut::<T>())
+    }
+
+    /// Every device's counters, for a metrics line or the API.
+    pub fn metrics(&self) -> Vec<DeviceMetrics> {
+        self.slots
+            .iter()
+            .map(|s| DeviceMetrics {
+                kind: s.device.kind(),
+                id: s.id.clone(),
+                fields: s.device.metrics(),
+            })
+            .collect()
+    }
+
+    /// Arms every doorbell and wake eventfd; call once before the first turn.
+    pub fn arm(&mut self, ring: &mut Ring) -> io::Result<()> {
+        for (index, slot) in self.slots.iter_mut().enumerate() {
+            let index = index as u8;
+            for queue in 0..slot.kicks.len() {
+                slot.arm_kick(ring, index, queue)?;
+            }
+            slot.arm_wake(ring, index)?;
+        }
+        Ok(())
+    }
+
+    /// Whether a completion with `token` is a device's.
+    pub fn owns(token: Token) -> bool {
+        matches!(
+            token,
+            Token::Kick { .. }
+                | Token::TransportMessage { .. }
+                | Token::DeviceIo { .. }
+                | Token::DevicePoll { .. }
+                | Token::Cancel
+        )
+    }
+
+    /// Handles one completion [`Self::owns`] said is a device's.
+    pub fn dispatch(
+        &mut self,
+        token: Token,
+        result: i32,
+        ring: &mut Ring,
+        mem: &GuestMemoryMmap,
+    ) -> io::Result<()> {
+        let (index, slot) = match token {
+            Token::Kick { device, .. }
+            | Token::TransportMessage { device }
+            | Token::DeviceIo { device, .. }
+            | Token::DevicePoll { device } => match self.slots.get_mut(usize::from(device)) {
+                Some(slot) => (device, slot),
+                None => {
+                    log::warn!("completion for unknown device {device}");
+                    return Ok(());
+                }
+            },
+            _ => return Ok(()),
+        };
+        match token {
+            Token::Kick { queue, .. } => {
+                slot.serve(usize::from(queue), ring, mem, index);
+                slot.arm_kick(ring, index, usize::from(queue))?;
+            }
+            Token::TransportMessage { .. } => {
+                slot.on_transport_message(ring, mem, index);
+                slot.arm_wake(ring, index)?;
+            }
+            Token::DevicePoll { .. } => {
+                slot.poll_armed = false;
+                if let Some(poll) = slot.device.poll_request() {
+                    slot.serve(poll.queue, ring, mem, index);
+                }
+            }
+            Token::DeviceIo { tag, .. } => {
+                slot.cancelled.retain(|t| *t != tag);
+                let mut io = slot.io(ring, index);
+                slot.device.complete(tag, result, mem, &mut io);
+            }
+            _ => {}
+        }
+        slot.settle(ring, index)
+    }
+
+    /// Once per loop turn, after its completions: resumes drains that
+    /// stopped at their budget or on a full table, and lets every device
+    /// make its one interrupt decision for the turn.
+    pub fn end_turn(&mut self, ring: &mut Ring, mem: &GuestMemoryMmap) -> io::Result<()> {
+        for (index, slot) in self.slots.iter_mut().enumerate() {
+            let index = index as u8;
+            if slot.wants_rerun() {
+                for queue in 0..slot.rerun.len() {
+                    if slot.rerun.get(queue).is_some_and(|r| *r != Rerun::No) {
+                        slot.serve(queue, ring, mem, index);
+                    }
+                }
+                slot.settle(ring, index)?;
+            }
+            slot.device.end_turn(mem);
+        }
+        Ok(())
+    }
+
+    /// Whether a device has work pending that no completion will wake the
+    /// loop for (a drain that stopped at its budget): the next turn must
+    /// not sleep.
+    pub fn has_work_now(&self) -> bool {
+        self.slots.iter().any(|s| s.rerun.contains(&Rerun::Now))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsRawFd;
+    use std::sync::mpsc::{channel, Sender};
+
+    use devices::io::fake::CountingLine;
+    use devices::virtio::net::tap::fake::FakeTap;
+    use devices::virtio::net::{NetConfig, NetDevice, FEATURES, F_MRG_RXBUF, RX_QUEUE};
+    use devices::virtio::testing::DriverQueue;
+    use devices::virtio::{Activation, DeviceShared, F_EVENT_IDX};
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+
+    struct Rig {
+        mem: GuestMemoryMmap,
+        ring: Ring,
+        devices: VirtioDevices,
+        shared: std::sync::Arc<DeviceShared>,
+        messages: Sender<TransportEvent>,
+        wake: EventFd,
+        kicks: Vec<EventFd>,
+        host: std::os::fd::OwnedFd,
+        rxq: DriverQueue<GuestMemoryMmap>,
+    }
+
+    impl Rig {
+        fn new() -> Self {
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("mem");
+            let (tap, host) = FakeTap::new().expect("socketpair");
+            let dev = NetDevice::new(
+                NetConfig { tap, mac: None },
+                Box::new(CountingLine::default()),
+            );
+            let shared = VirtioDevice::<GuestMemoryMmap>::info(&dev).shared;
+            let kicks: Vec<EventFd> = (0..2)
+                .map(|_| EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"))
+                .collect();
+            let wake = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+            let (tx, rx) = channel();
+            let slot = DeviceSlot::new(
+                "eth0".into(),
+                Box::new(dev),
+                kicks
+                    .iter()
+                    .map(|k| k.try_clone().expect("clone"))
+                    .collect(),
+                wake.try_clone().expect("clone"),
+                rx,
+            );
+            let mut devices = VirtioDevices::default();
+            devices.push(slot);
+            let mut ring = Ring::new().expect("ring");
+            devices.arm(&mut ring).expect("arm");
+            let rxq = DriverQueue::new(mem.clone(), 0x1_0000, 16);
+            Self {
+                mem,
+                ring,
+                devices,
+                shared,
+                messages: tx,
+                wake,
+                kicks,
+                host,
+                rxq,
+            }
+        }
+
+        /// Turns the ring until nothing more arrives within a few turns.
+        fn settle(&mut self) {
+            let mut out = Vec::new();
+            for _ in 0..8 {
+                out.clear();
+                let ts = io_uring::types::Timespec::new().nsec(20_000_000);
+                let timeout = io_uring::opcode::Timeout::new(&ts).build();
+                // SAFETY: `ts` outlives the turn below, which waits for the
+                // timeout (or an earlier completion; the timeout is then
+                // cancelled with the ring at the end of the test).
+                unsafe { self.ring.push(timeout, Token::HaltProbe) }.expect("timeout");
+                self.ring.turn(&mut out, true).expect("turn");
+                for c in out.iter().copied() {
+                    if VirtioDevices::owns(c.token) {
+                        self.devices
+                            .dispatch(c.token, c.result, &mut self.ring, &self.mem)
+                            .expect("dispatch");
+                    }
+                }
+                self.devices
+                    .end_turn(&mut self.ring, &self.mem)
+                    .expect("end turn");
+            }
+        }
+
+        fn send(&self, event: TransportEvent) {
+            self.messages.send(event).expect("send");
+            self.wake.write(1).expect("wake");
+        }
+    }
+
+    /// Bug: a reset was reported done (Status read 0) while a tap read the
+    /// kernel still held could write into the driver's buffers.
+    #[test]
+    fn a_reset_is_reported_done_only_after_the_kernel_let_go_of_the_buffers() {
+        let mut rig = Rig::new();
+        let txq = DriverQueue::new(rig.mem.clone(), 0x2_0000, 16);
+        rig.send(TransportEvent::Activate(Activation {
+            features: FEATURES & !F_MRG_RXBUF & !F_EVENT_IDX,
+            queues: vec![rig.rxq.config(), txq.config()],
+        }));
+        rig.settle();
+        // A posted buffer: the device parks a read on the idle tap.
+        rig.mem
+            .write_slice(&[0xaa; 2048], GuestAddress(0x8_0000))
+            .expect("fill");
+        rig.rxq
+            .push(&[(0x8_0000, 2048, DriverQueue::<GuestMemoryMmap>::WRITE)]);
+        rig.kicks[RX_QUEUE].write(1).expect("kick");
+        rig.settle();
+        assert!(rig.ring.in_flight() >= 1, "a read is parked on the tap");
+
+        // The driver resets; the transport marks the reset pending.
+        rig.shared.begin_reset();
+        rig.messages.send(TransportEvent::Reset).expect("send");
+        rig.devices
+            .dispatch(
+                Token::TransportMessage { device: 0 },
+                8,
+                &mut rig.ring,
+                &rig.mem,
+            )
+            .expect("dispatch");
+        assert!(
+            rig.shared.reset_pending(),
+            "Status must not read 0 while the parked read may still land"
+        );
+        // The slot cancelled the read; once its completion is in, the reset
+        // is done, and a frame sent now reaches no guest buffer.
+        rig.settle();
+        assert!(!rig.shared.reset_pending(), "the reset never completed");
+        // SAFETY: sends from a live buffer.
+        let sent = unsafe { libc::send(rig.host.as_raw_fd(), [0x55u8; 64].as_ptr().cast(), 64, 0) };
+        assert_eq!(sent, 64);
+        rig.settle();
+        let mut page = [0u8; 2048];
+        rig.mem
+            .read_slice(&mut page, GuestAddress(0x8_0000))
+            .expect("read");
+        assert!(
+            page.iter().all(|b| *b == 0xaa),
+            "a frame landed after the reset"
+        );
+        assert!(rig.rxq.used_entries().is_empty());
+    }
+}
