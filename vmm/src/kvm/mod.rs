@@ -3,5 +3,6 @@
 
 pub mod emulation;
 pub mod pause;
+pub mod sample;
 pub mod vcpu;
 pub mod vm;

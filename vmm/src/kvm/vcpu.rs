@@ -399,6 +399,9 @@ fn run_vcpu(mut vcpu: VcpuFd, cpu: u8, shared: VcpuShared, mem: GuestMemoryMmap)
             Ok(other) => Next::Crash(format!("unhandled vCPU exit {other:?}")),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 VcpuExitCounters::bump(&shared.exits.interrupted);
+                if log::log_enabled!(log::Level::Trace) {
+                    log::trace!("{}", crate::kvm::sample::describe(&vcpu, cpu));
+                }
                 let stuck = halted_with_interrupts_off(&vcpu);
                 if let Some(flag) = shared.halted_for_good.get(idx) {
                     flag.store(stuck, Ordering::Release);
