@@ -60,11 +60,12 @@ struct Cli {
     /// host elsewhere.
     #[arg(long, value_name = "NAME")]
     cpu_template: Option<String>,
-    /// Describe the machine with ACPI tables: "on" (virtio-mmio devices in
-    /// the DSDT instead of virtio_mmio.device= words, CPUs in the MADT,
-    /// power-off through the FADT; what distribution kernels need) or
-    /// "off" (default: the command-line words and the MP table).
-    #[arg(long, value_name = "on|off", default_value = "off", value_parser = parse_on_off, action = clap::ArgAction::Set)]
+    /// Describe the machine with ACPI tables: "on" (default: virtio-mmio
+    /// devices in the DSDT instead of virtio_mmio.device= words, CPUs in
+    /// the MADT, power-off through the FADT; what distribution kernels
+    /// need) or "off" (the command-line words and the MP table, for kernels
+    /// without CONFIG_ACPI).
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
     acpi: bool,
     /// A virtio-blk drive: path=FILE[,id=NAME][,ro][,root][,direct=on]
     /// [,cache=unsafe|writeback][,bw=SIZE/MS[+BURST]][,ops=N/MS[+BURST]].
