@@ -24,8 +24,8 @@ APT_PACKAGES := linux-source-6.1 build-essential bc bison flex libelf-dev \
 BENCH_APT_PACKAGES := valgrind qemu-system-x86
 
 .PHONY: all deps bench-deps build guest debian-kernel testguest runner-root broken run test unit-test \
-	integration-test api-conformance lint clean bench bench-blk bench-net bench-boot bench-callgrind \
-	bench-report bench-p9 fuzz fuzz-check fuzz-deps
+	integration-test api-conformance lint clean bench bench-blk bench-net bench-limit bench-boot \
+	bench-callgrind bench-report bench-p9 fuzz fuzz-check fuzz-deps
 
 all: build
 
@@ -133,6 +133,15 @@ bench-blk: deps
 bench-net: deps
 	$(BENCH_CARGO) bench_net -- --rounds $(BENCH_ROUNDS) --seconds $(BENCH_SECONDS) $(BENCH_NET_ARGS)
 
+# Rate limiters on the data path (synthetic driver, real device + VMM loop,
+# no KVM): a set limit held within ±5% (virtio-blk bandwidth and ops,
+# virtio-net TX and RX bandwidth on a real tap in a private network
+# namespace: needs root, else those rows are skipped), and a limit far
+# above the path against none; writes target/bench/limit.{json,md}.
+# Extra flags: BENCH_LIMIT_ARGS="--only net".
+bench-limit: deps
+	$(BENCH_CARGO) bench_limit -- --rounds $(BENCH_ROUNDS) --seconds $(BENCH_SECONDS) $(BENCH_LIMIT_ARGS)
+
 # virtio-9p (synthetic 9P client, real device + VMM loop, no KVM) against
 # pread/statx on the same files, and `ringvm -- CMD`'s time to its first
 # output line (KVM); writes target/bench/p9.{json,md}.
@@ -166,8 +175,8 @@ bench-report: deps
 # reported stale, except callgrind.json, whose figures the next run shows
 # as "previous".
 bench: bench-deps build guest
-	@rm -f $(addprefix target/bench/,blk.json blk.md net.json net.md boot.json boot.md p9.json p9.md report.md report.json report.png)
-	@status=0; for t in bench-blk bench-net bench-boot bench-callgrind bench-p9; do \
+	@rm -f $(addprefix target/bench/,blk.json blk.md net.json net.md limit.json limit.md boot.json boot.md p9.json p9.md report.md report.json report.png)
+	@status=0; for t in bench-blk bench-net bench-limit bench-boot bench-callgrind bench-p9; do \
 		$(MAKE) --no-print-directory $$t || { echo "[bench] $$t FAILED"; status=1; }; \
 	done; \
 	$(MAKE) --no-print-directory bench-report; exit $$status

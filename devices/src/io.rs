@@ -70,6 +70,17 @@ pub enum IoOp {
         /// Length in bytes.
         len: u64,
     },
+    /// A one-shot `poll(fd, events)`: completes with the ready events
+    /// (`revents`, never 0) once any of `events` is ready. Devices that
+    /// serve many host sockets (virtio-vsock) wait for each one's
+    /// readiness with it, tagged like any other op, instead of parking a
+    /// read (and the guest buffer it would hold) on an idle socket.
+    Poll {
+        /// The fd to watch.
+        fd: RawFd,
+        /// `POLLIN`, `POLLOUT`, ... (`POLLERR`/`POLLHUP` always count).
+        events: u32,
+    },
 }
 
 /// Largest iovec count the kernel accepts in one vectored operation
@@ -171,12 +182,54 @@ pub mod fake {
         pub ops: Vec<(IoOp, u64)>,
         /// Completions not yet delivered, oldest first.
         pub done: Vec<(u64, i32)>,
+        /// Polls whose fd was not ready yet: `(fd, events, tag)`, checked
+        /// again by every [`Self::take_completions`].
+        pub parked_polls: Vec<(RawFd, u32, u64)>,
     }
 
     impl ExecutingIo {
-        /// Takes every pending completion, oldest first.
+        /// Takes every pending completion, oldest first, after checking
+        /// the parked polls once more (a poll completes when its fd is
+        /// ready, as on the ring).
         pub fn take_completions(&mut self) -> Vec<(u64, i32)> {
+            let parked = std::mem::take(&mut self.parked_polls);
+            for (fd, events, tag) in parked {
+                match poll_now(fd, events) {
+                    0 => self.parked_polls.push((fd, events, tag)),
+                    r => self.done.push((tag, r)),
+                }
+            }
             std::mem::take(&mut self.done)
+        }
+
+        /// Drops a parked poll, as a cancel on the ring would (its
+        /// completion is `-ECANCELED`); false if no poll has that tag.
+        pub fn cancel_poll(&mut self, tag: u64) -> bool {
+            let before = self.parked_polls.len();
+            self.parked_polls.retain(|p| p.2 != tag);
+            let found = self.parked_polls.len() != before;
+            if found {
+                self.done.push((tag, -libc::ECANCELED));
+            }
+            found
+        }
+    }
+
+    /// `poll(2)` without waiting: the ready events, 0 if none, or -errno.
+    fn poll_now(fd: RawFd, events: u32) -> i32 {
+        let mut p = libc::pollfd {
+            fd,
+            events: events as i16,
+            revents: 0,
+        };
+        // SAFETY: one pollfd on the stack, no wait.
+        let n = unsafe { libc::poll(&mut p, 1, 0) };
+        if n < 0 {
+            res(n as isize)
+        } else if n == 0 {
+            0
+        } else {
+            i32::from(p.revents as u16)
         }
     }
 
@@ -204,7 +257,14 @@ pub mod fake {
                 } => {
                     // SAFETY: the caller guarantees `iovecs` holds `iovcnt`
                     // valid iovecs over writable buffers (submit's contract).
-                    res(unsafe { libc::preadv(fd, iovecs, iovcnt as i32, offset as i64) })
+                    let r = res(unsafe { libc::preadv(fd, iovecs, iovcnt as i32, offset as i64) });
+                    if r == -libc::ESPIPE {
+                        // A socket or pipe: the ring ignores the offset.
+                        // SAFETY: as above.
+                        res(unsafe { libc::readv(fd, iovecs, iovcnt as i32) })
+                    } else {
+                        r
+                    }
                 }
                 IoOp::Writev {
                     fd,
@@ -213,7 +273,13 @@ pub mod fake {
                     offset,
                 } => {
                     // SAFETY: as above, over readable buffers.
-                    res(unsafe { libc::pwritev(fd, iovecs, iovcnt as i32, offset as i64) })
+                    let r = res(unsafe { libc::pwritev(fd, iovecs, iovcnt as i32, offset as i64) });
+                    if r == -libc::ESPIPE {
+                        // SAFETY: as above.
+                        res(unsafe { libc::writev(fd, iovecs, iovcnt as i32) })
+                    } else {
+                        r
+                    }
                 }
                 IoOp::Fsync { fd, datasync } => {
                     // SAFETY: plain syscalls on an fd; no memory is passed.
@@ -236,6 +302,14 @@ pub mod fake {
                     let r = unsafe { libc::fallocate(fd, mode, offset as i64, len as i64) };
                     res(r as isize)
                 }
+                IoOp::Poll { fd, events } => match poll_now(fd, events) {
+                    0 => {
+                        self.ops.push((op, tag));
+                        self.parked_polls.push((fd, events, tag));
+                        return Ok(());
+                    }
+                    r => r,
+                },
             };
             self.ops.push((op, tag));
             self.done.push((tag, ret));
@@ -350,6 +424,30 @@ mod tests {
             )?;
         }
         assert_eq!(io.take_completions(), vec![(4, -libc::EBADF)]);
+        Ok(())
+    }
+
+    #[test]
+    fn executing_io_completes_a_poll_when_its_fd_is_ready() -> io::Result<()> {
+        let evt = EventFd::new(libc::EFD_NONBLOCK)?;
+        let mut io = ExecutingIo::default();
+        let poll = IoOp::Poll {
+            fd: evt.as_raw_fd(),
+            events: libc::POLLIN as u32,
+        };
+        // SAFETY: Poll carries no pointers.
+        unsafe { io.submit(poll, 9) }.map_err(io::Error::other)?;
+        assert!(io.take_completions().is_empty(), "not readable yet");
+        evt.write(1)?;
+        assert_eq!(io.take_completions(), vec![(9, libc::POLLIN as i32)]);
+        // SAFETY: as above.
+        unsafe { io.submit(poll, 10) }.map_err(io::Error::other)?;
+        assert_eq!(io.take_completions(), vec![(10, libc::POLLIN as i32)]);
+        evt.read()?;
+        // SAFETY: as above.
+        unsafe { io.submit(poll, 11) }.map_err(io::Error::other)?;
+        assert!(io.cancel_poll(11));
+        assert_eq!(io.take_completions(), vec![(11, -libc::ECANCELED)]);
         Ok(())
     }
 

@@ -28,6 +28,7 @@ const PATHS: &[&str] = &[
     "/network-interfaces/",
     "/logger",
     "/entropy",
+    "/vsock",
     "/metrics",
     "/mmds",
     "/vm",

@@ -96,6 +96,7 @@ impl Rig<'_> {
                         "fallocate {len} bytes at {offset} past a disk of {capacity}"
                     );
                 }
+                IoOp::Poll { .. } => panic!("virtio-blk submitted a poll"),
             }
         });
         let (total, new) = self.used.update(self.vq.used_idx());

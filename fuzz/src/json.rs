@@ -16,6 +16,7 @@ pub const KEYS: &[&str] = &[
     "drive_id",
     "drives",
     "entropy",
+    "guest_cid",
     "guest_mac",
     "host_dev_name",
     "huge_pages",
@@ -43,7 +44,10 @@ pub const KEYS: &[&str] = &[
     "smt",
     "track_dirty_pages",
     "tx_rate_limiter",
+    "uds_path",
     "vcpu_count",
+    "vsock",
+    "vsock_id",
 ];
 
 /// String values the API gives meaning to.

@@ -144,7 +144,7 @@ impl Auditor {
                     }
                     iov
                 }
-                IoOp::Fsync { .. } | IoOp::Fallocate { .. } => Vec::new(),
+                IoOp::Fsync { .. } | IoOp::Fallocate { .. } | IoOp::Poll { .. } => Vec::new(),
             };
             check(&op, &iov);
             self.pending.push(Pending { op, tag, iov });

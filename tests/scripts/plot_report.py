@@ -63,11 +63,18 @@ def panel(ax, sec):
         ax.scatter([x + o for o in offs], ratios, s=14, color="black", zorder=3)
         target = p.get("target")
         if target:
-            ax.hlines(
-                target["ratio"], x - 0.35, x + 0.35, color="red", linewidth=1.5, zorder=4
+            # "near": the band ratio..2-ratio around 1 (a set limit held).
+            near = p.get("better") == "near"
+            ticks = [target["ratio"], 2 - target["ratio"]] if near else [target["ratio"]]
+            for t in ticks:
+                ax.hlines(t, x - 0.35, x + 0.35, color="red", linewidth=1.5, zorder=4)
+            label = (
+                "±{:.2f}".format(1 - target["ratio"])
+                if near
+                else ("≥" if higher else "≤") + "{:.2f}".format(target["ratio"])
             )
             ax.annotate(
-                ("≥" if higher else "≤") + "{:.2f}".format(target["ratio"]),
+                label,
                 (x + 0.36, target["ratio"]),
                 fontsize=6,
                 color="red",

@@ -264,6 +264,13 @@ fn a_guest_configured_over_the_socket_boots_and_is_managed_while_running() {
     std::fs::write(&data, vec![0u8; 1 << 20]).expect("data image");
     let data2 = scratch.file("data2.img");
     std::fs::write(&data2, vec![0u8; 2 << 20]).expect("second data image");
+    // The guest reads the data drive for ever, two O_DIRECT requests per
+    // round, so its requests can be held back and let go from the host.
+    let script = scratch.file("script.img");
+    ringvm_tests::script_image(
+        &script,
+        "while :; do dd if=/dev/vdb of=/dev/null bs=4096 count=2 iflag=direct 2>/dev/null; done",
+    );
     let metrics = scratch.file("metrics.json");
     let kernel = guest_dir().join("vmlinux");
     let with_net = net_available("api boot: the NIC part");
@@ -285,9 +292,9 @@ fn a_guest_configured_over_the_socket_boots_and_is_managed_while_running() {
         parse_response(&String::from_utf8_lossy(&out.stdout))
     };
     let boot_args = if with_net {
-        "console=ttyS0 reboot=k panic=-1 ip=169.254.20.2::169.254.20.1:255.255.255.0::eth0:off -- sleep 600"
+        "console=ttyS0 reboot=k panic=-1 ip=169.254.20.2::169.254.20.1:255.255.255.0::eth0:off guest.script=/dev/vdc"
     } else {
-        "console=ttyS0 reboot=k panic=-1 -- sleep 600"
+        "console=ttyS0 reboot=k panic=-1 guest.script=/dev/vdc"
     };
     let boot = serde_json::json!({ "kernel_image_path": kernel, "boot_args": boot_args });
     assert_eq!(curl("PUT", "/boot-source", &boot.to_string()).0, 204);
@@ -304,6 +311,8 @@ fn a_guest_configured_over_the_socket_boots_and_is_managed_while_running() {
     assert_eq!(curl("PUT", "/drives/rootfs", &root.to_string()).0, 204);
     let d = serde_json::json!({"drive_id":"data","path_on_host":data,"is_root_device":false,"is_read_only":false});
     assert_eq!(curl("PUT", "/drives/data", &d.to_string()).0, 204);
+    let sd = serde_json::json!({"drive_id":"script","path_on_host":script,"is_root_device":false,"is_read_only":true});
+    assert_eq!(curl("PUT", "/drives/script", &sd.to_string()).0, 204);
     if with_net {
         let nic = r#"{"iface_id":"eth0","host_dev_name":"tap0","guest_mac":"02:00:00:00:20:02"}"#;
         assert_eq!(curl("PUT", "/network-interfaces/eth0", nic).0, 204);
@@ -337,8 +346,8 @@ fn a_guest_configured_over_the_socket_boots_and_is_managed_while_running() {
     assert_eq!(code, 200);
     assert!(body.contains("\"Running\""), "{body}");
     assert!(
-        srv.wait_for("GUEST: run: sleep 600", Duration::from_secs(600)),
-        "the guest never reached its init command: {:?}",
+        srv.wait_for("GUEST: script /dev/vdc", Duration::from_secs(600)),
+        "the guest never reached its script: {:?}",
         srv.console.last()
     );
 
@@ -386,12 +395,74 @@ fn a_guest_configured_over_the_socket_boots_and_is_managed_while_running() {
         line["block"]["rootfs"]["requests"].as_u64().unwrap_or(0) > 0,
         "{line}"
     );
+    assert_eq!(
+        line["block"]["rootfs"]["rate_limiter_throttled_events"].as_u64(),
+        Some(0),
+        "{line}"
+    );
 
     let patch = serde_json::json!({"drive_id":"data","path_on_host":data2});
     let (code, body) = request(&sock, "PATCH", "/drives/data", Some(&patch.to_string()));
     assert_eq!(code, 204, "{body}");
     let (_, body) = request(&sock, "GET", "/vm/config", None);
     assert!(body.contains("data2.img"), "{body}");
+
+    // A live limit on the data drive the guest keeps reading: one request
+    // per hour. The guest's next request is held back...
+    let data_metrics = || -> serde_json::Value {
+        let (code, body) = request(
+            &sock,
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type":"FlushMetrics"}"#),
+        );
+        assert_eq!(code, 204, "{body}");
+        let text = std::fs::read_to_string(&metrics).expect("metrics file");
+        let line: serde_json::Value =
+            serde_json::from_str(text.lines().last().expect("a metrics line")).expect("JSON line");
+        line["block"]["data"].clone()
+    };
+    let field = |m: &serde_json::Value, name: &str| m[name].as_u64().unwrap_or(0);
+    let hour = r#"{"drive_id":"data","rate_limiter":{"ops":{"size":1,"refill_time":3600000}}}"#;
+    let (code, body) = request(&sock, "PATCH", "/drives/data", Some(hour));
+    assert_eq!(code, 204, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut held = data_metrics();
+    while field(&held, "rate_limiter_throttled_events") == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        held = data_metrics();
+    }
+    assert!(
+        field(&held, "rate_limiter_throttled_events") > 0,
+        "the one-per-hour limit never held a request back: {held}"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let still = data_metrics();
+    assert_eq!(
+        field(&still, "requests"),
+        field(&held, "requests"),
+        "requests were served through a one-per-hour limit: {held} then {still}"
+    );
+    // ...until the limit is lifted (size 0 removes the bucket): the held
+    // request is served at once and the guest's loop goes on.
+    let lift = r#"{"drive_id":"data","rate_limiter":{"ops":{"size":0,"refill_time":0}}}"#;
+    let (code, body) = request(&sock, "PATCH", "/drives/data", Some(lift));
+    assert_eq!(code, 204, "{body}");
+    let (_, body) = request(&sock, "GET", "/vm/config", None);
+    assert!(
+        !body.contains("rate_limiter"),
+        "the lifted limit is still reported: {body}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut after = data_metrics();
+    while field(&after, "requests") < field(&still, "requests") + 4 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        after = data_metrics();
+    }
+    assert!(
+        field(&after, "requests") >= field(&still, "requests") + 4,
+        "the guest's reads did not resume after the limit was lifted: {still} then {after}"
+    );
 
     let (code, body) = request(
         &sock,

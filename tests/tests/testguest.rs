@@ -329,3 +329,104 @@ fn net_cases_pass_through_a_tap_in_a_namespace() {
         run.elapsed
     );
 }
+
+/// The `vsock.*` cases.
+const VSOCK_CASES: u32 = 6;
+
+/// vtest's `vsock.*` cases against `--vsock cid=3,uds=...` with this
+/// test's Unix sockets behind it: an echo server on `<uds>_5` (every
+/// connection echoed until end of file), nothing on `<uds>_6`, and a host
+/// client that connects to `<uds>` as soon as ringvm listens, sends
+/// `CONNECT 52\n`, and after `OK <port>\n` sends "ping\n" and must get
+/// "pong\n" and then end of file (the guest's `vsock.host_connect`).
+#[test]
+fn vsock_cases_pass_against_host_unix_sockets() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+
+    if !kvm_available("vsock_cases_pass_against_host_unix_sockets") {
+        return;
+    }
+    let scratch = Scratch::new("vtvsock");
+    let uds = scratch.path.join("v.sock");
+    let echo = UnixListener::bind(format!("{}_5", uds.display())).expect("bind <uds>_5");
+    std::thread::spawn(move || {
+        for conn in echo.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let client = {
+        let uds = uds.clone();
+        std::thread::spawn(move || -> Result<String, String> {
+            let deadline = std::time::Instant::now() + Duration::from_secs(120);
+            let stream = loop {
+                match UnixStream::connect(&uds) {
+                    Ok(s) => break s,
+                    Err(_) if std::time::Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(20))
+                    }
+                    Err(e) => return Err(format!("connect: {e}")),
+                }
+            };
+            stream
+                .set_read_timeout(Some(Duration::from_secs(120)))
+                .map_err(|e| e.to_string())?;
+            let mut w = stream.try_clone().map_err(|e| e.to_string())?;
+            w.write_all(b"CONNECT 52\n").map_err(|e| e.to_string())?;
+            let mut r = BufReader::new(stream);
+            let mut ok = String::new();
+            r.read_line(&mut ok).map_err(|e| format!("OK line: {e}"))?;
+            if !ok.starts_with("OK ") {
+                return Err(format!("expected OK, got {ok:?}"));
+            }
+            w.write_all(b"ping\n").map_err(|e| e.to_string())?;
+            let mut rest = Vec::new();
+            r.read_to_end(&mut rest).map_err(|e| format!("read: {e}"))?;
+            if rest != b"pong\n" {
+                return Err(format!("expected pong then EOF, got {rest:?}"));
+            }
+            Ok(ok)
+        })
+    };
+    let elf = vtest_elf();
+    let vsock = format!("cid=3,uds={}", uds.display());
+    let args = [
+        "--kernel",
+        &elf,
+        "--acpi",
+        "off",
+        "--vsock",
+        &vsock,
+        "--cmdline",
+        "suite=vsock",
+    ];
+    let run = run_ringvm(&args, DEADLINE);
+    let t = run.transcript();
+    assert!(!run.timed_out, "{t}");
+    assert!(
+        !run.stdout.contains("skip vsock."),
+        "no vsock device seen\n{t}"
+    );
+    let (passed, failed) = tally(&run.stdout).unwrap_or_else(|| panic!("no tally line\n{t}"));
+    assert_eq!(failed, 0, "{t}");
+    assert_eq!(passed, VSOCK_CASES, "expected every vsock case to run\n{t}");
+    assert_eq!(run.code, Some(0), "{t}");
+    assert!(!uds.exists(), "ringvm removes its socket at exit\n{t}");
+    let ok = client
+        .join()
+        .expect("host client panicked")
+        .unwrap_or_else(|e| panic!("host client: {e}\n{t}"));
+    eprintln!(
+        "vtest: {passed} vsock cases passed in {:?} (host client got {})",
+        run.elapsed,
+        ok.trim()
+    );
+}

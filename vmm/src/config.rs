@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use devices::rate_limiter::{BucketConfig, BucketUpdate, RateLimiter};
+use devices::rate_limiter::{BucketConfig, BucketUpdate, DeviceRateLimiter, RateLimiter};
 use devices::virtio::net::MacAddr;
 use serde::{Deserialize, Serialize};
 
@@ -218,12 +218,17 @@ impl<'de> Deserialize<'de> for RateLimiterConfig {
 
 impl RateLimiterConfig {
     /// A limiter with full buckets, for a device being built.
-    pub fn limiter(&self) -> RateLimiter {
+    pub fn limiter(&self) -> DeviceRateLimiter {
         RateLimiter::new(
             self.bandwidth.map(|b| b.bucket()),
             self.ops.map(|b| b.bucket()),
-            devices::rate_limiter::MonotonicClock,
+            std::sync::Arc::new(devices::rate_limiter::MonotonicClock),
         )
+    }
+
+    /// The limiter for an optional configuration (none: unlimited).
+    pub fn limiter_for(config: Option<&Self>) -> DeviceRateLimiter {
+        config.map(Self::limiter).unwrap_or_default()
     }
 
     /// What this body means as a live update (`PATCH`): a bucket it names
@@ -549,6 +554,9 @@ pub enum ConfigError {
     /// No kernel was given.
     #[error("no kernel: give --kernel PATH (or boot-source.kernel_image_path)")]
     NoKernel,
+    /// The vsock device is misconfigured.
+    #[error("{0}")]
+    Vsock(#[from] crate::vsock::VsockConfigError),
 }
 
 /// Everything needed to build and boot one VM.
@@ -570,6 +578,9 @@ pub struct VmConfig {
     /// The entropy device, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entropy: Option<EntropyConfig>,
+    /// The vsock device, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<crate::vsock::VsockConfig>,
     /// Log the time from process start to the guest's boot-timer write.
     #[serde(skip)]
     pub boot_timer: bool,
@@ -622,7 +633,11 @@ impl VmConfig {
         let devices = self.drives.len()
             + self.network_interfaces.len()
             + usize::from(self.entropy.is_some())
+            + usize::from(self.vsock.is_some())
             + self.runner.as_ref().map_or(0, |r| r.device_count());
+        if let Some(v) = &self.vsock {
+            v.validate()?;
+        }
         if devices > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(devices));
         }

@@ -57,6 +57,8 @@ struct ConfigFile {
     metrics: Option<MetricsConfig>,
     #[serde(default)]
     entropy: Option<EntropyConfig>,
+    #[serde(default)]
+    vsock: Option<crate::vsock::VsockConfig>,
 }
 
 /// Errors before any guest runs, each one line and an exit code.
@@ -111,6 +113,7 @@ pub fn config_file_requests(text: &str) -> Result<Vec<ApiRequest>, serde_json::E
     requests.extend(file.logger.map(ApiRequest::PutLogger));
     requests.extend(file.metrics.map(ApiRequest::PutMetrics));
     requests.extend(file.entropy.map(ApiRequest::PutEntropy));
+    requests.extend(file.vsock.map(ApiRequest::PutVsock));
     Ok(requests)
 }
 
@@ -413,10 +416,14 @@ fn boot_and_run(
                 source,
             })?;
     }
+    let controller_has_vsock = controller.config().vsock.is_some();
     if let Some(api) = api {
         vmm.attach_api(api, controller);
     }
-    let exit = vmm.run(filters)?;
+    // The VMM thread's list widens for a vsock device's socket calls only
+    // when there is one.
+    let filters = filters.for_vmm_thread(controller_has_vsock);
+    let exit = vmm.run(&filters)?;
     let console = vmm.console_tail();
     // Dropping the VM drops the API handle, which stops the API thread.
     drop(vmm);

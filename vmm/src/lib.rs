@@ -26,3 +26,4 @@ pub mod seccomp;
 pub mod stop_signals;
 pub mod terminal;
 pub mod vmm;
+pub mod vsock;

@@ -86,9 +86,16 @@ struct Cli {
     /// crng initialises from it even without a boot-time seed).
     #[arg(long, requires = "kernel")]
     rng: bool,
+    /// A virtio-vsock device, Firecracker's hybrid vsock: cid=N,uds=PATH.
+    /// The guest's context id N is 3 or more; ringvm listens on PATH (which
+    /// must not exist) for host clients that write "CONNECT <port>\n" and
+    /// get "OK <host_port>\n"; a guest connection to host port P goes to
+    /// the Unix socket PATH_P.
+    #[arg(long, value_name = "cid=N,uds=PATH", requires = "kernel")]
+    vsock: Option<vmm::vsock::VsockConfig>,
     /// Boot the VM described by this Firecracker-style JSON file
     /// (boot-source, machine-config, drives, network-interfaces, logger,
-    /// metrics, entropy).
+    /// metrics, entropy, vsock).
     #[arg(long, value_name = "PATH", conflicts_with = "kernel")]
     config_file: Option<PathBuf>,
     /// Serve the Firecracker-compatible JSON API on this Unix socket. Alone,
@@ -209,6 +216,7 @@ impl Cli {
                 drives,
                 network_interfaces,
                 entropy: self.rng.then(EntropyConfig::default),
+                vsock: self.vsock,
                 boot_timer: self.boot_timer,
                 serial: Default::default(),
                 runner,

@@ -11,6 +11,7 @@ use io_uring::{opcode, types};
 use vmm_sys_util::eventfd::EventFd;
 
 use devices::virtio::block::BlockDevice;
+use devices::virtio::LimiterSide;
 
 use crate::api::{ApiHandle, CommandOutput, Controller, Decision, VmCommand};
 use crate::arch::x86_64::acpi::{setup_acpi, AcpiError, AcpiMachine};
@@ -226,6 +227,9 @@ impl Vmm {
         }
         if let Some(entropy) = &config.entropy {
             virtio.add_rng(entropy)?;
+        }
+        if let Some(vsock) = &config.vsock {
+            virtio.add_vsock(vsock)?;
         }
         if let Some(runner) = &config.runner {
             virtio.add_runner(runner)?;
@@ -497,36 +501,42 @@ impl Vmm {
                     self.config.drives[index] = cfg;
                 }
                 if let Some(update) = rate_limiter {
+                    self.update_rate_limiter(drive_id, LimiterSide::Requests, update)?;
                     let d = &mut self.config.drives[index];
                     d.rate_limiter = RateLimiterConfig::patched(d.rate_limiter, update);
-                    self.rate_limiter_updated(drive_id, "", update);
                 }
                 Ok(CommandOutput::Done)
             }
             VmCommand::UpdateNetRateLimiters { iface_id, rx, tx } => {
-                let Some(n) = self
+                let Some(index) = self
                     .config
                     .network_interfaces
-                    .iter_mut()
-                    .find(|n| &n.iface_id == iface_id)
+                    .iter()
+                    .position(|n| &n.iface_id == iface_id)
                 else {
                     return Err(format!("no network interface {iface_id:?}"));
                 };
+                for (side, update) in [(LimiterSide::Rx, rx), (LimiterSide::Tx, tx)] {
+                    if let Some(update) = update {
+                        self.update_rate_limiter(iface_id, side, update)?;
+                    }
+                }
+                let n = &mut self.config.network_interfaces[index];
                 if let Some(update) = rx {
                     n.rx_rate_limiter = RateLimiterConfig::patched(n.rx_rate_limiter, update);
                 }
                 if let Some(update) = tx {
                     n.tx_rate_limiter = RateLimiterConfig::patched(n.tx_rate_limiter, update);
                 }
-                for (side, update) in [("rx", rx), ("tx", tx)] {
-                    if let Some(update) = update {
-                        self.rate_limiter_updated(iface_id, side, update);
-                    }
-                }
                 Ok(CommandOutput::Done)
             }
             VmCommand::Pause => self.pause_guest().map(|()| CommandOutput::Done),
             VmCommand::Resume => {
+                // Devices first: the guest's first kick after resuming must
+                // find them draining again.
+                self.virtio
+                    .set_paused(false, &mut self.ring, self.vm.memory())
+                    .map_err(|e| format!("resuming the devices: {e}"))?;
                 self.pause.open();
                 log::info!("guest resumed");
                 Ok(CommandOutput::Done)
@@ -546,9 +556,8 @@ impl Vmm {
         }
     }
 
-    /// Whether the guest is paused (`PATCH /vm`): its vCPUs are parked.
-    /// Devices keep completing what is in flight; a device slot that must
-    /// also stop draining its queues reads this on the VMM thread.
+    /// Whether the guest is paused (`PATCH /vm`): its vCPUs are parked and
+    /// its devices take no new requests (what is in flight completes).
     pub fn is_paused(&self) -> bool {
         self.pause.is_paused()
     }
@@ -568,20 +577,42 @@ impl Vmm {
                 PAUSE_TIMEOUT.as_secs()
             ));
         }
+        if let Err(e) = self
+            .virtio
+            .set_paused(true, &mut self.ring, self.vm.memory())
+        {
+            self.pause.open();
+            return Err(format!("pausing the devices: {e}"));
+        }
         log::info!("guest paused ({} vCPUs parked)", self.pause.parked());
         Ok(())
     }
 
-    /// A live limiter update (`PATCH`) reached the VMM and is recorded in
-    /// the running configuration (`GET /vm/config` shows it). The device
-    /// data paths take their limiters from the device contract, which
-    /// applies `update.as_update()` to the device's
-    /// [`devices::rate_limiter::RateLimiter`]; until then this records.
-    fn rate_limiter_updated(&mut self, device: &str, side: &str, update: &RateLimiterConfig) {
-        log::info!(
-            "rate limiter of {device}{}{side} updated: {update:?}",
-            if side.is_empty() { "" } else { " " }
-        );
+    /// Applies a live limiter update (`PATCH`) to the running device: a
+    /// bucket the body names is replaced by a full one (or removed by a
+    /// zero size or refill time), the other is kept, and queues the old
+    /// limit held back are served at once.
+    fn update_rate_limiter(
+        &mut self,
+        device: &str,
+        side: LimiterSide,
+        update: &RateLimiterConfig,
+    ) -> Result<(), String> {
+        let applied = self
+            .virtio
+            .update_rate_limiter(
+                device,
+                side,
+                update.as_update(),
+                &mut self.ring,
+                self.vm.memory(),
+            )
+            .map_err(|e| format!("updating the rate limiter of {device}: {e}"))?;
+        if !applied {
+            return Err(format!("{device} has no {side:?} rate limiter"));
+        }
+        log::info!("rate limiter of {device} ({side:?}) updated: {update:?}");
+        Ok(())
     }
 
     /// Sends metrics to `path` from now on (`--metrics-path`, `PUT /metrics`).

@@ -30,11 +30,13 @@
 
 use std::any::Any;
 use std::os::fd::RawFd;
+use std::time::Duration;
 
 use vm_memory::GuestMemory;
 
 use super::{Activation, QueueConfigError, VirtioDeviceInfo, Virtqueues};
 use crate::io::IoSubmit;
+use crate::rate_limiter::DeviceRateLimiter;
 
 /// Errors the VMM thread sees from a device. Request-level problems never
 /// surface here: they become status bytes or unused chains for the guest.
@@ -83,6 +85,9 @@ pub struct ProcessOutcome {
     /// No free slot or a full ring stopped the drain and the chain was put
     /// back: call `process_queue` again after completions are delivered.
     pub blocked: bool,
+    /// The device's rate limiter stopped the drain and the chain was put
+    /// back; [`VirtioDevice::take_throttle`] says when to resume.
+    pub throttled: bool,
 }
 
 impl ProcessOutcome {
@@ -98,18 +103,46 @@ impl ProcessOutcome {
         self.answered = self.answered.saturating_add(other.answered);
         self.more |= other.more;
         self.blocked |= other.blocked;
+        self.throttled |= other.throttled;
     }
 }
 
 /// A host fd the device waits on when it cannot use the ring's own poll
 /// (e.g. a tap that answered EAGAIN): the slot arms a one-shot POLLIN on
-/// `fd` and calls `process_queue(queue)` when it fires.
+/// `fd` and calls `process_queue(queue)` when it fires. A device that
+/// watches many fds (virtio-vsock: a listener and one socket per
+/// connection) submits [`IoOp::Poll`](crate::io::IoOp::Poll) ops with its
+/// own tags instead, and hears of them in `complete`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PollRequest {
     /// The fd to watch for readability.
     pub fd: RawFd,
     /// The queue to serve when it is readable.
     pub queue: usize,
+}
+
+/// A queue the device stopped serving because its rate limiter is out of
+/// tokens: the slot arms one timer on the ring for `resume_after`, ignores
+/// the queue's kicks meanwhile, and serves the queue when the timer fires.
+/// Nothing polls and no thread sleeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Throttle {
+    /// The queue to serve again.
+    pub queue: usize,
+    /// How long until the limiter has the tokens the refused work needs.
+    pub resume_after: Duration,
+}
+
+/// Which of a device's rate limiters a live update (`PATCH /drives`,
+/// `PATCH /network-interfaces`) names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LimiterSide {
+    /// A device with one limiter for its requests (block, rng).
+    Requests,
+    /// What the guest receives (net RX).
+    Rx,
+    /// What the guest sends (net TX).
+    Tx,
 }
 
 /// One virtio device backend, owned by the VMM thread.
@@ -207,6 +240,25 @@ pub trait VirtioDevice<M: GuestMemory>: Send + std::fmt::Debug {
     /// read that may wait for a frame forever: no).
     fn batch_completions(&self) -> bool {
         false
+    }
+
+    /// The throttle the last serving of a queue ran into, taken once: the
+    /// slot arms its timer. Devices with rate limiters record one when a
+    /// [`ChainTaken::Throttled`](super::ChainTaken::Throttled) stopped a
+    /// drain or a limiter held back a host read.
+    fn take_throttle(&mut self) -> Option<Throttle> {
+        None
+    }
+
+    /// The limiter a live update names, if the device has that one.
+    fn rate_limiter_mut(&mut self, _side: LimiterSide) -> Option<&mut DeviceRateLimiter> {
+        None
+    }
+
+    /// Stops (or resumes) taking new work from the queues while the VM is
+    /// paused; work already handed to the host still completes.
+    fn set_paused(&mut self, paused: bool) {
+        self.queues_mut().set_paused(paused);
     }
 
     /// Sets DEVICE_NEEDS_RESET and raises the config interrupt.

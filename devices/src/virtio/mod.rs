@@ -32,6 +32,7 @@ pub mod rng;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 mod virtqueues;
+pub mod vsock;
 
 use std::io;
 use std::ops::Range;
@@ -40,7 +41,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::io::InterruptLine;
 
-pub use device::{DeviceError, PollRequest, ProcessOutcome, VirtioDevice};
+pub use device::{DeviceError, LimiterSide, PollRequest, ProcessOutcome, Throttle, VirtioDevice};
 pub use inflight::{
     map_guest_buffer, Generation, InFlight, Iovecs, MapError, Reserved, Tag, Taken,
 };

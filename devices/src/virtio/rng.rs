@@ -19,9 +19,10 @@ use vm_memory::{GuestMemory, Permissions};
 
 use crate::guest_log::GuestLog;
 use crate::io::{InterruptLine, IoSubmit, IOV_MAX};
+use crate::rate_limiter::DeviceRateLimiter;
 use crate::virtio::{
-    drain_queue, map_guest_buffer, ChainTaken, DeviceError, DeviceShared, Interrupt,
-    ProcessOutcome, VirtioDevice, Virtqueues, F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1,
+    drain_queue, map_guest_buffer, ChainTaken, DeviceError, DeviceShared, Interrupt, LimiterSide,
+    ProcessOutcome, Throttle, VirtioDevice, Virtqueues, F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1,
 };
 
 /// virtio device ID of an entropy device.
@@ -49,6 +50,8 @@ pub struct RngCounters {
     pub needs_reset: u64,
     /// Guest-caused warnings not logged (rate limit).
     pub log_lines_suppressed: u64,
+    /// Times the device's rate limiter held requests back.
+    pub rate_limiter_throttled_events: u64,
 }
 
 /// Why a request got no bytes.
@@ -106,6 +109,11 @@ pub struct RngDevice {
     log: GuestLog,
     /// Host views of one request's buffers, reused.
     iov: Vec<libc::iovec>,
+    /// Bytes and requests the guest may draw (Firecracker's `entropy`
+    /// `rate_limiter`).
+    limiter: DeviceRateLimiter,
+    /// A throttle for the slot to arm.
+    throttle: Option<Throttle>,
 }
 
 // SAFETY: `iov` only ever holds pointers into guest memory for the span of
@@ -128,7 +136,15 @@ impl RngDevice {
             counters: RngCounters::default(),
             log: GuestLog::new("virtio-rng"),
             iov: Vec::new(),
+            limiter: DeviceRateLimiter::default(),
+            throttle: None,
         }
+    }
+
+    /// Limits the bytes and requests the guest may draw: each request takes
+    /// one op and the bytes it asks for (up to the per-request cap).
+    pub fn set_rate_limiter(&mut self, limiter: DeviceRateLimiter) {
+        self.limiter = limiter;
     }
 
     /// Counters since the device was made.
@@ -136,6 +152,7 @@ impl RngDevice {
         RngCounters {
             needs_reset: self.queues.resets_requested(),
             log_lines_suppressed: self.log.suppressed() + self.queues.log_lines_suppressed(),
+            rate_limiter_throttled_events: self.limiter.throttled(),
             ..self.counters
         }
     }
@@ -151,6 +168,19 @@ impl RngDevice {
     ) -> Result<ChainTaken, String> {
         self.counters.requests += 1;
         let written = match self.map_request(mem, chain) {
+            Ok(()) if !self.limiter.is_unlimited() => {
+                let bytes: usize = self.iov.iter().map(|v| v.iov_len).sum();
+                if let Err(wait) = self.limiter.try_consume(bytes as u64, 1) {
+                    self.iov.clear();
+                    self.counters.requests -= 1;
+                    self.throttle = Some(Throttle {
+                        queue: REQUEST_QUEUE,
+                        resume_after: wait,
+                    });
+                    return Ok(ChainTaken::Throttled);
+                }
+                self.fill_mapped()
+            }
             Ok(()) => self.fill_mapped(),
             Err(e) => {
                 self.counters.errors += 1;
@@ -279,6 +309,14 @@ impl<M: GuestMemory> VirtioDevice<M> for RngDevice {
 
     fn in_flight(&self) -> usize {
         0
+    }
+
+    fn take_throttle(&mut self) -> Option<Throttle> {
+        self.throttle.take()
+    }
+
+    fn rate_limiter_mut(&mut self, side: LimiterSide) -> Option<&mut DeviceRateLimiter> {
+        (side == LimiterSide::Requests).then_some(&mut self.limiter)
     }
 
     fn metrics(&self) -> serde_json::Value {

@@ -36,6 +36,9 @@ pub struct Virtqueues {
     resets_requested: u64,
     /// A driver can break its queue, reset and break it again at will.
     log: GuestLog,
+    /// The VM is paused: nothing is popped (completions are still
+    /// answered), so a paused guest's queues stay as it left them.
+    paused: bool,
 }
 
 impl Virtqueues {
@@ -59,6 +62,7 @@ impl Virtqueues {
             active: false,
             resets_requested: 0,
             log: GuestLog::new(kind),
+            paused: false,
         }
     }
 
@@ -142,24 +146,45 @@ impl Virtqueues {
         self.active = false;
     }
 
-    /// Queue `qidx` if it is live and not broken: the one to pop from.
+    /// Stops (or resumes) popping from every queue while the VM is paused
+    /// (`PATCH /vm`). A reset does not end a pause.
+    pub fn set_paused(&mut self, paused: bool) {
+        self.paused = paused;
+    }
+
+    /// Whether the VM is paused and the queues are not to be popped.
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// Queue `qidx` if it is live, not broken and the VM is not paused: the
+    /// one to pop from.
     pub fn live(&mut self, qidx: usize) -> Option<&mut Queue> {
+        if self.paused {
+            return None;
+        }
         self.queues
             .get_mut(qidx)
             .filter(|s| !s.broken)
             .and_then(|s| s.queue.as_mut())
     }
 
-    /// Whether queue `qidx` is live and not broken.
+    /// Whether queue `qidx` may be popped now (see [`Self::live`]).
     pub fn is_live(&self, qidx: usize) -> bool {
-        self.queues
-            .get(qidx)
-            .is_some_and(|s| !s.broken && s.queue.is_some())
+        !self.paused
+            && self
+                .queues
+                .get(qidx)
+                .is_some_and(|s| !s.broken && s.queue.is_some())
     }
 
     /// Takes live queue `qidx` out, so a drain can hold it while the
     /// device's other fields are in use; give it back with [`Self::restore`].
+    /// `None` while paused, like [`Self::live`].
     pub fn take_live(&mut self, qidx: usize) -> Option<Queue> {
+        if self.paused {
+            return None;
+        }
         self.queues
             .get_mut(qidx)
             .filter(|s| !s.broken)
@@ -296,6 +321,11 @@ pub enum ChainTaken {
     /// No room to take it now (no free slot, full ring): put it back and
     /// stop; the slot resumes the drain after completions.
     PutBack,
+    /// The device's rate limiter refused it: put it back and stop; the
+    /// device tells the slot when to resume ([`VirtioDevice::take_throttle`]).
+    ///
+    /// [`VirtioDevice::take_throttle`]: super::VirtioDevice::take_throttle
+    Throttled,
 }
 
 /// Pops up to one queue's worth of chains from `queue` and hands each to
@@ -335,6 +365,14 @@ where
                     queue.go_to_previous_position();
                     out.popped -= 1;
                     out.blocked = true;
+                    break 'drain Ok(());
+                }
+                Ok(ChainTaken::Throttled) => {
+                    // Notifications stay off: the limiter's timer resumes
+                    // the drain, whatever the driver adds meanwhile.
+                    queue.go_to_previous_position();
+                    out.popped -= 1;
+                    out.throttled = true;
                     break 'drain Ok(());
                 }
                 Err(e) => break 'drain Err(e),

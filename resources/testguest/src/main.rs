@@ -29,6 +29,7 @@ mod rng;
 mod serial;
 mod time;
 mod virtio;
+mod vsock;
 
 use bootinfo::BootInfo;
 use cases::{Ctx, Need, CASES};
@@ -92,6 +93,7 @@ pub extern "C" fn kmain(zero_page: u64) -> ! {
         ro: None,
         net: None,
         rng: None,
+        vsock: None,
         ram_end: info.ram_end,
         low_ram_end: info.low_ram_end,
         tag: 0,
@@ -123,6 +125,8 @@ pub extern "C" fn kmain(zero_page: u64) -> ! {
             ctx.net = Some(dev);
         } else if dev.device_id == rng::DEVICE_ID && ctx.rng.is_none() {
             ctx.rng = Some(dev);
+        } else if dev.device_id == vsock::DEVICE_ID && ctx.vsock.is_none() {
+            ctx.vsock = Some(dev);
         }
     }
 
@@ -136,6 +140,7 @@ pub extern "C" fn kmain(zero_page: u64) -> ! {
             Need::Ro if ctx.ro.is_none() => Some("no read-only virtio-blk drive (--disk ...,ro)"),
             Need::Net if ctx.net.is_none() => Some("no virtio-net device (--net tap=...)"),
             Need::Rng if ctx.rng.is_none() => Some("no virtio-rng device (--rng)"),
+            Need::Vsock if ctx.vsock.is_none() => Some("no virtio-vsock device (--vsock)"),
             _ => None,
         };
         if let Some(why) = missing {
@@ -164,7 +169,10 @@ pub extern "C" fn kmain(zero_page: u64) -> ! {
             }
         }
         // Leave every device quiet for the next case.
-        for dev in [ctx.rw, ctx.rw2, ctx.ro, ctx.net, ctx.rng].iter().flatten() {
+        for dev in [ctx.rw, ctx.rw2, ctx.ro, ctx.net, ctx.rng, ctx.vsock]
+            .iter()
+            .flatten()
+        {
             let _ = dev.reset();
         }
     }

@@ -10,6 +10,7 @@ pub mod inline_vmm;
 pub mod interleave;
 pub mod irq;
 pub mod mmio;
+pub mod netns;
 pub mod points;
 pub mod procfs;
 pub mod report;

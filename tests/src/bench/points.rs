@@ -18,14 +18,18 @@ pub enum Better {
     Higher,
     /// Costs: milliseconds, KiB, CPU time.
     Lower,
+    /// A figure meant to equal its reference, e.g. a rate held at a set
+    /// limit: too much is as wrong as too little.
+    Near,
 }
 
 /// The bound the project set for a point's median ratio (ringvm /
 /// reference), and where it comes from.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Target {
-    /// The median ratio must be at least this (Better::Higher) or at most
-    /// this (Better::Lower).
+    /// The median ratio must be at least this (Better::Higher), at most
+    /// this (Better::Lower), or within `ratio..=2 - ratio` (Better::Near:
+    /// 0.95 means within ±5% of the reference).
     pub ratio: f64,
     /// Where the bound comes from, e.g. "issue 14".
     pub source: String,
@@ -116,6 +120,7 @@ impl Point {
         Some(match self.better {
             Better::Higher => m >= t.ratio,
             Better::Lower => m <= t.ratio,
+            Better::Near => (t.ratio..=2.0 - t.ratio).contains(&m),
         })
     }
 
@@ -190,6 +195,14 @@ mod tests {
         assert_eq!(p.target_met(), Some(true));
         let p = point(Better::Lower, 0.5, &[(60.0, 100.0), (70.0, 100.0)]);
         assert_eq!(p.target_met(), Some(false));
+    }
+
+    #[test]
+    fn near_is_met_within_the_band_either_way() {
+        for (got, met) in [(94.0, false), (95.5, true), (104.5, true), (106.0, false)] {
+            let p = point(Better::Near, 0.95, &[(got, 100.0)]);
+            assert_eq!(p.target_met(), Some(met), "{got}");
+        }
     }
 
     #[test]

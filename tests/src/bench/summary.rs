@@ -4,7 +4,7 @@
 //! page, and the noise-free instruction counts beside them.
 //!
 //! The benchmarks write their own files (`blk.json`, `net.json`,
-//! `boot.json`, `callgrind.json`) with their points in the shape of
+//! `boot.json`, `limit.json`, `callgrind.json`) with their points in the shape of
 //! [`Point`]; this module only gathers them. A benchmark that did not run
 //! is listed as such, never left out silently.
 
@@ -118,13 +118,12 @@ pub fn fmt_value(v: f64, unit: &str) -> String {
 fn target_text(p: &Point) -> String {
     match (&p.target, p.target_met()) {
         (Some(t), met) => format!(
-            "{}{:.2}x: {}",
-            if p.better == Better::Higher {
-                "≥"
-            } else {
-                "≤"
+            "{}: {}",
+            match p.better {
+                Better::Higher => format!("≥{:.2}x", t.ratio),
+                Better::Lower => format!("≤{:.2}x", t.ratio),
+                Better::Near => format!("1.00±{:.2}x", 1.0 - t.ratio),
             },
-            t.ratio,
             match met {
                 Some(true) => "met",
                 Some(false) => "**missed**",
@@ -143,7 +142,7 @@ impl Report {
         let _ = writeln!(s, "Generated {} on {}.\n", self.generated, self.host);
         let _ = writeln!(
             s,
-            "Every point ran ringvm and its reference in alternation, N rounds (ringvm first in even rounds, the reference first in odd ones). **ratio** = ringvm / reference within one round; the table gives the median of the per-round ratios, their range (min–max) and interquartile range, and the CPUs the rest of the machine kept busy during the rounds (median, max). For rates (IOPS, pkt/s) higher is better; for costs (ms, KiB) lower is better. The per-round ratios are plotted in `report.png`.\n"
+            "Every point ran ringvm and its reference in alternation, N rounds (ringvm first in even rounds, the reference first in odd ones). **ratio** = ringvm / reference within one round; the table gives the median of the per-round ratios, their range (min–max) and interquartile range, and the CPUs the rest of the machine kept busy during the rounds (median, max). For rates (IOPS, pkt/s) higher is better; for costs (ms, KiB) lower is better; for a rate held at a set limit (bench-limit: reference = the limit) the ratio should be 1.00. The per-round ratios are plotted in `report.png`.\n"
         );
         self.targets_markdown(&mut s);
         for sec in &self.sections {
@@ -413,6 +412,12 @@ mod tests {
                         Some(0.5),
                         &[(10.0, 30.0), (11.0, 30.0)],
                     ),
+                    point(
+                        "blk bandwidth limit",
+                        Better::Near,
+                        Some(0.95),
+                        &[(101.0, 100.0), (99.0, 100.0), (100.0, 100.0)],
+                    ),
                 ],
                 notes: vec!["a note".into()],
             }],
@@ -430,7 +435,8 @@ mod tests {
         assert!(md.contains("| tmpfs randread 4k QD32 | 90k IOPS | fio io_uring | 100k IOPS | 0.90x | 0.50–0.95 |"), "{md}");
         assert!(md.contains("≥0.90x: met"), "{md}");
         assert!(md.contains("≤0.50x: met"), "{md}");
-        assert!(md.contains("## Targets: 2 of 2 met"), "{md}");
+        assert!(md.contains("1.00±0.05x: met"), "{md}");
+        assert!(md.contains("## Targets: 3 of 3 met"), "{md}");
         assert!(
             md.contains("| blk tmpfs randread 4k QD1 | 11000 | 10000 | +10.0% | 1800 |"),
             "{md}"
@@ -466,7 +472,7 @@ mod tests {
         let js: Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap())
                 .unwrap();
-        assert_eq!(js["sections"][0]["points"].as_array().unwrap().len(), 2);
+        assert_eq!(js["sections"][0]["points"].as_array().unwrap().len(), 3);
         if line.starts_with("no plot") {
             eprintln!("SKIPPED the PNG part: {line}");
         } else {

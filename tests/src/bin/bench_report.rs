@@ -1,5 +1,5 @@
 //! The last step of `make bench`: gathers the benchmarks' own reports
-//! (`blk.json`, `net.json`, `boot.json`, `callgrind.json` in
+//! (`blk.json`, `net.json`, `boot.json`, `limit.json`, `callgrind.json` in
 //! `target/bench`) into one `report.md`, `report.json` and `report.png`.
 //! A benchmark whose file is missing is listed as not run.
 
@@ -14,7 +14,9 @@ use ringvm_tests::bench::Res;
 use serde_json::Value;
 
 #[derive(Parser, Debug)]
-#[command(about = "Gathers target/bench/{blk,net,boot,callgrind}.json into report.{md,json,png}")]
+#[command(
+    about = "Gathers target/bench/{blk,net,boot,limit,callgrind}.json into report.{md,json,png}"
+)]
 struct Args {
     /// The directory holding the benchmarks' reports, where the report
     /// goes too (default: <workspace>/target/bench).
@@ -27,6 +29,7 @@ const BENCHES: &[(&str, &str, &str)] = &[
     ("blk", "blk", "make bench-blk"),
     ("net", "net", "make bench-net"),
     ("boot", "boot", "make bench-boot"),
+    ("limit", "limit", "make bench-limit"),
 ];
 
 fn run(args: &Args) -> Res<()> {

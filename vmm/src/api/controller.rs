@@ -244,6 +244,7 @@ impl Controller {
             | R::PutMetrics(_)
             | R::PutSerial(_)
             | R::PutEntropy(_)
+            | R::PutVsock(_)
                 if running =>
             {
                 respond(ApiResponse::bad_request(NOT_AFTER_START))
@@ -281,6 +282,7 @@ impl Controller {
                 candidate.entropy = Some(entropy);
                 respond(self.accept(candidate))
             }
+            R::PutVsock(vsock) => respond(self.put_vsock(vsock)),
             R::PatchDrive(update) => {
                 if !self
                     .config
@@ -599,6 +601,20 @@ impl Controller {
         }
     }
 
+    /// `PUT /vsock`: checked, and its socket bound and removed again, as
+    /// Firecracker binds it at this call.
+    fn put_vsock(&mut self, vsock: crate::vsock::VsockConfig) -> ApiResponse {
+        if let Err(e) = vsock.validate() {
+            return ApiResponse::bad_request(e.to_string());
+        }
+        if let Err(why) = self.host.vsock(&vsock) {
+            return ApiResponse::bad_request(why);
+        }
+        let mut candidate = self.config.clone();
+        candidate.vsock = Some(vsock);
+        self.accept(candidate)
+    }
+
     fn full_config(&self, config: &VmConfig) -> FullVmConfig {
         FullVmConfig {
             boot_source: config.boot_source.clone(),
@@ -608,6 +624,7 @@ impl Controller {
             logger: self.logger.clone(),
             metrics: self.metrics.clone(),
             entropy: config.entropy.clone(),
+            vsock: config.vsock.clone(),
         }
     }
 }
@@ -659,6 +676,9 @@ mod tests {
         }
         fn tap(&self, iface: &NetConfig) -> Result<(), String> {
             check(&iface.host_dev_name, "tap")
+        }
+        fn vsock(&self, v: &crate::vsock::VsockConfig) -> Result<(), String> {
+            check(v.uds_path.to_string_lossy().as_ref(), "vsock socket")
         }
     }
 
@@ -1133,6 +1153,38 @@ mod tests {
         assert_eq!(v["drives"][0]["path_on_host"], "/live");
         assert_eq!(v["machine-config"]["vcpu_count"], 1);
         assert!(v["logger"].is_null());
+    }
+
+    #[test]
+    fn vsock_is_checked_at_put_shown_and_locked_after_boot() {
+        let mut c = configured();
+        let put = |c: &mut Controller, body: &str| answer(c, Method::Put, "/vsock", body);
+        let r = put(&mut c, r#"{"guest_cid":2,"uds_path":"/v.sock"}"#);
+        assert_eq!(r.status, 400);
+        assert!(r
+            .fault_message()
+            .unwrap_or_default()
+            .contains("guest_cid 2"));
+        let r = put(&mut c, r#"{"guest_cid":3,"uds_path":"/missing/v.sock"}"#);
+        assert_eq!(r.status, 400);
+        let r = put(&mut c, r#"{"guest_cid":3,"uds_path":""}"#);
+        assert_eq!(r.status, 400);
+        let r = put(
+            &mut c,
+            r#"{"vsock_id":"vsock0","guest_cid":3,"uds_path":"/v.sock"}"#,
+        );
+        assert_eq!(r.status, 204, "{r:?}");
+        // A second PUT replaces the first, as in Firecracker.
+        let r = put(&mut c, r#"{"guest_cid":42,"uds_path":"/w.sock"}"#);
+        assert_eq!(r.status, 204, "{r:?}");
+        let v = json(&answer(&mut c, Method::Get, "/vm/config", ""));
+        assert_eq!(
+            v["vsock"],
+            serde_json::json!({"guest_cid":42,"uds_path":"/w.sock"})
+        );
+        boot(&mut c);
+        let r = put(&mut c, r#"{"guest_cid":3,"uds_path":"/v.sock"}"#);
+        assert_eq!(r.status, 400);
     }
 
     #[test]

@@ -24,6 +24,10 @@ pub trait HostCheck: Send + std::fmt::Debug {
     fn drive(&self, drive: &DriveConfig) -> Result<(), String>;
     /// `PUT /network-interfaces`: the tap.
     fn tap(&self, iface: &NetConfig) -> Result<(), String>;
+    /// `PUT /vsock`: the socket can be listened on.
+    fn vsock(&self, vsock: &crate::vsock::VsockConfig) -> Result<(), String> {
+        vsock.check_host()
+    }
 }
 
 /// The real host.
@@ -92,6 +96,9 @@ impl HostCheck for AcceptAll {
         Ok(())
     }
     fn tap(&self, _: &NetConfig) -> Result<(), String> {
+        Ok(())
+    }
+    fn vsock(&self, _: &crate::vsock::VsockConfig) -> Result<(), String> {
         Ok(())
     }
 }

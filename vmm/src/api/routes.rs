@@ -21,7 +21,6 @@ const NOT_IMPLEMENTED: &[&str] = &[
     "mmds",
     "pmem",
     "snapshot",
-    "vsock",
 ];
 
 /// Why a request was refused before reaching the VMM. Every variant is
@@ -232,6 +231,10 @@ pub fn parse(method: &Method, path: &str, body: &[u8]) -> Result<ApiRequest, Rou
         (Method::Put, "entropy", None) => {
             needs_body(RouteError::EmptyPut)?;
             ApiRequest::PutEntropy(json(body)?)
+        }
+        (Method::Put, "vsock", None) => {
+            needs_body(RouteError::EmptyPut)?;
+            ApiRequest::PutVsock(json(body)?)
         }
         _ => return Err(invalid()),
     };

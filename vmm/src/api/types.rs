@@ -288,6 +288,8 @@ pub enum ApiRequest {
     PatchVmState(VmStateRequest),
     /// `PUT /entropy`.
     PutEntropy(EntropyConfig),
+    /// `PUT /vsock`.
+    PutVsock(crate::vsock::VsockConfig),
 }
 
 /// Status and JSON body of one answer. Bodies are JSON text already, so
@@ -378,6 +380,9 @@ pub struct FullVmConfig {
     /// The entropy device, if configured.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub entropy: Option<EntropyConfig>,
+    /// The vsock device, if configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<crate::vsock::VsockConfig>,
 }
 
 /// The settings of [`MachineConfigBody`] that [`VmConfig`] has no place

@@ -17,10 +17,11 @@ use devices::virtio::block::{BlockConfig, BlockDevice};
 use devices::virtio::net::{NetConfig as NetDeviceConfig, NetDevice, TapDevice, TapError};
 use devices::virtio::p9::{ControlFs, HostFs, HostFsError, P9Device};
 use devices::virtio::rng::{HostRandom, RngDevice};
+use devices::virtio::vsock::VsockDevice;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::device_manager::{new_eventfd, DeviceError, DeviceManager, EventWiring};
-use crate::config::{CacheType, DriveConfig, EntropyConfig, NetConfig};
+use crate::config::{CacheType, DriveConfig, EntropyConfig, NetConfig, RateLimiterConfig};
 use crate::exit_code;
 use crate::host_file::{open_image, ImageAccess};
 use crate::ring::slot::DynDevice;
@@ -65,6 +66,14 @@ pub enum DeviceSetupError {
         /// Why.
         source: HostFsError,
     },
+    /// The vsock device's Unix socket cannot be listened on.
+    #[error("vsock: cannot listen on {path}: {source}")]
+    Vsock {
+        /// The socket path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// An interrupt eventfd could not be made, or placement failed.
     #[error("{id}: {source}")]
     Wiring {
@@ -82,7 +91,8 @@ impl DeviceSetupError {
         match self {
             DeviceSetupError::OpenDrive { .. }
             | DeviceSetupError::Tap { .. }
-            | DeviceSetupError::Share { .. } => exit_code::BAD_CONFIG,
+            | DeviceSetupError::Share { .. }
+            | DeviceSetupError::Vsock { .. } => exit_code::BAD_CONFIG,
             DeviceSetupError::Device { .. } | DeviceSetupError::Wiring { .. } => {
                 exit_code::INTERNAL
             }
@@ -159,7 +169,7 @@ impl VirtioBuilder {
     pub fn add_drive(&mut self, cfg: &DriveConfig) -> Result<(), DeviceSetupError> {
         let file = open_backing_file(cfg)?;
         self.add(&cfg.drive_id, |line| {
-            BlockDevice::new(
+            let mut drive = BlockDevice::new(
                 BlockConfig {
                     file,
                     read_only: cfg.is_read_only,
@@ -167,7 +177,9 @@ impl VirtioBuilder {
                     id: cfg.drive_id.clone(),
                 },
                 line,
-            )
+            )?;
+            drive.set_rate_limiter(RateLimiterConfig::limiter_for(cfg.rate_limiter.as_ref()));
+            Ok::<_, devices::virtio::block::BlockError>(drive)
         })
     }
 
@@ -183,13 +195,17 @@ impl VirtioBuilder {
             tap.set_mtu(mtu).map_err(tap_error)?;
         }
         self.add(&cfg.iface_id, |line| {
-            let device = NetDevice::with_mtu(
+            let mut device = NetDevice::with_mtu(
                 NetDeviceConfig {
                     tap,
                     mac: cfg.guest_mac,
                 },
                 line,
                 cfg.mtu,
+            );
+            device.set_rate_limiters(
+                RateLimiterConfig::limiter_for(cfg.rx_rate_limiter.as_ref()),
+                RateLimiterConfig::limiter_for(cfg.tx_rate_limiter.as_ref()),
             );
             log::info!(
                 "network interface {}: tap {} guest MAC {}",
@@ -202,9 +218,30 @@ impl VirtioBuilder {
     }
 
     /// The virtio-rng entropy device, fed by the host's getrandom.
-    pub fn add_rng(&mut self, _cfg: &EntropyConfig) -> Result<(), DeviceSetupError> {
+    pub fn add_rng(&mut self, cfg: &EntropyConfig) -> Result<(), DeviceSetupError> {
         self.add("rng0", |line| {
-            Ok::<_, std::convert::Infallible>(RngDevice::new(Box::new(HostRandom), line))
+            let mut rng = RngDevice::new(Box::new(HostRandom), line);
+            rng.set_rate_limiter(RateLimiterConfig::limiter_for(cfg.rate_limiter.as_ref()));
+            Ok::<_, std::convert::Infallible>(rng)
+        })
+    }
+
+    /// The virtio-vsock device: listens on `uds_path` now (a path in use
+    /// is a configuration error before the guest starts).
+    pub fn add_vsock(&mut self, cfg: &crate::vsock::VsockConfig) -> Result<(), DeviceSetupError> {
+        let listener = devices::virtio::vsock::host::listen(&cfg.uds_path).map_err(|source| {
+            DeviceSetupError::Vsock {
+                path: cfg.uds_path.clone(),
+                source,
+            }
+        })?;
+        self.add("vsock", |line| {
+            Ok::<_, std::convert::Infallible>(VsockDevice::with_listener(
+                u64::from(cfg.guest_cid),
+                &cfg.uds_path,
+                listener,
+                line,
+            ))
         })
     }
 

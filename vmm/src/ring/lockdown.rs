@@ -68,12 +68,14 @@ pub const ALLOWED_OPS: [AllowedOp; 8] = [
     AllowedOp {
         code: opcode::PollAdd::CODE,
         name: "POLL_ADD",
-        why: "virtio-net: wait for the tap to have a frame",
+        why: "virtio-net: wait for the tap to have a frame; virtio-vsock: wait for its \
+              listener and host sockets to be readable or writable",
     },
     AllowedOp {
         code: opcode::AsyncCancel::CODE,
         name: "ASYNC_CANCEL",
-        why: "virtio-net drops a stale tap read; the ring cancels all at teardown",
+        why: "virtio-net drops a stale tap read; virtio-vsock drops the polls and reads \
+              of a closed connection; the ring cancels all at teardown",
     },
     AllowedOp {
         code: opcode::Timeout::CODE,

@@ -288,6 +288,7 @@ fn sqe_for(op: IoOp) -> squeue::Entry {
             .offset(offset)
             .mode(mode)
             .build(),
+        IoOp::Poll { fd, events } => opcode::PollAdd::new(types::Fd(fd), events).build(),
     }
 }
 

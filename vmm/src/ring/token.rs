@@ -57,6 +57,13 @@ pub enum Token {
         /// Device index (slot).
         device: u8,
     },
+    /// Device `device`'s rate limiter has tokens again for queue `queue`.
+    Throttle {
+        /// Device index (slot).
+        device: u8,
+        /// Queue index.
+        queue: u16,
+    },
     /// A cancel the VMM asked for finished (nothing to do).
     Cancel,
     /// A value this build never issued (kept so it can be logged).
@@ -79,6 +86,7 @@ const DEVICE_IO: u8 = 18;
 const DEVICE_IO_BATCHED: u8 = 19;
 const DEVICE_POLL: u8 = 20;
 const CANCEL: u8 = 21;
+const THROTTLE: u8 = 22;
 
 fn pack(kind: u8, device: u8, payload: u64) -> u64 {
     (u64::from(kind) << 56) | (u64::from(device) << 48) | (payload & TAG_MAX)
@@ -113,6 +121,7 @@ impl Token {
                 pack(kind, device, tag)
             }
             Token::DevicePoll { device } => pack(DEVICE_POLL, device, 0),
+            Token::Throttle { device, queue } => pack(THROTTLE, device, u64::from(queue)),
             Token::Cancel => pack(CANCEL, 0, 0),
             Token::Unknown(v) => v,
         }
@@ -144,6 +153,10 @@ impl Token {
                 batched: (v >> 56) as u8 == DEVICE_IO_BATCHED,
             },
             DEVICE_POLL => Token::DevicePoll { device },
+            THROTTLE => Token::Throttle {
+                device,
+                queue: payload as u16,
+            },
             CANCEL => Token::Cancel,
             _ => Token::Unknown(v),
         }
@@ -188,6 +201,10 @@ mod tests {
                 batched: false,
             },
             Token::DevicePoll { device: 1 },
+            Token::Throttle {
+                device: 2,
+                queue: 1,
+            },
             Token::Cancel,
         ];
         for t in all {

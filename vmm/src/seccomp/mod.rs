@@ -28,6 +28,7 @@ pub mod shares;
 pub mod sigsys;
 pub mod vcpu;
 pub mod vmm_thread;
+pub mod vsock;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -117,6 +118,9 @@ pub struct Filters {
     programs: Option<Arc<HashMap<&'static str, Vec<BpfProgram>>>>,
 }
 
+/// Key of the VMM thread's built-in list widened for a vsock device.
+const VMM_WITH_VSOCK: &str = "vmm+vsock";
+
 /// The allow-list of `kind`, common rules first; `shares`: the VMM thread
 /// also serves shared host directories (`ringvm -- CMD`).
 pub fn builtin_rules(kind: ThreadKind, shares: bool) -> Vec<Rule> {
@@ -161,9 +165,39 @@ impl Filters {
             }
             programs.insert(kind.name(), list);
         }
+        let mut with_vsock = builtin_rules(ThreadKind::Vmm, shares);
+        with_vsock.extend(vsock::rules());
+        let compiled = rules::compile(&with_vsock)?;
+        let mut list = Vec::new();
+        for filter in std::iter::once(compiled.main).chain(compiled.refusals) {
+            list.push(filter.try_into().map_err(|source| SeccompError::Backend {
+                kind: VMM_WITH_VSOCK,
+                source,
+            })?);
+        }
+        programs.insert(VMM_WITH_VSOCK, list);
         Ok(Self {
             programs: Some(Arc::new(programs)),
         })
+    }
+
+    /// The filters with the VMM thread's list widened by [`vsock::rules`]
+    /// when `vsock` (a VM with a vsock device). A `--seccomp-filter` file
+    /// is used as written.
+    pub fn for_vmm_thread(&self, vsock: bool) -> Self {
+        let Some(programs) = self.programs.as_ref() else {
+            return self.clone();
+        };
+        match programs.get(VMM_WITH_VSOCK) {
+            Some(widened) if vsock => {
+                let mut map = (**programs).clone();
+                map.insert(ThreadKind::Vmm.name(), widened.clone());
+                Self {
+                    programs: Some(Arc::new(map)),
+                }
+            }
+            _ => self.clone(),
+        }
     }
 
     /// Filters from a seccompiler JSON file with exactly the keys `vmm`,
@@ -238,6 +272,20 @@ mod tests {
     use std::collections::HashSet;
 
     use super::*;
+
+    #[test]
+    fn the_vmm_thread_gets_the_socket_calls_only_with_a_vsock_device() {
+        let filters = Filters::builtin().unwrap();
+        let vmm = |f: &Filters| f.programs.as_ref().and_then(|p| p.get("vmm")).cloned();
+        assert_eq!(vmm(&filters.for_vmm_thread(false)), vmm(&filters));
+        assert_ne!(vmm(&filters.for_vmm_thread(true)), vmm(&filters));
+        assert!(!Filters::none().for_vmm_thread(true).enabled());
+        let names: Vec<&str> = vsock::rules().iter().map(rules::short_name).collect();
+        assert!(names.contains(&"accept4") && names.contains(&"connect"));
+        assert!(builtin_rules(ThreadKind::Vmm, false)
+            .iter()
+            .all(|r| rules::short_name(r) != "accept4"));
+    }
 
     #[test]
     fn builtin_lists_compile_and_are_smaller_than_firecrackers() {

@@ -46,9 +46,10 @@ use super::{
 };
 use crate::guest_log::GuestLog;
 use crate::io::{InterruptLine, IoOp, IoSubmit, IoSubmitError};
+use crate::rate_limiter::DeviceRateLimiter;
 use crate::virtio::{
     drain_queue, ChainTaken, DeviceError, DeviceShared, Generation, InFlight, Interrupt,
-    ProcessOutcome, Taken, VirtioDevice, Virtqueues,
+    LimiterSide, ProcessOutcome, Taken, Throttle, VirtioDevice, Virtqueues,
 };
 
 /// Retired files kept at most; a further swap waits (SwapBusy) until the
@@ -156,6 +157,10 @@ pub struct BlockDevice {
     parked_flushes: std::collections::VecDeque<ParkedFlush>,
     counters: BlockCounters,
     log: GuestLog,
+    /// Bandwidth (bytes read or written) and ops (requests) limits.
+    limiter: DeviceRateLimiter,
+    /// A throttle for the slot to arm (see [`VirtioDevice::take_throttle`]).
+    throttle: Option<Throttle>,
 }
 
 fn disk_sectors(file: &File) -> Result<u64, BlockError> {
@@ -205,7 +210,15 @@ impl BlockDevice {
             parked_flushes: std::collections::VecDeque::new(),
             counters: BlockCounters::default(),
             log: GuestLog::new("virtio-blk"),
+            limiter: DeviceRateLimiter::default(),
+            throttle: None,
         })
+    }
+
+    /// Limits the drive's requests (Firecracker's `rate_limiter`): every
+    /// request takes one op, reads and writes also their bytes.
+    pub fn set_rate_limiter(&mut self, limiter: DeviceRateLimiter) {
+        self.limiter = limiter;
     }
 
     /// Capacity in 512-byte sectors.
@@ -218,6 +231,7 @@ impl BlockDevice {
         BlockCounters {
             needs_reset: self.queues.resets_requested(),
             log_lines_suppressed: self.log.suppressed() + self.queues.log_lines_suppressed(),
+            rate_limiter_throttled_events: self.limiter.throttled(),
             ..self.counters
         }
     }
@@ -340,6 +354,21 @@ impl BlockDevice {
                 return Ok(ChainTaken::Answered);
             }
         };
+        // Bandwidth counts the data moved, not its position on the disk.
+        let bytes = match req.op {
+            Operation::Read { .. } | Operation::Write { .. } => req.data_len,
+            _ => 0,
+        };
+        if !self.limiter.is_unlimited() {
+            if let Err(wait) = self.limiter.try_consume(bytes, 1) {
+                self.counters.requests -= 1;
+                self.throttle = Some(Throttle {
+                    queue: REQUEST_QUEUE,
+                    resume_after: wait,
+                });
+                return Ok(ChainTaken::Throttled);
+            }
+        }
         let ok = VIRTIO_BLK_S_OK as u8;
         match req.op {
             Operation::GetId => {
@@ -365,6 +394,7 @@ impl BlockDevice {
             Ok(true) => Ok(ChainTaken::Submitted),
             Ok(false) => {
                 self.counters.requests -= 1;
+                self.limiter.refund(bytes, 1);
                 Ok(ChainTaken::PutBack)
             }
             Err(e) => {
@@ -754,6 +784,14 @@ impl<M: GuestMemory> VirtioDevice<M> for BlockDevice {
 
     fn batch_completions(&self) -> bool {
         true
+    }
+
+    fn take_throttle(&mut self) -> Option<Throttle> {
+        self.throttle.take()
+    }
+
+    fn rate_limiter_mut(&mut self, side: LimiterSide) -> Option<&mut DeviceRateLimiter> {
+        (side == LimiterSide::Requests).then_some(&mut self.limiter)
     }
 
     fn metrics(&self) -> serde_json::Value {

@@ -145,6 +145,9 @@ pub struct BlockCounters {
     pub needs_reset: u64,
     /// Guest-caused warnings not logged (rate limit); each was counted above.
     pub log_lines_suppressed: u64,
+    /// Times the drive's rate limiter held requests back (Firecracker's
+    /// name for it).
+    pub rate_limiter_throttled_events: u64,
 }
 
 #[cfg(test)]

@@ -35,9 +35,10 @@ use super::{
 };
 use crate::guest_log::GuestLog;
 use crate::io::{InterruptLine, IoSubmit};
+use crate::rate_limiter::DeviceRateLimiter;
 use crate::virtio::{
-    Activation, DeviceError, DeviceShared, Generation, InFlight, Interrupt, PollRequest,
-    ProcessOutcome, Tag, VirtioDevice, Virtqueues,
+    Activation, DeviceError, DeviceShared, Generation, InFlight, Interrupt, LimiterSide,
+    PollRequest, ProcessOutcome, Tag, Throttle, VirtioDevice, Virtqueues,
 };
 
 /// What a network device is made of.
@@ -91,6 +92,16 @@ pub struct NetDevice<T: Tap> {
     pub(super) tx: InFlight<TxPending>,
     pub(super) counters: NetCounters,
     pub(super) log: GuestLog,
+    /// Limits on what the guest receives: a read is admitted by the ops
+    /// bucket and a bandwidth bucket out of debt; the frame's bytes are
+    /// charged when it arrives.
+    pub(super) rx_limiter: DeviceRateLimiter,
+    /// Limits on what the guest sends, taken per frame before its write.
+    pub(super) tx_limiter: DeviceRateLimiter,
+    /// RX waits for the slot's throttle timer: no tap read is started.
+    pub(super) rx_throttled: bool,
+    /// Throttles for the slot to arm, per queue.
+    pub(super) throttles: [Option<Throttle>; NUM_QUEUES],
 }
 
 impl<T: Tap> NetDevice<T> {
@@ -118,6 +129,28 @@ impl<T: Tap> NetDevice<T> {
             tx: InFlight::new(TX_QUEUE as u8, QUEUE_MAX_SIZE),
             counters: NetCounters::default(),
             log: GuestLog::new("virtio-net"),
+            rx_limiter: DeviceRateLimiter::default(),
+            tx_limiter: DeviceRateLimiter::default(),
+            rx_throttled: false,
+            throttles: [None; NUM_QUEUES],
+        }
+    }
+
+    /// Limits what the guest receives and sends (Firecracker's
+    /// `rx_rate_limiter` / `tx_rate_limiter`): one op per frame and its
+    /// bytes without the vnet header.
+    pub fn set_rate_limiters(&mut self, rx: DeviceRateLimiter, tx: DeviceRateLimiter) {
+        self.rx_limiter = rx;
+        self.tx_limiter = tx;
+    }
+
+    /// Records that `queue` stopped for its limiter, for the slot.
+    pub(super) fn throttle(&mut self, queue: usize, resume_after: std::time::Duration) {
+        if let Some(t) = self.throttles.get_mut(queue) {
+            *t = Some(Throttle {
+                queue,
+                resume_after,
+            });
         }
     }
 
@@ -136,6 +169,8 @@ impl<T: Tap> NetDevice<T> {
         NetCounters {
             needs_reset: self.queues.resets_requested(),
             log_lines_suppressed: self.log.suppressed() + self.queues.log_lines_suppressed(),
+            rx_rate_limiter_throttled: self.rx_limiter.throttled(),
+            tx_rate_limiter_throttled: self.tx_limiter.throttled(),
             ..self.counters
         }
     }
@@ -208,6 +243,8 @@ impl<T: Tap + 'static, M: GuestMemory> VirtioDevice<M> for NetDevice<T> {
         self.rx.reset();
         self.tx.orphan_all();
         self.generation.bump();
+        self.rx_throttled = false;
+        self.throttles = [None; NUM_QUEUES];
         // The next driver has not said it takes offloaded frames.
         if let Err(e) = self.tap.set_offload(0) {
             log::warn!("virtio-net: clearing tap offloads failed: {e}");
@@ -226,6 +263,7 @@ impl<T: Tap + 'static, M: GuestMemory> VirtioDevice<M> for NetDevice<T> {
         match qidx {
             RX_QUEUE => {
                 self.rx.stalled = false;
+                self.rx_throttled = false;
                 self.rx_fill(mem, io)
             }
             TX_QUEUE => self.tx_drain(mem, io),
@@ -263,6 +301,18 @@ impl<T: Tap + 'static, M: GuestMemory> VirtioDevice<M> for NetDevice<T> {
                 queue: RX_QUEUE,
             }
         })
+    }
+
+    fn take_throttle(&mut self) -> Option<Throttle> {
+        self.throttles.iter_mut().find_map(Option::take)
+    }
+
+    fn rate_limiter_mut(&mut self, side: LimiterSide) -> Option<&mut DeviceRateLimiter> {
+        match side {
+            LimiterSide::Rx => Some(&mut self.rx_limiter),
+            LimiterSide::Tx => Some(&mut self.tx_limiter),
+            LimiterSide::Requests => None,
+        }
     }
 
     fn metrics(&self) -> serde_json::Value {

@@ -271,6 +271,10 @@ pub struct NetCounters {
     pub needs_reset: u64,
     /// Guest-caused warnings not logged (rate limit); each was counted above.
     pub log_lines_suppressed: u64,
+    /// Times the RX rate limiter held tap reads back.
+    pub rx_rate_limiter_throttled: u64,
+    /// Times the TX rate limiter held frames back.
+    pub tx_rate_limiter_throttled: u64,
 }
 
 #[cfg(test)]

@@ -164,6 +164,7 @@ impl<T: Tap> NetDevice<T> {
         while self.queues.is_active()
             && self.rx.reads.len() < MAX_RX_READS
             && self.rx.stale.is_empty()
+            && !self.rx_throttled
         {
             let one = self.rx_fill_one(mem, io)?;
             out.merge(one);
@@ -190,6 +191,8 @@ impl<T: Tap> NetDevice<T> {
         .encode();
         let counters = &mut self.counters;
         let log = &mut self.log;
+        let limiter = &mut self.rx_limiter;
+        let mut throttled = None;
         let Some(queue) = self.queues.live(RX_QUEUE) else {
             return Ok(out);
         };
@@ -279,7 +282,17 @@ impl<T: Tap> NetDevice<T> {
             }
         };
         let mut submit_error = None;
-        if broken.is_none() && !ready.is_empty() && (!need_full || have >= want) {
+        let mut admitted = broken.is_none() && !ready.is_empty() && (!need_full || have >= want);
+        if admitted && !limiter.is_unlimited() {
+            // The chains wait in `ready` until the limiter's timer fires;
+            // the tap keeps the frames meanwhile (and drops what overflows
+            // its queue, as a slow receiver's would).
+            if let Err(wait) = limiter.try_admit(1) {
+                throttled = Some(wait);
+                admitted = false;
+            }
+        }
+        if admitted {
             let mut read = spare.pop().unwrap_or_default();
             read.clear();
             while let Some(c) = ready.front() {
@@ -356,6 +369,11 @@ impl<T: Tap> NetDevice<T> {
         if out.answered > 0 {
             self.queues.mark_used(RX_QUEUE);
         }
+        if let Some(wait) = throttled {
+            self.rx_throttled = true;
+            out.throttled = true;
+            self.throttle(RX_QUEUE, wait);
+        }
         if let Some(why) = broken {
             return Err(self.queues.break_queue(RX_QUEUE, why));
         }
@@ -420,6 +438,8 @@ impl<T: Tap> NetDevice<T> {
         let n = match usize::try_from(res) {
             Err(_) => {
                 give_back(read, 0);
+                // No frame came: the admission's op is not spent.
+                self.rx_limiter.refund(0, 1);
                 if res != -libc::EAGAIN {
                     self.counters.rx_errors += 1;
                     self.log
@@ -475,6 +495,7 @@ impl<T: Tap> NetDevice<T> {
         }
         self.counters.rx_packets += 1;
         self.counters.rx_bytes += (n - VNET_HDR_LEN) as u64;
+        self.rx_limiter.charge((n - VNET_HDR_LEN) as u64);
         Ok(())
     }
 }

@@ -989,3 +989,135 @@ fn mrg_rxbuf_reset_forgets_held_chains() -> TestResult {
     assert!(!rig.needs_reset());
     Ok(())
 }
+
+mod rate_limits {
+    //! The interface's RX and TX limiters: frames held back stay where the
+    //! guest or the tap left them and move again when the slot's timer
+    //! (here: the test) says so.
+
+    use std::time::Duration;
+
+    use super::*;
+    use crate::rate_limiter::{BucketConfig, DeviceRateLimiter, ManualClock};
+    use crate::virtio::Throttle;
+
+    fn take_throttle(rig: &mut Rig) -> Option<Throttle> {
+        VirtioDevice::<GuestMemoryMmap>::take_throttle(&mut rig.dev)
+    }
+
+    #[test]
+    fn tx_frames_over_the_limit_wait_in_the_ring() -> TestResult {
+        let mem = memory();
+        let mut rig = Rig::new(&mem, PLAIN);
+        let clock = ManualClock::default();
+        // 1000 bytes per 100 ms.
+        rig.dev.set_rate_limiters(
+            DeviceRateLimiter::default(),
+            clock.limiter(Some(BucketConfig::new(1000, 100)), None),
+        );
+        for n in 0..3 {
+            let pkt = packet(600, n as u8);
+            rig.write(tx_buf(n), &pkt);
+            rig.txq.push(&[(tx_buf(n), pkt.len() as u32, 0)]);
+        }
+        let out = rig.kick(TX_QUEUE)?;
+        assert_eq!((out.popped, out.submitted), (1, 1));
+        assert!(out.throttled);
+        rig.settle();
+        assert_eq!(rig.host_recv(), Some(packet(600, 0)));
+        assert_eq!(rig.host_recv(), None);
+        // 400 left, 600 needed: 20 ms.
+        let t = take_throttle(&mut rig).expect("throttle");
+        assert_eq!(
+            (t.queue, t.resume_after),
+            (TX_QUEUE, Duration::from_millis(20))
+        );
+        clock.advance(Duration::from_millis(20));
+        rig.kick(TX_QUEUE)?;
+        rig.settle();
+        assert_eq!(rig.host_recv(), Some(packet(600, 1)));
+        assert_eq!(rig.host_recv(), None);
+        clock.advance(Duration::from_millis(60));
+        rig.kick(TX_QUEUE)?;
+        rig.settle();
+        assert_eq!(rig.host_recv(), Some(packet(600, 2)));
+        let c = rig.dev.counters();
+        assert_eq!((c.tx_packets, c.tx_bytes), (3, 1800));
+        assert_eq!(c.tx_rate_limiter_throttled, 2);
+        assert_eq!(c.rx_rate_limiter_throttled, 0);
+        Ok(())
+    }
+
+    #[test]
+    fn rx_reads_wait_while_the_bucket_is_in_debt() -> TestResult {
+        let mem = memory();
+        let mut rig = Rig::new(&mem, PLAIN);
+        let clock = ManualClock::default();
+        // 1000 bytes per 100 ms.
+        rig.dev.set_rate_limiters(
+            clock.limiter(Some(BucketConfig::new(1000, 100)), None),
+            DeviceRateLimiter::default(),
+        );
+        for n in 0..6 {
+            rig.rxq.push(&[(rx_buf(n), 2048, W)]);
+        }
+        rig.kick(RX_QUEUE)?;
+        // Plain RX keeps up to four reads in flight, all admitted while the
+        // bucket is not in debt.
+        assert_eq!(rig.io.reads(), 4);
+        for n in 0..6 {
+            rig.host_send(&packet(1500, n));
+        }
+        rig.settle();
+        // Each read took a frame; the 6000 bytes put the bucket 5000 in
+        // debt, so no further read was started.
+        assert_eq!(rig.rxq.used_entries().len(), 4);
+        assert_eq!(rig.io.reads(), 4, "a read was started while in debt");
+        assert!(rig.io.parked.is_empty());
+        // The slot's timers (here: this loop) wait until the debt is paid:
+        // back to one token at 10 bytes per ms, 500.1 ms in all.
+        let mut waited = Duration::ZERO;
+        while let Some(t) = take_throttle(&mut rig) {
+            assert_eq!(t.queue, RX_QUEUE);
+            assert_eq!(
+                rig.rxq.used_entries().len(),
+                4,
+                "read before the debt was paid"
+            );
+            waited += t.resume_after;
+            clock.advance(t.resume_after);
+            rig.kick(RX_QUEUE)?;
+        }
+        assert_eq!(waited, Duration::from_micros(5001 * 100));
+        rig.settle();
+        assert_eq!(rig.rxq.used_entries().len(), 6);
+        let c = rig.dev.counters();
+        assert!(c.rx_rate_limiter_throttled >= 2);
+        assert_eq!((c.rx_packets, c.rx_bytes), (6, 9000));
+        Ok(())
+    }
+
+    #[test]
+    fn a_paused_interface_neither_sends_nor_starts_reads() -> TestResult {
+        let mem = memory();
+        let mut rig = Rig::new(&mem, PLAIN);
+        VirtioDevice::<GuestMemoryMmap>::set_paused(&mut rig.dev, true);
+        let pkt = packet(100, 9);
+        rig.write(tx_buf(0), &pkt);
+        rig.txq.push(&[(tx_buf(0), pkt.len() as u32, 0)]);
+        rig.rxq.push(&[(rx_buf(0), 2048, W)]);
+        assert_eq!(rig.kick(TX_QUEUE)?.popped, 0);
+        assert_eq!(rig.kick(RX_QUEUE)?.popped, 0);
+        rig.settle();
+        assert_eq!(rig.host_recv(), None);
+        assert_eq!(rig.io.reads(), 0);
+        assert!(!rig.wants_tap_poll(), "a paused RX must not watch the tap");
+        VirtioDevice::<GuestMemoryMmap>::set_paused(&mut rig.dev, false);
+        rig.kick(TX_QUEUE)?;
+        rig.kick(RX_QUEUE)?;
+        rig.settle();
+        assert_eq!(rig.host_recv(), Some(pkt));
+        assert_eq!(rig.io.reads(), 1);
+        Ok(())
+    }
+}

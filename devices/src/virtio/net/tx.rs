@@ -65,6 +65,14 @@ impl<T: Tap> NetDevice<T> {
                 return Ok(ChainTaken::Answered);
             }
         };
+        let bytes = len.saturating_sub(VNET_HDR_LEN) as u64;
+        if !self.tx_limiter.is_unlimited() {
+            if let Err(wait) = self.tx_limiter.try_consume(bytes, 1) {
+                self.tx.release(slot);
+                self.throttle(TX_QUEUE, wait);
+                return Ok(ChainTaken::Throttled);
+            }
+        }
         let (iovecs, iovcnt) = iovecs.as_raw();
         let op = IoOp::Writev {
             fd,
@@ -85,6 +93,7 @@ impl<T: Tap> NetDevice<T> {
             }
             Err(IoSubmitError::QueueFull) => {
                 self.tx.release(slot);
+                self.tx_limiter.refund(bytes, 1);
                 Ok(ChainTaken::PutBack)
             }
             Err(e) => {

@@ -6,6 +6,7 @@ mod mmio;
 mod net;
 mod ring;
 mod rng;
+mod vsock;
 
 use crate::msg::R;
 use crate::virtio::Dev;
@@ -23,6 +24,8 @@ pub struct Ctx {
     pub net: Option<Dev>,
     /// The first virtio-rng device.
     pub rng: Option<Dev>,
+    /// The first virtio-vsock device.
+    pub vsock: Option<Dev>,
     /// First byte past guest RAM.
     pub ram_end: u64,
     /// First byte past the RAM below 4 GiB.
@@ -44,6 +47,9 @@ impl Ctx {
     pub fn rng(&self) -> Dev {
         self.rng.expect("runner checked Need::Rng")
     }
+    pub fn vsock(&self) -> Dev {
+        self.vsock.expect("runner checked Need::Vsock")
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -54,6 +60,8 @@ pub enum Need {
     Net,
     /// A virtio-rng device.
     Rng,
+    /// A virtio-vsock device with the integration test's sockets behind it.
+    Vsock,
 }
 
 pub struct Case {
@@ -66,7 +74,7 @@ const fn c(name: &'static str, need: Need, run: fn(&mut Ctx) -> R) -> Case {
     Case { name, need, run }
 }
 
-use Need::{Net, Rng, Ro, Rw};
+use Need::{Net, Rng, Ro, Rw, Vsock};
 
 pub static CASES: &[Case] = &[
     c("mmio.identity", Rw, mmio::identity),
@@ -147,4 +155,10 @@ pub static CASES: &[Case] = &[
     c("net.hostile_tx_size", Net, net::hostile_tx_size),
     c("net.hostile_tx_broken", Net, net::hostile_tx_broken),
     c("net.hostile_rx", Net, net::hostile_rx),
+    c("vsock.identity", Vsock, vsock::identity),
+    c("vsock.host_connect", Vsock, vsock::host_connect),
+    c("vsock.guest_connect", Vsock, vsock::guest_connect),
+    c("vsock.credit", Vsock, vsock::credit),
+    c("vsock.refused", Vsock, vsock::refused),
+    c("vsock.hostile", Vsock, vsock::hostile),
 ];
