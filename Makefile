@@ -10,21 +10,22 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 
 CARGO ?= cargo
 GUEST_DIR ?= $(CURDIR)/target/guest
+DEBIAN_KERNEL_DIR ?= $(CURDIR)/target/debian-kernel
 RINGVM := $(CURDIR)/target/release/ringvm
 
 # Debian packages: the guest kernel build, its root filesystem, and tools
 # the tests use.
 APT_PACKAGES := linux-source-6.1 build-essential bc bison flex libelf-dev \
-	libssl-dev busybox-static e2fsprogs cpio lz4 xz-utils iproute2 fio curl \
+	libssl-dev busybox-static e2fsprogs cpio lz4 xz-utils iproute2 fio curl kmod \
 	python3-matplotlib
 # What only the benchmarks need: callgrind (bench-callgrind) and QEMU, the
 # reference of bench-boot. (python3-matplotlib, for report.png, is above:
 # the report code's unit test draws a plot too.)
 BENCH_APT_PACKAGES := valgrind qemu-system-x86
 
-.PHONY: all deps bench-deps build guest testguest runner-root broken run test unit-test integration-test \
-	api-conformance lint clean bench bench-blk bench-net bench-limit bench-boot bench-callgrind bench-report bench-p9 \
-	fuzz fuzz-check fuzz-deps
+.PHONY: all deps bench-deps build guest debian-kernel testguest runner-root broken run test unit-test \
+	integration-test api-conformance lint clean bench bench-blk bench-net bench-limit bench-boot \
+	bench-callgrind bench-report bench-p9 fuzz fuzz-check fuzz-deps
 
 all: build
 
@@ -46,6 +47,13 @@ build:
 # ~/.cache/ringvm so a second run takes seconds.
 guest: deps
 	bash resources/guest/build.sh $(GUEST_DIR)
+
+# Debian's own cloud kernel (linux-image-cloud-amd64, fetched with apt-get)
+# and a small initramfs with its virtio modules: a distribution kernel
+# that finds ringvm's devices and CPUs only through ACPI. Cached under
+# ~/.cache/ringvm by package version.
+debian-kernel: deps
+	bash resources/debian/build.sh $(DEBIAN_KERNEL_DIR)
 
 # Boots the test guest on this console from its ext4 root drive. On a
 # terminal, init ends in a busybox shell (type `exit` to reboot, which ends
@@ -81,8 +89,9 @@ lint: deps
 unit-test:
 	$(CARGO) test --locked --workspace --exclude ringvm-tests
 
-integration-test: build guest testguest broken runner-root
+integration-test: build guest debian-kernel testguest broken runner-root
 	RINGVM_BIN=$(RINGVM) RINGVM_GUEST_DIR=$(GUEST_DIR) \
+		RINGVM_DEBIAN_KERNEL_DIR=$(DEBIAN_KERNEL_DIR) \
 		RINGVM_RUNNER_ROOT=$(CURDIR)/target/runner-root \
 		RINGVM_TESTGUEST=$(CURDIR)/target/testguest/vtest.elf \
 		RINGVM_BROKEN_BIN=$(CURDIR)/target/broken/release/ringvm \

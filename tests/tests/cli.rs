@@ -41,6 +41,13 @@ fn usage_errors_exit_2() {
     assert_eq!(run.code, Some(2), "{}", run.transcript());
     let run = run_ringvm(&[], QUICK);
     assert_eq!(run.code, Some(2), "{}", run.transcript());
+    for bad in [&["--acpi", "maybe"][..], &["--acpi"][..]] {
+        let mut args = vec!["--kernel", "/k"];
+        args.extend_from_slice(bad);
+        let run = run_ringvm(&args, QUICK);
+        assert_eq!(run.code, Some(2), "{bad:?}: {}", run.transcript());
+        assert!(run.stderr.contains("--acpi"), "{}", run.transcript());
+    }
 }
 
 #[test]
@@ -59,6 +66,7 @@ fn help_documents_exit_codes_and_version_is_prefixed() {
     for needle in [
         "--kernel",
         "--cpu-template",
+        "--acpi <on|off>",
         "--boot-timer",
         "Exit codes:",
         "KVM unavailable",

@@ -317,11 +317,13 @@ fn memory_line_parser_reads_the_total() {
     assert_eq!(memory_total_k("nothing"), None);
 }
 
-/// `poweroff -f` in a guest without ACPI halts every vCPU with interrupts
-/// off; ringvm takes that as a power-off and exits 0.
+/// `--acpi off`: no ACPI tables, so the devices reach the kernel as
+/// `virtio_mmio.device=` words and the CPUs through the MP table; `poweroff
+/// -f` then halts every vCPU with interrupts off, which ringvm takes as a
+/// power-off and exits 0. (With ACPI, the default, see `acpi.rs`.)
 #[test]
-fn poweroff_ends_ringvm_with_zero() {
-    if !kvm_available("poweroff_ends_ringvm_with_zero") {
+fn poweroff_without_acpi_ends_ringvm_with_zero() {
+    if !kvm_available("poweroff_without_acpi_ends_ringvm_with_zero") {
         return;
     }
     let scratch = Scratch::new("guest-poweroff");
@@ -332,6 +334,10 @@ fn poweroff_ends_ringvm_with_zero() {
         &[
             "--kernel",
             &kernel,
+            "--acpi",
+            "off",
+            "--cpus",
+            "2",
             "--disk",
             &root,
             "--cmdline",
@@ -341,6 +347,18 @@ fn poweroff_ends_ringvm_with_zero() {
     );
     let t = run.transcript();
     assert!(!run.timed_out, "{t}");
+    assert!(
+        run.stdout.contains("virtio_mmio.device=4K@0xd0001000:5"),
+        "no device word on the command line\n{t}"
+    );
+    assert!(
+        !run.stdout.contains("ACPI: RSDP"),
+        "tables were written\n{t}"
+    );
+    assert!(
+        run.stdout.contains("smp: Brought up 1 node, 2 CPUs"),
+        "the MP table did not bring up both vCPUs\n{t}"
+    );
     assert!(run.stdout.contains("GUEST: halt poweroff"), "{t}");
     assert!(run.stderr.contains("power-off"), "{t}");
     assert_eq!(run.code, Some(0), "power-off must exit 0\n{t}");

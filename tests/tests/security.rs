@@ -557,7 +557,14 @@ fn vtest_elf() -> Option<String> {
 fn run_forbidden(broken: &str, vtest: &str, extra: &[&str]) -> (std::process::ExitStatus, String) {
     let out = Command::new(broken)
         .env("RINGVM_TEST_FORBIDDEN_SYSCALL", "1")
-        .args(["--kernel", vtest, "--cmdline", "suite=mmio"])
+        .args([
+            "--kernel",
+            vtest,
+            "--acpi",
+            "off",
+            "--cmdline",
+            "suite=mmio",
+        ])
         .args(extra)
         .stdin(Stdio::null())
         .output()

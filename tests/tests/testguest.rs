@@ -81,9 +81,13 @@ fn run_suite(bin: Option<&str>, scratch: &Scratch, name: &str) -> VmRun {
     let rw_disk = format!("path={rw}");
     let ro_disk = format!("path={ro},ro");
     let direct_disk = direct.disk_arg();
+    // vtest finds its devices in `virtio_mmio.device=` words, not in ACPI
+    // tables: it needs `--acpi off`.
     let args = [
         "--kernel",
         &elf,
+        "--acpi",
+        "off",
         "--disk",
         &rw_disk,
         "--disk",
@@ -273,6 +277,8 @@ fn net_cases_pass_through_a_tap_in_a_namespace() {
         &bin,
         "--kernel",
         &elf,
+        "--acpi",
+        "off",
         "--disk",
         &disk_arg,
         "--net",
@@ -395,6 +401,8 @@ fn vsock_cases_pass_against_host_unix_sockets() {
     let args = [
         "--kernel",
         &elf,
+        "--acpi",
+        "off",
         "--vsock",
         &vsock,
         "--cmdline",

@@ -253,11 +253,14 @@ fn load_initrd(
 
 use vm_memory::ReadVolatile;
 
-/// Writes the command line and the entry protocol's boot data.
+/// Writes the command line and the entry protocol's boot data. `rsdp` is
+/// where the ACPI tables start, when the machine has them: the kernel is
+/// told directly rather than left to scan the BIOS area.
 pub fn write_boot_data(
     mem: &GuestMemoryMmap,
     kernel: &LoadedKernel,
     cmdline: &str,
+    rsdp: Option<GuestAddress>,
 ) -> Result<(), BootError> {
     if cmdline.len() >= CMDLINE_MAX_SIZE {
         return Err(BootError::CmdlineTooLong(cmdline.len()));
@@ -269,8 +272,8 @@ pub fn write_boot_data(
         .map(|c| c.as_bytes().len())
         .unwrap_or(0);
     match kernel.entry.mode {
-        EntryMode::Pvh => write_pvh_start_info(mem, kernel),
-        EntryMode::Linux64 => write_zero_page(mem, kernel, cmdline_len),
+        EntryMode::Pvh => write_pvh_start_info(mem, kernel, rsdp),
+        EntryMode::Linux64 => write_zero_page(mem, kernel, cmdline_len, rsdp),
     }
 }
 
@@ -296,6 +299,7 @@ fn write_zero_page(
     mem: &GuestMemoryMmap,
     kernel: &LoadedKernel,
     cmdline_len: usize,
+    rsdp: Option<GuestAddress>,
 ) -> Result<(), BootError> {
     let mut params = boot_params::default();
     match kernel.result.setup_header {
@@ -317,6 +321,7 @@ fn write_zero_page(
     if write_rng_seed(mem)? {
         params.hdr.setup_data = SETUP_DATA_START;
     }
+    params.acpi_rsdp_addr = rsdp.map_or(0, |a| a.raw_value());
     let map = memory_map(mem);
     for (slot, (addr, size, type_)) in params.e820_table.iter_mut().zip(&map) {
         *slot = boot_e820_entry {
@@ -386,7 +391,11 @@ struct ModlistEntry(hvm_modlist_entry);
 // SAFETY: as above, plain integers.
 unsafe impl ByteValued for ModlistEntry {}
 
-fn write_pvh_start_info(mem: &GuestMemoryMmap, kernel: &LoadedKernel) -> Result<(), BootError> {
+fn write_pvh_start_info(
+    mem: &GuestMemoryMmap,
+    kernel: &LoadedKernel,
+    rsdp: Option<GuestAddress>,
+) -> Result<(), BootError> {
     let map: Vec<MemmapEntry> = memory_map(mem)
         .into_iter()
         .map(|(addr, size, type_)| {
@@ -404,6 +413,7 @@ fn write_pvh_start_info(mem: &GuestMemoryMmap, kernel: &LoadedKernel) -> Result<
         cmdline_paddr: CMDLINE_START,
         memmap_paddr: PVH_MEMMAP_START,
         memmap_entries: map.len() as u32,
+        rsdp_paddr: rsdp.map_or(0, |a| a.raw_value()),
         ..Default::default()
     };
     let mut bp = BootParams::new(&StartInfo(info), GuestAddress(PVH_INFO_START));
@@ -483,13 +493,34 @@ mod tests {
         };
         let long = "a".repeat(CMDLINE_MAX_SIZE);
         assert!(matches!(
-            write_boot_data(&m, &k, &long),
+            write_boot_data(&m, &k, &long, None),
             Err(BootError::CmdlineTooLong(_))
         ));
-        write_boot_data(&m, &k, "console=ttyS0").unwrap();
+        write_boot_data(&m, &k, "console=ttyS0", None).unwrap();
         let zp: boot_params = m.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
         assert_eq!({ zp.hdr.cmd_line_ptr }, CMDLINE_START as u32);
         assert_eq!({ zp.e820_entries }, 3);
         assert_eq!({ zp.hdr.setup_data }, SETUP_DATA_START);
+    }
+
+    #[test]
+    fn both_entry_protocols_carry_the_rsdp() {
+        let m = mem(16 << 20);
+        let rsdp = GuestAddress(0xe_0000);
+        for mode in [EntryMode::Linux64, EntryMode::Pvh] {
+            let k = LoadedKernel {
+                entry: KernelEntry {
+                    entry: GuestAddress(HIMEM_START),
+                    mode,
+                },
+                result: KernelLoaderResult::default(),
+                initrd: None,
+            };
+            write_boot_data(&m, &k, "console=ttyS0", Some(rsdp)).unwrap();
+        }
+        let zp: boot_params = m.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
+        assert_eq!({ zp.acpi_rsdp_addr }, 0xe_0000);
+        let info: StartInfo = m.read_obj(GuestAddress(PVH_INFO_START)).unwrap();
+        assert_eq!({ info.0.rsdp_paddr }, 0xe_0000);
     }
 }

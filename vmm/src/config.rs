@@ -50,6 +50,14 @@ pub struct MachineConfig {
     /// `host` elsewhere.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_template: Option<String>,
+    /// ringvm extension: describe the machine with ACPI tables (devices in
+    /// the DSDT, CPUs in the MADT, power-off through the FADT), what
+    /// distribution kernels need; `false` puts the devices on the command
+    /// line as `virtio_mmio.device=` words instead, for kernels built
+    /// without `CONFIG_ACPI`. On by default; written out only when off, so a
+    /// Firecracker-shaped file stays Firecracker's.
+    #[serde(default = "acpi_default", skip_serializing_if = "is_acpi_default")]
+    pub acpi: bool,
 }
 
 impl Default for MachineConfig {
@@ -58,8 +66,18 @@ impl Default for MachineConfig {
             vcpu_count: 1,
             mem_size_mib: 128,
             cpu_template: None,
+            acpi: acpi_default(),
         }
     }
+}
+
+/// ACPI tables unless asked otherwise (`--acpi off`, `"acpi": false`).
+fn acpi_default() -> bool {
+    true
+}
+
+fn is_acpi_default(acpi: &bool) -> bool {
+    *acpi == acpi_default()
 }
 
 /// How the guest's flushes reach the disk (Firecracker's `cache_type`).
@@ -886,5 +904,22 @@ mod tests {
         assert_eq!(c.base_cmdline(), "console=ttyS0");
         let bad = r#"{"boot-source":{"kernel_image_path":"/k","bogus":1}}"#;
         assert!(serde_json::from_str::<VmConfig>(bad).is_err());
+    }
+
+    #[test]
+    fn acpi_is_on_unless_a_file_turns_it_off() {
+        let json = r#"{"boot-source":{"kernel_image_path":"/k"},
+                       "machine-config":{"vcpu_count":1,"mem_size_mib":128}}"#;
+        let c: VmConfig = serde_json::from_str(json).unwrap();
+        assert!(c.machine_config.acpi);
+        assert!(MachineConfig::default().acpi);
+        assert!(!serde_json::to_string(&c).unwrap().contains("acpi"));
+        let json = r#"{"boot-source":{"kernel_image_path":"/k"},
+                       "machine-config":{"vcpu_count":1,"mem_size_mib":128,"acpi":false}}"#;
+        let c: VmConfig = serde_json::from_str(json).unwrap();
+        assert!(!c.machine_config.acpi);
+        assert!(serde_json::to_string(&c)
+            .unwrap()
+            .contains(r#""acpi":false"#));
     }
 }

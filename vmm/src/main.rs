@@ -60,6 +60,13 @@ struct Cli {
     /// host elsewhere.
     #[arg(long, value_name = "NAME")]
     cpu_template: Option<String>,
+    /// Describe the machine with ACPI tables: "on" (default: virtio-mmio
+    /// devices in the DSDT instead of virtio_mmio.device= words, CPUs in
+    /// the MADT, power-off through the FADT; what distribution kernels
+    /// need) or "off" (the command-line words and the MP table, for kernels
+    /// without CONFIG_ACPI).
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
+    acpi: bool,
     /// A virtio-blk drive: path=FILE[,id=NAME][,ro][,root][,direct=on]
     /// [,cache=unsafe|writeback][,bw=SIZE/MS[+BURST]][,ops=N/MS[+BURST]].
     /// Repeat for more drives (vda, vdb, ...). `root` adds root=/dev/vdX to
@@ -153,6 +160,15 @@ struct Cli {
     command: Vec<OsString>,
 }
 
+/// `on`/`off` for switches that take a value.
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        other => Err(format!("expected on or off, got {other:?}")),
+    }
+}
+
 /// Gives unnamed drives and NICs the ids the guest will know them by.
 fn name_devices(
     drives: Vec<DriveConfig>,
@@ -195,6 +211,7 @@ impl Cli {
                     vcpu_count: self.cpus,
                     mem_size_mib: self.mem,
                     cpu_template: self.cpu_template,
+                    acpi: self.acpi,
                 },
                 drives,
                 network_interfaces,

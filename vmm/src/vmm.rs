@@ -2,7 +2,7 @@
 //! loop on the ring until the guest stops.
 
 use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,6 +14,7 @@ use devices::virtio::block::BlockDevice;
 use devices::virtio::LimiterSide;
 
 use crate::api::{ApiHandle, CommandOutput, Controller, Decision, VmCommand};
+use crate::arch::x86_64::acpi::{setup_acpi, AcpiError, AcpiMachine};
 use crate::arch::x86_64::cpuid::CpuTemplate;
 use crate::arch::x86_64::mptable::{setup_mptable, MptableError};
 use crate::boot::{load_kernel, write_boot_data, BootError, BootFiles};
@@ -33,7 +34,7 @@ use crate::ring::{Completion, Ring, Token, VirtioDevices};
 use crate::runner::{ConsoleTail, RunnerConfig};
 use crate::seccomp::{Filters, SeccompError, ThreadKind};
 use crate::terminal::RawTerminal;
-use devices::legacy::{CommandStatus, ExitCell, ExitReport};
+use devices::legacy::{CommandStatus, ExitCell, ExitReport, PowerRequest};
 
 /// Everything that can stop a VM from being built or run.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +63,9 @@ pub enum VmmError {
     /// The MP table could not be written.
     #[error("MP table: {0}")]
     Mptable(#[from] MptableError),
+    /// The ACPI tables could not be written.
+    #[error("ACPI tables: {0}")]
+    Acpi(#[from] AcpiError),
     /// The ring or another host resource failed.
     #[error("{what}: {source}")]
     Host {
@@ -118,6 +122,7 @@ struct ReadBuffers {
     vcpu_event: [u8; 8],
     reset: [u8; 8],
     debug_exit: [u8; 8],
+    acpi_power: [u8; 8],
     api: [u8; 8],
     stdin: [u8; STDIN_BUF],
     signal: [u8; std::mem::size_of::<libc::signalfd_siginfo>()],
@@ -157,6 +162,9 @@ pub struct Vmm {
     signal_fd: RawFd,
     debug_exit_evt: EventFd,
     exit_report: Arc<ExitCell>,
+    /// Written by the ACPI power registers; the cell says which request.
+    acpi_power_evt: EventFd,
+    acpi_power: Arc<AtomicU8>,
     /// Running a command (`ringvm -- CMD`): stdin belongs to the command,
     /// not to the console.
     runs_command: bool,
@@ -251,6 +259,12 @@ impl Vmm {
         if config.boot_timer {
             devices.add_boot_timer(process_start)?;
         }
+        let acpi = config.machine_config.acpi;
+        let acpi_power_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(host("eventfd"))?;
+        let acpi_power = match acpi {
+            true => devices.add_acpi_pm(acpi_power_evt.try_clone().map_err(host("eventfd"))?)?,
+            false => Arc::default(),
+        };
 
         let virtio = virtio.place(&mut devices, &vm)?;
 
@@ -260,18 +274,27 @@ impl Vmm {
             .map(RunnerConfig::kernel_params)
             .unwrap_or_default();
 
-        let mut extra: Vec<&str> = devices
-            .virtio_cmdline()
-            .iter()
-            .map(String::as_str)
-            .collect();
+        // With ACPI the DSDT describes the devices; the words would make
+        // kernels that also parse them register every device twice.
+        let device_words = if acpi { &[] } else { devices.virtio_cmdline() };
+        let mut extra: Vec<&str> = device_words.iter().map(String::as_str).collect();
         let root = root_param(config);
         extra.extend(root.as_deref());
         extra.extend(runner_params.iter().map(String::as_str));
         extra.extend(template.kernel_params());
         let cmdline = compose_cmdline(config.base_cmdline(), &extra);
         let kernel = load_kernel(vm.memory(), boot_files)?;
-        write_boot_data(vm.memory(), &kernel, &cmdline)?;
+        let rsdp = match acpi {
+            true => Some(setup_acpi(
+                vm.memory(),
+                &AcpiMachine {
+                    vcpus: vcpu_count,
+                    virtio: devices.virtio_slots(),
+                },
+            )?),
+            false => None,
+        };
+        write_boot_data(vm.memory(), &kernel, &cmdline, rsdp)?;
         setup_mptable(vm.memory(), vcpu_count)?;
         log::debug!("kernel entry {:?}; command line: {cmdline}", kernel.entry());
 
@@ -297,6 +320,7 @@ impl Vmm {
             halted_for_good: halted_for_good.clone(),
             exits: exits.clone(),
             pause: pause.clone(),
+            finish_for_emulator: template.finishes_for_emulator(),
         };
         let mut fds = Vec::with_capacity(usize::from(vcpu_count));
         for cpu in 0..vcpu_count {
@@ -308,6 +332,7 @@ impl Vmm {
                 vcpu_event: [0; 8],
                 reset: [0; 8],
                 debug_exit: [0; 8],
+                acpi_power: [0; 8],
                 api: [0; 8],
                 stdin: [0; STDIN_BUF],
                 signal: [0; std::mem::size_of::<libc::signalfd_siginfo>()],
@@ -330,6 +355,8 @@ impl Vmm {
             signal_fd,
             debug_exit_evt,
             exit_report,
+            acpi_power_evt,
+            acpi_power,
             runs_command: config.runner.is_some(),
             console_tail,
             config: config.clone(),
@@ -697,6 +724,13 @@ impl Vmm {
             &mut self.bufs.debug_exit,
             Token::DebugExit,
         )?;
+        let acpi_power_fd = self.acpi_power_evt.as_raw_fd();
+        Self::arm_eventfd(
+            &mut self.ring,
+            acpi_power_fd,
+            &mut self.bufs.acpi_power,
+            Token::AcpiPower,
+        )?;
         self.arm_signal()?;
         self.arm_stdin()?;
         self.arm_halt_probe()?;
@@ -779,6 +813,13 @@ impl Vmm {
                 self.arm_stdin()?;
             }
             Token::Api => self.serve_api()?,
+            Token::AcpiPower => {
+                let how = match PowerRequest::load(&self.acpi_power) {
+                    PowerRequest::Reset => "guest reset through ACPI",
+                    _ => "guest powered off through ACPI (S5)",
+                };
+                return Ok(Some(GuestExit::Stopped(how.into())));
+            }
             Token::DebugExit => {
                 return Ok(match self.exit_report.get() {
                     Some(ExitReport::TestVerdict(v)) => Some(GuestExit::TestVerdict(u32::from(v))),

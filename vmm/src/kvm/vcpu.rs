@@ -19,10 +19,12 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 use crate::arch::x86_64::cpuid::{filter_cpuid, CpuTemplate};
 use crate::arch::x86_64::regs::{boot_fpu, boot_msrs, boot_regs, setup_sregs};
 use crate::boot::KernelEntry;
+use crate::kvm::emulation::{failed_instruction, finish_instruction};
 use crate::kvm::pause::PauseGate;
 use crate::kvm::vm::Vm;
 use crate::metrics::VcpuExitCounters;
 use crate::seccomp::{Filters, ThreadKind};
+use kvm_bindings::KVM_INTERNAL_ERROR_EMULATION;
 
 /// Errors setting up a vCPU.
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +111,9 @@ pub struct VcpuShared {
     pub exits: Arc<VcpuExitCounters>,
     /// Where each vCPU parks while the guest is paused.
     pub pause: Arc<PauseGate>,
+    /// Finish kernel-mode `int3` and `fwait` for KVM's instruction
+    /// emulator (PVM-native KVM; see [`super::emulation`]).
+    pub finish_for_emulator: bool,
 }
 
 /// Creates vCPU `cpu` of `count` and loads its boot state: CPUID, MSRs,
@@ -308,7 +313,7 @@ enum Next {
     Crash(String),
 }
 
-fn run_vcpu(mut vcpu: VcpuFd, cpu: u8, shared: VcpuShared, _mem: GuestMemoryMmap) {
+fn run_vcpu(mut vcpu: VcpuFd, cpu: u8, shared: VcpuShared, mem: GuestMemoryMmap) {
     let idx = usize::from(cpu);
     while !shared.stop.load(Ordering::Acquire) {
         shared.pause.wait_if_closed();
@@ -361,14 +366,30 @@ fn run_vcpu(mut vcpu: VcpuFd, cpu: u8, shared: VcpuShared, _mem: GuestMemoryMmap
                 // SAFETY: for KVM_EXIT_INTERNAL_ERROR the kernel fills the
                 // `internal` member of the exit union; we read it as such.
                 let internal = unsafe { vcpu.get_kvm_run().__bindgen_anon_1.internal };
+                if internal.suberror == KVM_INTERNAL_ERROR_EMULATION
+                    && shared.finish_for_emulator
+                    && finish_instruction(&mut vcpu, &mem)
+                {
+                    VcpuExitCounters::bump(&shared.exits.other);
+                    continue;
+                }
                 let detail = match internal.suberror {
                     1 => "emulation failure (an instruction KVM cannot emulate)",
                     2 => "simultaneous exceptions",
                     3 => "delivery event failed",
                     _ => "unknown suberror",
                 };
+                let insn = match internal.suberror {
+                    KVM_INTERNAL_ERROR_EMULATION => {
+                        let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+                        let bytes = failed_instruction(&mut vcpu, &mem, rip);
+                        let hex: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();
+                        format!("; instruction bytes at RIP: [{}]", hex.join(" "))
+                    }
+                    _ => String::new(),
+                };
                 Next::Crash(format!(
-                    "KVM internal error (exit {sub}, suberror {}: {detail})",
+                    "KVM internal error (exit {sub}, suberror {}: {detail}){insn}",
                     internal.suberror
                 ))
             }
@@ -378,6 +399,9 @@ fn run_vcpu(mut vcpu: VcpuFd, cpu: u8, shared: VcpuShared, _mem: GuestMemoryMmap
             Ok(other) => Next::Crash(format!("unhandled vCPU exit {other:?}")),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 VcpuExitCounters::bump(&shared.exits.interrupted);
+                if log::log_enabled!(log::Level::Trace) {
+                    log::trace!("{}", crate::kvm::sample::describe(&vcpu, cpu));
+                }
                 let stuck = halted_with_interrupts_off(&vcpu);
                 if let Some(flag) = shared.halted_for_good.get(idx) {
                     flag.store(stuck, Ordering::Release);

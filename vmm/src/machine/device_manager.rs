@@ -1,12 +1,14 @@
 //! Places devices on the buses, hands out MMIO windows and IRQ lines, and
 //! tells the kernel where its command-line virtio-mmio devices are.
 
+use std::sync::atomic::AtomicU8;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use devices::bus::{Bus, BusError};
 use devices::legacy::{
-    BootTimer, DebugExit, ExitCell, Serial, DEBUG_EXIT_LEN, DEBUG_EXIT_PORT, I8042,
+    AcpiPm, BootTimer, DebugExit, ExitCell, Serial, ACPI_PM_PORT, ACPI_PM_PORTS, DEBUG_EXIT_LEN,
+    DEBUG_EXIT_PORT, I8042,
 };
 use vmm_sys_util::eventfd::EventFd;
 
@@ -110,6 +112,7 @@ pub struct DeviceManager {
     /// Written by the i8042 when the guest resets the CPU.
     pub reset_evt: EventFd,
     next_virtio: u32,
+    virtio_slots: Vec<VirtioSlot>,
     virtio_cmdline: Vec<String>,
 }
 
@@ -129,6 +132,7 @@ impl DeviceManager {
             i8042: None,
             reset_evt: new_eventfd()?,
             next_virtio: 0,
+            virtio_slots: Vec::new(),
             virtio_cmdline: Vec::new(),
         })
     }
@@ -211,6 +215,7 @@ impl DeviceManager {
         slot: VirtioSlot,
     ) -> Result<(), DeviceError> {
         self.mmio.insert(transport, slot.base, VIRTIO_MMIO_SIZE)?;
+        self.virtio_slots.push(slot);
         self.virtio_cmdline.push(format!(
             "virtio_mmio.device=4K@{:#x}:{}",
             slot.base, slot.irq
@@ -221,6 +226,22 @@ impl DeviceManager {
     /// Kernel parameters for every virtio-mmio device, in probe order.
     pub fn virtio_cmdline(&self) -> &[String] {
         &self.virtio_cmdline
+    }
+
+    /// Every virtio-mmio window and IRQ placed so far, in probe order: what
+    /// the ACPI DSDT describes instead of the command-line words.
+    pub fn virtio_slots(&self) -> &[VirtioSlot] {
+        &self.virtio_slots
+    }
+
+    /// The ACPI sleep/reset registers at 0x600: the guest's power-off or
+    /// reset request lands in the returned cell and `notify` wakes the VMM
+    /// thread.
+    pub fn add_acpi_pm(&mut self, notify: EventFd) -> Result<Arc<AtomicU8>, DeviceError> {
+        let request = Arc::new(AtomicU8::new(0));
+        let dev = Arc::new(Mutex::new(AcpiPm::new(request.clone(), notify)));
+        self.pio.insert(dev, ACPI_PM_PORT, ACPI_PM_PORTS)?;
+        Ok(request)
     }
 
     /// The exit ports (0x501 test verdict, 0x504 command status): the

@@ -29,6 +29,8 @@ pub enum Token {
     DebugExit,
     /// The API thread queued a request.
     Api,
+    /// The guest wrote the ACPI sleep or reset register.
+    AcpiPower,
     /// The guest kicked queue `queue` of virtio device `device`.
     Kick {
         /// Device index (slot).
@@ -77,6 +79,7 @@ const HALT_PROBE: u8 = 6;
 const METRICS_TIMER: u8 = 7;
 const DEBUG_EXIT: u8 = 8;
 const API: u8 = 9;
+const ACPI_POWER: u8 = 10;
 const KICK: u8 = 16;
 const TRANSPORT_MESSAGE: u8 = 17;
 const DEVICE_IO: u8 = 18;
@@ -102,6 +105,7 @@ impl Token {
             Token::MetricsTimer => pack(METRICS_TIMER, 0, 0),
             Token::DebugExit => pack(DEBUG_EXIT, 0, 0),
             Token::Api => pack(API, 0, 0),
+            Token::AcpiPower => pack(ACPI_POWER, 0, 0),
             Token::Kick { device, queue } => pack(KICK, device, u64::from(queue)),
             Token::TransportMessage { device } => pack(TRANSPORT_MESSAGE, device, 0),
             Token::DeviceIo {
@@ -137,6 +141,7 @@ impl Token {
             METRICS_TIMER => Token::MetricsTimer,
             DEBUG_EXIT => Token::DebugExit,
             API => Token::Api,
+            ACPI_POWER => Token::AcpiPower,
             KICK => Token::Kick {
                 device,
                 queue: payload as u16,
@@ -179,6 +184,7 @@ mod tests {
             Token::MetricsTimer,
             Token::DebugExit,
             Token::Api,
+            Token::AcpiPower,
             Token::Kick {
                 device: 7,
                 queue: 300,

@@ -122,6 +122,8 @@ pub const fn ioc(dir: u64, ty: u64, nr: u64, size: usize) -> u64 {
 }
 /// `_IO`: no argument.
 pub const IOC_NONE: u64 = 0;
+/// `_IOW`: the kernel reads the argument.
+pub const IOC_WRITE: u64 = 1;
 /// `_IOR`: the kernel writes the argument.
 pub const IOC_READ: u64 = 2;
 
