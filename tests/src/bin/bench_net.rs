@@ -33,12 +33,11 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::fs::File;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -54,6 +53,7 @@ use ringvm_tests::bench::inline_vmm::{watchdog, InlineVmm};
 use ringvm_tests::bench::interleave::{interleave, Round};
 use ringvm_tests::bench::irq::wait_irq;
 use ringvm_tests::bench::mmio::MmioRegs;
+use ringvm_tests::bench::netns::{format_mac, Netns};
 use ringvm_tests::bench::points::{Better, Point, PointRound, Target};
 use ringvm_tests::bench::report;
 use ringvm_tests::bench::stats::{median, Spread};
@@ -448,87 +448,6 @@ fn is_rx_frame(buf: &[u8], n: usize, frame_len: usize) -> bool {
 
 // ---------------------------------------------------------------------------
 // The private network namespace.
-
-fn run_cmd(program: &str, args: &[&str]) -> Res<()> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run {program}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "`{program} {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(())
-}
-
-/// A namespace made with `ip netns add`, deleted on drop (also on error).
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn create(name: String) -> Res<Self> {
-        run_cmd("ip", &["netns", "add", &name])?;
-        Ok(Self { name })
-    }
-
-    /// Moves the calling thread (and every thread and child it starts
-    /// afterwards) into the namespace.
-    fn enter(&self) -> Res<()> {
-        let path = format!("/var/run/netns/{}", self.name);
-        let f = File::open(&path).map_err(|e| format!("cannot open {path}: {e}"))?;
-        // SAFETY: setns on a namespace fd we just opened; it changes only
-        // this thread's network namespace.
-        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(format!(
-                "setns into {}: {}",
-                self.name,
-                io::Error::last_os_error()
-            ));
-        }
-        Ok(())
-    }
-
-    fn ip(&self, args: &[&str]) -> Res<()> {
-        let mut all = vec!["-n", self.name.as_str()];
-        all.extend_from_slice(args);
-        run_cmd("ip", &all)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        // The namespace itself (and its taps) goes when the last thread
-        // in it exits; this removes its name.
-        if let Err(e) = run_cmd("ip", &["netns", "del", &self.name]) {
-            eprintln!("bench-net: warning: {e}");
-        }
-    }
-}
-
-/// Deletes `ringvm-bench-<pid>` namespaces whose process is gone (a run
-/// killed by a signal cannot clean up after itself).
-fn clean_stale_namespaces() {
-    let Ok(dir) = std::fs::read_dir("/var/run/netns") else {
-        return;
-    };
-    for entry in dir.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix("ringvm-bench-")
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-            eprintln!("bench-net: deleting stale namespace {name}");
-            let _ = run_cmd("ip", &["netns", "del", &name]);
-        }
-    }
-}
 
 fn ip4(a: [u8; 4]) -> Ipv4Addr {
     Ipv4Addr::from(a)
@@ -2487,18 +2406,17 @@ fn run(args: &Args) -> Res<()> {
             devices::virtio::net::tap::TUN_PATH
         ));
     }
-    clean_stale_namespaces();
+    let ns = Netns::create("ringvm-bench-")?;
     let mut ctx = Context {
         host: HostInfo::read(),
         deferred_taskrun: false,
         features: 0,
         tso_skipped: None,
-        namespace: format!("ringvm-bench-{}", std::process::id()),
+        namespace: ns.name.clone(),
     };
     // Single-threaded until here: every thread started from now on
     // (VMM, sender, io-wq workers) and every `ip` child inherits the
     // namespace.
-    let ns = Netns::create(ctx.namespace.clone())?;
     ns.enter()?;
     setup_namespace(&ns)?;
     eprintln!(
@@ -2545,13 +2463,4 @@ fn main() -> ExitCode {
         return ExitCode::from(1);
     }
     report::exit("bench-net", run(&args))
-}
-
-/// A MAC as `ip` prints it (any six bytes: the bench's host ends may be
-/// anything the tests chose).
-fn format_mac(mac: [u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
