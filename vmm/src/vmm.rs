@@ -261,9 +261,10 @@ impl Vmm {
         }
         let acpi = config.machine_config.acpi;
         let acpi_power_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(host("eventfd"))?;
-        let acpi_power = match acpi {
-            true => devices.add_acpi_pm(acpi_power_evt.try_clone().map_err(host("eventfd"))?)?,
-            false => Arc::default(),
+        let acpi_power = if acpi {
+            devices.add_acpi_pm(acpi_power_evt.try_clone().map_err(host("eventfd"))?)?
+        } else {
+            Arc::default()
         };
 
         let virtio = virtio.place(&mut devices, &vm)?;
@@ -284,15 +285,16 @@ impl Vmm {
         extra.extend(template.kernel_params());
         let cmdline = compose_cmdline(config.base_cmdline(), &extra);
         let kernel = load_kernel(vm.memory(), boot_files)?;
-        let rsdp = match acpi {
-            true => Some(setup_acpi(
+        let rsdp = if acpi {
+            Some(setup_acpi(
                 vm.memory(),
                 &AcpiMachine {
                     vcpus: vcpu_count,
                     virtio: devices.virtio_slots(),
                 },
-            )?),
-            false => None,
+            )?)
+        } else {
+            None
         };
         write_boot_data(vm.memory(), &kernel, &cmdline, rsdp)?;
         setup_mptable(vm.memory(), vcpu_count)?;
