@@ -239,6 +239,35 @@ static void mount_system(const char *src, const char *dir, const char *type,
 	mount_or_fail(src, path, type, flags, data, STAGE_SYSTEM);
 }
 
+/*
+ * The guest gets a fresh /tmp. A working directory under the host's /tmp
+ * (a checkout there, with the host's root) would vanish under it, so that
+ * one directory is opened in the root overlay before /tmp is mounted
+ * (`hold_cwd`) and bound back at its own path afterwards (`restore_cwd`),
+ * with the overlay's semantics: writes stay in guest memory.
+ */
+static int hold_cwd(const char *cwd, char *path, size_t size)
+{
+	if (strncmp(cwd, "/tmp/", 5))
+		return -1;
+	if (snprintf(path, size, "/mnt/root%s", cwd) >= (int)size)
+		return -1;
+	/* Missing on the host too: chdir reports it later, as for any cwd. */
+	return open(path, O_PATH | O_DIRECTORY | O_CLOEXEC);
+}
+
+static void restore_cwd(int fd, const char *path, const char *cwd)
+{
+	char src[64];
+
+	if (fd < 0)
+		return;
+	snprintf(src, sizeof(src), "/mnt/root/proc/self/fd/%d", fd);
+	if (mkdir_p(path) < 0 || mount(src, path, NULL, MS_BIND, NULL) < 0)
+		fail(STAGE_CWD, cwd);
+	close(fd);
+}
+
 static int open_stdio(const char *path, int flags)
 {
 	int fd = open(path, flags | O_CLOEXEC);
@@ -253,6 +282,8 @@ int main(void)
 	static char *argv[MAX_ARGS + 1], *envp[MAX_ENV + 1];
 	static struct share shares[MAX_SHARES];
 	const char *root_tag = NULL, *root_opts = NULL, *cwd = "/";
+	char cwd_path[4096];
+	int cwd_fd;
 	int nargs = 0, nenv = 0, nshares = 0;
 	struct words w;
 	size_t len;
@@ -318,7 +349,9 @@ int main(void)
 	mount_system("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
 	mount_system("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
 	mount_system("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755");
+	cwd_fd = hold_cwd(cwd, cwd_path, sizeof(cwd_path));
 	mount_system("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
+	restore_cwd(cwd_fd, cwd_path, cwd);
 	for (int i = 0; i < nshares; i++) {
 		char path[4096];
 		unsigned long flags = strcmp(shares[i].mode, "rw") ? MS_RDONLY : 0;

@@ -53,9 +53,32 @@ fn command_statuses_become_ringvm_exit_codes() {
     if !kvm_available("command_statuses_become_ringvm_exit_codes") {
         return;
     }
-    let host_root = args(&["--kernel", &kernel(), "--", "/bin/true"]);
+    // The guest gets a fresh /tmp, but a working directory under the
+    // host's /tmp (a checkout there) stays visible: the command finds a
+    // file the host put in it.
+    let host_tmp =
+        std::path::PathBuf::from(format!("/tmp/ringvm-runner-cwd-{}", std::process::id()));
+    std::fs::create_dir_all(&host_tmp).expect("a directory under /tmp");
+    std::fs::write(host_tmp.join("marker"), b"host").expect("marker");
+    let cwd = host_tmp.to_string_lossy().into_owned();
+    let check = format!("test -f marker && test -f {cwd}/marker");
+    let host_root = args(&[
+        "--kernel",
+        &kernel(),
+        "--cwd",
+        &cwd,
+        "--",
+        "/bin/sh",
+        "-c",
+        &check,
+    ]);
     let cases: Vec<(&str, Vec<OsString>, i32, &str)> = vec![
-        ("host root, /bin/true", host_root, 0, ""),
+        (
+            "host root, a working directory under /tmp",
+            host_root,
+            0,
+            "",
+        ),
         (
             "exit 7",
             with_busybox_root(&[], &["sh", "-c", "exit 7"]),
@@ -88,6 +111,7 @@ fn command_statuses_become_ringvm_exit_codes() {
             assert!(r.stdout.is_empty(), "{name}: no console on stdout\n{t}");
         }
     }
+    let _ = std::fs::remove_dir_all(&host_tmp);
 }
 
 /// The script the guest runs, with the test's arguments as `$@`.
