@@ -526,23 +526,18 @@ impl Controller {
 
     fn put_drive(&mut self, drive: DriveConfig) -> ApiResponse {
         let mut candidate = self.config.clone();
-        match candidate
-            .drives
-            .iter_mut()
-            .find(|d| d.drive_id == drive.drive_id)
-        {
-            Some(existing) => *existing = drive.clone(),
-            None => candidate.drives.push(drive.clone()),
-        }
-        if let Err(e) = candidate.validate() {
-            if e != ConfigError::NoKernel {
-                return ApiResponse::bad_request(e.to_string());
-            }
+        upsert(&mut candidate.drives, drive.clone(), |d| {
+            d.drive_id == drive.drive_id
+        });
+        // The body is checked before the host is touched.
+        if let Err(refused) = valid_but_for_kernel(&candidate) {
+            return refused;
         }
         if let Err(why) = self.host.drive(&drive) {
             return ApiResponse::bad_request(why);
         }
-        self.accept(candidate)
+        self.config = candidate;
+        ApiResponse::no_content()
     }
 
     fn put_net(&mut self, iface: NetConfig) -> ApiResponse {
@@ -570,34 +565,28 @@ impl Controller {
             }
         }
         let mut candidate = self.config.clone();
-        match candidate
-            .network_interfaces
-            .iter_mut()
-            .find(|n| n.iface_id == iface.iface_id)
-        {
-            Some(existing) => *existing = iface.clone(),
-            None => candidate.network_interfaces.push(iface.clone()),
-        }
-        if let Err(e) = candidate.validate() {
-            if e != ConfigError::NoKernel {
-                return ApiResponse::bad_request(e.to_string());
-            }
+        upsert(&mut candidate.network_interfaces, iface.clone(), |n| {
+            n.iface_id == iface.iface_id
+        });
+        if let Err(refused) = valid_but_for_kernel(&candidate) {
+            return refused;
         }
         if let Err(why) = self.host.tap(&iface) {
             return ApiResponse::bad_request(why);
         }
-        self.accept(candidate)
+        self.config = candidate;
+        ApiResponse::no_content()
     }
 
     /// Adopts `candidate` if it is valid apart from a kernel, which may
     /// still come.
     fn accept(&mut self, candidate: VmConfig) -> ApiResponse {
-        match candidate.validate() {
-            Ok(()) | Err(ConfigError::NoKernel) => {
+        match valid_but_for_kernel(&candidate) {
+            Ok(()) => {
                 self.config = candidate;
                 ApiResponse::no_content()
             }
-            Err(e) => ApiResponse::bad_request(e.to_string()),
+            Err(refused) => refused,
         }
     }
 
@@ -631,6 +620,24 @@ impl Controller {
 
 fn respond(response: ApiResponse) -> Decision {
     Decision::Respond(response)
+}
+
+/// A pre-boot configuration is whole apart from a kernel, which may still
+/// come; anything else it lacks is the client's 400.
+fn valid_but_for_kernel(candidate: &VmConfig) -> Result<(), ApiResponse> {
+    match candidate.validate() {
+        Ok(()) | Err(ConfigError::NoKernel) => Ok(()),
+        Err(e) => Err(ApiResponse::bad_request(e.to_string())),
+    }
+}
+
+/// Replaces the entry `same` picks in `list` with `item`, or appends it: a
+/// `PUT` of an existing id replaces it, as in Firecracker.
+fn upsert<T>(list: &mut Vec<T>, item: T, same: impl Fn(&T) -> bool) {
+    match list.iter_mut().find(|e| same(e)) {
+        Some(existing) => *existing = item,
+        None => list.push(item),
+    }
 }
 
 #[cfg(test)]
