@@ -150,6 +150,13 @@ impl Ring {
         !self.ring.submission().is_empty()
     }
 
+    /// Whether the next sleeping turn waits for a batch of disk
+    /// completions (`batch.rs`): many slow operations are in flight, and
+    /// collecting them together beats reacting to each one.
+    pub fn waits_for_batch(&self) -> bool {
+        self.wait_plan().is_some()
+    }
+
     /// Hands the queued operations to the kernel now, without waiting.
     pub fn flush(&mut self) -> io::Result<()> {
         match self.ring.submit() {

@@ -535,7 +535,16 @@ impl VirtioDevices {
         if self.has_work_now() {
             return Ok(false);
         }
-        let window = self.poll.window();
+        // With a batch of slow disk operations in flight the turn waits
+        // for a share of them (`batch.rs`); polling would end at the first
+        // one and cut the batch into pieces (tmpfs 4 KiB QD32: 8 requests
+        // per turn without polling, 2.5 with it, 0.24 -> 0.59 syscalls per
+        // request).
+        let window = if ring.waits_for_batch() {
+            Duration::ZERO
+        } else {
+            self.poll.window()
+        };
         self.set_polling(!window.is_zero());
         if !window.is_zero() {
             if self.poll_for_work(ring, mem, window)? {
