@@ -311,12 +311,15 @@ pub struct VirtioDevices {
     slots: Vec<Box<DeviceSlot>>,
     /// How long to watch the request queues before sleeping (`poll.rs`).
     poll: AdaptivePoll,
+    /// What the devices were last told by [`Self::set_polling`].
+    polling: bool,
 }
 
 impl VirtioDevices {
     /// Adds a slot; it gets the next index (at most 256 devices, far more
     /// than the machine has IRQ lines for).
-    pub fn push(&mut self, slot: DeviceSlot) {
+    pub fn push(&mut self, mut slot: DeviceSlot) {
+        slot.device.queues_mut().set_polling(self.polling);
         self.slots.push(Box::new(slot));
     }
 
@@ -574,6 +577,10 @@ impl VirtioDevices {
 
     /// Tells every device whether its drains leave notifications off.
     fn set_polling(&mut self, polling: bool) {
+        if polling == self.polling {
+            return;
+        }
+        self.polling = polling;
         for slot in &mut self.slots {
             slot.device.queues_mut().set_polling(polling);
         }
