@@ -404,6 +404,10 @@ fn startup(setup: &Setup, side: Side, round: u32) -> Res<Startup> {
 struct Boot {
     booted_s: f64,
     memory: Memory,
+    /// Of the USS, what sits in file mappings (the executable, libraries):
+    /// pages of files only this process maps, shared as soon as a second
+    /// process maps the same file.
+    uss_file_kib: u64,
     vmm_cpu_s: f64,
     vcpu_cpu_s: f64,
     threads: Vec<(String, f64)>,
@@ -444,11 +448,13 @@ fn measure_booted(setup: &Setup, vm: &Started, at: f64) -> Res<Boot> {
             memory.guest_ram_mappings
         ));
     }
+    let uss_file_kib = file_uss_kib(vm.pid())?;
     let cpu = read_cpu(vm.pid())?;
     let side = vm.side;
     Ok(Boot {
         booted_s: at - vm.t0,
         memory,
+        uss_file_kib,
         vmm_cpu_s: cpu.non_vcpu_ns(|n| side.is_vcpu(n)) as f64 / 1e9,
         vcpu_cpu_s: cpu.vcpu_ns(|n| side.is_vcpu(n)) as f64 / 1e9,
         threads: cpu
@@ -457,6 +463,31 @@ fn measure_booted(setup: &Setup, vm: &Started, at: f64) -> Res<Boot> {
             .map(|t| (t.name.clone(), t.cpu_ns as f64 / 1e9))
             .collect(),
     })
+}
+
+/// Private_Clean + Private_Dirty of `pid`'s mappings of files (path
+/// starting with `/`, but not memfd or /dev, which hold anonymous memory),
+/// KiB.
+fn file_uss_kib(pid: u32) -> Res<u64> {
+    let path = format!("/proc/{pid}/smaps");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    let mut in_file = false;
+    let mut kib = 0;
+    for line in text.lines() {
+        let mut f = line.split_whitespace();
+        let first = f.next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            // A mapping's header: range perms offset dev inode [path].
+            let name = f.nth(4).unwrap_or("");
+            in_file =
+                name.starts_with('/') && !name.starts_with("/dev/") && !name.starts_with("/memfd:");
+            continue;
+        }
+        if in_file && (first == "Private_Clean:" || first == "Private_Dirty:") {
+            kib += f.next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        }
+    }
+    Ok(kib)
 }
 
 /// Builds the LD_PRELOAD probe into `dir`.
@@ -598,6 +629,40 @@ fn points(starts: &[Round<Startup, Startup>], boots: &[Round<Boot, Boot>]) -> Ve
                 None,
             ),
             point(
+                "USS − guest RAM, booted: in file mappings",
+                "KiB",
+                q,
+                boots
+                    .iter()
+                    .map(|r| {
+                        pr(
+                            r.ringvm.uss_file_kib as f64,
+                            r.reference.uss_file_kib as f64,
+                            r.others_cpus,
+                        )
+                    })
+                    .collect(),
+                None,
+                Some("the executable's and libraries' pages no other process maps: shared as soon as a second VM runs the same binary".into()),
+            ),
+            point(
+                "USS − guest RAM, booted: anonymous",
+                "KiB",
+                q,
+                boots
+                    .iter()
+                    .map(|r| {
+                        pr(
+                            r.ringvm.memory.vmm().uss.saturating_sub(r.ringvm.uss_file_kib) as f64,
+                            r.reference.memory.vmm().uss.saturating_sub(r.reference.uss_file_kib) as f64,
+                            r.others_cpus,
+                        )
+                    })
+                    .collect(),
+                None,
+                Some("heap, stacks, rings, relocated data: private to each VM".into()),
+            ),
+            point(
                 "USS − guest RAM vs Firecracker",
                 "KiB",
                 "Firecracker's 2 MiB (issue 14)",
@@ -714,19 +779,21 @@ fn markdown(points: &[Point], boots: &[Round<Boot, Boot>], settings: &str) -> St
         let _ = writeln!(s, "\n## Boot round {i}: memory and threads\n");
         let _ = writeln!(
             s,
-            "| VMM | RSS KiB (all / guest RAM / rest) | PSS KiB (rest) | USS KiB (rest) | VMM CPU ms | vCPU CPU s | threads (CPU s) |"
+            "| VMM | RSS KiB (all / guest RAM / rest) | PSS KiB (rest) | USS KiB (rest: files + anonymous) | VMM CPU ms | vCPU CPU s | threads (CPU s) |"
         );
-        let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---|");
+        let _ = writeln!(s, "|---|---|---:|---|---:|---:|---|");
         for (side, b) in [(Side::Ringvm, &r.ringvm), (Side::Qemu, &r.reference)] {
             let _ = writeln!(
                 s,
-                "| {} | {} / {} / {} | {} | {} | {:.1} | {:.1} | {} |",
+                "| {} | {} / {} / {} | {} | {} ({} + {}) | {:.1} | {:.1} | {} |",
                 side.name(),
                 b.memory.total.rss,
                 b.memory.guest_ram.rss,
                 b.memory.vmm().rss,
                 b.memory.vmm().pss,
                 b.memory.vmm().uss,
+                b.uss_file_kib,
+                b.memory.vmm().uss.saturating_sub(b.uss_file_kib),
                 b.vmm_cpu_s * 1e3,
                 b.vcpu_cpu_s,
                 b.threads
@@ -748,7 +815,7 @@ fn boot_json(b: &Boot) -> Value {
     let m = |k: &MemKib| json!({"rss": k.rss, "pss": k.pss, "uss": k.uss});
     json!({
         "booted_s": b.booted_s,
-        "memory_kib": {"total": m(&b.memory.total), "guest_ram": m(&b.memory.guest_ram), "vmm": m(&b.memory.vmm())},
+        "memory_kib": {"total": m(&b.memory.total), "guest_ram": m(&b.memory.guest_ram), "vmm": m(&b.memory.vmm()), "vmm_uss_in_files": b.uss_file_kib},
         "vmm_cpu_s": b.vmm_cpu_s,
         "vcpu_cpu_s": b.vcpu_cpu_s,
         "threads": b.threads.iter().map(|(n, c)| json!({"name": n, "cpu_s": c})).collect::<Vec<_>>(),
