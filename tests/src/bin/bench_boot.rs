@@ -727,6 +727,14 @@ const METHOD: &[&str] = &[
     "Firecracker (issue 14, v1.16.1 on this machine, ratios ringvm / Firecracker): start → API socket 0.72x, start → first KVM_RUN ≈0.83x, USS idle 0.74x, RSS idle 1.50x (shared glibc), booted RSS − guest RAM 1.26x. Not re-measured here: its build takes ~10 minutes (see /work/shared/peers/README.md); only its 2 MiB private memory per VM is a target row.",
 ];
 
+/// Changes measured with this benchmark, before → after (medians, min–max;
+/// each pair from runs on the same machine within minutes of each other).
+const CHANGES: &[&str] = &[
+    "API reads answered while the VM is built (vmm/src/api/early.rs, issue 14): start → API socket answers, ringvm 21.2 ms (14.7–33.9) → 2.6 ms (2.4–3.9); ratio to QEMU 0.54x (0.29–1.05) → 0.08x (0.05–0.10) (8 startup rounds each, the machine loaded by other work: QEMU's own figure moved 24–126 ms). start → first KVM_RUN is unchanged: 21.4 → 19.8 ms median. strace of the old start (`strace -f -tt`): the socket was bound 8 ms after exec, but `GET /` waited for the whole VM build on the main thread (KVM_SET_USER_MEMORY_REGION of 128 MiB 12 ms, the 9 MB kernel read into guest memory 17 ms, vCPU setup), then for the run loop's first turn. Cost: a thread that lives as long as the build: anonymous USS booted 228 → 248 KiB (its cached stack, 12 KiB touched, and an 8 KiB malloc arena, as smaps shows at idle).",
+    "Tried, not kept: malloc_trim(0) before the run loop (heap 84 → 80 KiB); opt-level \"z\" for clap_builder, seccompiler and serde_json (text 2 905 579 → 2 867 243 bytes): each within the run-to-run spread of the USS.",
+    "What bounds USS against Firecracker's 2 MiB: ringvm's own executable. Its file pages that no other process maps count as private: 2164–2380 KiB of the booted USS (2392–2628 KiB) in the runs above, more than 2 MiB by itself and varying with the page cache and with which shared libraries other processes happen to map (the 1.7 MiB .text is almost wholly resident: the kernel maps 64 KiB around each text fault from the page cache), against 228–248 KiB of anonymous memory (heap ~84, main stack ~30, io_uring rings 28, thread stacks, relocated data). A second ringvm VM running the same binary at the same time has a USS of 332 KiB (104 KiB in files + 228 anonymous; smaps 1 s after start, two started together): per-VM private memory with two or more VMs is ~0.3 MiB.",
+];
+
 fn settings(args: &Args, setup: &Setup, qemu_version: &str, host: &HostInfo) -> String {
     format!(
         "Kernel {}, {} x {}. {qemu_version}. {} startup rounds (alternating), {} boot round(s) (in turn). Guest: {} MiB, 1 vCPU, command line `{}`{}. Load average at the start: {}.",
@@ -803,6 +811,10 @@ fn markdown(points: &[Point], boots: &[Round<Boot, Boot>], settings: &str) -> St
                     .join(", ")
             );
         }
+    }
+    let _ = writeln!(s, "\n## Changes (before → after)\n");
+    for c in CHANGES {
+        let _ = writeln!(s, "- {c}");
     }
     let _ = writeln!(s, "\n## Method\n");
     for m in METHOD {
@@ -961,6 +973,7 @@ fn run(args: &Args) -> Res<()> {
                 "qemu_first_kvm_run_ms": median(&starts.iter().map(|r| r.reference.first_kvm_run_s * 1e3).collect::<Vec<_>>()),
             },
             "method": METHOD,
+            "changes": CHANGES,
         });
         report::write(&out_dir, "boot", "bench-boot", &md, &doc)
     })();
