@@ -647,8 +647,9 @@ impl Vmm {
     /// metrics path.
     pub fn flush_metrics(&mut self) -> std::io::Result<()> {
         let devices = self.device_metrics();
+        let poll = self.virtio.poll_stats();
         self.metrics
-            .flush(&devices, &self.exits, &self.api_counters)
+            .flush(&devices, &self.exits, &self.api_counters, &poll)
     }
 
     fn arm_metrics_timer(&mut self) -> Result<(), VmmError> {
