@@ -41,12 +41,17 @@ fn usage_errors_exit_2() {
     assert_eq!(run.code, Some(2), "{}", run.transcript());
     let run = run_ringvm(&[], QUICK);
     assert_eq!(run.code, Some(2), "{}", run.transcript());
-    for bad in [&["--acpi", "maybe"][..], &["--acpi"][..]] {
+    for bad in [
+        &["--acpi", "maybe"][..],
+        &["--acpi"][..],
+        &["--poll-max-us", "5000"][..],
+        &["--poll-max-us", "many"][..],
+    ] {
         let mut args = vec!["--kernel", "/k"];
         args.extend_from_slice(bad);
         let run = run_ringvm(&args, QUICK);
         assert_eq!(run.code, Some(2), "{bad:?}: {}", run.transcript());
-        assert!(run.stderr.contains("--acpi"), "{}", run.transcript());
+        assert!(run.stderr.contains(bad[0]), "{}", run.transcript());
     }
 }
 
@@ -68,6 +73,7 @@ fn help_documents_exit_codes_and_version_is_prefixed() {
         "--cpu-template",
         "--acpi <on|off>",
         "--boot-timer",
+        "--poll-max-us <US>",
         "Exit codes:",
         "KVM unavailable",
         "-- <COMMAND>...",
