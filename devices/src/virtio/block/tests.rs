@@ -1451,7 +1451,10 @@ mod rate_limits {
 #[test]
 fn reads_and_writes_of_a_tmpfs_file_go_straight_to_io_wq_flushes_do_not() -> TestResult {
     let mounts = std::fs::read_to_string("/proc/self/mounts")?;
-    if !mounts.lines().any(|l| l.starts_with("tmpfs /dev/shm tmpfs ")) {
+    if !mounts
+        .lines()
+        .any(|l| l.starts_with("tmpfs /dev/shm tmpfs "))
+    {
         eprintln!("/dev/shm is not a tmpfs mount here: skipped");
         return Ok(());
     }
