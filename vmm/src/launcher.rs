@@ -37,6 +37,8 @@ pub struct Launch {
     pub boot_timer: bool,
     /// `--no-seccomp` / `--seccomp-filter`.
     pub seccomp: SeccompChoice,
+    /// `--poll-max-us`: the VMM thread's largest polling window.
+    pub poll_max: std::time::Duration,
 }
 
 /// Firecracker's configuration file: the `GET /vm/config` shape.
@@ -423,6 +425,7 @@ fn boot_and_run(
     // The VMM thread's list widens for a vsock device's socket calls only
     // when there is one.
     let filters = filters.for_vmm_thread(controller_has_vsock);
+    vmm.set_poll_max(launch.poll_max);
     let exit = vmm.run(&filters)?;
     let console = vmm.console_tail();
     // Dropping the VM drops the API handle, which stops the API thread.
