@@ -83,6 +83,24 @@ pub enum IoOp {
     },
 }
 
+/// How the ring should start an op. io_uring first tries a read or write
+/// on the submitting thread without blocking and, when the file cannot do
+/// it that way (tmpfs, buffered ext4 writes), hands it to an io-wq worker:
+/// for such files the first attempt is wasted work on the VMM thread, and
+/// the op then waits behind the one worker that picked it up. `Async`
+/// (`IOSQE_ASYNC`) sends it to io-wq at once, where several workers can
+/// run ops side by side. Only the device knows its file well enough to
+/// choose (see `virtio::block`); a wrong hint costs speed, never
+/// correctness.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IoHint {
+    /// Let io_uring try it on the submitting thread first.
+    #[default]
+    Inline,
+    /// Go straight to an io-wq worker.
+    Async,
+}
+
 /// Largest iovec count the kernel accepts in one vectored operation
 /// (`UIO_MAXIOV`); devices must split or refuse above it.
 pub const IOV_MAX: usize = 1024;
@@ -123,6 +141,23 @@ pub trait IoSubmit {
     /// then. If this returns an error the operation was not queued and
     /// nothing is retained.
     unsafe fn submit(&mut self, op: IoOp, tag: u64) -> Result<(), IoSubmitError>;
+
+    /// [`Self::submit`] with a hint on how to start the op; submitters
+    /// that have no choice to make (fakes, tests) ignore it.
+    ///
+    /// # Safety
+    ///
+    /// As for [`Self::submit`].
+    unsafe fn submit_hinted(
+        &mut self,
+        op: IoOp,
+        tag: u64,
+        hint: IoHint,
+    ) -> Result<(), IoSubmitError> {
+        let _ = hint;
+        // SAFETY: the caller keeps submit's contract.
+        unsafe { self.submit(op, tag) }
+    }
 }
 
 /// An interrupt wire from a device to the guest.
@@ -158,6 +193,8 @@ pub mod fake {
         pub ops: Vec<(IoOp, u64)>,
         /// When set, the next submit fails with [`IoSubmitError::QueueFull`].
         pub full: bool,
+        /// Tags submitted with [`IoHint::Async`], oldest first.
+        pub async_tags: Vec<u64>,
     }
 
     impl IoSubmit for RecordingIo {
@@ -169,6 +206,20 @@ pub mod fake {
                 return Err(IoSubmitError::QueueFull);
             }
             self.ops.push((op, tag));
+            Ok(())
+        }
+
+        unsafe fn submit_hinted(
+            &mut self,
+            op: IoOp,
+            tag: u64,
+            hint: IoHint,
+        ) -> Result<(), IoSubmitError> {
+            // SAFETY: the caller keeps submit's contract.
+            unsafe { self.submit(op, tag) }?;
+            if hint == IoHint::Async {
+                self.async_tags.push(tag);
+            }
             Ok(())
         }
     }

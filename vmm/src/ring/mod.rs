@@ -13,7 +13,7 @@
 use std::io;
 use std::os::fd::RawFd;
 
-use devices::io::{IoOp, IoSubmit, IoSubmitError, TAG_MAX};
+use devices::io::{IoHint, IoOp, IoSubmit, IoSubmitError, TAG_MAX};
 use io_uring::{opcode, squeue, types, IoUring};
 
 pub mod batch;
@@ -295,9 +295,10 @@ fn single_buffer(iovecs: *const libc::iovec, iovcnt: u32) -> Option<(*mut libc::
 
 /// Builds the SQE for one device operation. The iovec arrays and guest
 /// buffers are used in place: io_uring reads and writes guest memory
-/// directly.
-fn sqe_for(op: IoOp) -> squeue::Entry {
-    match op {
+/// directly. [`IoHint::Async`] sets `IOSQE_ASYNC` (the one SQE flag the
+/// lockdown allows).
+fn sqe_for(op: IoOp, hint: IoHint) -> squeue::Entry {
+    let entry = match op {
         IoOp::Readv {
             fd,
             iovecs,
@@ -344,11 +345,25 @@ fn sqe_for(op: IoOp) -> squeue::Entry {
             .mode(mode)
             .build(),
         IoOp::Poll { fd, events } => opcode::PollAdd::new(types::Fd(fd), events).build(),
+    };
+    match hint {
+        IoHint::Inline => entry,
+        IoHint::Async => entry.flags(squeue::Flags::ASYNC),
     }
 }
 
 impl IoSubmit for DeviceIo<'_> {
     unsafe fn submit(&mut self, op: IoOp, tag: u64) -> Result<(), IoSubmitError> {
+        // SAFETY: the caller keeps submit's contract.
+        unsafe { self.submit_hinted(op, tag, IoHint::Inline) }
+    }
+
+    unsafe fn submit_hinted(
+        &mut self,
+        op: IoOp,
+        tag: u64,
+        hint: IoHint,
+    ) -> Result<(), IoSubmitError> {
         if tag > TAG_MAX {
             return Err(IoSubmitError::BadTag(tag));
         }
@@ -359,7 +374,7 @@ impl IoSubmit for DeviceIo<'_> {
         };
         // SAFETY: the device's contract (IoSubmit::submit is unsafe) is that
         // the iovecs and buffers stay valid until this tag completes.
-        unsafe { self.ring.push(sqe_for(op), token) }.map_err(|e| {
+        unsafe { self.ring.push(sqe_for(op, hint), token) }.map_err(|e| {
             if e.raw_os_error() == Some(libc::EBUSY) {
                 IoSubmitError::QueueFull
             } else {

@@ -39,13 +39,14 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 use super::executor::{prepare, Pending, PendingKind};
+use super::punt::Punt;
 use super::request::{self, DiskLimits, Operation, Request};
 use super::{
     config_bytes, features, set_capacity, BlockCounters, DEVICE_TYPE, ID_BYTES, NUM_QUEUES,
     QUEUE_MAX_SIZE, SECTOR_SHIFT,
 };
 use crate::guest_log::GuestLog;
-use crate::io::{InterruptLine, IoOp, IoSubmit, IoSubmitError};
+use crate::io::{InterruptLine, IoHint, IoOp, IoSubmit, IoSubmitError};
 use crate::rate_limiter::DeviceRateLimiter;
 use crate::virtio::{
     drain_queue, ChainTaken, DeviceError, DeviceShared, Generation, InFlight, Interrupt,
@@ -93,6 +94,8 @@ struct Disk {
     ops: usize,
     /// Writes may have completed since its last successful sync.
     dirty: bool,
+    /// Which of its reads and writes go straight to io-wq.
+    punt: Punt,
 }
 
 /// The request a slot serves, and where a FLUSH is in its walk over the
@@ -190,6 +193,7 @@ impl BlockDevice {
         id[..n].copy_from_slice(&src[..n]);
         Ok(Self {
             disk: Disk {
+                punt: Punt::for_file(&config.file),
                 file: config.file,
                 epoch: 0,
                 ops: 0,
@@ -301,6 +305,7 @@ impl BlockDevice {
         let old = std::mem::replace(
             &mut self.disk,
             Disk {
+                punt: Punt::for_file(&file),
                 file,
                 epoch,
                 ops: 0,
@@ -441,6 +446,11 @@ impl BlockDevice {
                 return Err(e);
             }
         };
+        let hint = match pending.kind {
+            PendingKind::Read => self.disk.punt.hint(false),
+            PendingKind::Write => self.disk.punt.hint(true),
+            _ => IoHint::Inline,
+        };
         // SAFETY: the iovec array lives in this slot of the in-flight
         // table, which is neither touched nor freed until `take` sees this
         // tag's completion (a reset only orphans the slot, and dropping the
@@ -448,7 +458,7 @@ impl BlockDevice {
         // memory, mapped for the VM's life and checked by `prepare` to lie
         // inside it. `fd` is a file of this device, kept open while any op
         // names its epoch.
-        match unsafe { io.submit(op, slot.tag) } {
+        match unsafe { io.submit_hinted(op, slot.tag, hint) } {
             Ok(()) => {
                 let write_seq = pending.kind.writes().then(|| {
                     let seq = self.next_write_seq;

@@ -6,10 +6,13 @@
 //! - `executor` turns a checked request into one [`IoOp`](crate::io::IoOp)
 //!   with its guest buffers mapped to host iovecs;
 //! - [`BlockDevice`] is the thin queue loop around them: pop, parse,
-//!   execute, complete, interrupt.
+//!   execute, complete, interrupt;
+//! - `punt` decides, once per backing file, which ops skip io_uring's
+//!   inline attempt (`IOSQE_ASYNC`).
 
 mod device;
 mod executor;
+mod punt;
 pub mod request;
 
 use virtio_bindings::virtio_blk::{

@@ -1447,3 +1447,44 @@ mod rate_limits {
         Ok(())
     }
 }
+
+#[test]
+fn reads_and_writes_of_a_tmpfs_file_go_straight_to_io_wq_flushes_do_not() -> TestResult {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    if !mounts
+        .lines()
+        .any(|l| l.starts_with("tmpfs /dev/shm tmpfs "))
+    {
+        eprintln!("/dev/shm is not a tmpfs mount here: skipped");
+        return Ok(());
+    }
+    let mem = memory();
+    let mut rig = Rig::new(&mem, false);
+    let path = format!("/dev/shm/ringvm-blk-punt-{}", std::process::id());
+    let shm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)?;
+    std::fs::remove_file(&path)?;
+    shm.set_len(SECTORS * 512)?;
+    rig.dev.swap_disk(shm)?;
+    rig.read_req(0, 0, 512);
+    rig.write_req(1, 1, 512, 0xab);
+    let mut io = RecordingIo::default();
+    rig.process(&mut io)?;
+    let tags: Vec<u64> = io.ops.iter().map(|(_, tag)| *tag).collect();
+    assert_eq!(tags.len(), 2);
+    assert_eq!(io.async_tags, tags, "both ops carry IOSQE_ASYNC");
+    for tag in tags {
+        rig.complete(tag, 512);
+    }
+    rig.header(2, VIRTIO_BLK_T_FLUSH, 0);
+    rig.push(&[(hdr_addr(2), 16, 0), (status_addr(2), 1, W)]);
+    let mut io = RecordingIo::default();
+    rig.process(&mut io)?;
+    assert!(matches!(io.ops.as_slice(), [(IoOp::Fsync { .. }, _)]));
+    assert!(io.async_tags.is_empty(), "a flush is submitted as before");
+    Ok(())
+}
