@@ -581,7 +581,9 @@ impl<T: Tap> NetDevice<T> {
             if let Some(h) = held.get_mut(usize::from(c.head)) {
                 *h = false;
             }
-            let used = self.queues.add_used(RX_QUEUE, mem, c.head, len as u32);
+            let used = self
+                .queues
+                .add_used_batched(RX_QUEUE, mem, c.head, len as u32);
             pool.push(c);
             used?;
         }

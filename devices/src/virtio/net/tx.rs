@@ -129,6 +129,6 @@ impl<T: Tap> NetDevice<T> {
         }
         // A corrupt used ring breaks the queue; the driver hears of it
         // through NEEDS_RESET, so the error needs no other handling here.
-        let _ = self.queues.add_used(TX_QUEUE, mem, head, 0);
+        let _ = self.queues.add_used_batched(TX_QUEUE, mem, head, 0);
     }
 }
