@@ -567,8 +567,10 @@ impl<T: Tap> NetDevice<T> {
         let num_buffers = chains_used as u16;
         // num_buffers first: the driver may read the frame as soon as the
         // first used entry is published.
-        let hdr = read.chains.front().map_or(&[][..], |c| &c.segs[..]);
-        if !frame::write_at(mem, hdr, NUM_BUFFERS_OFFSET, &num_buffers.to_le_bytes()) {
+        let first = read.chains.front();
+        let written = first.is_some_and(|c| write_in_first_iovec(c, num_buffers));
+        let hdr = first.map_or(&[][..], |c| &c.segs[..]);
+        if !written && !frame::write_at(mem, hdr, NUM_BUFFERS_OFFSET, &num_buffers.to_le_bytes()) {
             log::debug!("virtio-net: writing num_buffers failed");
         }
         let mut left = n;
@@ -592,4 +594,31 @@ impl<T: Tap> NetDevice<T> {
         self.rx_limiter.charge((n - VNET_HDR_LEN) as u64);
         Ok(Some(consumed))
     }
+}
+
+/// Writes num_buffers into the header through the host iovec `walk` made
+/// for the chain's first descriptor, when the header's field lies in it
+/// (the usual case: Linux puts the header at the start of each buffer);
+/// false leaves it to [`frame::write_at`]'s guest-memory path.
+fn write_in_first_iovec(chain: &RxChain, num_buffers: u16) -> bool {
+    let bytes = num_buffers.to_le_bytes();
+    let Some(v) = chain.iov.0.first() else {
+        return false;
+    };
+    if v.iov_len < NUM_BUFFERS_OFFSET + bytes.len() {
+        return false;
+    }
+    // SAFETY: `walk` checked that this iovec lies inside guest memory,
+    // device-writable, and guest memory stays mapped for the VM's life;
+    // the two bytes are inside it (checked above). The kernel's read into
+    // it has completed; the driver does not read it before the used entry
+    // is published. A byte copy, so no alignment is assumed.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            bytes.as_ptr(),
+            v.iov_base.cast::<u8>().add(NUM_BUFFERS_OFFSET),
+            bytes.len(),
+        );
+    }
+    true
 }
