@@ -4,10 +4,12 @@
 //! one, stays up while the guest runs and is served by the VMM thread.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use serde::Deserialize;
 
+use crate::api::early::{EarlyAnswers, EarlyError};
 use crate::api::types::{LoggerConfig, MachineConfigBody, MetricsConfig};
 use crate::api::{
     ApiHandle, ApiRequest, ApiServer, CommandOutput, Controller, Decision, VmCommand,
@@ -37,6 +39,8 @@ pub struct Launch {
     pub boot_timer: bool,
     /// `--no-seccomp` / `--seccomp-filter`.
     pub seccomp: SeccompChoice,
+    /// `--poll-max-us`: the VMM thread's largest polling window.
+    pub poll_max: std::time::Duration,
 }
 
 /// Firecracker's configuration file: the `GET /vm/config` shape.
@@ -364,6 +368,45 @@ fn try_run(launch: Launch, start: Instant) -> Result<(GuestExit, Option<Vec<u8>>
     result
 }
 
+/// Builds the VM of `config` while [`EarlyAnswers`] answers the API's
+/// reads; gives the VM and the API (with any request that needs the VM
+/// still queued) back, `controller` marked running.
+fn build_while_answering(
+    config: &VmConfig,
+    api: ApiHandle,
+    controller: &mut Controller,
+    filters: &Filters,
+    start: Instant,
+) -> Result<(Vmm, Option<ApiHandle>), LaunchError> {
+    let early_error = |e: EarlyError| match e {
+        EarlyError::Start(source) => LaunchError::Vmm(VmmError::Host {
+            what: "starting the thread answering the API during the build",
+            source,
+        }),
+        EarlyError::Died => LaunchError::Api(e.to_string()),
+    };
+    let placeholder = Controller::new(String::new(), VmConfig::default());
+    let early = EarlyAnswers::start(
+        api,
+        std::mem::replace(controller, placeholder),
+        config.clone(),
+        filters,
+    )
+    .map_err(early_error)?;
+    let built = Vmm::new(config, start);
+    // Joined before a build error returns, so no request is answered
+    // after it; the handle then drops, as it did without this thread.
+    let back = early.finish().map_err(early_error)?;
+    *controller = back.controller;
+    let vmm = built?;
+    let counters = vmm.api_counters();
+    counters
+        .requests
+        .fetch_add(back.answered, Ordering::Relaxed);
+    counters.errors.fetch_add(back.errors, Ordering::Relaxed);
+    Ok((vmm, Some(back.handle)))
+}
+
 fn boot_and_run(
     launch: &Launch,
     api: Option<ApiHandle>,
@@ -381,16 +424,20 @@ fn boot_and_run(
     } else {
         launch.cli_config.clone()
     };
-    let mut vmm = match (immediate, &api) {
-        (Some(mut config), _) => {
+    let (mut vmm, api) = match (immediate, api) {
+        (Some(mut config), Some(api)) => {
+            config.boot_timer = launch.boot_timer;
+            build_while_answering(&config, api, &mut controller, filters, start)?
+        }
+        (Some(mut config), None) => {
             config.boot_timer = launch.boot_timer;
             let vmm = Vmm::new(&config, start)?;
             controller.mark_running();
-            vmm
+            (vmm, None)
         }
         (None, Some(api)) => {
             let configured = configure_over_api(
-                api,
+                &api,
                 &mut controller,
                 &mut pending_metrics,
                 launch.boot_timer,
@@ -401,7 +448,7 @@ fn boot_and_run(
                 Configured::Stopped(sig) => return Ok((GuestExit::Signal(sig), None)),
             };
             controller.mark_running();
-            vmm
+            (vmm, Some(api))
         }
         (None, None) => {
             return Err(LaunchError::Api(
@@ -423,6 +470,7 @@ fn boot_and_run(
     // The VMM thread's list widens for a vsock device's socket calls only
     // when there is one.
     let filters = filters.for_vmm_thread(controller_has_vsock);
+    vmm.set_poll_max(launch.poll_max);
     let exit = vmm.run(&filters)?;
     let console = vmm.console_tail();
     // Dropping the VM drops the API handle, which stops the API thread.

@@ -138,6 +138,12 @@ struct Cli {
     /// filter per thread kind, keyed "vmm", "api" and "vcpu".
     #[arg(long, value_name = "PATH", conflicts_with = "no_seccomp")]
     seccomp_filter: Option<PathBuf>,
+    /// Longest time, in microseconds, the VMM thread watches the guest's
+    /// request queues before it sleeps (adaptive, like QEMU's
+    /// poll-max-ns): a request the guest adds meanwhile is served without
+    /// its notification (a VM exit) or a wake-up. 0 turns polling off.
+    #[arg(long, value_name = "US", default_value_t = 32, value_parser = clap::value_parser!(u64).range(0..=1000))]
+    poll_max_us: u64,
     /// Share a host directory with the command's guest:
     /// HOST_DIR[:GUEST_DIR][,rw]. Read-only unless ",rw"; GUEST_DIR
     /// defaults to HOST_DIR. Repeat for more.
@@ -230,6 +236,7 @@ impl Cli {
             max_payload: self.http_api_max_payload_size,
             metrics_path: self.metrics_path,
             boot_timer: self.boot_timer,
+            poll_max: std::time::Duration::from_micros(self.poll_max_us),
             seccomp: match (self.no_seccomp, self.seccomp_filter) {
                 (true, _) => SeccompChoice::Off,
                 (false, Some(path)) => SeccompChoice::File(path),

@@ -617,6 +617,12 @@ impl Vmm {
         Ok(())
     }
 
+    /// Bounds how long the VMM thread polls the request queues before it
+    /// sleeps (`--poll-max-us`; zero never polls).
+    pub fn set_poll_max(&mut self, max: std::time::Duration) {
+        self.virtio.set_poll_max(max);
+    }
+
     /// Sends metrics to `path` from now on (`--metrics-path`, `PUT /metrics`).
     pub fn configure_metrics(&mut self, path: &std::path::Path) -> std::io::Result<()> {
         self.metrics.configure(path)
@@ -641,8 +647,9 @@ impl Vmm {
     /// metrics path.
     pub fn flush_metrics(&mut self) -> std::io::Result<()> {
         let devices = self.device_metrics();
+        let poll = self.virtio.poll_stats();
         self.metrics
-            .flush(&devices, &self.exits, &self.api_counters)
+            .flush(&devices, &self.exits, &self.api_counters, &poll)
     }
 
     fn arm_metrics_timer(&mut self) -> Result<(), VmmError> {
@@ -745,9 +752,8 @@ impl Vmm {
         let mut completions = Vec::with_capacity(64);
         let outcome = 'outer: loop {
             completions.clear();
-            let wait = !self.virtio.has_work_now();
-            self.ring
-                .turn(&mut completions, wait)
+            self.virtio
+                .turn(&mut self.ring, self.vm.memory(), &mut completions)
                 .map_err(host("io_uring_enter"))?;
             for c in completions.iter().copied() {
                 if VirtioDevices::owns(c.token) {

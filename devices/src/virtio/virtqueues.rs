@@ -26,6 +26,10 @@ struct QueueSlot {
     /// Used entries written without their used.idx store (see
     /// [`Virtqueues::add_used_batched`]).
     batch: UsedBatch,
+    /// A polling drain left the driver's notifications off: the VMM
+    /// thread watches this queue's available ring itself until it turns
+    /// them back on ([`Virtqueues::notify_again`]) before sleeping.
+    quiet: bool,
 }
 
 /// The queues of one device, its interrupt and the features the driver
@@ -44,6 +48,8 @@ pub struct Virtqueues {
     /// The VM is paused: nothing is popped (completions are still
     /// answered), so a paused guest's queues stay as it left them.
     paused: bool,
+    /// The VMM thread is polling: drains leave notifications off.
+    polling: bool,
 }
 
 impl Virtqueues {
@@ -61,6 +67,7 @@ impl Virtqueues {
                     broken: false,
                     used_pending: false,
                     batch: UsedBatch::default(),
+                    quiet: false,
                 })
                 .collect(),
             irq,
@@ -69,6 +76,7 @@ impl Virtqueues {
             resets_requested: 0,
             log: GuestLog::new(kind),
             paused: false,
+            polling: false,
         }
     }
 
@@ -136,6 +144,7 @@ impl Virtqueues {
             slot.queue = Some(q);
             slot.broken = false;
             slot.used_pending = false;
+            slot.quiet = false;
         }
         self.acked_features = f;
         self.active = true;
@@ -149,6 +158,7 @@ impl Virtqueues {
             slot.broken = false;
             slot.used_pending = false;
             slot.batch = UsedBatch::default();
+            slot.quiet = false;
         }
         self.acked_features = 0;
         self.active = false;
@@ -158,6 +168,59 @@ impl Virtqueues {
     /// (`PATCH /vm`). A reset does not end a pause.
     pub fn set_paused(&mut self, paused: bool) {
         self.paused = paused;
+    }
+
+    /// While `polling`, drains leave the driver's notifications off when
+    /// they empty a queue (the VMM thread watches the available ring
+    /// itself, so the driver need not kick: a VM exit on real KVM, a
+    /// syscall and a cross-thread wake-up here). The VMM thread turns them
+    /// back on with [`Self::notify_again`] before it sleeps.
+    pub fn set_polling(&mut self, polling: bool) {
+        self.polling = polling;
+    }
+
+    /// The first queue a polling drain left quiet that has chains waiting
+    /// and may be popped now, `held` ones (throttled) aside: the VMM
+    /// thread's poll of the available rings.
+    pub fn quiet_with_chains<M: GuestMemory>(
+        &self,
+        mem: &M,
+        held: impl Fn(usize) -> bool,
+    ) -> Option<usize> {
+        if self.paused {
+            return None;
+        }
+        self.queues.iter().enumerate().position(|(i, s)| {
+            s.quiet && !s.broken && !held(i) && s.queue.as_ref().is_some_and(|q| has_chains(q, mem))
+        })
+    }
+
+    /// Turns notifications back on for every queue a polling drain left
+    /// quiet, so the driver kicks again once the VMM thread sleeps.
+    /// Returns a queue whose driver added chains meanwhile (they would not
+    /// be kicked for): serve it before sleeping, and call again until
+    /// `None`. A corrupt ring breaks its queue.
+    pub fn notify_again<M: GuestMemory>(&mut self, mem: &M) -> Option<usize> {
+        let mut found = None;
+        for i in 0..self.queues.len() {
+            let Some(slot) = self.queues.get_mut(i) else {
+                continue;
+            };
+            if !std::mem::take(&mut slot.quiet) {
+                continue;
+            }
+            let Some(queue) = slot.queue.as_mut() else {
+                continue;
+            };
+            match queue.enable_notification(mem) {
+                Ok(true) if found.is_none() && !slot.broken => found = Some(i),
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = self.break_queue(i, format!("enabling notifications: {e}"));
+                }
+            }
+        }
+        found
     }
 
     /// Whether the VM is paused and the queues are not to be popped.
@@ -325,6 +388,14 @@ impl Virtqueues {
     }
 }
 
+/// Whether the driver made chains available that the device has not
+/// popped: one acquire load of the available index from guest memory.
+fn has_chains<M: GuestMemory>(queue: &Queue, mem: &M) -> bool {
+    queue
+        .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+        .is_ok_and(|idx| idx.0 != queue.next_avail())
+}
+
 /// Serves queue `qidx` of `dev` with [`drain`]: takes the live queue out of
 /// the device's [`Virtqueues`] (reached through `queues`) so `take` may use
 /// the whole device, puts it back, records used entries for the turn's
@@ -345,9 +416,17 @@ where
     let Some(mut queue) = queues(dev).take_live(qidx) else {
         return Ok(ProcessOutcome::default());
     };
-    let (out, result) = drain(&mut queue, mem, |q, chain, head| take(dev, q, chain, head));
+    let leave_quiet = queues(dev).polling;
+    let (out, result, quiet) = drain_notifying(&mut queue, mem, !leave_quiet, |q, chain, head| {
+        take(dev, q, chain, head)
+    });
     let qs = queues(dev);
     qs.restore(qidx, queue);
+    if quiet {
+        if let Some(s) = qs.queues.get_mut(qidx) {
+            s.quiet = true;
+        }
+    }
     if out.answered > 0 {
         qs.mark_used(qidx);
     }
@@ -380,12 +459,30 @@ pub enum ChainTaken {
 /// raced in). Refuses a head index outside the queue; `take` refuses one
 /// the device still holds (a driver that reuses a head corrupts its own
 /// ring). An error string means the queue is corrupt: break it.
-pub fn drain<M, F>(queue: &mut Queue, mem: &M, mut take: F) -> (ProcessOutcome, Result<(), String>)
+pub fn drain<M, F>(queue: &mut Queue, mem: &M, take: F) -> (ProcessOutcome, Result<(), String>)
+where
+    M: GuestMemory,
+    F: FnMut(&mut Queue, DescriptorChain<&M>, u16) -> Result<ChainTaken, String>,
+{
+    let (out, result, _) = drain_notifying(queue, mem, true, take);
+    (out, result)
+}
+
+/// [`drain`], except that with `notify` false an emptied queue keeps the
+/// driver's notifications off (the VMM thread polls it); the third value
+/// says that happened.
+fn drain_notifying<M, F>(
+    queue: &mut Queue,
+    mem: &M,
+    notify: bool,
+    mut take: F,
+) -> (ProcessOutcome, Result<(), String>, bool)
 where
     M: GuestMemory,
     F: FnMut(&mut Queue, DescriptorChain<&M>, u16) -> Result<ChainTaken, String>,
 {
     let mut out = ProcessOutcome::default();
+    let mut quiet = false;
     let budget = queue.size();
     let result = 'drain: loop {
         if let Err(e) = queue.disable_notification(mem) {
@@ -428,11 +525,15 @@ where
             out.more = true;
             break 'drain Ok(());
         }
+        if !notify {
+            quiet = true;
+            break 'drain Ok(());
+        }
         match queue.enable_notification(mem) {
             Ok(true) => continue,
             Ok(false) => break 'drain Ok(()),
             Err(e) => break 'drain Err(format!("enabling notifications: {e}")),
         }
     };
-    (out, result)
+    (out, result, quiet)
 }

@@ -45,6 +45,9 @@ fn vmm_thread(
         .store(unsafe { libc::gettid() }, Ordering::Release);
     let mut stop_buf = [0u8; 8];
     let mut devices = devices();
+    if let Some(max) = poll_max_from_env() {
+        devices.set_poll_max(max);
+    }
     // Declared after the buffers it reads into, so it is dropped (and its
     // in-flight operations cancelled) before them.
     let mut ring = Ring::new()?;
@@ -57,7 +60,7 @@ fn vmm_thread(
     let mut done = Vec::with_capacity(1024);
     let mut stopping = false;
     while !stopping {
-        ring.turn(&mut done, !devices.has_work_now())?;
+        devices.turn(&mut ring, &mem, &mut done)?;
         shared.turns.fetch_add(1, Ordering::Relaxed);
         for c in done.drain(..) {
             if VirtioDevices::owns(c.token) {
@@ -70,6 +73,17 @@ fn vmm_thread(
     }
     drop(ring);
     Ok(())
+}
+
+/// `RINGVM_BENCH_POLL_MAX_US`: the VMM thread's largest polling window for
+/// this run (ringvm's `--poll-max-us`), to compare with polling off (0);
+/// unset, ringvm's default.
+fn poll_max_from_env() -> Option<Duration> {
+    std::env::var("RINGVM_BENCH_POLL_MAX_US")
+        .ok()?
+        .parse()
+        .ok()
+        .map(Duration::from_micros)
 }
 
 /// Counters of the VMM thread at one instant; the benchmarks subtract two

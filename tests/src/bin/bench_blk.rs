@@ -42,7 +42,9 @@ use ringvm_tests::bench::wakeup::{eventfd_round_trip, floor_rate};
 use ringvm_tests::bench::wiring::BenchWiring;
 use ringvm_tests::bench::Res;
 use serde_json::{json, Value};
-use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_S_OK, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_mmio::{
     VIRTIO_MMIO_CONFIG, VIRTIO_MMIO_QUEUE_NUM, VIRTIO_MMIO_QUEUE_NUM_MAX, VIRTIO_MMIO_QUEUE_SEL,
@@ -66,6 +68,8 @@ const QUEUE_SIZE: u16 = 256;
 const QUEUE_BASE: u64 = 0x1000;
 /// One 3-entry indirect table per slot, 64 bytes apart.
 const INDIRECT_BASE: u64 = 0x1_0000;
+/// One 2-entry indirect table (header, status) per slot for FLUSH.
+const FLUSH_TABLE_BASE: u64 = 0x1_8000;
 /// One 16-byte request header per slot.
 const HEADER_BASE: u64 = 0x2_0000;
 /// One status byte per slot.
@@ -154,11 +158,20 @@ struct Workload {
     qd: usize,
     /// Report MiB/s instead of IOPS.
     bandwidth: bool,
+    /// A FLUSH after every this many writes, submitted without waiting
+    /// for them (fio: `--fsync=N`); 0: none. FLUSH is a barrier in ringvm
+    /// (it completes only after every write submitted before it is
+    /// durable), so this row shows what that costs.
+    flush_every: u32,
 }
 
 impl Workload {
     fn label(&self) -> String {
-        format!("{} {}k", self.rw, self.bs >> 10)
+        if self.flush_every > 0 {
+            format!("{} {}k flush/{}", self.rw, self.bs >> 10, self.flush_every)
+        } else {
+            format!("{} {}k", self.rw, self.bs >> 10)
+        }
     }
 }
 
@@ -173,9 +186,20 @@ fn workloads() -> Vec<Workload> {
                 bs: 4096,
                 qd,
                 bandwidth: false,
+                flush_every: 0,
             });
         }
     }
+    // Flush-heavy: a FLUSH after every 32 writes at QD32.
+    v.push(Workload {
+        rw: "randwrite",
+        op: Op::Write,
+        random: true,
+        bs: 4096,
+        qd: 32,
+        bandwidth: false,
+        flush_every: 32,
+    });
     for (rw, op) in [("read", Op::Read), ("write", Op::Write)] {
         v.push(Workload {
             rw,
@@ -184,6 +208,7 @@ fn workloads() -> Vec<Workload> {
             bs: 128 << 10,
             qd: 32,
             bandwidth: true,
+            flush_every: 0,
         });
     }
     v
@@ -194,6 +219,10 @@ fn workloads() -> Vec<Workload> {
 
 fn indirect_table(slot: usize) -> u64 {
     INDIRECT_BASE + slot as u64 * 64
+}
+
+fn flush_table(slot: usize) -> u64 {
+    FLUSH_TABLE_BASE + slot as u64 * 32
 }
 
 fn header_addr(slot: usize) -> u64 {
@@ -224,6 +253,9 @@ struct DriverStats {
     irq_signals: u64,
     /// The driver thread's CPU time when the stats were taken.
     cpu_ns: u64,
+    /// FLUSH requests completed (not in `completed`, which counts the
+    /// workload's reads or writes).
+    flushes: u64,
 }
 
 struct Driver {
@@ -239,6 +271,10 @@ struct Driver {
     capacity: u64,
     free: Vec<usize>,
     busy: Vec<bool>,
+    /// Slots whose ring descriptor points at their FLUSH table now.
+    flushing: Vec<bool>,
+    /// Writes submitted since the last FLUSH.
+    writes_since_flush: u32,
     stats: DriverStats,
     rng: u64,
     next_seq: u64,
@@ -305,9 +341,18 @@ impl Driver {
             for (i, d) in entries.into_iter().enumerate() {
                 self.vq.store_indirect(table, i as u16, d);
             }
+            let flush = [
+                descriptor(header_addr(slot), 16, VRING_DESC_F_NEXT, 1),
+                descriptor(status_addr(slot), 1, VRING_DESC_F_WRITE, 0),
+            ];
+            for (i, d) in flush.into_iter().enumerate() {
+                self.vq.store_indirect(flush_table(slot), i as u16, d);
+            }
         }
         self.free = (0..w.qd).rev().collect();
         self.busy = vec![false; w.qd];
+        self.flushing = vec![false; w.qd];
+        self.writes_since_flush = 0;
         Ok(())
     }
 
@@ -340,7 +385,31 @@ impl Driver {
             VIRTIO_BLK_T_OUT
         };
         while let Some(slot) = self.free.pop() {
-            let offset = self.next_offset(w);
+            let flush = w.flush_every > 0 && self.writes_since_flush >= w.flush_every;
+            if flush {
+                self.writes_since_flush = 0;
+            } else {
+                self.writes_since_flush += 1;
+            }
+            if self.flushing.get(slot).copied() != Some(flush) {
+                let (table, len) = if flush {
+                    (flush_table(slot), 32)
+                } else {
+                    (indirect_table(slot), 48)
+                };
+                self.vq.store(
+                    slot as u16,
+                    descriptor(table, len, VRING_DESC_F_INDIRECT, 0),
+                );
+                if let Some(f) = self.flushing.get_mut(slot) {
+                    *f = flush;
+                }
+            }
+            let (kind, offset) = if flush {
+                (VIRTIO_BLK_T_FLUSH, 0)
+            } else {
+                (kind, self.next_offset(w))
+            };
             let mut header = [0u8; 16];
             header[0..4].copy_from_slice(&kind.to_le_bytes());
             header[8..16].copy_from_slice(&(offset / 512).to_le_bytes());
@@ -381,13 +450,22 @@ impl Driver {
             if status != VIRTIO_BLK_S_OK as u8 {
                 return Err(format!("request failed with virtio-blk status {status}"));
             }
-            let expected = if w.op == Op::Read { w.bs as u32 + 1 } else { 1 };
+            let flush = self.flushing.get(id).copied().unwrap_or(false);
+            let expected = if w.op == Op::Read && !flush {
+                w.bs as u32 + 1
+            } else {
+                1
+            };
             if len != expected {
                 return Err(format!("used length {len}, expected {expected}"));
             }
             self.busy[id] = false;
             self.free.push(id);
-            n += 1;
+            if flush {
+                self.stats.flushes += 1;
+            } else {
+                n += 1;
+            }
         }
         self.stats.completed += n;
         Ok(n)
@@ -521,6 +599,8 @@ impl Harness {
             capacity: 0,
             free: Vec::new(),
             busy: Vec::new(),
+            flushing: Vec::new(),
+            writes_since_flush: 0,
             stats: DriverStats::default(),
             rng: 0x9e37_79b9_7f4a_7c15,
             next_seq: 0,
@@ -767,6 +847,9 @@ fn run_fio(
     ];
     if mode == FioMode::Async {
         args.push("--force_async=1".into());
+    }
+    if w.flush_every > 0 {
+        args.push(format!("--fsync={}", w.flush_every));
     }
     let command = format!("fio {}", args.join(" "));
     let out = Command::new("fio")
@@ -1105,6 +1188,7 @@ const METHOD: &[&str] = &[
     "Files: 1 GiB (default) of non-zero data. `tmpfs` and `disk`: buffered I/O through the host page cache for both ringvm and fio (drive opened without O_DIRECT; fio --direct=0 --invalidate=0); `disk-direct`: the same on-disk file opened with O_DIRECT by both (ringvm's direct=on, fio --direct=1). The file is fdatasync'ed before every run so dirty pages of a previous write run do not carry over.",
     "Host limit: fio --ioengine=io_uring, numjobs=1, same file, same rw/bs/iodepth, --norandommap, same warm-up (--ramp_time) and duration. Rounds: each round runs ringvm and fio back to back (ringvm first in even rounds, fio first in odd ones) and gives one ratio ringvm / fio; the point's ratio is the median over rounds, with min–max and IQR beside it, so one round hit by a neighbour's burst does not move it.",
     "With --async-reference, QD >= 32 rounds also run fio --force_async=1 (IOSQE_ASYNC on every SQE): where io_uring would punt the request to io-wq anyway (tmpfs; buffered ext4 writes), this skips the failed inline attempt on the submitting thread and lets several io-wq workers run at once, so it is the host's higher limit there (and a lower one where requests complete inline, e.g. ext4 page-cache reads).",
+    "Flush-heavy row (randwrite 4k flush/32 QD32): the driver sends a FLUSH after every 32 writes without waiting for them, as a guest that does not drain its queue before flushing may; ringvm's FLUSH is a barrier (its fdatasync is submitted only once every write submitted before it has completed), so the row's cost against the plain randwrite 4k QD32 row is the barrier's and the sync's. fio runs the same with --fsync=32. IOPS count the writes only, on both sides.",
     "QD1 floor: after fio's QD1 run in each round, two threads bounce an eventfd (each blocking in read(2)) for --floor-seconds; floor rate = 1 / (1/fio rate + one round trip). That is what ringvm's QD1 path cannot avoid on top of the I/O: the doorbell wakes the VMM thread, the interrupt wakes the driver. Target: ringvm within 1.2x of the floor's latency, i.e. ratio ringvm / floor >= 0.83.",
     "ringvm figures per point (rate, CPU, syscalls, breakdown): all rounds' measured windows summed, so rates are requests over seconds of all rounds; the ratio columns are the per-round medians.",
     "VMM CPU: CLOCK_THREAD_CPUTIME of the VMM thread (pthread_getcpuclockid) over the measured window, divided by requests completed in it. Work io_uring hands to io-wq kernel workers (e.g. buffered writes that cannot complete inline) is not in that thread's time; fio's figure is (usr_cpu+sys_cpu) x runtime / ios of its job thread, with the same blind spot.",

@@ -6,6 +6,8 @@
 //! the connection that waits, and the API thread's event manager
 //! dispatches that fd to that connection alone.
 
+use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
@@ -62,6 +64,9 @@ impl Drop for Responder {
 #[derive(Debug)]
 pub struct ApiHandle {
     rx: Receiver<(ApiRequest, Responder)>,
+    /// Requests taken out and handed back unanswered (see
+    /// [`ApiHandle::put_back`]), served before the channel's.
+    held: RefCell<VecDeque<(ApiRequest, Responder)>>,
     requests: Arc<EventFd>,
     shutdown: Arc<EventFd>,
 }
@@ -77,7 +82,20 @@ impl ApiHandle {
 
     /// The next queued request and the way to answer it, if any.
     pub fn try_recv(&self) -> Option<(ApiRequest, Responder)> {
+        if let Some(held) = self.held.borrow_mut().pop_front() {
+            return Some(held);
+        }
         self.rx.try_recv().ok()
+    }
+
+    /// Hands a request taken out by [`ApiHandle::try_recv`] back unanswered,
+    /// for whoever serves the handle next: requests put back come out
+    /// again first, in the order they were put back, and the requests
+    /// eventfd is written so that server wakes for them.
+    pub fn put_back(&self, request: ApiRequest, responder: Responder) {
+        self.held.borrow_mut().push_back((request, responder));
+        // A full counter is the only failure; the reader wakes then anyway.
+        let _ = self.requests.write(1);
     }
 
     /// Asks the API thread to close every connection, unlink the socket
@@ -135,6 +153,7 @@ pub(crate) fn channel() -> std::io::Result<(ApiHandle, VmmLink, Arc<EventFd>)> {
     };
     let handle = ApiHandle {
         rx,
+        held: RefCell::default(),
         requests,
         shutdown: shutdown.clone(),
     };
@@ -164,6 +183,31 @@ mod tests {
         responder.respond(ApiResponse::fault(400, "no"));
         assert_eq!(ready.read().unwrap(), 1);
         assert_eq!(rx.try_recv().unwrap().status, 400);
+    }
+
+    #[test]
+    fn requests_put_back_come_out_first_in_order_and_wake_the_reader() {
+        let (handle, link, _shutdown) = channel().unwrap();
+        let ready = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        let _a = link.send(ApiRequest::GetInstanceInfo, ready.clone());
+        let _b = link.send(ApiRequest::GetVersion, ready.clone());
+        let _c = link.send(ApiRequest::GetVmConfig, ready.clone());
+        assert_eq!(handle.requests.read().unwrap(), 3);
+        let (first, r1) = handle.try_recv().unwrap();
+        let (second, r2) = handle.try_recv().unwrap();
+        handle.put_back(first, r1);
+        handle.put_back(second, r2);
+        assert_eq!(handle.requests.read().unwrap(), 2);
+        let order: Vec<ApiRequest> =
+            std::iter::from_fn(|| handle.try_recv().map(|(r, _)| r)).collect();
+        assert_eq!(
+            order,
+            [
+                ApiRequest::GetInstanceInfo,
+                ApiRequest::GetVersion,
+                ApiRequest::GetVmConfig
+            ]
+        );
     }
 
     #[test]

@@ -11,6 +11,8 @@
 //!   uses.
 //! - [`server`]: the API thread (event-manager loop: listener,
 //!   connections, timeouts).
+//! - [`early`]: answers the reads while a VM given on the command line is
+//!   still being built.
 //!
 //! The VMM side, in outline:
 //!
@@ -43,6 +45,7 @@
 
 pub mod channel;
 pub mod controller;
+pub mod early;
 pub mod host_check;
 pub mod http;
 pub mod routes;

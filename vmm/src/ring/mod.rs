@@ -18,6 +18,7 @@ use io_uring::{opcode, squeue, types, IoUring};
 
 pub mod batch;
 pub mod lockdown;
+pub mod poll;
 pub mod slot;
 mod token;
 
@@ -66,6 +67,7 @@ impl Ring {
             .setup_cqsize(RING_ENTRIES * 2)
             .setup_single_issuer()
             .setup_defer_taskrun()
+            .setup_taskrun_flag()
             .setup_r_disabled()
             .build(RING_ENTRIES);
         let (ring, deferred_taskrun) = match tuned {
@@ -134,6 +136,36 @@ impl Ring {
         }
     }
 
+    /// Whether a turn would find completions without sleeping: the kernel
+    /// posted some, or holds finished work for this thread that posts
+    /// some on the next enter (DEFER_TASKRUN's `IORING_SQ_TASKRUN`). Read
+    /// from the shared ring memory: no syscall.
+    pub fn completions_ready(&mut self) -> bool {
+        !self.ring.completion().is_empty() || self.ring.submission().taskrun()
+    }
+
+    /// Whether operations are queued that no `io_uring_enter` handed to
+    /// the kernel yet.
+    pub fn has_queued(&mut self) -> bool {
+        !self.ring.submission().is_empty()
+    }
+
+    /// Whether the next sleeping turn waits for a batch of disk
+    /// completions (`batch.rs`): many slow operations are in flight, and
+    /// collecting them together beats reacting to each one.
+    pub fn waits_for_batch(&self) -> bool {
+        self.wait_plan().is_some()
+    }
+
+    /// Hands the queued operations to the kernel now, without waiting.
+    pub fn flush(&mut self) -> io::Result<()> {
+        match self.ring.submit() {
+            Ok(_) => Ok(()),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// How many completions the next turn waits for (at most
     /// [`BATCH_TIMEOUT_NS`]); `None`: the first one.
     fn wait_plan(&self) -> Option<usize> {
@@ -146,6 +178,9 @@ impl Ring {
     /// to wait for), and appends all available completions to `out`.
     pub fn turn(&mut self, out: &mut Vec<Completion>, wait: bool) -> io::Result<()> {
         let entered = match self.wait_plan() {
+            // Nothing to hand over and no deferred work to run: the
+            // completions already posted are read without a syscall.
+            _ if !wait && !self.has_queued() && !self.ring.submission().taskrun() => Ok(0),
             _ if !wait => self.ring.submit(),
             Some(want) => {
                 let timeout = types::Timespec::new().nsec(BATCH_TIMEOUT_NS);
