@@ -31,6 +31,7 @@ mod queue;
 pub mod rng;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
+mod used_batch;
 mod virtqueues;
 pub mod vsock;
 

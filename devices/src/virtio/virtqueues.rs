@@ -8,6 +8,8 @@
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemory;
 
+use super::used_batch::{UsedBatch, UsedRingHost};
+
 use super::device::{DeviceError, ProcessOutcome};
 use super::queue::driver_wants_interrupt;
 use super::{Activation, Interrupt, F_EVENT_IDX, F_VERSION_1};
@@ -21,6 +23,9 @@ struct QueueSlot {
     broken: bool,
     /// Used entries were added since the last interrupt decision.
     used_pending: bool,
+    /// Used entries written without their used.idx store (see
+    /// [`Virtqueues::add_used_batched`]).
+    batch: UsedBatch,
     /// A polling drain left the driver's notifications off: the VMM
     /// thread watches this queue's available ring itself until it turns
     /// them back on ([`Virtqueues::notify_again`]) before sleeping.
@@ -61,6 +66,7 @@ impl Virtqueues {
                     queue: None,
                     broken: false,
                     used_pending: false,
+                    batch: UsedBatch::default(),
                     quiet: false,
                 })
                 .collect(),
@@ -134,6 +140,7 @@ impl Virtqueues {
             built.push(q);
         }
         for (slot, q) in self.queues.iter_mut().zip(built) {
+            slot.batch = UsedBatch::new(UsedRingHost::find(&q, mem), q.next_used());
             slot.queue = Some(q);
             slot.broken = false;
             slot.used_pending = false;
@@ -150,6 +157,7 @@ impl Virtqueues {
             slot.queue = None;
             slot.broken = false;
             slot.used_pending = false;
+            slot.batch = UsedBatch::default();
             slot.quiet = false;
         }
         self.acked_features = 0;
@@ -296,6 +304,40 @@ impl Virtqueues {
         }
     }
 
+    /// As [`Self::add_used`], but the used.idx store that publishes the
+    /// entry waits for the turn's interrupt decision ([`Self::signal_used`]),
+    /// which stores it once for every entry of the turn; the entry itself
+    /// is written straight through the used ring's host mapping. For a
+    /// device that answers many chains per turn (a network queue); falls
+    /// back to [`Self::add_used`] when the used ring is not in one region
+    /// of plain guest memory.
+    pub fn add_used_batched<M: GuestMemory>(
+        &mut self,
+        qidx: usize,
+        mem: &M,
+        head: u16,
+        len: u32,
+    ) -> Result<(), DeviceError> {
+        let Some(slot) = self.queues.get_mut(qidx) else {
+            return Ok(());
+        };
+        let Some(queue) = slot.queue.as_mut() else {
+            // Reset meanwhile: the driver took the chain back already.
+            return Ok(());
+        };
+        if !slot.batch.is_direct() {
+            return self.add_used(qidx, mem, head, len);
+        }
+        if !slot.batch.add(queue, head, len) {
+            return Err(self.break_queue(
+                qidx,
+                format!("used ring: head index {head} outside the queue"),
+            ));
+        }
+        slot.used_pending = true;
+        Ok(())
+    }
+
     /// Marks queue `qidx` corrupt and asks the driver for a reset.
     pub fn break_queue(&mut self, qidx: usize, why: String) -> DeviceError {
         if let Some(s) = self.queues.get_mut(qidx) {
@@ -329,10 +371,14 @@ impl Virtqueues {
             let Some(queue) = slot.queue.as_mut() else {
                 continue;
             };
+            // Entries batched this turn become visible first.
+            slot.batch.publish(queue);
             match driver_wants_interrupt(queue, mem) {
                 Ok(w) => wanted |= w,
                 Err(e) => log::debug!("{}: reading used_event failed: {e}", self.kind),
             }
+            // virtio-queue's own count misses the batched entries.
+            wanted |= slot.batch.decide(queue);
         }
         if wanted {
             if let Err(e) = self.irq.used_buffer() {

@@ -28,7 +28,7 @@ use vm_memory::GuestMemory;
 
 use super::rx::Rx;
 use super::tap::Tap;
-use super::tx::TxPending;
+use super::tx_slots::TxSlots;
 use super::{
     config_bytes, features, generate_mac, tap_offloads, MacAddr, NetCounters, DEVICE_TYPE,
     NUM_QUEUES, QUEUE_MAX_SIZE, RX_QUEUE, TX_QUEUE,
@@ -37,8 +37,8 @@ use crate::guest_log::GuestLog;
 use crate::io::{InterruptLine, IoSubmit};
 use crate::rate_limiter::DeviceRateLimiter;
 use crate::virtio::{
-    Activation, DeviceError, DeviceShared, Generation, InFlight, Interrupt, LimiterSide,
-    PollRequest, ProcessOutcome, Tag, Throttle, VirtioDevice, Virtqueues,
+    Activation, DeviceError, DeviceShared, Generation, Interrupt, LimiterSide, PollRequest,
+    ProcessOutcome, Tag, Throttle, VirtioDevice, Virtqueues,
 };
 
 /// What a network device is made of.
@@ -89,7 +89,7 @@ pub struct NetDevice<T: Tap> {
     pub(super) queues: Virtqueues,
     pub(super) generation: Generation,
     pub(super) rx: Rx,
-    pub(super) tx: InFlight<TxPending>,
+    pub(super) tx: TxSlots,
     pub(super) counters: NetCounters,
     pub(super) log: GuestLog,
     /// Limits on what the guest receives: a read is admitted by the ops
@@ -126,7 +126,7 @@ impl<T: Tap> NetDevice<T> {
             ),
             generation: Generation::default(),
             rx: Rx::new(QUEUE_MAX_SIZE),
-            tx: InFlight::new(TX_QUEUE as u8, QUEUE_MAX_SIZE),
+            tx: TxSlots::new(TX_QUEUE as u8, QUEUE_MAX_SIZE),
             counters: NetCounters::default(),
             log: GuestLog::new("virtio-net"),
             rx_limiter: DeviceRateLimiter::default(),

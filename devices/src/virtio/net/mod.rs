@@ -32,6 +32,7 @@ mod frame;
 mod rx;
 pub mod tap;
 mod tx;
+mod tx_slots;
 
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,

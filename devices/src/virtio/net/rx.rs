@@ -43,9 +43,16 @@ pub(super) struct RxChain {
 #[derive(Debug, Default)]
 pub(super) struct RxRead {
     tag: u64,
-    /// The chains, in the order the frame fills them.
-    chains: Vec<RxChain>,
+    /// The chains, in the order the frame fills them (delivered ones
+    /// leave from the front, new ones join at the back).
+    chains: VecDeque<RxChain>,
+    /// The iovecs from `iov_start` on are the read's; those before it
+    /// covered chains already delivered and are dropped once they are half
+    /// the array, so a leftover read does not move its live iovecs on every
+    /// frame.
     iov: Iovecs,
+    iov_start: usize,
+    /// Bytes the chains hold.
     capacity: usize,
     /// One byte after the guest's buffers: a frame that reaches it did
     /// not fit (a tap read returns at most the buffer space).
@@ -57,7 +64,13 @@ impl RxRead {
         self.tag = u64::MAX;
         self.chains.clear();
         self.iov.0.clear();
+        self.iov_start = 0;
         self.capacity = 0;
+    }
+
+    /// The iovecs the kernel fills.
+    fn live_iov(&self) -> &[libc::iovec] {
+        self.iov.0.get(self.iov_start..).unwrap_or(&[])
     }
 }
 
@@ -133,7 +146,7 @@ impl Rx {
         self.drop_ready();
         for mut read in std::mem::take(&mut self.reads) {
             // Only the iovec array matters until the completion.
-            self.pool.append(&mut read.chains);
+            self.pool.extend(read.chains.drain(..));
             self.stale.push(read);
         }
     }
@@ -149,12 +162,17 @@ impl Rx {
     /// them (without the overflow byte, which the next read appends again).
     fn keep_leftover(&mut self, mut read: RxRead, consumed: usize) {
         let overflow = read.overflow.as_mut_ptr().cast::<libc::c_void>();
-        if read.iov.0.last().is_some_and(|v| v.iov_base == overflow) {
+        if read
+            .live_iov()
+            .last()
+            .is_some_and(|v| v.iov_base == overflow)
+        {
             read.iov.0.pop();
         }
         let mut skip = consumed;
         let mut whole = 0usize;
-        for v in &mut read.iov.0 {
+        let start = read.iov_start.min(read.iov.0.len());
+        for v in &mut read.iov.0[start..] {
             if skip == 0 {
                 break;
             }
@@ -167,8 +185,12 @@ impl Rx {
                 skip = 0;
             }
         }
-        read.iov.0.drain(..whole);
-        read.capacity = read.chains.iter().map(|c| c.len).sum();
+        read.iov_start = start + whole;
+        if read.iov_start * 2 >= read.iov.0.len() {
+            read.iov.0.drain(..read.iov_start);
+            read.iov_start = 0;
+        }
+        read.capacity = read.capacity.saturating_sub(consumed);
         read.tag = u64::MAX;
         if skip == 0 && !read.chains.is_empty() && self.leftovers.len() < MAX_RX_READS {
             self.leftovers.push(read);
@@ -184,7 +206,7 @@ impl Rx {
 
     /// Recycles a finished read; its chains must be gone already.
     fn recycle(&mut self, mut read: RxRead) {
-        self.pool.append(&mut read.chains);
+        self.pool.extend(read.chains.drain(..));
         read.clear();
         self.spare.push(read);
     }
@@ -355,7 +377,7 @@ impl<T: Tap> NetDevice<T> {
             while let Some(c) = ready.front() {
                 // The overflow byte needs one iovec too.
                 if !read.chains.is_empty()
-                    && (read.capacity >= want || read.iov.0.len() + c.iov.0.len() >= IOV_MAX)
+                    && (read.capacity >= want || read.live_iov().len() + c.iov.0.len() >= IOV_MAX)
                 {
                     break;
                 }
@@ -366,7 +388,10 @@ impl<T: Tap> NetDevice<T> {
                 // are contiguous in guest (and so host) memory: one iovec
                 // covers them, and the kernel fills it the same way.
                 let mut iovs = c.iov.0.iter();
-                if let (Some(last), Some(next)) = (read.iov.0.last_mut(), c.iov.0.first()) {
+                let live = read.iov.0.len() > read.iov_start;
+                if let (true, Some(last), Some(next)) =
+                    (live, read.iov.0.last_mut(), c.iov.0.first())
+                {
                     if (last.iov_base as usize).wrapping_add(last.iov_len) == next.iov_base as usize
                     {
                         last.iov_len += next.iov_len;
@@ -375,16 +400,17 @@ impl<T: Tap> NetDevice<T> {
                 }
                 read.iov.0.extend(iovs);
                 read.capacity = read.capacity.saturating_add(c.len);
-                read.chains.push(c);
+                read.chains.push_back(c);
             }
-            if read.iov.0.len() < IOV_MAX {
+            if read.live_iov().len() < IOV_MAX {
                 let ov = read.overflow.as_mut_ptr();
                 read.iov.0.push(libc::iovec {
                     iov_base: ov.cast(),
                     iov_len: 1,
                 });
             }
-            let (iovecs, iovcnt) = read.iov.as_raw();
+            let live = read.live_iov();
+            let (iovecs, iovcnt) = (live.as_ptr(), live.len() as u32);
             let op = IoOp::Readv {
                 fd,
                 iovecs,
@@ -408,7 +434,7 @@ impl<T: Tap> NetDevice<T> {
                 }
                 Err(e) => {
                     // The chains wait in `ready` for the next attempt.
-                    while let Some(c) = read.chains.pop() {
+                    while let Some(c) = read.chains.pop_back() {
                         ready.push_front(c);
                     }
                     read.clear();
@@ -541,8 +567,10 @@ impl<T: Tap> NetDevice<T> {
         let num_buffers = chains_used as u16;
         // num_buffers first: the driver may read the frame as soon as the
         // first used entry is published.
-        let hdr = read.chains.first().map_or(&[][..], |c| &c.segs[..]);
-        if !frame::write_at(mem, hdr, NUM_BUFFERS_OFFSET, &num_buffers.to_le_bytes()) {
+        let first = read.chains.front();
+        let written = first.is_some_and(|c| write_in_first_iovec(c, num_buffers));
+        let hdr = first.map_or(&[][..], |c| &c.segs[..]);
+        if !written && !frame::write_at(mem, hdr, NUM_BUFFERS_OFFSET, &num_buffers.to_le_bytes()) {
             log::debug!("virtio-net: writing num_buffers failed");
         }
         let mut left = n;
@@ -555,7 +583,9 @@ impl<T: Tap> NetDevice<T> {
             if let Some(h) = held.get_mut(usize::from(c.head)) {
                 *h = false;
             }
-            let used = self.queues.add_used(RX_QUEUE, mem, c.head, len as u32);
+            let used = self
+                .queues
+                .add_used_batched(RX_QUEUE, mem, c.head, len as u32);
             pool.push(c);
             used?;
         }
@@ -564,4 +594,31 @@ impl<T: Tap> NetDevice<T> {
         self.rx_limiter.charge((n - VNET_HDR_LEN) as u64);
         Ok(Some(consumed))
     }
+}
+
+/// Writes num_buffers into the header through the host iovec `walk` made
+/// for the chain's first descriptor, when the header's field lies in it
+/// (the usual case: Linux puts the header at the start of each buffer);
+/// false leaves it to [`frame::write_at`]'s guest-memory path.
+fn write_in_first_iovec(chain: &RxChain, num_buffers: u16) -> bool {
+    let bytes = num_buffers.to_le_bytes();
+    let Some(v) = chain.iov.0.first() else {
+        return false;
+    };
+    if v.iov_len < NUM_BUFFERS_OFFSET + bytes.len() {
+        return false;
+    }
+    // SAFETY: `walk` checked that this iovec lies inside guest memory,
+    // device-writable, and guest memory stays mapped for the VM's life;
+    // the two bytes are inside it (checked above). The kernel's read into
+    // it has completed; the driver does not read it before the used entry
+    // is published. A byte copy, so no alignment is assumed.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            bytes.as_ptr(),
+            v.iov_base.cast::<u8>().add(NUM_BUFFERS_OFFSET),
+            bytes.len(),
+        );
+    }
+    true
 }

@@ -7,16 +7,10 @@ use vm_memory::GuestMemory;
 use super::device::NetDevice;
 use super::frame::{self, Direction};
 use super::tap::Tap;
+use super::tx_slots::Refused;
 use super::{TX_QUEUE, VNET_HDR_LEN};
 use crate::io::{IoOp, IoSubmit, IoSubmitError};
 use crate::virtio::{drain_queue, ChainTaken, DeviceError, ProcessOutcome, Taken};
-
-/// What a TX slot remembers until its write completes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) struct TxPending {
-    /// Chain length, header included.
-    pub len: usize,
-}
 
 impl<T: Tap> NetDevice<T> {
     /// Sends up to one queue's worth of chains.
@@ -42,18 +36,20 @@ impl<T: Tap> NetDevice<T> {
         head: u16,
         chain: DescriptorChain<&M>,
     ) -> Result<ChainTaken, String> {
-        if self.tx.head_in_flight(head) {
-            return Err(format!("head index {head} is already in flight"));
-        }
         let fd = self.tap.as_raw_fd();
-        // Orphans from before a reset may fill the table.
-        let Some((slot, iovecs)) = self.tx.reserve(self.generation) else {
-            return Ok(ChainTaken::PutBack);
+        let (tag, iovecs) = match self.tx.reserve(head, self.generation) {
+            Ok(reserved) => reserved,
+            // A write from before a reset still holds this head's slot.
+            Err(Refused::Orphaned) => return Ok(ChainTaken::PutBack),
+            Err(Refused::InFlight) => {
+                return Err(format!("head index {head} is already in flight"))
+            }
+            Err(Refused::OutOfRange) => return Err(format!("head index {head} outside the queue")),
         };
         let len = match frame::walk(mem, chain, Direction::Tx, &mut iovecs.0, None) {
             Ok(len) => len,
             Err(e) => {
-                self.tx.release(slot);
+                self.tx.release(head);
                 self.counters.tx_errors += 1;
                 self.log.warn(
                     "tx-chain",
@@ -68,7 +64,7 @@ impl<T: Tap> NetDevice<T> {
         let bytes = len.saturating_sub(VNET_HDR_LEN) as u64;
         if !self.tx_limiter.is_unlimited() {
             if let Err(wait) = self.tx_limiter.try_consume(bytes, 1) {
-                self.tx.release(slot);
+                self.tx.release(head);
                 self.throttle(TX_QUEUE, wait);
                 return Ok(ChainTaken::Throttled);
             }
@@ -80,24 +76,24 @@ impl<T: Tap> NetDevice<T> {
             iovcnt,
             offset: u64::MAX,
         };
-        // SAFETY: the iovec array lives in this slot of the TX in-flight
-        // table, neither touched nor freed until this tag's completion (a
+        // SAFETY: the iovec array lives in this head's slot of the TX
+        // in-flight table, neither touched nor freed until this tag's completion (a
         // reset only orphans it; dropping the table with ops in flight leaks
         // it). The buffers are guest memory, mapped for the VM's life and
         // checked by `walk` to lie inside it. The tap stays open while ops
         // are in flight (see the device's Drop).
-        match unsafe { io.submit(op, slot.tag) } {
+        match unsafe { io.submit(op, tag) } {
             Ok(()) => {
-                self.tx.commit(slot, head, TxPending { len });
+                self.tx.commit(head, tag, len);
                 Ok(ChainTaken::Submitted)
             }
             Err(IoSubmitError::QueueFull) => {
-                self.tx.release(slot);
+                self.tx.release(head);
                 self.tx_limiter.refund(bytes, 1);
                 Ok(ChainTaken::PutBack)
             }
             Err(e) => {
-                self.tx.release(slot);
+                self.tx.release(head);
                 self.counters.tx_dropped += 1;
                 self.log.warn(
                     "tx-submit",
@@ -113,7 +109,7 @@ impl<T: Tap> NetDevice<T> {
 
     /// Answers a finished tap write.
     pub(super) fn tx_complete<M: GuestMemory>(&mut self, tag: u64, res: i32, mem: &M) {
-        let (head, pending) = match self.tx.take(tag) {
+        let (head, len) = match self.tx.take(tag) {
             Some(Taken::Live { head, pending }) => (head, pending),
             Some(Taken::Stale { .. }) => return,
             None => {
@@ -123,7 +119,7 @@ impl<T: Tap> NetDevice<T> {
         };
         if res >= 0 {
             self.counters.tx_packets += 1;
-            self.counters.tx_bytes += pending.len.saturating_sub(VNET_HDR_LEN) as u64;
+            self.counters.tx_bytes += len.saturating_sub(VNET_HDR_LEN) as u64;
         } else {
             self.counters.tx_dropped += 1;
             self.log.warn(
@@ -133,6 +129,6 @@ impl<T: Tap> NetDevice<T> {
         }
         // A corrupt used ring breaks the queue; the driver hears of it
         // through NEEDS_RESET, so the error needs no other handling here.
-        let _ = self.queues.add_used(TX_QUEUE, mem, head, 0);
+        let _ = self.queues.add_used_batched(TX_QUEUE, mem, head, 0);
     }
 }
