@@ -142,7 +142,7 @@ struct Cli {
     /// request queues before it sleeps (adaptive, like QEMU's
     /// poll-max-ns): a request the guest adds meanwhile is served without
     /// its notification (a VM exit) or a wake-up. 0 turns polling off.
-    #[arg(long, value_name = "US", default_value_t = 32, value_parser = clap::value_parser!(u64).range(0..=1000))]
+    #[arg(long, value_name = "US", default_value_t = 100, value_parser = clap::value_parser!(u64).range(0..=1000))]
     poll_max_us: u64,
     /// Share a host directory with the command's guest:
     /// HOST_DIR[:GUEST_DIR][,rw]. Read-only unless ",rw"; GUEST_DIR

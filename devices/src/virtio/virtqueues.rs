@@ -50,6 +50,8 @@ pub struct Virtqueues {
     paused: bool,
     /// The VMM thread is polling: drains leave notifications off.
     polling: bool,
+    /// A drain took a chain since [`Self::take_drained`] last asked.
+    drained: bool,
 }
 
 impl Virtqueues {
@@ -77,6 +79,7 @@ impl Virtqueues {
             log: GuestLog::new(kind),
             paused: false,
             polling: false,
+            drained: false,
         }
     }
 
@@ -193,6 +196,19 @@ impl Virtqueues {
         self.queues.iter().enumerate().position(|(i, s)| {
             s.quiet && !s.broken && !held(i) && s.queue.as_ref().is_some_and(|q| has_chains(q, mem))
         })
+    }
+
+    /// Whether a polling drain left any queue quiet: a request queue for
+    /// the VMM thread to watch.
+    pub fn any_quiet(&self) -> bool {
+        self.queues.iter().any(|s| s.quiet)
+    }
+
+    /// Whether a drain took any chain since the last call: the driver is
+    /// sending requests, so its next one (or its notification) is worth
+    /// polling for.
+    pub fn take_drained(&mut self) -> bool {
+        std::mem::take(&mut self.drained)
     }
 
     /// Turns notifications back on for every queue a polling drain left
@@ -422,6 +438,9 @@ where
     });
     let qs = queues(dev);
     qs.restore(qidx, queue);
+    if out.popped > 0 {
+        qs.drained = true;
+    }
     if quiet {
         if let Some(s) = qs.queues.get_mut(qidx) {
             s.quiet = true;

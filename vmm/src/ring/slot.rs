@@ -313,6 +313,9 @@ pub struct VirtioDevices {
     poll: AdaptivePoll,
     /// What the devices were last told by [`Self::set_polling`].
     polling: bool,
+    /// A request queue was drained since polling last ran out: the guest
+    /// is sending requests.
+    requests_seen: bool,
 }
 
 impl VirtioDevices {
@@ -549,14 +552,26 @@ impl VirtioDevices {
             self.poll.window()
         };
         self.set_polling(!window.is_zero());
-        if !window.is_zero() {
+        // Polling pays only while the guest sends requests (a queue left
+        // quiet, or drained since the last miss: its next notification is
+        // near); spinning for completions alone, say a tap's frames, is
+        // what the sleeping turn does anyway and takes a CPU the other
+        // threads need (net RX 1514 B: 0.66x -> 0.57x of the tap with a
+        // 100 µs window).
+        for slot in &mut self.slots {
+            self.requests_seen |= slot.device.queues_mut().take_drained();
+        }
+        let watched =
+            self.requests_seen || self.slots.iter().any(|s| s.device.queues().any_quiet());
+        if !window.is_zero() && watched {
             if self.poll_for_work(ring, mem, window)? {
                 self.poll.hit();
                 return Ok(false);
             }
             self.poll.miss();
-            self.set_polling(false);
+            self.requests_seen = false;
         }
+        self.set_polling(false);
         let mut served = false;
         for (index, slot) in self.slots.iter_mut().enumerate() {
             let index = index as u8;
@@ -572,6 +587,9 @@ impl VirtioDevices {
                 served = true;
             }
         }
+        // Drains after the sleep (a kick) leave their queue quiet again,
+        // so the next turn has a queue to watch.
+        self.set_polling(!window.is_zero());
         Ok(!served)
     }
 
