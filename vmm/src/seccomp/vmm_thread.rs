@@ -38,6 +38,11 @@ pub fn rules(kick_signal: i32) -> Vec<Rule> {
             "type check of a PATCH /drives file (std's File::metadata)"
         ),
         allow_call!(
+            SYS_fstatfs,
+            "the file system of a PATCH /drives file: on tmpfs, and for buffered writes, \
+             its requests go to io_uring's workers at once (block/punt.rs)"
+        ),
+        allow_call!(
             SYS_fcntl,
             "clear O_NONBLOCK on a PATCH /drives file after its type check",
             arg_in(
