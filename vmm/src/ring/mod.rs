@@ -13,7 +13,8 @@
 use std::io;
 use std::os::fd::RawFd;
 
-use devices::io::{IoHint, IoOp, IoSubmit, IoSubmitError, TAG_MAX};
+use devices::buf_ring::BufRing;
+use devices::io::{IoHint, IoOp, IoSubmit, IoSubmitError, Selected, TAG_MAX};
 use io_uring::{opcode, squeue, types, IoUring};
 
 pub mod batch;
@@ -37,6 +38,18 @@ pub struct Completion {
     pub token: Token,
     /// The CQE result: bytes transferred, or a negative errno.
     pub result: i32,
+    /// The CQE flags (`IORING_CQE_F_BUFFER` and its id, `IORING_CQE_F_MORE`).
+    pub flags: u32,
+}
+
+impl Completion {
+    /// What the flags say to a device (see [`devices::io::Selected`]).
+    pub fn selected(&self) -> Selected {
+        Selected {
+            buffer: io_uring::cqueue::buffer_select(self.flags),
+            more: io_uring::cqueue::more(self.flags),
+        }
+    }
 }
 
 /// The ring and the count of operations the kernel still holds.
@@ -63,6 +76,15 @@ impl Ring {
     /// Creates the ring, with `SINGLE_ISSUER | DEFER_TASKRUN` when the
     /// kernel supports them (6.1+), plain otherwise.
     pub fn new() -> io::Result<Self> {
+        Self::with_buf_rings(Vec::new())
+    }
+
+    /// [`Self::new`], registering each device's provided-buffer ring
+    /// (`IORING_REGISTER_PBUF_RING`, buffer group = its index in `rings`)
+    /// while the ring is still disabled: once locked down it takes no
+    /// registration. A ring the kernel refuses stays unregistered, and its
+    /// device keeps to plain reads.
+    pub fn with_buf_rings(rings: Vec<&mut BufRing>) -> io::Result<Self> {
         let tuned = IoUring::builder()
             .setup_cqsize(RING_ENTRIES * 2)
             .setup_single_issuer()
@@ -83,6 +105,26 @@ impl Ring {
                 )
             }
         };
+        for (group, buf_ring) in rings.into_iter().enumerate() {
+            let Ok(group) = u16::try_from(group) else {
+                break;
+            };
+            // SAFETY: the ring's memory is the BufRing's mapping, which
+            // stays mapped while registered (and the registration pins its
+            // pages, so even a BufRing dropped first leaves nothing dangling).
+            let registered = unsafe {
+                ring.submitter().register_buf_ring_with_flags(
+                    buf_ring.addr(),
+                    buf_ring.entries(),
+                    group,
+                    0,
+                )
+            };
+            match registered {
+                Ok(()) => buf_ring.set_registered(group),
+                Err(e) => log::debug!("provided-buffer ring {group} not registered: {e}"),
+            }
+        }
         lockdown::restrict_and_enable(&ring)?;
         let timed_wait = ring.params().is_feature_ext_arg();
         Ok(Self {
@@ -210,6 +252,7 @@ impl Ring {
             out.push(Completion {
                 token: Token::decode(cqe.user_data()),
                 result: cqe.result(),
+                flags: cqe.flags(),
             });
         }
         let done = out[first..].iter().filter(|c| c.token.is_batched()).count();
@@ -345,6 +388,10 @@ fn sqe_for(op: IoOp, hint: IoHint) -> squeue::Entry {
             .mode(mode)
             .build(),
         IoOp::Poll { fd, events } => opcode::PollAdd::new(types::Fd(fd), events).build(),
+        // Length 0: each read takes the length of the buffer it picks.
+        IoOp::ReadMulti { fd, group } => opcode::ReadMulti::new(types::Fd(fd), 0, group)
+            .offset(u64::MAX)
+            .build(),
     };
     match hint {
         IoHint::Inline => entry,
