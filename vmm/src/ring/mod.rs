@@ -600,7 +600,7 @@ mod tests {
         let r =
             unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET, 0, fds.as_mut_ptr()) };
         assert_eq!(r, 0);
-        let mut bufs = vec![[0u8; 64]; 2];
+        let mut bufs = [[0u8; 64]; 2];
         for (i, b) in bufs.iter_mut().enumerate() {
             // SAFETY: the buffers outlive the ring's ops (the ring is
             // dropped, and cancels, before them at the end of the test).
