@@ -81,6 +81,28 @@ pub enum IoOp {
         /// `POLLIN`, `POLLOUT`, ... (`POLLERR`/`POLLHUP` always count).
         events: u32,
     },
+    /// A multishot read (`IORING_OP_READ_MULTISHOT`): stays armed on
+    /// `fd` and, each time it is readable, reads into a buffer the kernel
+    /// takes from buffer group `group` (a [`crate::buf_ring::BufRing`]
+    /// the VMM registered), completing once per read with the buffer's id
+    /// and the "more" flag ([`Selected`]), until the group runs dry
+    /// (`-ENOBUFS`), an error, or a cancel ends it.
+    ReadMulti {
+        /// The file to read (a tap: one frame per read).
+        fd: RawFd,
+        /// The buffer group.
+        group: u16,
+    },
+}
+
+/// What a completion says beyond its result, for ops that select their
+/// buffer or complete more than once ([`IoOp::ReadMulti`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Selected {
+    /// The id of the provided buffer the kernel filled (and consumed).
+    pub buffer: Option<u16>,
+    /// The op stays armed: more completions will follow.
+    pub more: bool,
 }
 
 /// How the ring should start an op. io_uring first tries a read or write
@@ -353,6 +375,7 @@ pub mod fake {
                     let r = unsafe { libc::fallocate(fd, mode, offset as i64, len as i64) };
                     res(r as isize)
                 }
+                IoOp::ReadMulti { .. } => -libc::EINVAL,
                 IoOp::Poll { fd, events } => match poll_now(fd, events) {
                     0 => {
                         self.ops.push((op, tag));

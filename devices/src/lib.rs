@@ -7,6 +7,7 @@
 //! narrow interface through which devices submit work to the VMM thread's
 //! io_uring ring; `guest_log` bounds the log lines a guest can cause.
 
+pub mod buf_ring;
 pub mod bus;
 pub mod guest_log;
 pub mod io;

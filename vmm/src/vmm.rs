@@ -267,7 +267,7 @@ impl Vmm {
             Arc::default()
         };
 
-        let virtio = virtio.place(&mut devices, &vm)?;
+        let mut virtio = virtio.place(&mut devices, &vm)?;
 
         let runner_params = config
             .runner
@@ -300,7 +300,8 @@ impl Vmm {
         setup_mptable(vm.memory(), vcpu_count)?;
         log::debug!("kernel entry {:?}; command line: {cmdline}", kernel.entry());
 
-        let ring = Ring::new().map_err(host("creating the io_uring ring"))?;
+        let ring =
+            Ring::with_buf_rings(virtio.buf_rings()).map_err(host("creating the io_uring ring"))?;
         let signal_fd = crate::stop_signals::signal_fd()
             .map_err(host("signalfd"))?
             .into_raw_fd();
@@ -758,7 +759,13 @@ impl Vmm {
             for c in completions.iter().copied() {
                 if VirtioDevices::owns(c.token) {
                     self.virtio
-                        .dispatch(c.token, c.result, &mut self.ring, self.vm.memory())
+                        .dispatch_selected(
+                            c.token,
+                            c.result,
+                            c.selected(),
+                            &mut self.ring,
+                            self.vm.memory(),
+                        )
                         .map_err(host("re-arming a device eventfd"))?;
                 } else if let Some(exit) = self.dispatch(c)? {
                     break 'outer exit;

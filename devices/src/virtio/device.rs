@@ -35,7 +35,8 @@ use std::time::Duration;
 use vm_memory::GuestMemory;
 
 use super::{Activation, QueueConfigError, VirtioDeviceInfo, Virtqueues};
-use crate::io::IoSubmit;
+use crate::buf_ring::BufRing;
+use crate::io::{IoSubmit, Selected};
 use crate::rate_limiter::DeviceRateLimiter;
 
 /// Errors the VMM thread sees from a device. Request-level problems never
@@ -212,6 +213,29 @@ pub trait VirtioDevice<M: GuestMemory>: Send + std::fmt::Debug {
     /// next tap read). Unknown and pre-reset tags are ignored. Drains that
     /// a full table held back are resumed by the slot, not from here.
     fn complete(&mut self, tag: u64, result: i32, mem: &M, io: &mut dyn IoSubmit);
+
+    /// [`Self::complete`] with what the CQE said besides its result: the
+    /// provided buffer it filled and whether the op stays armed. Only a
+    /// device that submits [`IoOp::ReadMulti`](crate::io::IoOp::ReadMulti)
+    /// needs it; the default forwards to `complete`.
+    fn complete_selected(
+        &mut self,
+        tag: u64,
+        result: i32,
+        selected: Selected,
+        mem: &M,
+        io: &mut dyn IoSubmit,
+    ) {
+        let _ = selected;
+        self.complete(tag, result, mem, io);
+    }
+
+    /// The provided-buffer ring the device fills, for the VMM to register
+    /// on its io_uring ring at setup (before the lockdown refuses any
+    /// registration); `None` for devices that do not use one.
+    fn buf_ring_mut(&mut self) -> Option<&mut BufRing> {
+        None
+    }
 
     /// Once per loop turn: raises the interrupt for the used buffers of
     /// this turn, if the driver wants one (one decision per device per

@@ -19,6 +19,7 @@ use std::io;
 use vm_memory::GuestMemoryMmap;
 use vmm::ring::{Completion, Ring, VirtioDevices};
 
+use super::vmm_thread::buf_rings_unless_off;
 use super::Res;
 
 /// The symbol callgrind collects (`--toggle-collect`), as valgrind
@@ -44,7 +45,8 @@ impl InlineVmm {
         // would only spin out its window, which is wall-clock time and not
         // the per-request work counted.
         devices.set_poll_max(std::time::Duration::ZERO);
-        let mut ring = Ring::new().map_err(|e| format!("io_uring: {e}"))?;
+        let mut ring = Ring::with_buf_rings(buf_rings_unless_off(&mut devices))
+            .map_err(|e| format!("io_uring: {e}"))?;
         devices
             .arm(&mut ring)
             .map_err(|e| format!("cannot arm the devices: {e}"))?;
@@ -68,8 +70,13 @@ impl InlineVmm {
         self.turns += 1;
         for c in self.done.drain(..) {
             if VirtioDevices::owns(c.token) {
-                self.devices
-                    .dispatch(c.token, c.result, &mut self.ring, &self.mem)?;
+                self.devices.dispatch_selected(
+                    c.token,
+                    c.result,
+                    c.selected(),
+                    &mut self.ring,
+                    &self.mem,
+                )?;
             }
         }
         self.devices.end_turn(&mut self.ring, &self.mem)

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use devices::buf_ring::BufRing;
 use vm_memory::GuestMemoryMmap;
 use vmm::ring::{Ring, Token, VirtioDevices};
 use vmm_sys_util::eventfd::EventFd;
@@ -50,7 +51,7 @@ fn vmm_thread(
     }
     // Declared after the buffers it reads into, so it is dropped (and its
     // in-flight operations cancelled) before them.
-    let mut ring = Ring::new()?;
+    let mut ring = Ring::with_buf_rings(buf_rings_unless_off(&mut devices))?;
     shared
         .deferred_taskrun
         .store(ring.deferred_taskrun(), Ordering::Release);
@@ -64,7 +65,7 @@ fn vmm_thread(
         shared.turns.fetch_add(1, Ordering::Relaxed);
         for c in done.drain(..) {
             if VirtioDevices::owns(c.token) {
-                devices.dispatch(c.token, c.result, &mut ring, &mem)?;
+                devices.dispatch_selected(c.token, c.result, c.selected(), &mut ring, &mem)?;
             } else if c.token == STOP {
                 stopping = true;
             }
@@ -78,6 +79,16 @@ fn vmm_thread(
 /// `RINGVM_BENCH_POLL_MAX_US`: the VMM thread's largest polling window for
 /// this run (ringvm's `--poll-max-us`), to compare with polling off (0);
 /// unset, ringvm's default.
+/// The devices' provided-buffer rings for the ring to register (RX
+/// through them), or none when `RINGVM_BENCH_NET_PBUF=0` asks for the
+/// plain-read RX path: an A/B of the two paths from one binary.
+pub fn buf_rings_unless_off(devices: &mut VirtioDevices) -> Vec<&mut BufRing> {
+    if std::env::var("RINGVM_BENCH_NET_PBUF").as_deref() == Ok("0") {
+        return Vec::new();
+    }
+    devices.buf_rings()
+}
+
 fn poll_max_from_env() -> Option<Duration> {
     std::env::var("RINGVM_BENCH_POLL_MAX_US")
         .ok()?

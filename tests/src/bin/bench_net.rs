@@ -174,6 +174,12 @@ const LINUX_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
     | (1 << VIRTIO_NET_F_HOST_TSO6)
     | (1 << VIRTIO_NET_F_HOST_ECN)
     | (1 << VIRTIO_NET_F_HOST_UFO);
+/// What a driver with GSO off declines (Linux: `ethtool -K gro off` and
+/// friends; the guest then never receives a frame above its MTU).
+const GUEST_GSO_FEATURES: u64 = (1 << VIRTIO_NET_F_GUEST_TSO4)
+    | (1 << VIRTIO_NET_F_GUEST_TSO6)
+    | (1 << VIRTIO_NET_F_GUEST_ECN)
+    | (1 << VIRTIO_NET_F_GUEST_UFO);
 /// What this benchmark cannot do without.
 const NEEDED_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
     | (1 << VIRTIO_RING_F_EVENT_IDX)
@@ -245,6 +251,10 @@ struct Workload {
     /// A diagnostic RX run with posted buffers of this size instead of
     /// --rx-buffer.
     diag_buf: Option<u32>,
+    /// The driver declines GUEST_TSO4/6, GUEST_UFO and GUEST_ECN, as Linux
+    /// does with GSO off: no frame exceeds the MTU, so each RX buffer of
+    /// the default size takes a whole frame.
+    no_guest_gso: bool,
 }
 
 impl Workload {
@@ -252,6 +262,7 @@ impl Workload {
         match (self.dir, self.tso) {
             (Dir::Tx, true) => format!("tx-tso-{}", self.frame_len),
             (Dir::Tx, false) => format!("tx-{}", self.frame_len),
+            (Dir::Rx, _) if self.no_guest_gso => format!("rx-{}-nogso", self.frame_len),
             (Dir::Rx, _) => match self.diag_buf {
                 Some(b) => format!("rx-{}-buf{b}", self.frame_len),
                 None => format!("rx-{}", self.frame_len),
@@ -267,6 +278,12 @@ impl Workload {
         };
         match (self.tso, self.diag_buf) {
             (true, _) => format!("{dir} TSO 64 KiB"),
+            (false, Some(b)) if self.no_guest_gso => {
+                format!(
+                    "{dir} {} B, no guest GSO, {b}-B buffers (diagnostic)",
+                    self.frame_len
+                )
+            }
             (false, Some(b)) => format!("{dir} {} B, {b}-B buffers (diagnostic)", self.frame_len),
             (false, None) => format!("{dir} {} B", self.frame_len),
         }
@@ -286,12 +303,14 @@ fn workloads(no_tso: bool) -> Vec<Workload> {
             frame_len: FRAME_SMALL,
             tso: false,
             diag_buf: None,
+            no_guest_gso: false,
         },
         Workload {
             dir: Dir::Tx,
             frame_len: FRAME_MTU,
             tso: false,
             diag_buf: None,
+            no_guest_gso: false,
         },
     ];
     if !no_tso {
@@ -300,6 +319,7 @@ fn workloads(no_tso: bool) -> Vec<Workload> {
             frame_len: FRAME_TSO,
             tso: true,
             diag_buf: None,
+            no_guest_gso: false,
         });
     }
     v.push(Workload {
@@ -307,12 +327,14 @@ fn workloads(no_tso: bool) -> Vec<Workload> {
         frame_len: FRAME_SMALL,
         tso: false,
         diag_buf: None,
+        no_guest_gso: false,
     });
     v.push(Workload {
         dir: Dir::Rx,
         frame_len: FRAME_MTU,
         tso: false,
         diag_buf: None,
+        no_guest_gso: false,
     });
     v
 }
@@ -1119,6 +1141,8 @@ struct Driver {
     c: Counts,
     tx_frame_len: u64,
     rx_buf_len: u32,
+    /// Features this driver declines on top of what Linux would.
+    declined: u64,
 }
 
 impl Driver {
@@ -1132,7 +1156,7 @@ impl Driver {
                 "device offers features {offered:#x}, the driver needs {NEEDED_FEATURES:#x}"
             ));
         }
-        let want = offered & LINUX_FEATURES;
+        let want = offered & LINUX_FEATURES & !self.declined;
         self.features = want;
         let status = self.regs.set_features(status, want)?;
         for vq in [&mut self.rx, &mut self.tx] {
@@ -1432,6 +1456,7 @@ impl Harness {
             c: Counts::default(),
             tx_frame_len: 0,
             rx_buf_len,
+            declined: 0,
         };
         if let Err(e) = driver.init() {
             let _ = vmm.stop();
@@ -1461,7 +1486,13 @@ impl Harness {
     /// Resets the device and brings it up again with RX buffers of
     /// `rx_buf_len` bytes.
     fn rebuffer(&mut self, rx_buf_len: u32) -> Res<()> {
+        self.rebuffer_declining(rx_buf_len, 0)
+    }
+
+    /// [`Self::rebuffer`] with a driver that declines `declined` features.
+    fn rebuffer_declining(&mut self, rx_buf_len: u32, declined: u64) -> Res<()> {
         let d = &mut self.driver;
+        d.declined = declined;
         d.reset();
         d.rx = Vq::new(&d.mem, 0, RX_RINGS);
         d.tx = Vq::new(&d.mem, 1, TX_RINGS);
@@ -1559,6 +1590,7 @@ impl Harness {
             frame_len: FRAME_MTU,
             tso: false,
             diag_buf: None,
+            no_guest_gso: false,
         };
         // TX, ringvm.
         self.vm_socks.drain_sink()?;
@@ -1622,6 +1654,7 @@ impl Harness {
             frame_len: FRAME_TSO,
             tso: true,
             diag_buf: None,
+            no_guest_gso: false,
         };
         let k0 = KernelSnap::read()?;
         self.driver
@@ -1946,7 +1979,11 @@ impl Row {
             note: self
                 .w
                 .diag_buf
-                .map(|_| "diagnostic: ringvm with 64 KiB RX buffers; the direct figures are the RX 1514 B row's rounds".into()),
+                .map(|_| if self.w.no_guest_gso {
+                    "diagnostic: ringvm with a driver that declines guest GSO (Linux with GSO off) and posts 1536-byte buffers, each taking a whole frame; the direct figures are the RX 1514 B row's rounds".into()
+                } else {
+                    "diagnostic: ringvm with 64 KiB RX buffers; the direct figures are the RX 1514 B row's rounds".into()
+                }),
         }
     }
 
@@ -2399,6 +2436,41 @@ fn measure(h: &mut Harness, args: &Args, ctx: &mut Context) -> Res<Vec<Row>> {
             fmt_pps(row.median_pps(true)),
             row.ringvm.gbps(),
             row.ringvm.us_per_pkt(row.ringvm.vmm_cpu_ns),
+        );
+        rows.push(row);
+    }
+    // Diagnostic: a driver without guest GSO (Linux with GSO off) posting
+    // 1536-byte buffers: every buffer holds a whole frame, the case the
+    // device's provided-buffer RX path serves.
+    if let (Some(base), false) = (base, args.no_diagnostic) {
+        h.rebuffer_declining(RX_BUF_LEN, GUEST_GSO_FEATURES)?;
+        let w = Workload {
+            diag_buf: Some(RX_BUF_LEN),
+            no_guest_gso: true,
+            ..rows[base].w
+        };
+        let mut rounds = Vec::new();
+        for r in &rows[base].rounds {
+            let cpu0 = HostCpu::sample(Own::Process)?;
+            let ringvm = h.ringvm_rx(&w, args.warmup, args.seconds)?;
+            rounds.push(Round {
+                ringvm,
+                reference: r.reference,
+                ringvm_first: true,
+                others_cpus: HostCpu::sample(Own::Process)?.others_since(&cpu0),
+            });
+        }
+        let row = Row::new(w, rounds);
+        let (ratio, range) = fmt_ratio(row.ratio());
+        eprintln!(
+            "  {} ringvm {} pkt/s {:.2} Gbit/s, VMM {:.2} µs/pkt {:.3} syscalls/pkt, {} ({})",
+            row.w.label(),
+            fmt_pps(row.median_pps(true)),
+            row.ringvm.gbps(),
+            row.ringvm.us_per_pkt(row.ringvm.vmm_cpu_ns),
+            row.ringvm.per_pkt(row.ringvm.vmm_syscalls()),
+            ratio,
+            range,
         );
         rows.push(row);
     }

@@ -55,7 +55,10 @@ pub struct RingInterrupt {
 
 impl RingInterrupt {
     /// Splits `irqfd` into the slot's end and the line the device is
-    /// built with.
+    /// built with. The irqfd must be non-blocking (`EFD_NONBLOCK`, as
+    /// `new_eventfd` makes them): io_uring hands a write to a blocking file
+    /// that cannot say "would block" to a worker thread, a wake-up per
+    /// interrupt, instead of doing it inline.
     pub fn new(irqfd: EventFd) -> (Self, RaisedLine) {
         let raised = Arc::new(AtomicBool::new(false));
         let line = RaisedLine {

@@ -39,7 +39,7 @@ pub struct AllowedOp {
 }
 
 /// Every opcode ringvm submits.
-pub const ALLOWED_OPS: [AllowedOp; 9] = [
+pub const ALLOWED_OPS: [AllowedOp; 10] = [
     AllowedOp {
         code: opcode::Read::CODE,
         name: "READ",
@@ -90,17 +90,31 @@ pub const ALLOWED_OPS: [AllowedOp; 9] = [
         name: "TIMEOUT",
         why: "timers: stdin retry, halt probe, periodic metrics",
     },
+    AllowedOp {
+        code: opcode::ReadMulti::CODE,
+        name: "READ_MULTISHOT",
+        why: "virtio-net RX: one armed read on the tap delivers frame after frame into \
+              the guest's posted buffers, which the device published in its provided-buffer \
+              ring; the same read(2) the tap's fd already allows, repeated",
+    },
 ];
 
 /// The SQE flags ringvm sets, each with who sets it and why. Links,
-/// drains, fixed files, buffer selection and the rest stay refused.
-pub const ALLOWED_SQE_FLAGS: [(squeue::Flags, &str); 2] = [
+/// drains, fixed files and the rest stay refused.
+pub const ALLOWED_SQE_FLAGS: [(squeue::Flags, &str); 3] = [
     (
         squeue::Flags::ASYNC,
         "IOSQE_ASYNC: virtio-blk sends reads and writes of files io_uring would hand \
          to io-wq anyway (tmpfs, buffered ext4 writes) straight there, skipping a failed \
          non-blocking attempt on the VMM thread (devices/src/virtio/block/punt.rs); it \
          changes how an allowed op runs, not what it may do",
+    ),
+    (
+        squeue::Flags::BUFFER_SELECT,
+        "IOSQE_BUFFER_SELECT: READ_MULTISHOT requires it (virtio-net RX into the \
+         provided-buffer rings the VMM registered before this lockdown); the kernel then \
+         picks the buffer from a ring of the VMM's own memory, and no ring can be added \
+         now that registration is refused",
     ),
     (
         squeue::Flags::SKIP_SUCCESS,
@@ -174,7 +188,7 @@ mod tests {
     }
 
     #[test]
-    fn listed_opcodes_run_with_async_or_skip_success_but_no_other_sqe_flag() {
+    fn listed_opcodes_run_with_the_allowed_sqe_flags_and_no_other() {
         use io_uring::squeue::Flags;
         let ts = types::Timespec::new().nsec(1_000);
         let timeout = opcode::Timeout::new(&ts).build();
@@ -189,16 +203,53 @@ mod tests {
         assert_eq!(result_of(read), 8, "IOSQE_ASYNC is allowed");
         assert_eq!(u64::from_ne_bytes(buf), 3);
         evt.write(3).unwrap();
-        // A read (which takes every flag, BUFFER_SELECT included) of a
-        // ready eventfd: refused with EACCES, or it would complete with 8.
+        // BUFFER_SELECT passes the lockdown: on a group nobody registered
+        // the kernel finds no buffer (ENOBUFS), not a refused flag.
+        let select = opcode::Read::new(types::Fd(fd), std::ptr::null_mut(), 8)
+            .buf_group(7)
+            .build()
+            .flags(Flags::BUFFER_SELECT);
+        assert_eq!(
+            result_of(select),
+            -libc::ENOBUFS,
+            "IOSQE_BUFFER_SELECT is allowed"
+        );
+        // SKIP_SUCCESS passes too: the write (to a non-blocking eventfd, as
+        // an irqfd is, so it runs inline) is done and posts nothing.
+        let irqfd = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut ring = Ring::new().unwrap();
+        static TWO: u64 = 2;
+        let write = opcode::Write::new(
+            types::Fd(std::os::fd::AsRawFd::as_raw_fd(&irqfd)),
+            std::ptr::from_ref(&TWO).cast::<u8>(),
+            8,
+        )
+        .build()
+        .flags(Flags::SKIP_SUCCESS);
+        // SAFETY: the buffer is a static.
+        unsafe { ring.push(write, Token::Stdin) }.unwrap();
+        let mut out = Vec::new();
+        ring.turn(&mut out, false).unwrap();
+        assert!(out.is_empty(), "{out:?}");
+        assert_eq!(
+            irqfd.read().unwrap(),
+            2,
+            "IOSQE_CQE_SKIP_SUCCESS is allowed"
+        );
+        // A read (which takes every flag) of a ready eventfd: refused with
+        // EACCES, or it would complete with 8.
         for flag in [
             Flags::FIXED_FILE,
             Flags::IO_DRAIN,
             Flags::IO_LINK,
             Flags::IO_HARDLINK,
-            Flags::BUFFER_SELECT,
         ] {
-            for flags in [flag, flag | Flags::ASYNC] {
+            for flags in [
+                flag,
+                flag | Flags::ASYNC,
+                flag | Flags::BUFFER_SELECT,
+                flag | Flags::ASYNC | Flags::BUFFER_SELECT,
+            ] {
                 let read = opcode::Read::new(types::Fd(fd), buf.as_mut_ptr(), 8)
                     .build()
                     .flags(flags);
@@ -210,10 +261,15 @@ mod tests {
     #[test]
     fn every_allowed_flag_has_a_reason() {
         assert!(ALLOWED_SQE_FLAGS.iter().all(|(_, why)| why.len() > 10));
+        let names: Vec<_> = ALLOWED_SQE_FLAGS.iter().map(|(f, _)| *f).collect();
         assert_eq!(
-            ALLOWED_SQE_FLAGS.len(),
-            2,
-            "only IOSQE_ASYNC and IOSQE_CQE_SKIP_SUCCESS"
+            names,
+            [
+                squeue::Flags::ASYNC,
+                squeue::Flags::BUFFER_SELECT,
+                squeue::Flags::SKIP_SUCCESS
+            ],
+            "only IOSQE_ASYNC, IOSQE_BUFFER_SELECT and IOSQE_CQE_SKIP_SUCCESS"
         );
     }
 
@@ -223,5 +279,15 @@ mod tests {
         restrict_and_enable(&ring).unwrap();
         let mut more = [Restriction::sqe_op(opcode::OpenAt::CODE)];
         assert!(ring.submitter().register_restrictions(&mut more).is_err());
+        // Nor can a provided-buffer ring be registered once locked down.
+        let late = devices::buf_ring::BufRing::new(8).unwrap();
+        // SAFETY: `late` outlives the ring (declared after, dropped first is
+        // fine too: a registration pins its pages); the call is refused.
+        let refused = unsafe {
+            ring.submitter()
+                .register_buf_ring_with_flags(late.addr(), 8, 0, 0)
+        };
+        assert_eq!(refused.unwrap_err().raw_os_error(), Some(libc::EACCES));
+        assert_eq!(late.group(), None);
     }
 }

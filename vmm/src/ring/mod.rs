@@ -13,7 +13,8 @@
 use std::io;
 use std::os::fd::RawFd;
 
-use devices::io::{IoHint, IoOp, IoSubmit, IoSubmitError, TAG_MAX};
+use devices::buf_ring::BufRing;
+use devices::io::{IoHint, IoOp, IoSubmit, IoSubmitError, Selected, TAG_MAX};
 use io_uring::{opcode, squeue, types, IoUring};
 
 pub mod batch;
@@ -38,6 +39,18 @@ pub struct Completion {
     pub token: Token,
     /// The CQE result: bytes transferred, or a negative errno.
     pub result: i32,
+    /// The CQE flags (`IORING_CQE_F_BUFFER` and its id, `IORING_CQE_F_MORE`).
+    pub flags: u32,
+}
+
+impl Completion {
+    /// What the flags say to a device (see [`devices::io::Selected`]).
+    pub fn selected(&self) -> Selected {
+        Selected {
+            buffer: io_uring::cqueue::buffer_select(self.flags),
+            more: io_uring::cqueue::more(self.flags),
+        }
+    }
 }
 
 /// The ring and the count of operations the kernel still holds.
@@ -68,6 +81,15 @@ impl Ring {
     /// Creates the ring, with `SINGLE_ISSUER | DEFER_TASKRUN` when the
     /// kernel supports them (6.1+), plain otherwise.
     pub fn new() -> io::Result<Self> {
+        Self::with_buf_rings(Vec::new())
+    }
+
+    /// [`Self::new`], registering each device's provided-buffer ring
+    /// (`IORING_REGISTER_PBUF_RING`, buffer group = its index in `rings`)
+    /// while the ring is still disabled: once locked down it takes no
+    /// registration. A ring the kernel refuses stays unregistered, and its
+    /// device keeps to plain reads.
+    pub fn with_buf_rings(rings: Vec<&mut BufRing>) -> io::Result<Self> {
         let tuned = IoUring::builder()
             .setup_cqsize(RING_ENTRIES * 2)
             .setup_single_issuer()
@@ -88,6 +110,26 @@ impl Ring {
                 )
             }
         };
+        for (group, buf_ring) in rings.into_iter().enumerate() {
+            let Ok(group) = u16::try_from(group) else {
+                break;
+            };
+            // SAFETY: the ring's memory is the BufRing's mapping, which
+            // stays mapped while registered (and the registration pins its
+            // pages, so even a BufRing dropped first leaves nothing dangling).
+            let registered = unsafe {
+                ring.submitter().register_buf_ring_with_flags(
+                    buf_ring.addr(),
+                    buf_ring.entries(),
+                    group,
+                    0,
+                )
+            };
+            match registered {
+                Ok(()) => buf_ring.set_registered(group),
+                Err(e) => log::debug!("provided-buffer ring {group} not registered: {e}"),
+            }
+        }
         lockdown::restrict_and_enable(&ring)?;
         let timed_wait = ring.params().is_feature_ext_arg();
         let skip_success = ring.params().is_feature_skip_cqe_on_success();
@@ -240,6 +282,7 @@ impl Ring {
             out.push(Completion {
                 token,
                 result: cqe.result(),
+                flags: cqe.flags(),
             });
         }
         let done = out[first..].iter().filter(|c| c.token.is_batched()).count();
@@ -382,6 +425,10 @@ fn sqe_for(op: IoOp, hint: IoHint) -> squeue::Entry {
             .mode(mode)
             .build(),
         IoOp::Poll { fd, events } => opcode::PollAdd::new(types::Fd(fd), events).build(),
+        // Length 0: each read takes the length of the buffer it picks.
+        IoOp::ReadMulti { fd, group } => opcode::ReadMulti::new(types::Fd(fd), 0, group)
+            .offset(u64::MAX)
+            .build(),
     };
     match hint {
         IoHint::Inline => entry,
@@ -576,6 +623,63 @@ mod tests {
         };
         assert_eq!(device_op(&mut ring, r2), 4);
         assert_eq!((&c, &d), (b"bc", b"d\0"));
+    }
+
+    /// The kernel side of provided-buffer RX on a real ring: a registered
+    /// ring, a multishot read on a datagram socket (a tap's stand-in: one
+    /// message per read), frames into the published buffers in order with
+    /// their ids and "more", then -ENOBUFS without "more" once dry.
+    #[test]
+    fn a_multishot_read_fills_provided_buffers_in_order_until_dry() {
+        let mut buf_ring = BufRing::new(4).unwrap();
+        let mut ring = Ring::with_buf_rings(vec![&mut buf_ring]).unwrap();
+        assert_eq!(buf_ring.group(), Some(0));
+        let mut fds = [0i32; 2];
+        // SAFETY: socketpair writes two fds into the array.
+        let r =
+            unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET, 0, fds.as_mut_ptr()) };
+        assert_eq!(r, 0);
+        let mut bufs = [[0u8; 64]; 2];
+        for (i, b) in bufs.iter_mut().enumerate() {
+            // SAFETY: the buffers outlive the ring's ops (the ring is
+            // dropped, and cancels, before them at the end of the test).
+            unsafe { buf_ring.push(b.as_mut_ptr() as u64, 64, 10 + i as u16) };
+        }
+        buf_ring.publish();
+        let op = IoOp::ReadMulti {
+            fd: fds[0],
+            group: 0,
+        };
+        let mut io = DeviceIo::new(&mut ring, 0, false);
+        // SAFETY: no pointer in the op; the buffers are published above.
+        unsafe { io.submit(op, 7) }.unwrap();
+        for msg in [&b"first"[..], b"second", b"third"] {
+            // SAFETY: sends from a live slice.
+            let n = unsafe { libc::send(fds[1], msg.as_ptr().cast(), msg.len(), 0) };
+            assert_eq!(n, msg.len() as isize);
+        }
+        let mut out = Vec::new();
+        while out.len() < 3 {
+            ring.turn(&mut out, true).unwrap();
+        }
+        let got: Vec<(i32, Selected)> = out.iter().map(|c| (c.result, c.selected())).collect();
+        let sel = |buffer, more| Selected { buffer, more };
+        assert_eq!(
+            got,
+            vec![
+                (5, sel(Some(10), true)),
+                (6, sel(Some(11), true)),
+                (-libc::ENOBUFS, sel(None, false)),
+            ]
+        );
+        assert_eq!(&bufs[0][..5], b"first");
+        assert_eq!(&bufs[1][..6], b"second");
+        assert_eq!(ring.in_flight(), 0, "the read ended");
+        drop(ring);
+        for fd in fds {
+            // SAFETY: closes the fds this test opened.
+            unsafe { libc::close(fd) };
+        }
     }
 
     fn iov(buf: &mut [u8]) -> libc::iovec {

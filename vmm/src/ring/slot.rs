@@ -30,6 +30,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
+use devices::io::Selected;
 use devices::rate_limiter::BucketUpdate;
 use devices::virtio::{LimiterSide, TransportEvent, VirtioDevice};
 use io_uring::{opcode, types::Timespec};
@@ -438,11 +439,33 @@ impl VirtioDevices {
         )
     }
 
+    /// The devices' provided-buffer rings, for [`Ring::with_buf_rings`]
+    /// (which registers them before the ring is locked down).
+    pub fn buf_rings(&mut self) -> Vec<&mut devices::buf_ring::BufRing> {
+        self.slots
+            .iter_mut()
+            .filter_map(|s| s.device.buf_ring_mut())
+            .collect()
+    }
+
     /// Handles one completion [`Self::owns`] said is a device's.
     pub fn dispatch(
         &mut self,
         token: Token,
         result: i32,
+        ring: &mut Ring,
+        mem: &GuestMemoryMmap,
+    ) -> io::Result<()> {
+        self.dispatch_selected(token, result, Selected::default(), ring, mem)
+    }
+
+    /// [`Self::dispatch`] with what the CQE's flags say (a provided
+    /// buffer's id, "more to come"; see [`super::Completion::selected`]).
+    pub fn dispatch_selected(
+        &mut self,
+        token: Token,
+        result: i32,
+        selected: Selected,
         ring: &mut Ring,
         mem: &GuestMemoryMmap,
     ) -> io::Result<()> {
@@ -480,9 +503,12 @@ impl VirtioDevices {
                 slot.unthrottle(usize::from(queue), ring, mem, index);
             }
             Token::DeviceIo { tag, .. } => {
-                slot.cancelled.retain(|t| *t != tag);
+                if !selected.more {
+                    slot.cancelled.retain(|t| *t != tag);
+                }
                 let mut io = slot.io(ring, index);
-                slot.device.complete(tag, result, mem, &mut io);
+                slot.device
+                    .complete_selected(tag, result, selected, mem, &mut io);
             }
             Token::Interrupt { .. } => {
                 log::warn!(

@@ -27,14 +27,16 @@ use std::sync::Arc;
 use vm_memory::GuestMemory;
 
 use super::rx::Rx;
+use super::rx_provided::{Provided, MULTISHOT_QUEUE};
 use super::tap::Tap;
 use super::tx_slots::TxSlots;
 use super::{
     config_bytes, features, generate_mac, tap_offloads, MacAddr, NetCounters, DEVICE_TYPE,
     NUM_QUEUES, QUEUE_MAX_SIZE, RX_QUEUE, TX_QUEUE,
 };
+use crate::buf_ring::BufRing;
 use crate::guest_log::GuestLog;
-use crate::io::{InterruptLine, IoSubmit};
+use crate::io::{InterruptLine, IoSubmit, Selected};
 use crate::rate_limiter::DeviceRateLimiter;
 use crate::virtio::{
     Activation, DeviceError, DeviceShared, Generation, Interrupt, LimiterSide, PollRequest,
@@ -89,6 +91,8 @@ pub struct NetDevice<T: Tap> {
     pub(super) queues: Virtqueues,
     pub(super) generation: Generation,
     pub(super) rx: Rx,
+    /// RX through provided buffers and a multishot read (`rx_provided`).
+    pub(super) pbuf: Provided,
     pub(super) tx: TxSlots,
     pub(super) counters: NetCounters,
     pub(super) log: GuestLog,
@@ -126,6 +130,7 @@ impl<T: Tap> NetDevice<T> {
             ),
             generation: Generation::default(),
             rx: Rx::new(QUEUE_MAX_SIZE),
+            pbuf: Provided::new(mtu),
             tx: TxSlots::new(TX_QUEUE as u8, QUEUE_MAX_SIZE),
             counters: NetCounters::default(),
             log: GuestLog::new("virtio-net"),
@@ -184,7 +189,7 @@ impl<T: Tap> NetDevice<T> {
     /// kernel: they may wait for a frame indefinitely, so the VMM cancels
     /// them on its ring.
     pub fn stale_rx_tags(&self) -> Vec<u64> {
-        self.rx.stale_tags().collect()
+        self.rx.stale_tags().chain(self.pbuf.stale_tag()).collect()
     }
 }
 
@@ -199,6 +204,7 @@ impl<T: Tap> Drop for NetDevice<T> {
             // closing it could redirect I/O to a file opened later. The TX
             // table leaks its own arrays when dropped with ops in flight.
             self.rx.leak_in_flight();
+            self.pbuf.leak_in_flight();
             return;
         }
         // SAFETY: the tap is dropped exactly once, here, and never used
@@ -235,12 +241,15 @@ impl<T: Tap + 'static, M: GuestMemory> VirtioDevice<M> for NetDevice<T> {
             return Err(DeviceError::Host(e.to_string()));
         }
         self.rx.activated();
+        self.pbuf.activated(activation.features);
         Ok(())
     }
 
     fn reset(&mut self) {
         self.queues.reset();
         self.rx.reset();
+        let withdrawn = self.pbuf.reset();
+        self.rx.pool.extend(withdrawn);
         self.tx.orphan_all();
         self.generation.bump();
         self.rx_throttled = false;
@@ -279,8 +288,31 @@ impl<T: Tap + 'static, M: GuestMemory> VirtioDevice<M> for NetDevice<T> {
                 }
             }
             TX_QUEUE => self.tx_complete(tag, res, mem),
+            q if q == usize::from(MULTISHOT_QUEUE) => {
+                self.complete_selected(tag, res, Selected::default(), mem, io);
+            }
             _ => log::debug!("virtio-net: completion for unknown queue (tag {tag:#x})"),
         }
+    }
+
+    fn complete_selected(
+        &mut self,
+        tag: u64,
+        res: i32,
+        selected: Selected,
+        mem: &M,
+        io: &mut dyn IoSubmit,
+    ) {
+        if Tag::decode(tag).queue != MULTISHOT_QUEUE {
+            return self.complete(tag, res, mem, io);
+        }
+        if let Err(e) = self.pbuf_complete(tag, res, selected, mem, io) {
+            log::debug!("virtio-net: {e}");
+        }
+    }
+
+    fn buf_ring_mut(&mut self) -> Option<&mut BufRing> {
+        self.pbuf.ring_mut()
     }
 
     fn in_flight(&self) -> usize {
@@ -331,6 +363,6 @@ impl<T: Tap> NetDevice<T> {
 
     /// Tap reads and writes the kernel may still be working on.
     pub fn ops_in_flight(&self) -> usize {
-        self.tx.outstanding() + self.rx.in_flight()
+        self.tx.outstanding() + self.rx.in_flight() + self.pbuf.in_flight()
     }
 }

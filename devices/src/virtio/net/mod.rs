@@ -30,6 +30,7 @@
 mod device;
 mod frame;
 mod rx;
+mod rx_provided;
 pub mod tap;
 mod tx;
 mod tx_slots;

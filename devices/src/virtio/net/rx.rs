@@ -29,13 +29,13 @@ pub(super) const MAX_RX_READS: usize = 4;
 /// reuse its iovecs instead of walking it again.
 #[derive(Debug, Default)]
 pub(super) struct RxChain {
-    head: u16,
+    pub head: u16,
     /// Capacity in bytes.
-    len: usize,
-    iov: Iovecs,
+    pub len: usize,
+    pub iov: Iovecs,
     /// The chain's guest segments, where the header goes if a frame
     /// starts in it.
-    segs: Vec<Segment>,
+    pub segs: Vec<Segment>,
 }
 
 /// One tap read: the chains it fills and the iovecs the kernel writes
@@ -90,12 +90,12 @@ pub(super) struct Rx {
     /// Tells concurrent reads' tags apart.
     next_slot: u16,
     /// Chains popped and walked but in no read yet.
-    ready: VecDeque<RxChain>,
-    /// Heads in `ready` or in a live read, to refuse a driver posting one
-    /// twice.
-    held: Vec<bool>,
+    pub ready: VecDeque<RxChain>,
+    /// Heads in `ready`, in a live read or published as provided
+    /// buffers, to refuse a driver posting one twice.
+    pub held: Vec<bool>,
     /// Used chains' vectors, kept to avoid reallocating.
-    pool: Vec<RxChain>,
+    pub pool: Vec<RxChain>,
     /// Finished reads whose frame did not need all their chains: the
     /// chains left, with the iovecs already built for them, which the next
     /// read starts from instead of gathering them again (at most
@@ -229,10 +229,14 @@ impl<T: Tap> NetDevice<T> {
         mem: &M,
         io: &mut dyn IoSubmit,
     ) -> Result<ProcessOutcome, DeviceError> {
+        if let Some(out) = self.pbuf_fill(mem, io)? {
+            return Ok(out);
+        }
         let mut out = ProcessOutcome::default();
         while self.queues.is_active()
             && self.rx.reads.len() < MAX_RX_READS
             && self.rx.stale.is_empty()
+            && !self.pbuf.busy()
             && !self.rx_throttled
         {
             let one = self.rx_fill_one(mem, io)?;
@@ -600,7 +604,7 @@ impl<T: Tap> NetDevice<T> {
 /// for the chain's first descriptor, when the header's field lies in it
 /// (the usual case: Linux puts the header at the start of each buffer);
 /// false leaves it to [`frame::write_at`]'s guest-memory path.
-fn write_in_first_iovec(chain: &RxChain, num_buffers: u16) -> bool {
+pub(super) fn write_in_first_iovec(chain: &RxChain, num_buffers: u16) -> bool {
     let bytes = num_buffers.to_le_bytes();
     let Some(v) = chain.iov.0.first() else {
         return false;

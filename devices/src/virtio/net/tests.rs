@@ -1140,3 +1140,370 @@ mod rate_limits {
         Ok(())
     }
 }
+
+/// RX through provided buffers and a multishot read, with a fake ring that
+/// plays the kernel's part: it takes the published entries in ring order,
+/// reads one frame into each (reporting a frame's full length, as a tap
+/// does), completes with the buffer id and "more", and ends the read with
+/// `-ENOBUFS` when a frame finds the ring empty.
+mod provided {
+    use super::*;
+    use crate::io::Selected;
+
+    /// Big enough for a whole 1500-MTU frame with its header.
+    const BUF: u32 = 2048;
+    /// MRG_RXBUF without guest GSO (Linux with GSO off): frames never
+    /// exceed the MTU, so a 2048-byte buffer takes any of them.
+    const NOGSO: u64 = MRG
+        & !(feature(virtio_bindings::virtio_net::VIRTIO_NET_F_GUEST_TSO4)
+            | feature(virtio_bindings::virtio_net::VIRTIO_NET_F_GUEST_TSO6)
+            | feature(virtio_bindings::virtio_net::VIRTIO_NET_F_GUEST_UFO)
+            | feature(virtio_bindings::virtio_net::VIRTIO_NET_F_GUEST_ECN));
+
+    #[derive(Debug, Default)]
+    struct PbufIo {
+        tap: TapIo,
+        /// The ring's address, as registered.
+        ring: u64,
+        entries: u16,
+        /// The kernel's head.
+        head: u16,
+        /// The armed multishot read: `(fd, tag)`.
+        multi: Option<(i32, u64)>,
+        done: Vec<(u64, i32, Selected)>,
+        multishots: usize,
+    }
+
+    impl PbufIo {
+        fn published_tail(&self) -> u16 {
+            // SAFETY: the ring is the device's live mapping; its tail (entry
+            // 0's last two bytes) is only accessed atomically.
+            let tail = unsafe { &*((self.ring + 14) as *const std::sync::atomic::AtomicU16) };
+            tail.load(std::sync::atomic::Ordering::Acquire)
+        }
+
+        fn entry(&self, pos: u16) -> (u64, u32, u16) {
+            let at = self.ring + u64::from(pos & (self.entries - 1)) * 16;
+            // SAFETY: inside the device's live mapping, fields aligned.
+            unsafe {
+                (
+                    (at as *const u64).read_volatile(),
+                    ((at + 8) as *const u32).read_volatile(),
+                    ((at + 12) as *const u16).read_volatile(),
+                )
+            }
+        }
+
+        fn pump(&mut self) {
+            self.tap.pump();
+            for (tag, res) in self.tap.done.drain(..) {
+                self.done.push((tag, res, Selected::default()));
+            }
+            let Some((fd, tag)) = self.multi else {
+                return;
+            };
+            loop {
+                let mut probe = 0u8;
+                // SAFETY: peeks one byte into a local.
+                let waiting = unsafe {
+                    libc::recv(
+                        fd,
+                        (&mut probe as *mut u8).cast(),
+                        1,
+                        libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                    )
+                };
+                if waiting < 0 {
+                    return;
+                }
+                if self.published_tail() == self.head {
+                    self.multi = None;
+                    let end = Selected::default();
+                    self.done.push((tag, -libc::ENOBUFS, end));
+                    return;
+                }
+                let (addr, len, bid) = self.entry(self.head);
+                self.head = self.head.wrapping_add(1);
+                // SAFETY: the entry is a published guest buffer the device
+                // keeps valid until this completion.
+                let n = unsafe {
+                    libc::recv(
+                        fd,
+                        addr as *mut libc::c_void,
+                        len as usize,
+                        libc::MSG_DONTWAIT | libc::MSG_TRUNC,
+                    )
+                };
+                let sel = Selected {
+                    buffer: Some(bid),
+                    more: true,
+                };
+                self.done.push((tag, errno_res(n), sel));
+            }
+        }
+
+        fn cancel(&mut self, tag: u64) -> bool {
+            if self.multi.is_some_and(|(_, t)| t == tag) {
+                self.multi = None;
+                self.done.push((tag, -libc::ECANCELED, Selected::default()));
+                return true;
+            }
+            self.tap.cancel(tag)
+        }
+    }
+
+    impl IoSubmit for PbufIo {
+        unsafe fn submit(&mut self, op: IoOp, tag: u64) -> Result<(), IoSubmitError> {
+            if let IoOp::ReadMulti { fd, group } = op {
+                assert_eq!(group, 0);
+                assert!(self.multi.is_none(), "one multishot read at a time");
+                self.multi = Some((fd, tag));
+                self.multishots += 1;
+                return Ok(());
+            }
+            // SAFETY: the caller keeps submit's contract.
+            unsafe { self.tap.submit(op, tag) }
+        }
+    }
+
+    struct PRig<'m> {
+        mem: &'m GuestMemoryMmap,
+        rxq: Vq,
+        txq: Vq,
+        dev: NetDevice<FakeTap>,
+        host: OwnedFd,
+        io: PbufIo,
+    }
+
+    impl<'m> PRig<'m> {
+        fn new(mem: &'m GuestMemoryMmap, feats: u64) -> Self {
+            let (tap, host) = FakeTap::new().expect("socketpair");
+            let mut dev = NetDevice::new(
+                NetConfig {
+                    tap,
+                    mac: Some(MAC),
+                },
+                Box::new(CountingLine::default()),
+            );
+            let ring = VirtioDevice::<GuestMemoryMmap>::buf_ring_mut(&mut dev).expect("ring");
+            ring.set_registered(0);
+            let io = PbufIo {
+                ring: ring.addr(),
+                entries: ring.entries(),
+                ..PbufIo::default()
+            };
+            let mut rig = PRig {
+                mem,
+                rxq: DriverQueue::new(mem.clone(), RX_RINGS, QSIZE),
+                txq: DriverQueue::new(mem.clone(), TX_RINGS, QSIZE),
+                dev,
+                host,
+                io,
+            };
+            rig.activate(feats);
+            rig
+        }
+
+        fn activate(&mut self, feats: u64) {
+            let a = Activation {
+                features: feats,
+                queues: vec![self.rxq.config(), self.txq.config()],
+            };
+            self.dev.activate(self.mem, &a).expect("activate");
+        }
+
+        fn kick(&mut self) -> Result<ProcessOutcome, DeviceError> {
+            let out = self.dev.process_queue(RX_QUEUE, self.mem, &mut self.io);
+            self.dev.end_turn(self.mem);
+            out
+        }
+
+        fn settle(&mut self) {
+            for _ in 0..64 {
+                self.io.pump();
+                let done = std::mem::take(&mut self.io.done);
+                if done.is_empty() {
+                    return;
+                }
+                for (tag, res, sel) in done {
+                    self.dev
+                        .complete_selected(tag, res, sel, self.mem, &mut self.io);
+                }
+                self.dev.end_turn(self.mem);
+            }
+            panic!("the device kept completing");
+        }
+
+        fn send(&self, bytes: &[u8]) {
+            // SAFETY: sends from a live slice.
+            let n =
+                unsafe { libc::send(self.host.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), 0) };
+            assert_eq!(n, bytes.len() as isize, "host send");
+        }
+
+        fn read(&self, addr: u64, len: usize) -> Vec<u8> {
+            let mut v = vec![0u8; len];
+            self.mem
+                .read_slice(&mut v, GuestAddress(addr))
+                .expect("read guest");
+            v
+        }
+
+        fn in_flight(&self) -> usize {
+            VirtioDevice::<GuestMemoryMmap>::in_flight(&self.dev)
+        }
+    }
+
+    #[test]
+    fn frames_land_in_the_published_buffers_in_order() -> TestResult {
+        let mem = memory();
+        let mut rig = PRig::new(&mem, NOGSO);
+        let heads: Vec<u16> = (0..4)
+            .map(|i| rig.rxq.push(&[(rx_buf(i), BUF, W)]))
+            .collect();
+        rig.kick()?;
+        assert_eq!(rig.io.multishots, 1, "one multishot read");
+        assert_eq!(rig.io.tap.reads(), 0, "no readv");
+        assert_eq!(rig.io.published_tail(), 4);
+        let pkts: Vec<Vec<u8>> = (0..3).map(|i| packet(100 + i * 10, i as u8)).collect();
+        for p in &pkts {
+            rig.send(p);
+        }
+        rig.settle();
+        let want: Vec<(u32, u32)> = pkts
+            .iter()
+            .zip(&heads)
+            .map(|(p, h)| (u32::from(*h), p.len() as u32))
+            .collect();
+        assert_eq!(rig.rxq.used_entries(), want);
+        for (i, p) in pkts.iter().enumerate() {
+            let got = rig.read(rx_buf(i as u64), p.len());
+            assert_eq!(num_buffers(&got), 1);
+            assert_eq!(&got[VNET_HDR_LEN..], &p[VNET_HDR_LEN..]);
+        }
+        assert_eq!(rig.dev.counters().rx_packets, 3);
+        assert_eq!(rig.in_flight(), 1, "still armed on the fourth buffer");
+        assert_eq!(rig.io.multishots, 1);
+        Ok(())
+    }
+
+    #[test]
+    fn a_dry_ring_ends_the_read_and_new_buffers_rearm_it() -> TestResult {
+        let mem = memory();
+        let mut rig = PRig::new(&mem, NOGSO);
+        let h0 = rig.rxq.push(&[(rx_buf(0), BUF, W)]);
+        rig.kick()?;
+        let (a, b) = (packet(200, 1), packet(300, 2));
+        rig.send(&a);
+        rig.send(&b);
+        rig.settle();
+        // The second frame found no buffer: ENOBUFS ended the read and the
+        // frame waits in the tap.
+        assert_eq!(rig.rxq.used_entries(), vec![(u32::from(h0), 212)]);
+        assert_eq!(rig.in_flight(), 0);
+        assert_eq!(rig.dev.counters().rx_dropped, 0);
+        let h1 = rig.rxq.push(&[(rx_buf(1), BUF, W)]);
+        rig.kick()?;
+        assert_eq!(rig.io.multishots, 2, "armed again");
+        rig.settle();
+        assert_eq!(
+            rig.rxq.used_entries(),
+            vec![(u32::from(h0), 212), (u32::from(h1), 312)]
+        );
+        assert_eq!(rig.read(rx_buf(1) + 12, 300), &b[12..]);
+        Ok(())
+    }
+
+    #[test]
+    fn a_chain_too_small_hands_everything_to_readv_in_order() -> TestResult {
+        let mem = memory();
+        let mut rig = PRig::new(&mem, NOGSO);
+        let h0 = rig.rxq.push(&[(rx_buf(0), BUF, W)]);
+        let h1 = rig.rxq.push(&[(rx_buf(1), BUF, W)]);
+        rig.kick()?;
+        let tag = rig.io.multi.map(|m| m.1).expect("armed");
+        let a = packet(100, 1);
+        rig.send(&a);
+        rig.settle();
+        // A chain split in two descriptors: not one buffer for a frame.
+        let h2 = rig.rxq.push(&[(rx_buf(2), 1000, W), (rx_buf(3), 1000, W)]);
+        rig.kick()?;
+        // The multishot read is cancelled first; no readv meanwhile.
+        assert_eq!(rig.dev.stale_rx_tags(), vec![tag]);
+        assert_eq!(rig.io.tap.reads(), 0);
+        assert!(rig.io.cancel(tag));
+        rig.settle();
+        assert_eq!(rig.io.published_tail(), rig.io.head, "entries withdrawn");
+        assert!(rig.io.tap.reads() >= 1, "readv serves the rest");
+        let (b, c) = (packet(1400, 2), packet(1400, 3));
+        rig.send(&b);
+        rig.send(&c);
+        rig.settle();
+        let used = rig.rxq.used_entries();
+        assert_eq!(used[0], (u32::from(h0), 112));
+        // The withdrawn h1 comes before h2, as posted.
+        assert_eq!(used[1], (u32::from(h1), 1412));
+        assert_eq!(used[2].0, u32::from(h2));
+        assert_eq!(rig.read(rx_buf(1) + 12, 1400), &b[12..]);
+        assert_eq!(rig.dev.counters().rx_packets, 3);
+        Ok(())
+    }
+
+    #[test]
+    fn with_guest_gso_only_chains_for_a_64k_frame_are_published() -> TestResult {
+        let mem = memory();
+        // GUEST_TSO4 negotiated: a 2048-byte chain cannot take a 64 KiB
+        // frame, so the readv path serves (and gathers chains).
+        let mut rig = PRig::new(&mem, MRG);
+        rig.rxq.push(&[(rx_buf(0), BUF, W)]);
+        rig.kick()?;
+        assert_eq!((rig.io.multishots, rig.io.tap.reads()), (0, 1));
+        let mut rig = PRig::new(&mem, MRG);
+        let big = rig.rxq.push(&[(BIG, 65562, W)]);
+        rig.kick()?;
+        assert_eq!((rig.io.multishots, rig.io.tap.reads()), (1, 0));
+        let p = packet(5000, 4);
+        rig.send(&p);
+        rig.settle();
+        assert_eq!(rig.rxq.used_entries(), vec![(u32::from(big), 5012)]);
+        Ok(())
+    }
+
+    #[test]
+    fn reset_with_entries_published_waits_for_the_cancel_and_drops_late_frames() -> TestResult {
+        let mem = memory();
+        let mut rig = PRig::new(&mem, NOGSO);
+        rig.rxq.push(&[(rx_buf(0), BUF, W)]);
+        rig.rxq.push(&[(rx_buf(1), BUF, W)]);
+        rig.kick()?;
+        let tag = rig.io.multi.map(|m| m.1).expect("armed");
+        VirtioDevice::<GuestMemoryMmap>::reset(&mut rig.dev);
+        assert_eq!(rig.in_flight(), 1, "the reset waits for the read");
+        assert_eq!(rig.dev.stale_rx_tags(), vec![tag]);
+        // A frame lands in an old buffer before the cancel: dropped.
+        rig.send(&packet(80, 5));
+        rig.io.pump();
+        assert!(rig.io.cancel(tag));
+        rig.settle();
+        assert_eq!(rig.in_flight(), 0);
+        assert_eq!(rig.dev.counters().rx_dropped, 1);
+        assert_eq!(
+            rig.io.published_tail(),
+            rig.io.head,
+            "nothing left published"
+        );
+        assert!(rig.rxq.used_entries().is_empty());
+        // The next driver's buffers are published afresh.
+        rig.rxq.clear();
+        rig.txq.clear();
+        rig.activate(NOGSO);
+        let h = rig.rxq.push(&[(rx_buf(4), BUF, W)]);
+        rig.kick()?;
+        let p = packet(90, 6);
+        rig.send(&p);
+        rig.settle();
+        assert_eq!(rig.rxq.used_entries(), vec![(u32::from(h), 102)]);
+        assert_eq!(rig.read(rx_buf(4) + 12, 90), &p[12..]);
+        Ok(())
+    }
+}
