@@ -798,17 +798,29 @@ mod tests {
                 // cancelled with the ring at the end of the test).
                 unsafe { self.ring.push(timeout, Token::HaltProbe) }.expect("timeout");
                 self.ring.turn(&mut out, true).expect("turn");
-                for c in out.iter().copied() {
-                    if VirtioDevices::owns(c.token) {
-                        self.devices
-                            .dispatch(c.token, c.result, &mut self.ring, &self.mem)
-                            .expect("dispatch");
-                    }
-                }
-                self.devices
-                    .end_turn(&mut self.ring, &self.mem)
-                    .expect("end turn");
+                self.finish_turn(&out);
             }
+        }
+
+        /// The rest of a loop turn: the devices' completions in `out`,
+        /// then the end of the turn.
+        fn finish_turn(&mut self, out: &[Completion]) {
+            for c in out {
+                if VirtioDevices::owns(c.token) {
+                    self.devices
+                        .dispatch_selected(
+                            c.token,
+                            c.result,
+                            c.selected(),
+                            &mut self.ring,
+                            &self.mem,
+                        )
+                        .expect("dispatch");
+                }
+            }
+            self.devices
+                .end_turn(&mut self.ring, &self.mem)
+                .expect("end turn");
         }
 
         /// One turn as the VMM thread's loop takes it, polling included
@@ -823,16 +835,7 @@ mod tests {
             self.devices
                 .turn(&mut self.ring, &self.mem, &mut out)
                 .expect("turn");
-            for c in out.iter().copied() {
-                if VirtioDevices::owns(c.token) {
-                    self.devices
-                        .dispatch(c.token, c.result, &mut self.ring, &self.mem)
-                        .expect("dispatch");
-                }
-            }
-            self.devices
-                .end_turn(&mut self.ring, &self.mem)
-                .expect("end turn");
+            self.finish_turn(&out);
         }
 
         /// Opens the polling window at `window` (as a run of short sleeps
