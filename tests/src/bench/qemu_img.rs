@@ -207,6 +207,8 @@ pub struct QemuRun {
     /// The whole qemu-img process's CPU time (user + system), its io-wq
     /// workers and start-up included, from getrusage(RUSAGE_CHILDREN).
     pub cpu_ns: u64,
+    /// The command that ran.
+    pub command: String,
 }
 
 impl QemuRun {
@@ -279,6 +281,7 @@ pub fn run(spec: &BenchSpec) -> Res<QemuRun> {
         bytes: o.requests * o.block,
         seconds: o.seconds,
         cpu_ns,
+        command: spec.command(),
     })
 }
 
@@ -382,12 +385,18 @@ mod tests {
 
     /// The offsets qemu-img computes (`k * step mod size`) for `n` requests.
     fn offsets(size: u64, step: u64, n: u64) -> Vec<u64> {
-        (0..n).map(|k| (k as u128 * step as u128 % size as u128) as u64).collect()
+        (0..n)
+            .map(|k| (k as u128 * step as u128 % size as u128) as u64)
+            .collect()
     }
 
     #[test]
     fn full_cycle_step_visits_every_block_once_per_pass() {
-        for (size, block) in [(1u64 << 30, 4096u64), (1000 * 4096, 4096), (3 << 20, 128 << 10)] {
+        for (size, block) in [
+            (1u64 << 30, 4096u64),
+            (1000 * 4096, 4096),
+            (3 << 20, 128 << 10),
+        ] {
             let step = full_cycle_step(size, block).unwrap();
             assert_eq!(step % block, 0, "{size} {block}");
             let blocks = size / block;
@@ -401,10 +410,17 @@ mod tests {
             let n = seen.len();
             seen.sort_unstable();
             seen.dedup();
-            assert_eq!(seen.len(), n, "a block came back within one pass: {size} {block}");
+            assert_eq!(
+                seen.len(),
+                n,
+                "a block came back within one pass: {size} {block}"
+            );
             // Consecutive requests are far apart (no readahead-friendly runs).
             let o = offsets(size, step, 64);
-            assert!(o.windows(2).all(|w| w[0].abs_diff(w[1]) >= size / 8), "{size} {block}");
+            assert!(
+                o.windows(2).all(|w| w[0].abs_diff(w[1]) >= size / 8),
+                "{size} {block}"
+            );
         }
     }
 
