@@ -37,7 +37,7 @@ def split(sec):
     rest = [p for p in sec["points"] if p not in apart]
     if not apart or not rest:
         return [sec]
-    second = dict(sec, points=apart)
+    second = dict(sec, points=apart, reference_in_title=True)
     second["title"] = "{} — against {}".format(
         sec.get("title", ""), apart[0].get("reference", "")
     )
@@ -113,8 +113,14 @@ def panel(ax, sec):
             )
     ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
     ax.set_xticks(list(xs))
+    # The reference under each key, unless the panel's title names it.
     ax.set_xticklabels(
-        ["{}\n({})".format(p["key"], p["reference"]) for p in points],
+        [
+            p["key"]
+            if sec.get("reference_in_title")
+            else "{}\n({})".format(p["key"], p["reference"])
+            for p in points
+        ],
         rotation=35,
         ha="right",
         fontsize=7,

@@ -1672,12 +1672,11 @@ fn qemu_markdown(s: &mut String, rows: &[Row], ctx: &Context) {
         let Some(p) = r.qemu_point() else {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | not measured: {} | - | - | - | {vmm_cpu:.2} |",
+                "| {} | {} | {} | {} | not measured | - | - | - | {vmm_cpu:.2} |",
                 r.file_kind,
                 r.w.label(),
                 r.w.qd,
                 r.fmt_value(r.ringvm_median()),
-                r.qemu_missing().unwrap_or("-").replace('|', "/"),
             );
             continue;
         };
@@ -1695,13 +1694,17 @@ fn qemu_markdown(s: &mut String, rows: &[Row], ctx: &Context) {
             r.qemu_cpu_us_per_req(),
         );
     }
-    let missed: Vec<String> = rows
+    // Rounds that failed on a file where QEMU otherwise runs (the files
+    // where it cannot run at all are listed above the table).
+    let file_level: Vec<&str> = ctx
+        .qemu_files
         .iter()
-        .filter(|r| r.qemu_point().is_some())
-        .filter_map(|r| r.qemu_missing().map(|m| format!("{}: {m}", r.key())))
+        .filter_map(|(_, why, _)| why.as_deref())
         .collect();
-    for m in missed {
-        let _ = writeln!(s, "- a round without QEMU figure, {m}");
+    for r in rows {
+        if let Some(m) = r.qemu_missing().filter(|m| !file_level.contains(m)) {
+            let _ = writeln!(s, "- {}: a round without a QEMU figure: {m}", r.key());
+        }
     }
 }
 
@@ -2081,7 +2084,11 @@ fn run(args: &Args) -> Res<()> {
                         row.fmt_value(row.fio_median()),
                         ratio,
                         range,
-                        row.fmt_value(row.qemu_median()),
+                        if row.qemu_point().is_some() {
+                            row.fmt_value(row.qemu_median())
+                        } else {
+                            "-".into()
+                        },
                         row.qemu_ratio_text(),
                         row.ringvm.cpu_us_per_req(),
                         row.ringvm.per_req(row.ringvm.syscalls())
