@@ -24,6 +24,7 @@ use super::device_manager::{new_eventfd, DeviceError, DeviceManager, EventWiring
 use crate::config::{CacheType, DriveConfig, EntropyConfig, NetConfig, RateLimiterConfig};
 use crate::exit_code;
 use crate::host_file::{open_image, ImageAccess};
+use crate::ring::irq::RingInterrupt;
 use crate::ring::slot::DynDevice;
 use crate::ring::{DeviceSlot, VirtioDevices};
 use crate::runner::{self, RunnerConfig};
@@ -119,7 +120,10 @@ pub fn open_backing_file(cfg: &DriveConfig) -> Result<File, DeviceSetupError> {
 struct Unplaced {
     id: String,
     device: Box<DynDevice>,
+    /// Registered with KVM as the device's irqfd.
     irq: EventFd,
+    /// The same irqfd, written through the ring when the device raises it.
+    interrupt: RingInterrupt,
 }
 
 /// Virtio devices being built, in the order the guest will find them.
@@ -150,9 +154,10 @@ impl VirtioBuilder {
             source,
         };
         let irq = new_eventfd().map_err(wiring)?;
-        let line = irq
-            .try_clone()
-            .map_err(|e| wiring(DeviceError::EventFd(e)))?;
+        let (interrupt, line) = RingInterrupt::new(
+            irq.try_clone()
+                .map_err(|e| wiring(DeviceError::EventFd(e)))?,
+        );
         let device = make(Box::new(line)).map_err(|e| DeviceSetupError::Device {
             id: id.to_string(),
             source: e.into(),
@@ -161,6 +166,7 @@ impl VirtioBuilder {
             id: id.to_string(),
             device: Box::new(device),
             irq,
+            interrupt,
         });
         Ok(())
     }
@@ -295,7 +301,13 @@ impl VirtioBuilder {
         wire: &dyn EventWiring,
     ) -> Result<VirtioDevices, DeviceSetupError> {
         let mut out = VirtioDevices::default();
-        for Unplaced { id, device, irq } in self.devices {
+        for Unplaced {
+            id,
+            device,
+            irq,
+            interrupt,
+        } in self.devices
+        {
             let ends = machine
                 .add_virtio_device(wire, &irq, device.info())
                 .map_err(|source| DeviceSetupError::Wiring {
@@ -308,6 +320,7 @@ impl VirtioBuilder {
                 ends.kicks,
                 ends.wake,
                 ends.messages,
+                Some(interrupt),
             ));
         }
         Ok(out)

@@ -17,6 +17,7 @@ use devices::io::{IoHint, IoOp, IoSubmit, IoSubmitError, TAG_MAX};
 use io_uring::{opcode, squeue, types, IoUring};
 
 pub mod batch;
+pub mod irq;
 pub mod lockdown;
 pub mod poll;
 pub mod slot;
@@ -48,6 +49,10 @@ pub struct Ring {
     timed_wait: bool,
     /// Disk operations in the kernel (`batch.rs`).
     batch: BatchWait,
+    /// The kernel posts no completion for a successful operation flagged
+    /// `IOSQE_CQE_SKIP_SUCCESS` (IORING_FEAT_CQE_SKIP, 5.17+), so an
+    /// interrupt write can ride along a waiting enter (`irq.rs`).
+    skip_success: bool,
 }
 
 impl std::fmt::Debug for Ring {
@@ -85,12 +90,14 @@ impl Ring {
         };
         lockdown::restrict_and_enable(&ring)?;
         let timed_wait = ring.params().is_feature_ext_arg();
+        let skip_success = ring.params().is_feature_skip_cqe_on_success();
         Ok(Self {
             ring,
             in_flight: 0,
             deferred_taskrun,
             timed_wait,
             batch: BatchWait::default(),
+            skip_success,
         })
     }
 
@@ -102,6 +109,30 @@ impl Ring {
     /// How many operations the kernel still holds.
     pub fn in_flight(&self) -> usize {
         self.in_flight
+    }
+
+    /// Whether successful operations can be submitted without a completion
+    /// (see [`Self::signal_eventfd`]).
+    pub fn skips_success(&self) -> bool {
+        self.skip_success
+    }
+
+    /// Queues an 8-byte write of `value` to eventfd `fd` for the next
+    /// enter, posting a completion (tagged `token`) only if it fails, and
+    /// not counted in [`Self::in_flight`]: nothing of the caller's is
+    /// borrowed and a successful one is never seen again. `false`: not
+    /// queued (the kernel cannot skip completions, or the submission
+    /// queue is full), write the eventfd directly.
+    pub fn signal_eventfd(&mut self, fd: RawFd, value: &'static u64, token: Token) -> bool {
+        if !self.skip_success {
+            return false;
+        }
+        let entry = opcode::Write::new(types::Fd(fd), std::ptr::from_ref(value).cast::<u8>(), 8)
+            .build()
+            .flags(squeue::Flags::SKIP_SUCCESS)
+            .user_data(token.encode());
+        // SAFETY: the one buffer is `value`, which is 'static.
+        unsafe { self.ring.submission().push(&entry) }.is_ok()
     }
 
     /// Queues `entry` tagged with `token`; it is submitted on the next turn
@@ -202,13 +233,12 @@ impl Ring {
         }
         let first = out.len();
         for cqe in self.ring.completion() {
-            if io_uring::cqueue::more(cqe.flags()) {
-                // Multishot: the operation stays armed.
-            } else {
+            let token = Token::decode(cqe.user_data());
+            if counted(token, cqe.flags()) {
                 self.in_flight = self.in_flight.saturating_sub(1);
             }
             out.push(Completion {
-                token: Token::decode(cqe.user_data()),
+                token,
                 result: cqe.result(),
             });
         }
@@ -216,6 +246,13 @@ impl Ring {
         self.batch.completed(done);
         Ok(())
     }
+}
+
+/// Whether a completion ends an operation [`Ring::in_flight`] counts: not
+/// a multishot's intermediate one, and not a failed interrupt write, which
+/// was never counted ([`Ring::signal_eventfd`]).
+fn counted(token: Token, flags: u32) -> bool {
+    !io_uring::cqueue::more(flags) && !matches!(token, Token::Interrupt { .. })
 }
 
 impl Ring {
@@ -410,7 +447,9 @@ impl Drop for Ring {
             let args = io_uring::types::SubmitArgs::new().timespec(&ts);
             let _ = self.ring.submitter().submit_with_args(1, &args);
             for cqe in self.ring.completion() {
-                if cqe.user_data() != u64::MAX && !io_uring::cqueue::more(cqe.flags()) {
+                if cqe.user_data() != u64::MAX
+                    && counted(Token::decode(cqe.user_data()), cqe.flags())
+                {
                     self.in_flight = self.in_flight.saturating_sub(1);
                 }
             }

@@ -13,7 +13,8 @@
 //!                   └─► Reset:    reset(), cancel stale_tags(), and only when
 //!                                 in_flight() == 0: finish_reset() (Status reads 0)
 //!  end of every turn ──► re-run drains that stopped early, end_turn() (interrupts),
-//!                        arm the device's PollRequest if it has one
+//!                        the raised interrupt's irqfd write queued on the ring
+//!                        (`irq.rs`), arm the device's PollRequest if it has one
 //!  take_throttle() ──► one Timeout on the ring; the queue's kicks are ignored
 //!                      until it fires (Throttle{q}) and the queue is served again
 //!  pause / resume  ──► set_paused() on every device; resume serves every queue,
@@ -35,6 +36,7 @@ use io_uring::{opcode, types::Timespec};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::irq::RingInterrupt;
 use super::poll::{AdaptivePoll, PollStats};
 use super::{Completion, DeviceIo, Ring, Token};
 use crate::metrics::DeviceMetrics;
@@ -82,18 +84,23 @@ pub struct DeviceSlot {
     /// Each queue's throttle timer; read by the kernel when the Timeout is
     /// submitted, so it lives in this boxed slot.
     throttle_time: Vec<Timespec>,
+    /// The device's interrupt, when it was built with the other end
+    /// ([`RingInterrupt::new`]); `None`: the device signals on its own.
+    interrupt: Option<RingInterrupt>,
 }
 
 impl DeviceSlot {
     /// A slot for `device` (named `id` in logs and metrics) with the
     /// transport's ends: one doorbell per queue, the wake eventfd and the
-    /// message channel.
+    /// message channel, and the interrupt the slot sends through the ring
+    /// for it (when the device was built with its [`super::irq::RaisedLine`]).
     pub fn new(
         id: String,
         device: Box<DynDevice>,
         kicks: Vec<EventFd>,
         wake: EventFd,
         messages: Receiver<TransportEvent>,
+        interrupt: Option<RingInterrupt>,
     ) -> Self {
         let queues = kicks.len();
         let batched = device.batch_completions();
@@ -112,6 +119,7 @@ impl DeviceSlot {
             batched,
             throttled: vec![false; queues],
             throttle_time: vec![Timespec::new(); queues],
+            interrupt,
         }
     }
 
@@ -425,6 +433,7 @@ impl VirtioDevices {
                 | Token::DeviceIo { .. }
                 | Token::DevicePoll { .. }
                 | Token::Throttle { .. }
+                | Token::Interrupt { .. }
                 | Token::Cancel
         )
     }
@@ -442,7 +451,8 @@ impl VirtioDevices {
             | Token::TransportMessage { device }
             | Token::DeviceIo { device, .. }
             | Token::DevicePoll { device }
-            | Token::Throttle { device, .. } => match self.slots.get_mut(usize::from(device)) {
+            | Token::Throttle { device, .. }
+            | Token::Interrupt { device } => match self.slots.get_mut(usize::from(device)) {
                 Some(slot) => (device, slot),
                 None => {
                     log::warn!("completion for unknown device {device}");
@@ -474,6 +484,17 @@ impl VirtioDevices {
                 let mut io = slot.io(ring, index);
                 slot.device.complete(tag, result, mem, &mut io);
             }
+            Token::Interrupt { .. } => {
+                log::warn!(
+                    "{}: interrupt write on the ring failed ({}), writing it directly",
+                    slot.id,
+                    io::Error::from_raw_os_error(-result)
+                );
+                if let Some(Err(e)) = slot.interrupt.as_ref().map(RingInterrupt::retry) {
+                    log::error!("{}: interrupt failed: {e}", slot.id);
+                }
+                return Ok(());
+            }
             _ => {}
         }
         slot.settle(ring, index)
@@ -494,6 +515,11 @@ impl VirtioDevices {
                 slot.settle(ring, index)?;
             }
             slot.device.end_turn(mem);
+            if let Some(irq) = &slot.interrupt {
+                if let Err(e) = irq.deliver(ring, index) {
+                    log::error!("{}: interrupt failed: {e}", slot.id);
+                }
+            }
         }
         Ok(())
     }
@@ -707,6 +733,7 @@ mod tests {
                     .collect(),
                 wake.try_clone().expect("clone"),
                 rx,
+                None,
             );
             let mut devices = VirtioDevices::default();
             devices.push(slot);

@@ -66,6 +66,12 @@ pub enum Token {
     },
     /// A cancel the VMM asked for finished (nothing to do).
     Cancel,
+    /// Device `device`'s interrupt write through the ring failed (a
+    /// successful one posts no completion, see `irq.rs`).
+    Interrupt {
+        /// Device index (slot).
+        device: u8,
+    },
     /// A value this build never issued (kept so it can be logged).
     Unknown(u64),
 }
@@ -87,6 +93,7 @@ const DEVICE_IO_BATCHED: u8 = 19;
 const DEVICE_POLL: u8 = 20;
 const CANCEL: u8 = 21;
 const THROTTLE: u8 = 22;
+const INTERRUPT: u8 = 23;
 
 fn pack(kind: u8, device: u8, payload: u64) -> u64 {
     (u64::from(kind) << 56) | (u64::from(device) << 48) | (payload & TAG_MAX)
@@ -123,6 +130,7 @@ impl Token {
             Token::DevicePoll { device } => pack(DEVICE_POLL, device, 0),
             Token::Throttle { device, queue } => pack(THROTTLE, device, u64::from(queue)),
             Token::Cancel => pack(CANCEL, 0, 0),
+            Token::Interrupt { device } => pack(INTERRUPT, device, 0),
             Token::Unknown(v) => v,
         }
     }
@@ -158,6 +166,7 @@ impl Token {
                 queue: payload as u16,
             },
             CANCEL => Token::Cancel,
+            INTERRUPT => Token::Interrupt { device },
             _ => Token::Unknown(v),
         }
     }
@@ -206,6 +215,7 @@ mod tests {
                 queue: 1,
             },
             Token::Cancel,
+            Token::Interrupt { device: 4 },
         ];
         for t in all {
             assert_eq!(Token::decode(t.encode()), t, "{t:?}");
