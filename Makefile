@@ -18,10 +18,11 @@ RINGVM := $(CURDIR)/target/release/ringvm
 APT_PACKAGES := linux-source-6.1 build-essential bc bison flex libelf-dev \
 	libssl-dev busybox-static e2fsprogs cpio lz4 xz-utils iproute2 fio curl kmod \
 	python3-matplotlib
-# What only the benchmarks need: callgrind (bench-callgrind) and QEMU, the
-# reference of bench-boot. (python3-matplotlib, for report.png, is above:
-# the report code's unit test draws a plot too.)
-BENCH_APT_PACKAGES := valgrind qemu-system-x86
+# What only the benchmarks need: callgrind (bench-callgrind), QEMU, the
+# reference of bench-boot, and qemu-img (qemu-utils), bench-blk's second
+# reference. (python3-matplotlib, for report.png, is above: the report
+# code's unit test draws a plot too.)
+BENCH_APT_PACKAGES := valgrind qemu-system-x86 qemu-utils
 
 .PHONY: all deps bench-deps build guest debian-kernel testguest runner-root broken run test unit-test \
 	integration-test api-conformance lint clean bench bench-blk bench-net bench-limit bench-boot \
@@ -121,8 +122,12 @@ BENCH_SECONDS ?= 1
 BENCH_CARGO := $(CARGO) run --release --locked -q -p ringvm-tests --bin
 
 # virtio-blk data path (synthetic driver, real device + VMM loop, no KVM)
-# against fio io_uring on the same files (tmpfs, ext4, ext4 O_DIRECT);
-# writes target/bench/blk.{json,md}. Extra flags: BENCH_ARGS="--only QD32".
+# against fio io_uring (the host's limit) and QEMU's block layer without a
+# guest (`qemu-img bench`, aio=io_uring; from qemu-utils, which bench-deps
+# installs: without it the QEMU column says so) on the same files (tmpfs,
+# ext4, ext4 O_DIRECT), all three in the same interleaved rounds; writes
+# target/bench/blk.{json,md}. Extra flags: BENCH_ARGS="--only QD32",
+# BENCH_ARGS=--no-qemu.
 bench-blk: deps
 	$(BENCH_CARGO) bench_blk -- --rounds $(BENCH_ROUNDS) --seconds $(BENCH_SECONDS) $(BENCH_ARGS)
 

@@ -3,6 +3,10 @@
 point, every round's ratio (ringvm / reference) as a dot, the median as a
 bar, the interquartile range as a thick line, the target as a red tick.
 
+A benchmark's points against a second reference (bench-blk's QEMU block
+layer, reference "QEMU block layer ...") get a panel of their own beside
+the ones against its main reference, so neither crowds the other.
+
 Usage: plot_report.py REPORT_JSON OUT_PNG
 
 Written for `make bench` (tests/src/bench/summary.rs runs it); needs only
@@ -18,10 +22,37 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+# References whose points are plotted in a panel of their own.
+SEPARATE_REFERENCES = ("QEMU block layer",)
+
+
+def split(sec):
+    """The section as one panel, or two: its points against the references
+    in SEPARATE_REFERENCES go to a second one."""
+    apart = [
+        p
+        for p in sec["points"]
+        if p.get("reference", "").startswith(SEPARATE_REFERENCES)
+    ]
+    rest = [p for p in sec["points"] if p not in apart]
+    if not apart or not rest:
+        return [sec]
+    second = dict(sec, points=apart, reference_in_title=True)
+    second["title"] = "{} — against {}".format(
+        sec.get("title", ""), apart[0].get("reference", "")
+    )
+    return [dict(sec, points=rest), second]
+
+
 def main(src, dst):
     with open(src, encoding="utf-8") as f:
         report = json.load(f)
-    sections = [s for s in report.get("sections", []) if s.get("points")]
+    sections = [
+        part
+        for s in report.get("sections", [])
+        if s.get("points")
+        for part in split(s)
+    ]
     if not sections:
         sys.exit("no benchmark points in " + src)
     widths = [max(3, len(s["points"])) for s in sections]
@@ -82,8 +113,14 @@ def panel(ax, sec):
             )
     ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
     ax.set_xticks(list(xs))
+    # The reference under each key, unless the panel's title names it.
     ax.set_xticklabels(
-        ["{}\n({})".format(p["key"], p["reference"]) for p in points],
+        [
+            p["key"]
+            if sec.get("reference_in_title")
+            else "{}\n({})".format(p["key"], p["reference"])
+            for p in points
+        ],
         rotation=35,
         ha="right",
         fontsize=7,

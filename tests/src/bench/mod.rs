@@ -13,6 +13,7 @@ pub mod mmio;
 pub mod netns;
 pub mod points;
 pub mod procfs;
+pub mod qemu_img;
 pub mod report;
 pub mod stats;
 pub mod summary;

@@ -375,7 +375,12 @@ mod tests {
             bench: "blk".into(),
             key: key.into(),
             unit: "IOPS".into(),
-            reference: "fio io_uring".into(),
+            reference: if key.ends_with("vs QEMU") {
+                "QEMU block layer (qemu-img bench, io_uring)"
+            } else {
+                "fio io_uring"
+            }
+            .into(),
             better,
             rounds: pairs
                 .iter()
@@ -405,6 +410,13 @@ mod tests {
                         Better::Higher,
                         Some(0.9),
                         &[(90e3, 100e3), (95e3, 100e3), (50e3, 100e3)],
+                    ),
+                    // A second reference: the plot gives it its own panel.
+                    point(
+                        "tmpfs randread 4k QD32 vs QEMU",
+                        Better::Higher,
+                        None,
+                        &[(90e3, 80e3), (95e3, 100e3), (50e3, 50e3)],
                     ),
                     point(
                         "boot API ready",
@@ -437,6 +449,10 @@ mod tests {
         assert!(md.contains("≤0.50x: met"), "{md}");
         assert!(md.contains("1.00±0.05x: met"), "{md}");
         assert!(md.contains("## Targets: 3 of 3 met"), "{md}");
+        assert!(
+            md.contains("| tmpfs randread 4k QD32 vs QEMU | 90k IOPS | QEMU block layer (qemu-img bench, io_uring) | 80k IOPS | 1.00x | 0.95–1.12 |"),
+            "{md}"
+        );
         assert!(
             md.contains("| blk tmpfs randread 4k QD1 | 11000 | 10000 | +10.0% | 1800 |"),
             "{md}"
@@ -472,7 +488,7 @@ mod tests {
         let js: Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap())
                 .unwrap();
-        assert_eq!(js["sections"][0]["points"].as_array().unwrap().len(), 3);
+        assert_eq!(js["sections"][0]["points"].as_array().unwrap().len(), 4);
         if line.starts_with("no plot") {
             eprintln!("SKIPPED the PNG part: {line}");
         } else {

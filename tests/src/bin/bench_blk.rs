@@ -33,6 +33,7 @@ use ringvm_tests::bench::interleave::{interleave, Round};
 use ringvm_tests::bench::irq::wait_irq;
 use ringvm_tests::bench::mmio::MmioRegs;
 use ringvm_tests::bench::points::{Better, Point, PointRound, Target};
+use ringvm_tests::bench::qemu_img::{self, BenchSpec, QemuRun};
 use ringvm_tests::bench::report;
 use ringvm_tests::bench::stats::{median, Spread};
 use ringvm_tests::bench::summary::summary_json;
@@ -123,6 +124,10 @@ struct Args {
     /// fio's default.
     #[arg(long)]
     async_reference: bool,
+    /// Leave out the second reference, QEMU's block layer (`qemu-img
+    /// bench`, aio=io_uring) on the same file in the same rounds.
+    #[arg(long)]
+    no_qemu: bool,
     /// Run only the points whose "<file> <workload> QD<n>" label contains
     /// this text (e.g. "disk randwrite 4k QD32"); for investigating.
     #[arg(long)]
@@ -950,13 +955,125 @@ fn settle(path: &Path) -> Res<()> {
 // Report.
 
 /// The reference side of one round: fio's run and, at QD1, the wake-up
-/// round trip measured right after it.
+/// round trip measured right after it, and QEMU's block layer.
 #[derive(Clone, Debug)]
 struct Reference {
     fio: FioResult,
     rtt_s: Option<f64>,
     /// With --async-reference at QD >= 32: fio again with IOSQE_ASYNC.
     fio_async: Option<FioResult>,
+    /// `qemu-img bench` on the same file, or why there is no figure.
+    qemu: QemuSide,
+}
+
+/// QEMU's side of one round: its run, or why it did not run (never a
+/// made-up figure).
+type QemuSide = Result<QemuRun, String>;
+
+/// The reference every "vs QEMU" point names.
+const QEMU_REFERENCE: &str = "QEMU block layer (qemu-img bench, io_uring)";
+
+/// The one line the reports carry to say what the QEMU figures are.
+const QEMU_LINE: &str = "QEMU column: QEMU's own block layer driven by `qemu-img bench` (aio=io_uring, cache=none for O_DIRECT, writeback for buffered) on the same file in the same rounds, without virtio or a guest: a bound on what QEMU's data plane could reach, so ringvm / QEMU >= 1 means ringvm, virtio included, beats QEMU's block layer alone.";
+
+/// How QEMU's block layer is run on one file.
+struct QemuFile {
+    /// The file's size (qemu-img wraps its offsets there).
+    bytes: u64,
+    /// Why QEMU cannot run on this file (no qemu-img, no io_uring in it,
+    /// the probe run failed); `None` when it can.
+    unavailable: Option<String>,
+    /// CPU of the probe run (start-up, image open, 64 requests), ms: what
+    /// every run's CPU figure carries besides its requests.
+    startup_cpu_ms: Option<f64>,
+}
+
+impl QemuFile {
+    /// Probes `qemu-img bench` on `f` (64 reads at depth 1, with f's cache
+    /// mode and aio=io_uring), unless `why_not` already says QEMU cannot run.
+    fn probe(f: &TestFile, bytes: u64, why_not: Option<&str>) -> Self {
+        let unavailable = |why: String| Self {
+            bytes,
+            unavailable: Some(why),
+            startup_cpu_ms: None,
+        };
+        if let Some(why) = why_not {
+            return unavailable(why.to_string());
+        }
+        let spec = BenchSpec {
+            file: f.path.display().to_string(),
+            direct: f.direct,
+            block: 4096,
+            depth: 1,
+            write: false,
+            step: 4096,
+            count: 64,
+            flush_every: 0,
+        };
+        match qemu_img::run(&spec) {
+            Ok(r) => Self {
+                bytes,
+                unavailable: None,
+                startup_cpu_ms: Some(r.cpu_ns as f64 / 1e6),
+            },
+            Err(e) => {
+                eprintln!("bench-blk: no QEMU figures for {}: {e}", f.kind);
+                unavailable(format!("qemu-img bench cannot run here: {e}"))
+            }
+        }
+    }
+
+    /// The qemu-img bench run of `w` with `count` requests.
+    fn spec(&self, f: &TestFile, w: &Workload, count: u64) -> Res<BenchSpec> {
+        let step = if w.random {
+            qemu_img::full_cycle_step(self.bytes, w.bs).ok_or_else(|| {
+                format!(
+                    "no stride of whole {}-byte blocks fits a {}-byte file in qemu-img's range",
+                    w.bs, self.bytes
+                )
+            })?
+        } else {
+            w.bs
+        };
+        Ok(BenchSpec {
+            file: f.path.display().to_string(),
+            direct: f.direct,
+            block: w.bs,
+            depth: w.qd,
+            write: w.op == Op::Write,
+            step,
+            count,
+            flush_every: w.flush_every,
+        })
+    }
+
+    /// One round of QEMU on `w`: an unmeasured warm-up run of about
+    /// `warmup` seconds (fio's --ramp_time), then the measured run of
+    /// about `secs`. Both are sized by `last_rate` (requests/s: QEMU's
+    /// measured rate on this point in an earlier round) when there is one;
+    /// in the first round `fio_rate` sizes the warm-up and the warm-up's
+    /// rate the measured run.
+    fn run(
+        &self,
+        f: &TestFile,
+        w: &Workload,
+        (warmup, secs): (f64, f64),
+        last_rate: Option<f64>,
+        fio_rate: f64,
+    ) -> QemuSide {
+        if let Some(why) = &self.unavailable {
+            return Err(why.clone());
+        }
+        settle(&f.path)?;
+        let mut rate = last_rate.unwrap_or(fio_rate);
+        if warmup > 0.0 {
+            let count = qemu_img::count_for(rate, Duration::from_secs_f64(warmup), w.qd);
+            let warm = qemu_img::run(&self.spec(f, w, count)?)?;
+            rate = last_rate.unwrap_or(warm.iops());
+        }
+        let count = qemu_img::count_for(rate, Duration::from_secs_f64(secs), w.qd);
+        qemu_img::run(&self.spec(f, w, count)?)
+    }
 }
 
 /// The QD1 floor target: ringvm's latency within 1.2x of the floor's.
@@ -1043,6 +1160,91 @@ impl Row {
                 source: "issue 14".into(),
             }),
             note: None,
+        }
+    }
+
+    fn qemu_value(&self, q: &QemuRun) -> f64 {
+        if self.w.bandwidth {
+            q.mib_s()
+        } else {
+            q.iops()
+        }
+    }
+
+    /// ringvm against QEMU's block layer, round by round, over the rounds
+    /// QEMU ran in (no target: issue 14's targets are against the host).
+    fn qemu_point(&self) -> Option<Point> {
+        let rounds: Vec<PointRound> = self
+            .rounds
+            .iter()
+            .filter_map(|r| {
+                r.reference.qemu.as_ref().ok().map(|q| PointRound {
+                    ringvm: self.value(&r.ringvm),
+                    reference: self.qemu_value(q),
+                    others_cpus: r.others_cpus,
+                })
+            })
+            .collect();
+        (!rounds.is_empty()).then(|| Point {
+            bench: "blk".into(),
+            key: format!("{} vs QEMU", self.key()),
+            unit: self.unit().into(),
+            reference: QEMU_REFERENCE.into(),
+            better: Better::Higher,
+            rounds,
+            target: None,
+            note: None,
+        })
+    }
+
+    /// QEMU's runs of this row (the rounds where it ran).
+    fn qemu_runs(&self) -> impl Iterator<Item = &QemuRun> {
+        self.rounds
+            .iter()
+            .filter_map(|r| r.reference.qemu.as_ref().ok())
+    }
+
+    /// Why a round has no QEMU figure (the first such reason), if any.
+    fn qemu_missing(&self) -> Option<&str> {
+        self.rounds
+            .iter()
+            .find_map(|r| r.reference.qemu.as_ref().err().map(String::as_str))
+    }
+
+    fn qemu_median(&self) -> f64 {
+        median(
+            &self
+                .qemu_runs()
+                .map(|q| self.qemu_value(q))
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    fn qemu_cpu_us_per_req(&self) -> f64 {
+        median(
+            &self
+                .qemu_runs()
+                .map(QemuRun::cpu_us_per_req)
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    /// "0.93x (0.88–1.01)", or what stands in for a missing figure.
+    fn qemu_ratio_text(&self) -> String {
+        match self.qemu_point().and_then(|p| p.ratio()) {
+            Some(r) if r.n == self.rounds.len() => {
+                format!("{:.2}x ({:.2}–{:.2})", r.median, r.min, r.max)
+            }
+            Some(r) => format!(
+                "{:.2}x ({:.2}–{:.2}; {} of {} rounds)",
+                r.median,
+                r.min,
+                r.max,
+                r.n,
+                self.rounds.len()
+            ),
+            None if self.qemu_missing().is_some() => "not measured".into(),
+            None => "-".into(),
         }
     }
 
@@ -1180,6 +1382,11 @@ struct Context {
     fio: String,
     deferred_taskrun: bool,
     files: Vec<(String, String, String)>,
+    /// qemu-img's version, or why QEMU's figures are missing everywhere.
+    qemu: Result<String, String>,
+    /// Per file kind: why QEMU could not run on it, and the CPU its
+    /// start-up took (ms).
+    qemu_files: Vec<(String, Option<String>, Option<f64>)>,
 }
 
 const METHOD: &[&str] = &[
@@ -1188,13 +1395,14 @@ const METHOD: &[&str] = &[
     "Files: 1 GiB (default) of non-zero data. `tmpfs` and `disk`: buffered I/O through the host page cache for both ringvm and fio (drive opened without O_DIRECT; fio --direct=0 --invalidate=0); `disk-direct`: the same on-disk file opened with O_DIRECT by both (ringvm's direct=on, fio --direct=1). The file is fdatasync'ed before every run so dirty pages of a previous write run do not carry over.",
     "Host limit: fio --ioengine=io_uring, numjobs=1, same file, same rw/bs/iodepth, --norandommap, same warm-up (--ramp_time) and duration. Rounds: each round runs ringvm and fio back to back (ringvm first in even rounds, fio first in odd ones) and gives one ratio ringvm / fio; the point's ratio is the median over rounds, with min–max and IQR beside it, so one round hit by a neighbour's burst does not move it.",
     "With --async-reference, QD >= 32 rounds also run fio --force_async=1 (IOSQE_ASYNC on every SQE): where io_uring would punt the request to io-wq anyway (tmpfs; buffered ext4 writes), this skips the failed inline attempt on the submitting thread and lets several io-wq workers run at once, so it is the host's higher limit there (and a lower one where requests complete inline, e.g. ext4 page-cache reads).",
+    "QEMU's block layer: `qemu-img bench -f raw -i io_uring -t none|writeback -d <QD> -s <bs> -S <step> [-w] [--flush-interval=32 --no-drain]` on the same file, in the same rounds (QEMU last in even rounds, first in odd ones), with its own unmeasured warm-up run of --warmup seconds whose rate sizes the measured run's request count (-c) to about --seconds; its rate is requests over the time it prints (first submission to last completion, start-up excluded). qemu-img bench has no random mode: request k goes to offset k x step mod file size, so the random rows use a step of whole blocks coprime with the file's block count near 0.618 of the file: every block once per pass in a scattered order (no two consecutive requests near each other), against fio's and ringvm's random offsets; for files in the page cache the order does not matter, for O_DIRECT neither side's requests are adjacent. Sequential rows use step = block size, as fio and ringvm do. The flush row sends a flush after every 32 writes without draining (--no-drain); QEMU's flushes come on top of its 32 writes in flight, ringvm's take a queue slot. QEMU CPU per request: getrusage(RUSAGE_CHILDREN) across the measured run, user + system, divided by its requests: the whole process, its io-wq workers and its start-up included (the probe run's CPU, given per file, is that start-up); compare it with ringvm's VMM + io-wq CPU.",
     "Flush-heavy row (randwrite 4k flush/32 QD32): the driver sends a FLUSH after every 32 writes without waiting for them, as a guest that does not drain its queue before flushing may; ringvm's FLUSH is a barrier (its fdatasync is submitted only once every write submitted before it has completed), so the row's cost against the plain randwrite 4k QD32 row is the barrier's and the sync's. fio runs the same with --fsync=32. IOPS count the writes only, on both sides.",
     "QD1 floor: after fio's QD1 run in each round, two threads bounce an eventfd (each blocking in read(2)) for --floor-seconds; floor rate = 1 / (1/fio rate + one round trip). That is what ringvm's QD1 path cannot avoid on top of the I/O: the doorbell wakes the VMM thread, the interrupt wakes the driver. Target: ringvm within 1.2x of the floor's latency, i.e. ratio ringvm / floor >= 0.83.",
     "ringvm figures per point (rate, CPU, syscalls, breakdown): all rounds' measured windows summed, so rates are requests over seconds of all rounds; the ratio columns are the per-round medians.",
     "VMM CPU: CLOCK_THREAD_CPUTIME of the VMM thread (pthread_getcpuclockid) over the measured window, divided by requests completed in it. Work io_uring hands to io-wq kernel workers (e.g. buffered writes that cannot complete inline) is not in that thread's time; fio's figure is (usr_cpu+sys_cpu) x runtime / ios of its job thread, with the same blind spot.",
     "VMM syscalls: io_uring_enter calls counted around `Ring::turn` (one per turn) + read/write syscalls from /proc/self/task/<tid>/io (syscr+syscw; the only write(2)s are irq eventfd signals, cross-checked against the counter values the driver read from the irq eventfd). The loop takes no locks and makes no other syscalls on the data path; SQ-full submits inside `Ring::push` are not counted (cannot happen at QD <= 128 with a 256-entry SQ).",
     "VMM sleeps: voluntary context switches of the VMM thread (/proc/self/task/<tid>/status), i.e. turns that blocked in io_uring_enter. Driver CPU: CLOCK_THREAD_CPUTIME of the synthetic driver thread (the guest's share, not ringvm's). io-wq: the ring's worker threads (iou-wrk-*), where io_uring runs what cannot complete inline (here: every tmpfs read and write, and buffered ext4 writes); their wake-ups are schedstat timeslices, their CPU schedstat run time, summed over the workers alive at the window's edges. Wake-ups in all = VMM sleeps + driver sleeps + io-wq wake-ups: the cross-thread hand-offs per request.",
-    "Others' CPUs: how many CPUs other processes kept busy on average during each round (/proc/stat busy time minus this process's and fio's CPU time). This benchmark shares the machine; with 2 CPUs, ringvm needs one for the VMM thread and one for the guest driver, fio one for itself, so anything else running skews ringvm more.",
+    "Others' CPUs: how many CPUs other processes kept busy on average during each round (/proc/stat busy time minus the CPU time of this process, fio and qemu-img). This benchmark shares the machine; with 2 CPUs, ringvm needs one for the VMM thread and one for the guest driver, fio one for itself, so anything else running skews ringvm more.",
     "Method cross-check (done once by hand): `perf stat -e raw_syscalls:sys_enter -t <vmm tid>` over a tmpfs randread QD32 run counted only io_uring_enter and write, at the same rate as the counters above.",
 ];
 
@@ -1227,15 +1435,19 @@ const TRIED: &[&str] = &[
     "Answering in smaller pieces so the driver refills while the VMM works (ext4 page-cache randread 4k QD32, where a kick's 32 requests complete inline in one io_uring_enter and the driver and VMM run in lock-step): a drain limited to 8 chains per turn, the rest taken on the next turn, 0.67x/0.80x (unlimited, 0.094 syscalls/request) -> 0.57x/0.67x (0.21-0.24 syscalls/request: an io_uring_enter and an interrupt per 8); 16 chains per turn: 0.87x/0.27x, the same 16 requests per turn as unlimited, no gain.",
 ];
 
-const QEMU_NOTE: &str = "QEMU side-by-side: not run. This machine's KVM is PVM-native (guest code runs in KVM's instruction emulator at ~1.6 us/instruction), so a QEMU guest would measure the emulator, not QEMU's block layer; a fake figure would be worse than none. The comparison here is against the host limit (fio io_uring on the same file) instead.";
+const QEMU_NOTE: &str = "A QEMU guest is not run: this machine's KVM is PVM-native (guest code runs in KVM's instruction emulator at ~1.6 us/instruction), so a QEMU guest would measure the emulator, not QEMU's data plane. Instead, every round also runs QEMU's own block layer without a guest (`qemu-img bench`, see the section above): the BlockBackend AIO path (blk_aio_preadv/pwritev) that QEMU's virtio-blk and IOThread data plane submit to, on the same file with the settings a QEMU user would pick (raw, aio=io_uring, cache=none for O_DIRECT, cache=writeback for buffered). It leaves out virtio, the guest and its notifications, so it is a bound on QEMU's data plane, not a measurement of it: ringvm / QEMU >= 1 means ringvm, virtio included, beats QEMU's block layer alone.";
 
 fn settings(ctx: &Context, args: &Args) -> String {
     format!(
-        "Kernel {}, {} x {}, {}, io_uring DEFER_TASKRUN: {}. Each point: {} rounds of ringvm and fio back to back ({} s measured per side after {} s warm-up), the order alternating; QD1 rounds add {} s of eventfd round trips for the floor. Load average at the start: {}.",
+        "Kernel {}, {} x {}, {}, {}, io_uring DEFER_TASKRUN: {}. Each point: {} rounds of ringvm, fio and QEMU's block layer back to back ({} s measured per side after {} s warm-up), the order alternating (ringvm, fio, QEMU in even rounds, QEMU, fio, ringvm in odd ones); QD1 rounds add {} s of eventfd round trips for the floor. Load average at the start: {}.",
         ctx.host.kernel,
         ctx.host.cpus,
         ctx.host.cpu,
         ctx.fio,
+        match &ctx.qemu {
+            Ok(v) => v.clone(),
+            Err(why) => format!("no QEMU figures ({why})"),
+        },
         if ctx.deferred_taskrun { "yes" } else { "no" },
         args.rounds,
         args.seconds,
@@ -1249,7 +1461,7 @@ fn markdown(rows: &[Row], ctx: &Context, args: &Args) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "# ringvm virtio-blk vs host io_uring (fio), same file, same run\n"
+        "# ringvm virtio-blk vs host io_uring (fio) and QEMU's block layer, same file, same run\n"
     );
     let _ = writeln!(s, "{}\n", settings(ctx, args));
     for (kind, path, fs) in &ctx.files {
@@ -1257,14 +1469,17 @@ fn markdown(rows: &[Row], ctx: &Context, args: &Args) -> String {
     }
     let _ = writeln!(
         s,
-        "\n| file | workload | QD | ringvm | fio io_uring | ratio (median) | min–max | others' CPUs | VMM CPU µs/req | fio CPU µs/req | VMM syscalls/req |"
+        "\n| file | workload | QD | ringvm | fio io_uring | ratio (median) | min–max | ringvm / QEMU (min–max) | others' CPUs | VMM CPU µs/req | fio CPU µs/req | VMM syscalls/req |"
     );
-    let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|");
+    let _ = writeln!(
+        s,
+        "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"
+    );
     for r in rows {
         let (ratio, range) = fmt_spread(r.ratio());
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.3} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.3} |",
             r.file_kind,
             r.w.label(),
             r.w.qd,
@@ -1272,6 +1487,7 @@ fn markdown(rows: &[Row], ctx: &Context, args: &Args) -> String {
             r.fmt_value(r.fio_median()),
             ratio,
             range,
+            r.qemu_ratio_text(),
             r.others()
                 .map_or("-".into(), |o| format!("{:.2}", o.median)),
             r.ringvm.cpu_us_per_req(),
@@ -1279,6 +1495,7 @@ fn markdown(rows: &[Row], ctx: &Context, args: &Args) -> String {
             r.ringvm.per_req(r.ringvm.syscalls()),
         );
     }
+    qemu_markdown(&mut s, rows, ctx);
     let floors: Vec<(&Row, Point)> = rows
         .iter()
         .filter_map(|r| r.floor_point().map(|p| (r, p)))
@@ -1419,14 +1636,104 @@ fn markdown(rows: &[Row], ctx: &Context, args: &Args) -> String {
     s
 }
 
+/// The QEMU section of blk.md: what the column is, then each row's
+/// figures, or why there are none.
+fn qemu_markdown(s: &mut String, rows: &[Row], ctx: &Context) {
+    let _ = writeln!(
+        s,
+        "\n## Against QEMU's block layer (qemu-img bench), same rounds\n\n{QEMU_LINE}\n"
+    );
+    if let Err(why) = &ctx.qemu {
+        let _ = writeln!(s, "Not measured: {why}.");
+        return;
+    }
+    for (kind, why, startup) in &ctx.qemu_files {
+        match (why, startup) {
+            (Some(why), _) => {
+                let _ = writeln!(s, "- {kind}: not measured: {why}");
+            }
+            (None, Some(ms)) => {
+                let _ = writeln!(
+                    s,
+                    "- {kind}: qemu-img's start-up (probe run of 64 reads) took {ms:.1} ms of CPU, included in its CPU per request below"
+                );
+            }
+            (None, None) => {}
+        }
+    }
+    let _ = writeln!(
+        s,
+        "\n| file | workload | QD | ringvm | QEMU block layer | ringvm / QEMU (median) | min–max | QEMU CPU µs/req (process, io-wq included) | ringvm VMM + io-wq CPU µs/req |"
+    );
+    let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---|---:|---:|");
+    for r in rows {
+        let g = &r.ringvm;
+        let vmm_cpu = g.per_req(g.vmm_cpu_ns + g.iowq_cpu_ns) / 1000.0;
+        let Some(p) = r.qemu_point() else {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | not measured | - | - | - | {vmm_cpu:.2} |",
+                r.file_kind,
+                r.w.label(),
+                r.w.qd,
+                r.fmt_value(r.ringvm_median()),
+            );
+            continue;
+        };
+        let (ratio, range) = fmt_spread(p.ratio());
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} | {:.2} | {vmm_cpu:.2} |",
+            r.file_kind,
+            r.w.label(),
+            r.w.qd,
+            r.fmt_value(r.ringvm_median()),
+            r.fmt_value(r.qemu_median()),
+            ratio,
+            range,
+            r.qemu_cpu_us_per_req(),
+        );
+    }
+    // Rounds that failed on a file where QEMU otherwise runs (the files
+    // where it cannot run at all are listed above the table).
+    let file_level: Vec<&str> = ctx
+        .qemu_files
+        .iter()
+        .filter_map(|(_, why, _)| why.as_deref())
+        .collect();
+    for r in rows {
+        if let Some(m) = r.qemu_missing().filter(|m| !file_level.contains(m)) {
+            let _ = writeln!(s, "- {}: a round without a QEMU figure: {m}", r.key());
+        }
+    }
+}
+
 fn points(rows: &[Row]) -> Vec<Point> {
     rows.iter()
         .flat_map(|r| {
             std::iter::once(r.point())
                 .chain(r.floor_point())
                 .chain(r.async_point())
+                .chain(r.qemu_point())
         })
         .collect()
+}
+
+/// The QEMU line of the report's notes: what the column is, or why it is
+/// empty.
+fn qemu_summary_line(ctx: &Context) -> String {
+    let missing: Vec<String> = ctx
+        .qemu_files
+        .iter()
+        .filter_map(|(k, why, _)| why.as_ref().map(|w| format!("{k}: {w}")))
+        .collect();
+    match &ctx.qemu {
+        Err(why) => format!("{QEMU_LINE} Not measured in this run: {why}."),
+        Ok(_) if !missing.is_empty() => {
+            format!("{QEMU_LINE} Not measured on {}.", missing.join("; "))
+        }
+        Ok(_) => QEMU_LINE.to_string(),
+    }
 }
 
 fn json_report(rows: &[Row], ctx: &Context, args: &Args) -> Value {
@@ -1442,6 +1749,7 @@ fn json_report(rows: &[Row], ctx: &Context, args: &Args) -> Value {
                 "queue_depth": r.w.qd,
                 "unit": r.unit(),
                 "ratio": r.ratio().map(|x| x.json()),
+                "qemu_ratio": r.qemu_point().and_then(|p| p.ratio()).map(|x| x.json()),
                 "ringvm": {
                     "seconds": g.seconds,
                     "requests": g.requests,
@@ -1480,6 +1788,17 @@ fn json_report(rows: &[Row], ctx: &Context, args: &Args) -> Value {
                         "cpu_us_per_req": x.reference.fio.cpu_us_per_req,
                     },
                     "eventfd_round_trip_us": x.reference.rtt_s.map(|s| s * 1e6),
+                    "qemu": match &x.reference.qemu {
+                        Ok(q) => json!({
+                            "requests": q.requests,
+                            "seconds": q.seconds,
+                            "iops": q.iops(),
+                            "mib_s": q.mib_s(),
+                            "cpu_us_per_req": q.cpu_us_per_req(),
+                            "command": q.command,
+                        }),
+                        Err(why) => json!({"error": why}),
+                    },
                     "fio_force_async": x.reference.fio_async.as_ref().map(|f| json!({
                         "iops": f.iops,
                         "mib_s": f.mib_s,
@@ -1491,12 +1810,17 @@ fn json_report(rows: &[Row], ctx: &Context, args: &Args) -> Value {
         .collect();
     let mut host = ctx.host.json(ctx.deferred_taskrun);
     host["fio"] = json!(ctx.fio);
+    host["qemu_img"] = match &ctx.qemu {
+        Ok(v) => json!(v),
+        Err(why) => json!({"error": why}),
+    };
     json!({
         "benchmark": "bench-blk",
         "summary": summary_json(
-            "virtio-blk vs fio io_uring on the same file",
+            "virtio-blk vs fio io_uring and QEMU's block layer on the same file",
             &settings(ctx, args),
             &std::iter::once(format!("QD >= 32 also has a syscall target (< {SYSCALL_TARGET} per request): see blk.md."))
+                .chain(std::iter::once(qemu_summary_line(ctx)))
                 .chain(CHANGES.iter().map(|c| c.to_string()))
                 .collect::<Vec<_>>(),
         ),
@@ -1627,6 +1951,11 @@ fn run(args: &Args) -> Res<()> {
         return run_inline(args, n);
     }
     let fio = fio_version()?;
+    let qemu = if args.no_qemu {
+        Err("left out (--no-qemu)".to_string())
+    } else {
+        qemu_img::version()
+    };
     let out_dir = report::out_dir(args.out.as_deref())?;
     let files = test_files(args);
     let mut ctx = Context {
@@ -1643,9 +1972,11 @@ fn run(args: &Args) -> Res<()> {
                 )
             })
             .collect(),
+        qemu,
+        qemu_files: Vec::new(),
     };
     eprintln!(
-        "bench-blk: {} points x {} files, {} rounds of ringvm and fio ({} s + {} s warm-up each)",
+        "bench-blk: {} points x {} files, {} rounds of ringvm, fio and QEMU ({} s + {} s warm-up each)",
         workloads().len(),
         files.len(),
         args.rounds,
@@ -1662,8 +1993,16 @@ fn run(args: &Args) -> Res<()> {
         }
         outcome = prepare_once(f, args, &mut prepared).and_then(|()| {
             let mut h = Harness::new(&f.path, f.direct, false)?;
+            let qemu = QemuFile::probe(f, args.file_mib << 20, ctx.qemu.as_ref().err().map(String::as_str));
+            ctx.qemu_files.push((
+                f.kind.to_string(),
+                qemu.unavailable.clone(),
+                qemu.startup_cpu_ms,
+            ));
             let result: Res<()> = (|| {
                 for w in points {
+                    // QEMU's last rate on this point sizes its next runs.
+                    let mut qemu_rate: Option<f64> = None;
                     let rounds = interleave(
                         args.rounds,
                         Own::ProcessAndChildren,
@@ -1671,7 +2010,28 @@ fn run(args: &Args) -> Res<()> {
                             settle(&f.path)?;
                             h.run(&w, args.warmup, args.seconds)
                         },
-                        |_| {
+                        |round| {
+                            // QEMU runs last in even rounds (ringvm, fio,
+                            // QEMU) and first in odd ones (QEMU, fio,
+                            // ringvm), so no side always follows another.
+                            let mut run_qemu = |fio_rate: f64| {
+                                let q = qemu.run(
+                                    f,
+                                    &w,
+                                    (args.warmup, args.seconds),
+                                    qemu_rate,
+                                    fio_rate,
+                                );
+                                match &q {
+                                    Ok(r) => qemu_rate = Some(r.iops()),
+                                    Err(e) if qemu.unavailable.is_none() => {
+                                        eprintln!("bench-blk: QEMU round failed: {e}");
+                                    }
+                                    Err(_) => {}
+                                }
+                                q
+                            };
+                            let qemu_first = (round % 2 == 1).then(|| run_qemu(10_000.0));
                             settle(&f.path)?;
                             let fio = run_fio(
                                 &f.path,
@@ -1701,17 +2061,22 @@ fn run(args: &Args) -> Res<()> {
                             } else {
                                 None
                             };
+                            let qemu = match qemu_first {
+                                Some(q) => q,
+                                None => run_qemu(fio.iops),
+                            };
                             Ok(Reference {
                                 fio,
                                 rtt_s,
                                 fio_async,
+                                qemu,
                             })
                         },
                     )?;
                     let row = Row::new(f.kind, w, rounds);
                     let (ratio, range) = fmt_spread(row.ratio());
                     eprintln!(
-                        "  {:11} {:14} QD{:<3} ringvm {:>14}  fio {:>14}  {} ({})  {:.2} µs/req  {:.3} syscalls/req",
+                        "  {:11} {:14} QD{:<3} ringvm {:>14}  fio {:>14}  {} ({})  QEMU {:>14}  {}  {:.2} µs/req  {:.3} syscalls/req",
                         row.file_kind,
                         row.w.label(),
                         row.w.qd,
@@ -1719,6 +2084,12 @@ fn run(args: &Args) -> Res<()> {
                         row.fmt_value(row.fio_median()),
                         ratio,
                         range,
+                        if row.qemu_point().is_some() {
+                            row.fmt_value(row.qemu_median())
+                        } else {
+                            "-".into()
+                        },
+                        row.qemu_ratio_text(),
                         row.ringvm.cpu_us_per_req(),
                         row.ringvm.per_req(row.ringvm.syscalls())
                     );
