@@ -212,9 +212,12 @@ struct Args {
     #[arg(long)]
     out: Option<PathBuf>,
     /// Run only the points whose key (tx-64, tx-1514, tx-tso-65536,
-    /// rx-64, rx-1514) contains this text.
+    /// rx-64, rx-1514, rx-1514-nogso) contains this text.
     #[arg(long)]
     only: Option<String>,
+    /// With --only: the key must be exactly that text.
+    #[arg(long, requires = "only")]
+    exact: bool,
     /// Skip the 64 KiB TSO point.
     #[arg(long)]
     no_tso: bool,
@@ -232,6 +235,17 @@ struct Args {
     /// point. What `make bench-callgrind` runs under valgrind.
     #[arg(long)]
     callgrind_requests: Option<u64>,
+}
+
+impl Args {
+    /// Whether --only (and --exact) select the point keyed `key`.
+    fn selects(&self, key: &str) -> bool {
+        match (self.only.as_deref(), self.exact) {
+            (None, _) => true,
+            (Some(o), true) => key == o,
+            (Some(o), false) => key.contains(o),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1405,8 +1419,9 @@ const INLINE_RX_BURST: u64 = 64;
 
 impl Harness {
     /// The interface, its VMM loop (on its own thread, or turned inline by
-    /// the driver if `inline`), the direct tap and both lanes' sockets.
-    fn new(rx_buf_len: u32, inline: bool) -> Res<Self> {
+    /// the driver if `inline`), the direct tap and both lanes' sockets; the
+    /// driver declines the features in `declined`.
+    fn new(rx_buf_len: u32, inline: bool, declined: u64) -> Res<Self> {
         // The direct tap first: same flags (TapDevice::open) and vnet
         // header size as ringvm's; its offloads follow the guest's below.
         let direct = TapDevice::open(DIRECT_LANE.tap).map_err(|e| e.to_string())?;
@@ -1456,7 +1471,7 @@ impl Harness {
             c: Counts::default(),
             tx_frame_len: 0,
             rx_buf_len,
-            declined: 0,
+            declined,
         };
         if let Err(e) = driver.init() {
             let _ = vmm.stop();
@@ -2363,7 +2378,7 @@ fn measure(h: &mut Harness, args: &Args, ctx: &mut Context) -> Res<Vec<Row>> {
     }
     let points: Vec<Workload> = workloads(args.no_tso || tso_skipped.is_some())
         .into_iter()
-        .filter(|w| args.only.as_deref().is_none_or(|o| w.key().contains(o)))
+        .filter(|w| args.selects(&w.key()))
         .collect();
     ctx.tso_skipped = tso_skipped;
     let mut rows = Vec::new();
@@ -2510,19 +2525,11 @@ fn run(args: &Args) -> Res<()> {
         ip4(DIRECT_LANE.host_ip)
     );
     if let Some(frames) = args.callgrind_requests {
-        let mut h = Harness::new(args.rx_buffer, true)?;
-        let outcome = workloads(args.no_tso)
-            .into_iter()
-            .filter(|w| args.only.as_deref().is_none_or(|o| w.key().contains(o)))
-            .try_for_each(|w| {
-                println!("{}", h.run_inline(&w, frames)?);
-                Ok(())
-            });
-        let stopped = h.shutdown();
+        let outcome = callgrind_runs(args, frames);
         drop(ns);
-        return outcome.and(stopped);
+        return outcome;
     }
-    let mut h = Harness::new(args.rx_buffer, false)?;
+    let mut h = Harness::new(args.rx_buffer, false, 0)?;
     ctx.features = h.driver.features;
     let measured = measure(&mut h, args, &mut ctx);
     ctx.deferred_taskrun = h.vmm.deferred_taskrun();
@@ -2533,6 +2540,41 @@ fn run(args: &Args) -> Res<()> {
     let md = markdown(&rows, &ctx, args);
     let report = json_report(&rows, &ctx, args);
     report::write(&out_dir, "net", "bench-net", &md, &report)
+}
+
+/// The selected points, each run inline for about `frames` frames, one
+/// JSON line each (what `make bench-callgrind` runs under valgrind). The
+/// no-GSO RX point gets an interface of its own, activated by a driver
+/// that declines guest GSO from the start (the inline loop cannot serve a
+/// reset while the driver waits for it).
+fn callgrind_runs(args: &Args, frames: u64) -> Res<()> {
+    let main: Vec<Workload> = workloads(args.no_tso)
+        .into_iter()
+        .filter(|w| args.selects(&w.key()))
+        .collect();
+    if !main.is_empty() {
+        let mut h = Harness::new(args.rx_buffer, true, 0)?;
+        let outcome = main.iter().try_for_each(|w| {
+            println!("{}", h.run_inline(w, frames)?);
+            Ok(())
+        });
+        let stopped = h.shutdown();
+        outcome.and(stopped)?;
+    }
+    let nogso = Workload {
+        dir: Dir::Rx,
+        frame_len: FRAME_MTU,
+        tso: false,
+        diag_buf: Some(RX_BUF_LEN),
+        no_guest_gso: true,
+    };
+    if args.selects(&nogso.key()) {
+        let mut h = Harness::new(RX_BUF_LEN, true, GUEST_GSO_FEATURES)?;
+        let outcome = h.run_inline(&nogso, frames).map(|v| println!("{v}"));
+        let stopped = h.shutdown();
+        outcome.and(stopped)?;
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
