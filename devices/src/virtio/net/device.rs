@@ -189,7 +189,13 @@ impl<T: Tap> NetDevice<T> {
     /// kernel: they may wait for a frame indefinitely, so the VMM cancels
     /// them on its ring.
     pub fn stale_rx_tags(&self) -> Vec<u64> {
-        self.rx.stale_tags().chain(self.pbuf.stale_tag()).collect()
+        let provided = self.pbuf.stale_tag();
+        if !self.rx.has_stale() && provided.is_none() {
+            // The usual case, asked after every event: no iterator to
+            // collect (that cost ~70 instructions per TX frame).
+            return Vec::new();
+        }
+        self.rx.stale_tags().chain(provided).collect()
     }
 }
 

@@ -123,6 +123,11 @@ impl Rx {
         self.reads.len() + self.stale.len()
     }
 
+    /// Whether reads from before the last reset are still in the kernel.
+    pub fn has_stale(&self) -> bool {
+        !self.stale.is_empty()
+    }
+
     /// Tags of reads from before the last reset.
     pub fn stale_tags(&self) -> impl Iterator<Item = u64> + '_ {
         self.stale.iter().map(|r| r.tag)

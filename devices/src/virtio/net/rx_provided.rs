@@ -191,6 +191,14 @@ impl<T: Tap> NetDevice<T> {
         mem: &M,
         io: &mut dyn IoSubmit,
     ) -> Result<Option<ProcessOutcome>, DeviceError> {
+        if self.pbuf.mode == Mode::Readv
+            && self.pbuf.read == Multishot::Idle
+            && self.pbuf.published.is_empty()
+        {
+            // Switched for good this activation, nothing left to withdraw:
+            // the readv path's every fill comes through here.
+            return Ok(None);
+        }
         let mut out = ProcessOutcome::default();
         if let Multishot::Stale { .. } = self.pbuf.read {
             // Wait for its last completion (the slot cancels it).
