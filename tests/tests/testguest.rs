@@ -126,7 +126,7 @@ fn tally(console: &str) -> Option<(u32, u32)> {
 /// Cases that need no network device: mmio, ring, blk, hostile, rng.
 const CASES_WITHOUT_NET: u32 = 55;
 /// The `net.*` cases.
-const NET_CASES: u32 = 15;
+const NET_CASES: u32 = 16;
 
 #[test]
 fn every_conformance_blk_hostile_and_rng_case_passes() {
@@ -323,6 +323,11 @@ fn net_cases_pass_through_a_tap_in_a_namespace() {
     assert!(
         count("rx_errors") >= 4,
         "bad RX chains not counted: {eth}\n{t}"
+    );
+    // provided_buffers' 24 replies came through the provided-buffer path.
+    assert!(
+        count("rx_provided_packets") >= 24,
+        "frames into whole-frame buffers did not take the provided-buffer path: {eth}\n{t}"
     );
     eprintln!(
         "vtest: {passed} net cases passed in {:?} ({eth})",

@@ -256,6 +256,10 @@ pub fn generate_mac() -> MacAddr {
 pub struct NetCounters {
     /// Frames delivered to the guest.
     pub rx_packets: u64,
+    /// Of those, frames the kernel read into a buffer the device had
+    /// published ahead (provided buffers, `rx_provided.rs`): shows which
+    /// RX path a guest's buffers select.
+    pub rx_provided_packets: u64,
     /// Frame bytes (without the vnet header) delivered to the guest.
     pub rx_bytes: u64,
     /// Bad RX chains returned unused, and failed tap reads.

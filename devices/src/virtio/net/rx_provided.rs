@@ -514,6 +514,7 @@ impl<T: Tap> NetDevice<T> {
         self.queues
             .add_used_batched(RX_QUEUE, mem, head, n as u32)?;
         self.counters.rx_packets += 1;
+        self.counters.rx_provided_packets += 1;
         self.counters.rx_bytes += (n - VNET_HDR_LEN) as u64;
         self.rx_limiter.charge((n - VNET_HDR_LEN) as u64);
         Ok(())

@@ -144,6 +144,7 @@ pub static CASES: &[Case] = &[
     c("net.big_frame_dropped", Net, net::big_frame_dropped),
     c("net.big_frame_mrg", Net, net::big_frame_mrg),
     c("net.reset_rx_parked", Net, net::reset_rx_parked),
+    c("net.provided_buffers", Net, net::provided_buffers),
     c("net.reset_rx_race", Net, net::reset_rx_race),
     c("net.hostile_tx_writable", Net, net::hostile_tx_writable),
     c("net.hostile_tx_zero_len", Net, net::hostile_tx_zero_len),
