@@ -97,6 +97,7 @@ impl Rig<'_> {
                     );
                 }
                 IoOp::Poll { .. } => panic!("virtio-blk submitted a poll"),
+                IoOp::ReadMulti { .. } => panic!("virtio-blk submitted a multishot read"),
             }
         });
         let (total, new) = self.used.update(self.vq.used_idx());

@@ -144,7 +144,10 @@ impl Auditor {
                     }
                     iov
                 }
-                IoOp::Fsync { .. } | IoOp::Fallocate { .. } | IoOp::Poll { .. } => Vec::new(),
+                IoOp::Fsync { .. }
+                | IoOp::Fallocate { .. }
+                | IoOp::Poll { .. }
+                | IoOp::ReadMulti { .. } => Vec::new(),
             };
             check(&op, &iov);
             self.pending.push(Pending { op, tag, iov });
