@@ -43,7 +43,8 @@ pub enum Outcome {
     Raw(i32),
 }
 
-const ERRNOS: [i32; 6] = [
+/// The errnos [`Outcome::Errno`] picks from (positive; negated in a result).
+pub const ERRNOS: [i32; 6] = [
     libc::EIO,
     libc::EAGAIN,
     libc::EOPNOTSUPP,
@@ -96,6 +97,37 @@ impl Auditor {
     /// Forgets every protected range (the rings moved).
     pub fn unprotect_all(&mut self) {
         self.protected.clear();
+    }
+
+    /// Plays the kernel filling a provided buffer (`addr`, `len` as the
+    /// device published it in its buffer ring) with up to `len` bytes of
+    /// `fill`: checks the buffer lies in guest memory first, since the
+    /// kernel would write there whatever it is. Returns the bytes stored.
+    pub fn fill_provided(&self, addr: u64, len: u32, fill: &[u8]) -> usize {
+        let v = libc::iovec {
+            iov_base: addr as usize as *mut libc::c_void,
+            iov_len: len as usize,
+        };
+        assert!(len > 0, "empty provided buffer at {addr:#x}");
+        assert!(
+            self.in_guest(&v),
+            "provided buffer {addr:#x}+{len:#x} is outside guest memory"
+        );
+        let p = Pending {
+            op: IoOp::Readv {
+                fd: -1,
+                iovecs: std::ptr::null(),
+                iovcnt: 1,
+                offset: 0,
+            },
+            tag: 0,
+            iov: vec![v],
+        };
+        let n = fill.len().min(len as usize);
+        // SAFETY: checked above to lie in guest memory, which outlives the
+        // harness's use of it.
+        unsafe { play(&p, n, fill, &self.protected) };
+        n
     }
 
     fn in_guest(&self, v: &libc::iovec) -> bool {
