@@ -24,6 +24,70 @@ use crate::virtio::{DeviceError, Iovecs, ProcessOutcome, Tag};
 /// can complete several frames.
 pub(super) const MAX_RX_READS: usize = 4;
 
+/// What [`pop_chain`] took from the receive queue.
+pub(super) enum Popped {
+    /// Nothing: the driver posted no more chains.
+    Empty,
+    /// A chain walked into its iovecs and marked held.
+    Chain(RxChain),
+    /// A chain the walk refused, already returned unused (used length 0),
+    /// counted and logged.
+    Refused,
+}
+
+/// Pops the next receive chain and walks it, as both receive paths take
+/// their buffers. `Err`: the driver broke the queue (a head outside it, or
+/// one it already holds, or an unreadable ring), with why. Inlined into
+/// both per-frame loops: called out of line it cost the no-GSO path about
+/// 30 instructions per frame (callgrind).
+#[inline(always)]
+pub(super) fn pop_chain<M: GuestMemory>(
+    queue: &mut virtio_queue::Queue,
+    mem: &M,
+    held: &mut [bool],
+    pool: &mut Vec<RxChain>,
+    counters: &mut super::NetCounters,
+    log: &mut crate::guest_log::GuestLog,
+) -> Result<Popped, String> {
+    let chain = match queue.iter(mem) {
+        Ok(mut it) => it.next(),
+        Err(e) => return Err(e.to_string()),
+    };
+    let Some(chain) = chain else {
+        return Ok(Popped::Empty);
+    };
+    let head = chain.head_index();
+    let Some(held_flag) = held.get_mut(usize::from(head)) else {
+        return Err(format!("head index {head} outside the queue"));
+    };
+    if *held_flag {
+        return Err(format!("head index {head} posted twice"));
+    }
+    let mut c = pool.pop().unwrap_or_default();
+    c.iov.0.clear();
+    c.segs.clear();
+    match frame::walk(mem, chain, Direction::Rx, &mut c.iov.0, Some(&mut c.segs)) {
+        Ok(len) => {
+            c.head = head;
+            c.len = len;
+            *held_flag = true;
+            Ok(Popped::Chain(c))
+        }
+        Err(e) => {
+            pool.push(c);
+            counters.rx_errors += 1;
+            log.warn(
+                "rx-chain",
+                format_args!("receive chain {head} refused: {e}"),
+            );
+            queue
+                .add_used(mem, head, 0)
+                .map_err(|e| format!("used ring: {e}"))?;
+            Ok(Popped::Refused)
+        }
+    }
+}
+
 /// A receive chain popped from the available ring and walked once, kept
 /// by the device until a frame fills it (or a reset drops it): later reads
 /// reuse its iovecs instead of walking it again.
@@ -306,44 +370,18 @@ impl<T: Tap> NetDevice<T> {
                 break 'fill Some(format!("disabling notifications: {e}"));
             }
             while out.popped < budget && have < want {
-                let chain = match queue.iter(mem) {
-                    Ok(mut it) => it.next(),
-                    Err(e) => break 'fill Some(e.to_string()),
-                };
-                let Some(chain) = chain else {
-                    break;
-                };
-                out.popped += 1;
-                let head = chain.head_index();
-                let Some(held_flag) = held.get_mut(usize::from(head)) else {
-                    break 'fill Some(format!("head index {head} outside the queue"));
-                };
-                if *held_flag {
-                    break 'fill Some(format!("head index {head} posted twice"));
-                }
-                let mut c = pool.pop().unwrap_or_default();
-                c.iov.0.clear();
-                c.segs.clear();
-                match frame::walk(mem, chain, Direction::Rx, &mut c.iov.0, Some(&mut c.segs)) {
-                    Ok(len) => {
-                        c.head = head;
-                        c.len = len;
-                        *held_flag = true;
+                match pop_chain(queue, mem, held, pool, counters, log) {
+                    Ok(Popped::Empty) => break,
+                    Ok(Popped::Chain(c)) => {
+                        out.popped += 1;
+                        have = have.saturating_add(c.len);
                         ready.push_back(c);
-                        have = have.saturating_add(len);
                     }
-                    Err(e) => {
-                        pool.push(c);
-                        counters.rx_errors += 1;
-                        log.warn(
-                            "rx-chain",
-                            format_args!("receive chain {head} refused: {e}"),
-                        );
-                        if let Err(e) = queue.add_used(mem, head, 0) {
-                            break 'fill Some(format!("used ring: {e}"));
-                        }
+                    Ok(Popped::Refused) => {
+                        out.popped += 1;
                         out.answered += 1;
                     }
+                    Err(broken) => break 'fill Some(broken),
                 }
             }
             if !ready.is_empty() || base > 0 || need_full {

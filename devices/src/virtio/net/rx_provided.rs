@@ -32,12 +32,12 @@ use std::collections::VecDeque;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO,
 };
-use virtio_queue::{QueueOwnedT, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::GuestMemory;
 
 use super::device::NetDevice;
-use super::frame::{self, Direction};
-use super::rx::{write_in_first_iovec, RxChain};
+use super::frame;
+use super::rx::{pop_chain, write_in_first_iovec, Popped, RxChain};
 use super::tap::Tap;
 use super::{MAX_FRAME_LEN, QUEUE_MAX_SIZE, RX_QUEUE, VNET_HDR_LEN};
 use crate::buf_ring::BufRing;
@@ -231,66 +231,39 @@ impl<T: Tap> NetDevice<T> {
                 break 'fill Some(format!("disabling notifications: {e}"));
             }
             while out.popped < budget {
-                let chain = match queue.iter(mem) {
-                    Ok(mut it) => it.next(),
-                    Err(e) => break 'fill Some(e.to_string()),
-                };
-                let Some(chain) = chain else {
-                    break;
+                let c = match pop_chain(queue, mem, held, pool, counters, log) {
+                    Ok(Popped::Empty) => break,
+                    Ok(Popped::Chain(c)) => c,
+                    Ok(Popped::Refused) => {
+                        out.popped += 1;
+                        out.answered += 1;
+                        continue;
+                    }
+                    Err(broken) => break 'fill Some(broken),
                 };
                 out.popped += 1;
-                let head = chain.head_index();
-                let Some(held_flag) = held.get_mut(usize::from(head)) else {
-                    break 'fill Some(format!("head index {head} outside the queue"));
+                let one = match c.iov.0.as_slice() {
+                    [v] => u32::try_from(v.iov_len).ok().map(|l| (v.iov_base, l)),
+                    _ => None,
                 };
-                if *held_flag {
-                    break 'fill Some(format!("head index {head} posted twice"));
-                }
-                let mut c = pool.pop().unwrap_or_default();
-                c.iov.0.clear();
-                c.segs.clear();
-                match frame::walk(mem, chain, Direction::Rx, &mut c.iov.0, Some(&mut c.segs)) {
-                    Ok(len) => {
-                        c.head = head;
-                        c.len = len;
-                        *held_flag = true;
-                        let one = match c.iov.0.as_slice() {
-                            [v] => u32::try_from(v.iov_len).ok().map(|l| (v.iov_base, l)),
-                            _ => None,
-                        };
-                        match one {
-                            Some((base, l)) if len >= need => {
-                                // SAFETY: `walk` checked the range lies in
-                                // guest memory (mapped for the VM's life)
-                                // and is device-writable; the chain is
-                                // ours (held) until the kernel consumes
-                                // the entry or it is withdrawn with no
-                                // read in flight, and we do not touch it
-                                // meanwhile.
-                                unsafe { ring.push(base as u64, l, head) };
-                                pbuf.published.push_back(c);
-                                pbuf.mode = Mode::Provided;
-                            }
-                            _ => {
-                                // Not one buffer for a whole frame: the
-                                // readv path serves this activation.
-                                ready.push_back(c);
-                                switch = true;
-                                break 'fill None;
-                            }
-                        }
+                match one {
+                    Some((base, l)) if c.len >= need => {
+                        // SAFETY: `walk` checked the range lies in guest
+                        // memory (mapped for the VM's life) and is
+                        // device-writable; the chain is ours (held) until
+                        // the kernel consumes the entry or it is withdrawn
+                        // with no read in flight, and we do not touch it
+                        // meanwhile.
+                        unsafe { ring.push(base as u64, l, c.head) };
+                        pbuf.published.push_back(c);
+                        pbuf.mode = Mode::Provided;
                     }
-                    Err(e) => {
-                        pool.push(c);
-                        counters.rx_errors += 1;
-                        log.warn(
-                            "rx-chain",
-                            format_args!("receive chain {head} refused: {e}"),
-                        );
-                        if let Err(e) = queue.add_used(mem, head, 0) {
-                            break 'fill Some(format!("used ring: {e}"));
-                        }
-                        out.answered += 1;
+                    _ => {
+                        // Not one buffer for a whole frame: the readv path
+                        // serves this activation.
+                        ready.push_back(c);
+                        switch = true;
+                        break 'fill None;
                     }
                 }
             }
