@@ -2433,18 +2433,7 @@ fn measure(h: &mut Harness, args: &Args, ctx: &mut Context) -> Res<Vec<Row>> {
             diag_buf: Some(RX_BUF_MAX),
             ..rows[base].w
         };
-        let mut rounds = Vec::new();
-        for r in &rows[base].rounds {
-            let cpu0 = HostCpu::sample(Own::Process)?;
-            let ringvm = h.ringvm_rx(&w, args.warmup, args.seconds)?;
-            rounds.push(Round {
-                ringvm,
-                reference: r.reference,
-                ringvm_first: true,
-                others_cpus: HostCpu::sample(Own::Process)?.others_since(&cpu0),
-            });
-        }
-        let row = Row::new(w, rounds);
+        let row = diagnostic_rx_row(h, &rows[base], w, args)?;
         eprintln!(
             "  {} ringvm {} pkt/s {:.2} Gbit/s, VMM {:.2} µs/pkt",
             row.w.label(),
@@ -2464,18 +2453,7 @@ fn measure(h: &mut Harness, args: &Args, ctx: &mut Context) -> Res<Vec<Row>> {
             no_guest_gso: true,
             ..rows[base].w
         };
-        let mut rounds = Vec::new();
-        for r in &rows[base].rounds {
-            let cpu0 = HostCpu::sample(Own::Process)?;
-            let ringvm = h.ringvm_rx(&w, args.warmup, args.seconds)?;
-            rounds.push(Round {
-                ringvm,
-                reference: r.reference,
-                ringvm_first: true,
-                others_cpus: HostCpu::sample(Own::Process)?.others_since(&cpu0),
-            });
-        }
-        let row = Row::new(w, rounds);
+        let row = diagnostic_rx_row(h, &rows[base], w, args)?;
         let (ratio, range) = fmt_ratio(row.ratio());
         eprintln!(
             "  {} ringvm {} pkt/s {:.2} Gbit/s, VMM {:.2} µs/pkt {:.3} syscalls/pkt, {} ({})",
@@ -2540,6 +2518,24 @@ fn run(args: &Args) -> Res<()> {
     let md = markdown(&rows, &ctx, args);
     let report = json_report(&rows, &ctx, args);
     report::write(&out_dir, "net", "bench-net", &md, &report)
+}
+
+/// A diagnostic RX row: ringvm alone with `w`'s buffers, one run per
+/// round of `base` (the RX row), whose direct figures it reuses: the
+/// direct reader does not depend on the guest's buffers.
+fn diagnostic_rx_row(h: &mut Harness, base: &Row, w: Workload, args: &Args) -> Res<Row> {
+    let mut rounds = Vec::new();
+    for r in &base.rounds {
+        let cpu0 = HostCpu::sample(Own::Process)?;
+        let ringvm = h.ringvm_rx(&w, args.warmup, args.seconds)?;
+        rounds.push(Round {
+            ringvm,
+            reference: r.reference,
+            ringvm_first: true,
+            others_cpus: HostCpu::sample(Own::Process)?.others_since(&cpu0),
+        });
+    }
+    Ok(Row::new(w, rounds))
 }
 
 /// The selected points, each run inline for about `frames` frames, one
